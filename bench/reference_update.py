@@ -1,0 +1,129 @@
+"""Micro-benchmark: soft reference update (TR-DPO) of a ~20M-parameter Llama.
+
+Compares, in the same run and on the same tensors, the fused foreach update used by
+`prefalign.reference` with a naive per-parameter Python loop, plus the adapter-only update of a
+LoRA reference. Prints a table and writes bench/results/reference_update.json.
+
+    .venv/bin/python bench/reference_update.py [--repeats 30] [--device cpu] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from prefalign.modeling import LoraSpec, add_lora
+from prefalign.reference import ReferenceSpec, make_reference
+
+ALPHA = 0.6
+RESULTS = Path(__file__).parent / "results" / "reference_update.json"
+
+
+def build_llama(device: torch.device) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=8000,
+        hidden_size=384,
+        intermediate_size=1024,
+        num_hidden_layers=8,
+        num_attention_heads=6,
+        num_key_value_heads=6,
+    )
+    return LlamaForCausalLM(config).to(device)
+
+
+def time_ms(fns: dict[str, Callable[[], None]], repeats: int, device: torch.device) -> dict[str, float]:
+    """Median wall time of each function in milliseconds.
+
+    Runs are interleaved (a, b, a, b, ...) so that load from other processes on a shared machine
+    hits every variant alike.
+    """
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for round_ in range(repeats + 3):
+        for name, fn in fns.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            if round_ >= 3:  # the first rounds are warm-up
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def naive_update(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> Callable[[], None]:
+    @torch.no_grad()
+    def update() -> None:
+        for p_ref, p in pairs:
+            p_ref.mul_(1 - ALPHA).add_(p, alpha=ALPHA)
+
+    return update
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    policy = build_llama(device)
+    n_params = sum(p.numel() for p in policy.parameters())
+    ref = make_reference(policy, ReferenceSpec(mode="soft", alpha=ALPHA))
+    policy_tensors = dict(policy.named_parameters()) | dict(policy.named_buffers())
+    pairs = [(t, policy_tensors[n]) for n, t in ref.model.named_parameters()]
+    pairs += [(t, policy_tensors[n]) for n, t in ref.model.named_buffers() if t.is_floating_point()]
+
+    lora_policy = add_lora(build_llama(device), LoraSpec(r=16))
+    lora_ref = make_reference(lora_policy, ReferenceSpec(mode="soft", alpha=ALPHA))
+    n_adapter = sum(p.numel() for n, p in lora_policy.named_parameters() if ".reference." in n)
+
+    rows = time_ms(
+        {
+            "full_foreach": lambda: ref.after_optimizer_step(1),
+            "full_python_loop": naive_update(pairs),
+            "lora_r16_foreach": lambda: lora_ref.after_optimizer_step(1),
+        },
+        args.repeats,
+        device,
+    )
+
+    result = {
+        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "load_avg_1m": os.getloadavg()[0],  # other processes on a shared machine skew timings
+        "cpu": platform.processor() or platform.machine(),
+        "model_params": n_params,
+        "model_tensors": len(pairs),
+        "lora_reference_params": n_adapter,
+        "alpha": ALPHA,
+        "repeats": args.repeats,
+        "ms_per_update": rows,
+        "loop_over_foreach": rows["full_python_loop"] / rows["full_foreach"],
+    }
+    print(f"Llama {n_params / 1e6:.1f}M params, {len(pairs)} tensors, device {result['device']}")
+    print(f"{'update':<20}{'ms/update':>12}")
+    for name, ms in rows.items():
+        print(f"{name:<20}{ms:>12.3f}")
+    print(f"python loop / foreach: {result['loop_over_foreach']:.2f}x")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

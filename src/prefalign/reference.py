@@ -1,0 +1,331 @@
+"""Reference policy for preference objectives: frozen, or trust-region (TR-DPO) soft / hard updates.
+
+Two storage layouts:
+
+- Full model: the reference is a deep copy of the policy (eval mode, no grads).
+- LoRA (the policy is a peft model): the reference is a second adapter named "reference" on the
+  same frozen base, so it costs adapter-sized memory. A frozen LoRA reference is the base model
+  itself: the forward pass runs with adapters disabled and nothing is stored.
+
+Updates (`theta_ref <- alpha*theta + (1-alpha)*theta_ref` every `period` steps, or
+`theta_ref <- theta` every `tau` steps) run as one fused `torch._foreach_*` call per
+(device, dtype) group over tensor lists built once at construction: no Python loop over
+parameters on the hot path.
+
+Build the reference after the policy is on its final device and dtype: the reference keeps
+handles to the policy's parameters and the full copy is made where the policy lives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from prefalign.logprobs import SequenceLogps, sequence_logps
+from prefalign.modeling import is_peft_model
+
+REFERENCE_ADAPTER = "reference"
+Mode = Literal["frozen", "soft", "hard", "none"]
+
+
+@dataclass
+class ReferenceSpec:
+    """How the reference policy behaves during training.
+
+    mode: "frozen" (the initial policy), "soft" / "hard" (trust-region updates), or "none" for
+    objectives that need no reference (GenARM).
+    """
+
+    mode: Mode = "frozen"
+    alpha: float = 0.6  # soft: theta_ref <- alpha*theta + (1-alpha)*theta_ref
+    period: int = 1  # soft: mix every `period` optimizer steps
+    tau: int = 512  # hard: theta_ref <- theta every `tau` optimizer steps
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("frozen", "soft", "hard", "none"):
+            raise ValueError(f"reference mode must be frozen, soft, hard or none, got {self.mode!r}")
+        if not 0.0 < self.alpha <= 1.0:
+            raise ValueError(f"reference alpha must be in (0, 1], got {self.alpha}")
+        if self.period < 1 or self.tau < 1:
+            raise ValueError(f"reference period and tau must be >= 1, got {self.period}, {self.tau}")
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DDP / accelerate wrapper (or the model itself)."""
+    return getattr(model, "module", model)
+
+
+class _TensorPairs:
+    """(reference, policy) tensor pairs grouped by (device, dtype): one foreach call per group."""
+
+    def __init__(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        groups: dict[tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        for ref, pol in pairs:
+            if ref.shape != pol.shape or ref.dtype != pol.dtype or ref.device != pol.device:
+                raise ValueError(
+                    f"reference/policy tensor mismatch: {tuple(ref.shape)} {ref.dtype} {ref.device} "
+                    f"vs {tuple(pol.shape)} {pol.dtype} {pol.device} (build the reference after moving the policy)"
+                )
+            refs, pols = groups.setdefault((ref.device, ref.dtype), ([], []))
+            refs.append(ref)
+            pols.append(pol)
+        self.groups = list(groups.values())
+        self.n_tensors = len(pairs)
+
+    @torch.no_grad()
+    def lerp_(self, weight: float) -> None:
+        # ref.lerp_(pol, w) == w*pol + (1-w)*ref, fused over the whole group.
+        for refs, pols in self.groups:
+            torch._foreach_lerp_(refs, pols, weight)
+
+    @torch.no_grad()
+    def copy_(self) -> None:
+        for refs, pols in self.groups:
+            torch._foreach_copy_(refs, pols)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Run in eval mode (no dropout), then restore every module's own training flag."""
+    flags = [m.training for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, flag in zip(model.modules(), flags, strict=True):
+            module.training = flag
+
+
+class ReferencePolicy:
+    """Scores sequences with the reference and applies trust-region updates after optimizer steps."""
+
+    def __init__(self, spec: ReferenceSpec) -> None:
+        self.spec = spec
+
+    def logps(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor
+    ) -> SequenceLogps:
+        """Reference log-probs of the response tokens: no autograd, eval-mode behaviour."""
+        with torch.no_grad():
+            return self._logps(input_ids, attention_mask, loss_mask)
+
+    def after_optimizer_step(self, step: int) -> bool:
+        """Call after every optimizer step; `step` counts steps done so far (1-based).
+
+        Returns True if the reference was updated at this step.
+        """
+        mode = self.spec.mode
+        if mode == "soft" and step % self.spec.period == 0:
+            self._pairs().lerp_(self.spec.alpha)
+            return True
+        if mode == "hard" and step % self.spec.tau == 0:
+            self._pairs().copy_()
+            return True
+        return False
+
+    def state_dict(self) -> dict:
+        """Checkpoint state; tensors are live views (save or clone before training on)."""
+        return {"spec": asdict(self.spec), "weights": self._weights()}
+
+    def load_state_dict(self, state: dict) -> None:
+        saved_mode = state["spec"]["mode"]
+        if saved_mode != self.spec.mode:
+            raise ValueError(f"checkpoint holds a {saved_mode!r} reference, this run uses {self.spec.mode!r}")
+        self._load_weights(state["weights"])
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write the reference in Hugging Face format (a LoRA reference adapter as a peft adapter)."""
+        raise NotImplementedError
+
+    # Variant hooks.
+    def _logps(self, input_ids, attention_mask, loss_mask) -> SequenceLogps:
+        raise NotImplementedError
+
+    def _pairs(self) -> _TensorPairs:
+        raise NotImplementedError
+
+    def _weights(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def _load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        if weights:
+            raise ValueError(f"unexpected reference weights for mode {self.spec.mode!r}")
+
+
+class NoReference(ReferencePolicy):
+    """mode "none": the objective has no reference; updates are no-ops."""
+
+    def _logps(self, input_ids, attention_mask, loss_mask) -> SequenceLogps:
+        raise RuntimeError(
+            "reference mode is 'none' but the objective asked for reference log-probs; "
+            "use mode 'frozen', 'soft' or 'hard' for objectives with a reference"
+        )
+
+    def after_optimizer_step(self, step: int) -> bool:
+        return False
+
+    def save_pretrained(self, path: str | Path) -> None:
+        raise RuntimeError("reference mode is 'none': there is no reference model to save")
+
+
+class FullReference(ReferencePolicy):
+    """The reference is a full copy of the policy."""
+
+    def __init__(self, policy: torch.nn.Module, spec: ReferenceSpec) -> None:
+        super().__init__(spec)
+        policy = unwrap(policy)
+        self.model = copy.deepcopy(policy)
+        self.model.requires_grad_(False)
+        self.model.eval()
+        for p in self.model.parameters():
+            p.grad = None
+        self._tensor_pairs = None
+        if spec.mode in ("soft", "hard"):
+            self._tensor_pairs = _TensorPairs(_full_pairs(self.model, policy))
+
+    def _logps(self, input_ids, attention_mask, loss_mask) -> SequenceLogps:
+        return sequence_logps(self.model, input_ids, attention_mask, loss_mask)
+
+    def _pairs(self) -> _TensorPairs:
+        return self._tensor_pairs
+
+    # Frozen weights are state too: on resume the policy has moved, so a fresh copy of it would be wrong.
+    def _weights(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()
+
+    def _load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(weights)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        self.model.save_pretrained(str(path))
+
+
+def _full_pairs(ref: torch.nn.Module, policy: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Matching parameters and floating buffers; named_parameters() yields tied tensors once."""
+    pol_params = dict(policy.named_parameters())
+    pairs = [(p, pol_params[name]) for name, p in ref.named_parameters()]
+    pol_buffers = dict(policy.named_buffers())
+    pairs += [(b, pol_buffers[name]) for name, b in ref.named_buffers() if b.is_floating_point()]
+    return pairs
+
+
+class LoraReference(ReferencePolicy):
+    """LoRA policy: the reference is a second adapter, or the bare base model when frozen."""
+
+    def __init__(self, policy: torch.nn.Module, spec: ReferenceSpec) -> None:
+        super().__init__(spec)
+        self.model = unwrap(policy)
+        self.policy_adapter = self.model.active_adapter
+        self._tensor_pairs = None
+        if spec.mode == "frozen":
+            return
+        if REFERENCE_ADAPTER in self.model.peft_config:
+            raise ValueError(f"the policy already has an adapter named {REFERENCE_ADAPTER!r}")
+        config = copy.deepcopy(self.model.peft_config[self.policy_adapter])
+        self.model.add_adapter(REFERENCE_ADAPTER, config)
+        pairs = _adapter_pairs(self.model, self.policy_adapter)
+        self._ref_names = [name for name, _ in pairs]
+        self._ref_params = [ref for _, (ref, _) in pairs]
+        for p in self._ref_params:
+            p.requires_grad_(False)
+        self._tensor_pairs = _TensorPairs([pair for _, pair in pairs])
+        self._tensor_pairs.copy_()
+        # Flags to put back after peft's set_adapter, which flips requires_grad between adapters.
+        self._adapter_params = self._ref_params + [pol for _, (_, pol) in pairs]
+
+    def _logps(self, input_ids, attention_mask, loss_mask) -> SequenceLogps:
+        with _eval_mode(self.model):
+            if self.spec.mode == "frozen":
+                with self.model.disable_adapter():
+                    return sequence_logps(self.model, input_ids, attention_mask, loss_mask)
+            with self._reference_adapter():
+                return sequence_logps(self.model, input_ids, attention_mask, loss_mask)
+
+    @contextlib.contextmanager
+    def _reference_adapter(self) -> Iterator[None]:
+        flags = [p.requires_grad for p in self._adapter_params]
+        self.model.set_adapter(REFERENCE_ADAPTER)
+        try:
+            yield
+        finally:
+            self.model.set_adapter(self.policy_adapter)
+            for p, flag in zip(self._adapter_params, flags, strict=True):
+                p.requires_grad_(flag)
+
+    def _pairs(self) -> _TensorPairs:
+        return self._tensor_pairs
+
+    def _weights(self) -> dict[str, torch.Tensor]:
+        if self._tensor_pairs is None:
+            return {}  # frozen: the base model, which training never changes
+        return {name: p.detach() for name, p in zip(self._ref_names, self._ref_params, strict=True)}
+
+    def _load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        if self._tensor_pairs is None:
+            return super()._load_weights(weights)
+        if set(weights) != set(self._ref_names):
+            raise ValueError("checkpoint reference adapter does not match this model's adapter layout")
+        with torch.no_grad():
+            sources = [weights[name].to(p.device) for name, p in zip(self._ref_names, self._ref_params, strict=True)]
+            torch._foreach_copy_(self._ref_params, sources)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        if self.spec.mode == "frozen":
+            self._save_base(path)
+            return
+        # peft writes non-default adapters into a subfolder named after the adapter; lift it to `path`.
+        with tempfile.TemporaryDirectory(dir=path) as tmp:
+            self.model.save_pretrained(tmp, selected_adapters=[REFERENCE_ADAPTER])
+            for item in (Path(tmp) / REFERENCE_ADAPTER).iterdir():
+                shutil.move(str(item), path / item.name)
+
+    def _save_base(self, path: Path) -> None:
+        try:
+            from peft.utils.save_and_load import get_base_model_state_dict
+        except ImportError as err:  # added in recent peft releases
+            raise RuntimeError("saving a frozen LoRA reference (the base model) needs a newer peft") from err
+        state = get_base_model_state_dict(self.model)
+        self.model.get_base_model().save_pretrained(str(path), state_dict=state)
+
+
+def _adapter_pairs(
+    model: torch.nn.Module, adapter: str
+) -> list[tuple[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """(reference name, (reference tensor, policy tensor)) for every tensor of the policy adapter."""
+    params = dict(model.named_parameters())
+    pairs = []
+    for name, pol in params.items():
+        parts = name.split(".")
+        if adapter not in parts:
+            continue
+        ref_name = ".".join(REFERENCE_ADAPTER if part == adapter else part for part in parts)
+        pairs.append((ref_name, (params[ref_name], pol)))
+    adapter_ids = {id(pol) for _, (_, pol) in pairs}
+    shared = [n for n, p in params.items() if p.requires_grad and id(p) not in adapter_ids]
+    if shared:
+        warnings.warn(
+            f"{len(shared)} trainable tensors outside the LoRA adapter (e.g. {shared[0]}) are shared by "
+            "policy and reference, so the trust region does not cover them",
+            stacklevel=3,
+        )
+    return pairs
+
+
+def make_reference(policy: torch.nn.Module, spec: ReferenceSpec) -> ReferencePolicy:
+    """Build the reference for `policy` (a plain, peft, or DDP/accelerate-wrapped model)."""
+    if spec.mode == "none":
+        return NoReference(spec)
+    if is_peft_model(unwrap(policy)):
+        return LoraReference(policy, spec)
+    return FullReference(policy, spec)
