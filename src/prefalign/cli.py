@@ -1,0 +1,173 @@
+"""The `prefalign` command line. Config commands take `--config FILE` and `key.sub=value` overrides."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from prefalign.config import ConfigError, load_config
+
+# Errors a user can fix; shown as one line, exit code 2, no traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, ValueError, NotImplementedError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    unknown_flags = [r for r in rest if r.startswith("-") and "=" not in r]
+    if unknown_flags or (rest and not getattr(args, "takes_overrides", False)):
+        parser.error(f"unrecognized arguments: {' '.join(unknown_flags or rest)}")
+    args.overrides = rest
+    quiet_libraries()
+    try:
+        return int(args.run(args) or 0)
+    except USER_ERRORS as err:
+        if os.environ.get("PREFALIGN_DEBUG"):
+            raise
+        print(f"prefalign {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def quiet_libraries() -> None:
+    """Keep the terminal for our own progress bars and results."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*TRANSFORMERS_CACHE.*")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prefalign", description="Align language models with preference data.")
+    sub = parser.add_subparsers(dest="command")
+
+    def command(name: str, run: Callable, help: str, config: bool = False, **kw) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, **kw)
+        p.set_defaults(run=run, takes_overrides=config)
+        if config:
+            p.add_argument("--config", help="YAML config file; key.sub=value arguments override its keys")
+            p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of out_dir")
+        return p
+
+    demo = command("demo", run_demo, "run every method on the embedded toy world and write a report")
+    demo.add_argument("--quick", action="store_true", help="fewer prompts and steps (about 3 minutes)")
+    demo.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
+    demo.add_argument("--tasks", default="sentiment,arith", help="comma-separated toy tasks")
+
+    toy = sub.add_parser("toy", help="the embedded toy world").add_subparsers(dest="toy_command")
+    build = toy.add_parser("build", help="build (or reuse) a toy world: corpus, tokenizer, SFT policy, data")
+    build.set_defaults(run=run_toy_build, takes_overrides=True, command="toy build")
+    build.add_argument("--task", default="sentiment", choices=["sentiment", "arith"])
+    build.add_argument("--out", help="directory (default: the user cache, keyed by the config)")
+
+    command("sft", run_sft, "supervised fine-tuning on prompt/completion data", config=True)
+
+    ev = command("eval", run_eval, "gold reward (and accuracy) and KL to a reference on held-out prompts")
+    ev.add_argument("--model", required=True, help="model directory or hub id")
+    ev.add_argument("--task", required=True, choices=["sentiment", "arith"])
+    ev.add_argument("--reference", help="reference model for KL (default: the toy world's SFT policy)")
+    ev.add_argument("--prompts", help="JSONL file of {prompt} (default: the toy world's held-out prompts)")
+    ev.add_argument("--samples-per-prompt", type=int, default=1)
+    ev.add_argument("--max-new-tokens", type=int, default=24)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--out", help="write the result (with samples) as JSON here")
+
+    command("train", run_train, "offline preference training (DPO, IPO, KTO, ...) with a frozen, soft or hard reference", config=True)
+
+    for name, issue in (("rest", 4), ("discover", 6)):
+        command(name, not_implemented(name, issue), f"(not implemented yet: issue {issue})", config=True)
+    arm = sub.add_parser("arm", help="(not implemented yet: issue 5)")
+    arm.set_defaults(run=not_implemented("arm", 5), takes_overrides=True, command="arm")
+    command("generate", not_implemented("generate", 5), "(not implemented yet: issue 5)", config=True)
+    return parser
+
+
+def not_implemented(name: str, issue: int) -> Callable:
+    def run(args: argparse.Namespace) -> int:
+        raise NotImplementedError(f"'prefalign {name}' is not implemented yet (tracked in issue {issue})")
+
+    return run
+
+
+def run_toy_build(args: argparse.Namespace) -> int:
+    from prefalign.toy.world import ToyConfig, get_world
+
+    config = load_config(ToyConfig, None, [f"task={args.task}", *args.overrides])
+    world = get_world(config.task, config, out=args.out)
+    print(json.dumps({"task": world.task, "path": str(world.root), **world.info()["figures"]}, indent=2))
+    return 0
+
+
+def run_sft(args: argparse.Namespace) -> int:
+    from prefalign.training.sft import SFTConfig, run_sft
+
+    config = load_config(SFTConfig, args.config, args.overrides)
+    if not config.model.name_or_path:
+        raise ConfigError("config key 'model.name_or_path' is required (a model directory or hub id)")
+    if not config.data.path:
+        raise ConfigError("config key 'data.path' is required (a JSONL/JSON/parquet/CSV file or dataset)")
+    result = run_sft(config, resume=args.resume)
+    print(f"trained {result.steps} steps in {result.seconds:.1f}s; model in {Path(config.trainer.out_dir) / 'final'}")
+    return 0
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from prefalign.training.preference import PreferenceConfig, run_preference
+
+    config = load_config(PreferenceConfig, args.config, args.overrides)
+    result = run_preference(config, resume=args.resume)
+    last = result.history[-1] if result.history else {}
+    print(json.dumps({"steps": result.steps, "seconds": round(result.seconds, 1), "final": str(Path(config.trainer.out_dir) / "final"), **last}, indent=2))
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from prefalign.evaluation.core import evaluate_policy
+    from prefalign.modeling import load_model, load_tokenizer
+    from prefalign.toy.world import get_world
+
+    world = None
+    if args.reference is None or args.prompts is None:
+        world = get_world(args.task)
+    reference_path = args.reference or str(world.policy_path)
+    if args.prompts:
+        prompts = [json.loads(line)["prompt"] for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+    else:
+        prompts = world.prompts("eval")
+    tokenizer = load_tokenizer(args.model)
+    policy = load_model(args.model)
+    reference = load_model(reference_path)
+    result = evaluate_policy(
+        policy, tokenizer, args.task, prompts, reference=reference,
+        samples_per_prompt=args.samples_per_prompt, max_new_tokens=args.max_new_tokens, seed=args.seed,
+    )
+    summary = result.summary()
+    print(json.dumps(summary, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps({**summary, "samples": result.samples}, indent=2))
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from prefalign.demo import run_demo as demo
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    demo(out_dir=Path(args.out), quick=args.quick, tasks=tasks)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""YAML configs checked against dataclass schemas, with `a.b=value` overrides from the command line.
+
+Every key is validated: an unknown key or a value of the wrong type is a `ConfigError` whose one
+line names the key and what is allowed, e.g.
+`config key 'trainer.schedule': got 'cosin', allowed: 'constant', 'linear', 'cosine'`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; the message is one line meant for the user."""
+
+
+def load_config(schema: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+    """Read YAML from `path` (if given), apply `key.sub=value` overrides, validate into `schema`."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        if not path.is_file():
+            raise ConfigError(f"config file {path} is not a file")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: a config must be a mapping of keys to values")
+        raw = loaded or {}
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. trainer.lr=1e-5)")
+        set_dotted(raw, key.lstrip("-"), yaml.safe_load(value) if value != "" else None)
+    return build(schema, raw, prefix="")
+
+
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def build(schema: type[T], raw: Any, prefix: str) -> T:
+    """Recursively turn a mapping into the dataclass `schema`, checking every key and value."""
+    where = prefix.rstrip(".") or "<root>"
+    if isinstance(raw, schema):
+        return raw
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config key '{where}': expected a mapping, got {type(raw).__name__}")
+    hints = get_type_hints(schema)
+    fields = {f.name: f for f in dataclasses.fields(schema) if f.init}
+    unknown = sorted(set(raw) - set(fields), key=str)  # YAML keys may be numbers
+    if unknown:
+        raise ConfigError(
+            f"unknown config key '{prefix}{unknown[0]}', allowed keys{' in ' + where if prefix else ''}: "
+            + ", ".join(sorted(fields))
+        )
+    missing = [
+        name for name, f in fields.items()
+        if name not in raw and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"config key '{prefix}{missing[0]}' is required")
+    kwargs = {name: coerce(hints[name], value, f"{prefix}{name}") for name, value in raw.items()}
+    return schema(**kwargs)
+
+
+def coerce(annotation: Any, value: Any, key: str) -> Any:
+    """Check `value` against a type annotation; return it converted (int->float, dict->dataclass)."""
+    origin = get_origin(annotation)
+    if annotation is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        options = get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return coerce(option, value, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"config key '{key}': {value!r} fits none of {describe(annotation)}")
+    if origin is Literal:
+        allowed = get_args(annotation)
+        if isinstance(value, bool) and value not in allowed:
+            # YAML 1.1 reads a bare no/off/yes/on as a bool: take back the word the Literal allows
+            words = ("yes", "on", "true") if value else ("no", "off", "false")
+            matches = [a for a in allowed if isinstance(a, str) and a.lower() in words]
+            if len(matches) == 1:
+                return matches[0]
+        if not any(type(value) is type(a) and value == a for a in allowed):  # True is not 1
+            raise ConfigError(f"config key '{key}': got {value!r}, allowed: " + ", ".join(repr(a) for a in allowed))
+        return value
+    if dataclasses.is_dataclass(annotation):
+        return build(annotation, value, prefix=f"{key}.")
+    if origin in (list, tuple) or annotation in (list, tuple):
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        (item_type, *_) = get_args(annotation) or (Any,)
+        return [coerce(item_type, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or annotation is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
+        (_, value_type) = get_args(annotation) or (Any, Any)
+        return {k: coerce(value_type, v, f"{key}.{k}") for k, v in value.items()}
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}': expected true or false, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+        return float(value)
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+        return value
+    if annotation is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def describe(annotation: Any) -> str:
+    return typing._type_repr(annotation) if hasattr(typing, "_type_repr") else str(annotation)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def dump_yaml(config: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))

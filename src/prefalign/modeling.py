@@ -1,0 +1,162 @@
+"""Load any Hugging Face causal LM and its tokenizer, optionally wrapped with a LoRA adapter."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+# Names under which a plain `tokenizers` tokenizer (tokenizer.json) is saved (transformers 4 / 5).
+GENERIC_TOKENIZER_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoraSpec:
+    """LoRA settings; `target_modules="all-linear"` adapts every linear layer but the head."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: str | list[str] = "all-linear"
+
+
+@dataclass
+class ModelSpec:
+    name_or_path: str = ""
+    dtype: str = "float32"
+    device: str = "auto"
+    gradient_checkpointing: bool = False
+    lora: LoraSpec | None = None
+    trust_remote_code: bool = False
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def load_tokenizer(name_or_path: str | Path, padding_side: str = "right") -> PreTrainedTokenizerBase:
+    """Load a tokenizer and make sure it can pad.
+
+    Tokenizers without a pad token (GPT-2, Llama) get the EOS token as pad: padded positions are
+    always masked out, so sharing the id is harmless and keeps the vocabulary (and the
+    embedding matrix) unchanged.
+    """
+    if saved_generic_tokenizer(name_or_path):
+        # AutoTokenizer would pick the class from config.json's model_type for some architectures
+        # (transformers 5 does so for qwen2, phi3, ...) and rebuild a different tokenizer from the
+        # vocabulary; a custom tokenizer.json saved next to such a model must be loaded as it is.
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(name_or_path))
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"tokenizer at {name_or_path} has neither a pad nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def saved_generic_tokenizer(name_or_path: str | Path) -> bool:
+    """Whether a local directory holds a tokenizer.json saved as a plain (model-agnostic) tokenizer."""
+    path = Path(str(name_or_path))
+    config = path / "tokenizer_config.json"
+    if not (path / "tokenizer.json").is_file() or not config.is_file():
+        return False
+    try:
+        declared = json.loads(config.read_text()).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return declared in GENERIC_TOKENIZER_CLASSES
+
+
+def load_model(
+    name_or_path: str | Path,
+    dtype: str | torch.dtype = "float32",
+    device: str = "auto",
+    lora: LoraSpec | None = None,
+    gradient_checkpointing: bool = False,
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """Load a causal LM by hub id or local path; wrap it in a trainable LoRA adapter if asked.
+
+    A directory holding a saved peft adapter (adapter_config.json) is loaded on top of its base.
+    """
+    path = Path(str(name_or_path))
+    torch_dtype = resolve_dtype(dtype)
+    if (path / "adapter_config.json").exists():
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(
+            str(path), dtype=torch_dtype, is_trainable=True, trust_remote_code=trust_remote_code
+        )
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(name_or_path), dtype=torch_dtype, trust_remote_code=trust_remote_code
+        )
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    if lora is not None and not is_peft_model(model):
+        model = add_lora(model, lora)
+    return model.to(resolve_device(device))
+
+
+def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute activations in backward (non-reentrant, so frozen inputs and LoRA both work)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 (the old name warns)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.config.use_cache = False
+
+
+def add_lora(model: PreTrainedModel, spec: LoraSpec, adapter_name: str = "default") -> PreTrainedModel:
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=spec.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config, adapter_name=adapter_name)
+
+
+def is_peft_model(model: torch.nn.Module) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def apply_chat_template(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool) -> str:
+    """Render a conversation with the tokenizer's chat template as text."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            "conversational data needs a tokenizer with a chat template; this tokenizer has none "
+            "(give prompt/completion strings instead, or set tokenizer.chat_template)"
+        )
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
