@@ -1,0 +1,62 @@
+"""Tables and plots of the demo's results: report.md, one reward-vs-KL plot per task."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+COLUMNS = ("gold_reward", "gold_reward_se", "kl", "kl_se", "accuracy", "mean_length", "seconds")
+
+
+def results_table(results: dict) -> str:
+    """A Markdown table with one row per (task, method)."""
+    lines = ["| task | method | " + " | ".join(COLUMNS) + " |", "|---|---|" + "---|" * len(COLUMNS)]
+    for task, block in results["tasks"].items():
+        for name, row in block["methods"].items():
+            cells = [fmt(row.get(c)) for c in COLUMNS]
+            lines.append(f"| {task} | {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+def plot_reward_vs_kl(results: dict, task: str, path: Path) -> Path:
+    """Gold reward against KL to the SFT policy, one point (or curve, for sweeps) per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for name, row in results["tasks"][task]["methods"].items():
+        sweep = row.get("sweep")
+        if sweep:
+            xs, ys = [p["kl"] for p in sweep], [p["gold_reward"] for p in sweep]
+            ax.plot(xs, ys, marker="o", label=name)
+        else:
+            ax.errorbar([row["kl"]], [row["gold_reward"]], yerr=[row.get("gold_reward_se", 0)], marker="o", label=name, capsize=3)
+    ax.set_xlabel("KL(policy || SFT) per sequence (nats)")
+    ax.set_ylabel("gold reward")
+    ax.set_title(f"{task}: gold reward against drift from the SFT policy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_demo_report(results: dict, out_dir: Path) -> str:
+    table = results_table(results)
+    lines = ["# prefalign demo", "", f"Total time: {results['seconds']:.0f} s" + (" (--quick)" if results.get("quick") else ""), "", table, ""]
+    for task, block in results["tasks"].items():
+        plot = plot_reward_vs_kl(results, task, out_dir / f"{task}_reward_vs_kl.png")
+        build = block.get("build", {})
+        lines += [f"## {task}", "", f"Toy world: {block.get('world')} ({build.get('parameters', '?')} parameters, built in {build.get('build_seconds', '?')} s)", "", f"![{task}]({plot.name})", ""]
+    (out_dir / "report.md").write_text("\n".join(lines))
+    return table

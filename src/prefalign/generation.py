@@ -1,0 +1,166 @@
+"""Batched sampling with a KV cache, left padding, per-row stopping and optional guidance.
+
+One decoding loop serves plain sampling (evaluation, ReST's Grow) and reward-guided decoding:
+`score_fn` may turn the base model's next-token log-probs into guided scores (GenARM adds
+`alpha_i * log pi_arm_i`); with no `score_fn` the base distribution is sampled as is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 32
+    temperature: float = 1.0  # 0 means greedy
+    top_k: int = 0  # 0 disables
+    top_p: float = 1.0
+    seed: int = 0
+    batch_size: int = 64
+
+
+@dataclass
+class Generation:
+    prompt_ids: list[int]
+    response_ids: list[int]  # includes the EOS token when the row stopped on it
+    text: str  # decoded response without special tokens
+
+
+class CachedModel:
+    """A causal LM decoded step by step with its own KV cache over a left-padded batch."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.past = None
+
+    @torch.no_grad()
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        self.past = None
+        return self._forward(input_ids, attention_mask)
+
+    @torch.no_grad()
+    def step(self, next_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self._forward(next_ids[:, None], attention_mask)
+
+    def _forward(self, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        # Left padding shifts real tokens right; positions must count real tokens only.
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
+        out = self.model(
+            input_ids=ids,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            past_key_values=self.past,
+            use_cache=True,
+        )
+        self.past = out.past_key_values
+        return torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+
+
+def pad_left(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+    for i, r in enumerate(rows):
+        if len(r):
+            ids[i, width - len(r) :] = torch.tensor(list(r), dtype=torch.long, device=device)
+            mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
+def pick_tokens(scores: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
+    """Choose next tokens from log-space scores [B, V]: greedy, or temperature/top-k/top-p sampling."""
+    if params.temperature == 0:
+        return scores.argmax(dim=-1)
+    scores = scores / params.temperature
+    if params.top_k and params.top_k < scores.shape[-1]:
+        kth = torch.topk(scores, params.top_k, dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=True, dim=-1)
+        probs = torch.softmax(sorted_scores, dim=-1)
+        # Drop a token when the mass before it already reaches top_p (the first token always stays).
+        drop = (probs.cumsum(-1) - probs) >= params.top_p
+        sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
+        scores = torch.full_like(scores, float("-inf")).scatter(-1, order, sorted_scores)
+    probs = torch.softmax(scores, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate_batch(
+    model: torch.nn.Module,
+    prompt_ids: Sequence[Sequence[int]],
+    eos_id: int,
+    pad_id: int,
+    params: SamplingParams,
+    generator: torch.Generator,
+    score_fn: ScoreFn | None = None,
+    guides: Sequence[CachedModel] = (),
+) -> list[list[int]]:
+    """Decode one left-padded batch; `guides` are extra cached models stepped alongside the base.
+
+    `score_fn(base_logps, [guide_logps...])` returns the scores to sample from.
+    Rows stop independently at EOS; the loop ends when every row has stopped.
+    """
+    device = next(model.parameters()).device
+    ids, mask = pad_left(prompt_ids, pad_id, device)
+    base = CachedModel(model)
+    logps = base.start(ids, mask)
+    guide_logps = [g.start(ids, mask) for g in guides]
+    done = torch.zeros(len(prompt_ids), dtype=torch.bool, device=device)
+    out: list[list[int]] = [[] for _ in prompt_ids]
+    for _ in range(params.max_new_tokens):
+        scores = score_fn(logps, guide_logps) if score_fn else logps
+        next_ids = pick_tokens(scores, params, generator).masked_fill(done, pad_id)
+        for i in torch.nonzero(~done).flatten().tolist():
+            out[i].append(int(next_ids[i]))
+        done |= next_ids == eos_id
+        if bool(done.all()):
+            break
+        # Finished rows keep decoding pad tokens (discarded); their mask stays 1 so shapes agree.
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        logps = base.step(next_ids, mask)
+        guide_logps = [g.step(next_ids, mask) for g in guides]
+    return out
+
+
+def generate(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    params: SamplingParams,
+    score_fn: ScoreFn | None = None,
+    guides: Sequence[torch.nn.Module] = (),
+) -> list[Generation]:
+    """Sample one response per prompt (repeat prompts for several samples), in batches."""
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator(device="cpu").manual_seed(params.seed)
+    if next(model.parameters()).device.type != "cpu":
+        generator = torch.Generator(device=next(model.parameters()).device).manual_seed(params.seed)
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    cached_guides = [CachedModel(g.eval()) for g in guides]
+    results: list[Generation] = []
+    for start in range(0, len(encoded), params.batch_size):
+        chunk = encoded[start : start + params.batch_size]
+        responses = generate_batch(
+            model, chunk, tokenizer.eos_token_id, tokenizer.pad_token_id, params, generator, score_fn, cached_guides
+        )
+        for p, r in zip(chunk, responses, strict=True):
+            results.append(Generation(p, r, tokenizer.decode(r, skip_special_tokens=True)))
+    model.train(was_training)
+    return results
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
+    ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    if not ids:
+        raise ValueError(f"prompt {prompt!r} encodes to no tokens")
+    return ids

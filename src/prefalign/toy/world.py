@@ -1,0 +1,238 @@
+"""The embedded toy world: corpus, tokenizer, a small Llama pretrained + SFT'd here, and its data.
+
+`build_world(task)` makes everything a method needs, once, and caches it in a directory keyed by
+the config (and the world's format version), so the demo, tests and benchmarks reuse it:
+
+    policy/              the SFT policy and tokenizer (save_pretrained; loads with load_model)
+    sft.jsonl            the supervised corpus (prompt, completion)
+    pairs.jsonl          preference pairs from SFT samples, ranked by gold reward with BT noise
+    pairs_eval.jsonl     held-out pairs (reward accuracy of trained policies and reward models)
+    unpaired.jsonl       KTO data (prompt, completion, label) from the same scores
+    prompts_train.jsonl  prompts for online methods (ReST grows on these)
+    prompts_eval.jsonl   held-out prompts for evaluation
+    world.json           the config and the measured figures of the build
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from prefalign.toy.corpus import ArithSpec, arith_prompt, noisy_answer, review, split_arith
+from prefalign.toy.rewards import gold_reward_fn
+from prefalign.toy.tokenizer import train_tokenizer
+
+WORLD_VERSION = 1
+TASKS = ("sentiment", "arith")
+
+
+@dataclass
+class ToyModelSize:
+    hidden_size: int = 128
+    layers: int = 4
+    heads: int = 4
+    intermediate_size: int = 384
+
+
+@dataclass
+class ToyConfig:
+    task: Literal["sentiment", "arith"] = "sentiment"
+    seed: int = 0
+    model: ToyModelSize = field(default_factory=ToyModelSize)
+    corpus_size: int = 16000
+    vocab_size: int = 1024
+    pretrain_steps: int = 300
+    sft_steps: int = 150
+    batch_size: int = 64
+    lr: float = 3e-3
+    n_pair_prompts: int = 512  # prompts sampled to build preference pairs
+    samples_per_prompt: int = 4
+    n_eval_pairs: int = 128
+    n_train_prompts: int = 256
+    n_eval_prompts: int = 128
+    bt_temperature: float = 0.15  # Bradley-Terry noise of the simulated labeller, in reward units
+    max_new_tokens: int = 24
+    arith: ArithSpec = field(default_factory=ArithSpec)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("PREFALIGN_CACHE", Path.home() / ".cache" / "prefalign"))
+
+
+def config_key(config: ToyConfig) -> str:
+    blob = json.dumps({"version": WORLD_VERSION, **asdict(config)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+@dataclass
+class ToyWorld:
+    task: str
+    root: Path
+
+    @property
+    def policy_path(self) -> Path:
+        return self.root / "policy"
+
+    def file(self, name: str) -> Path:
+        return self.root / name
+
+    def info(self) -> dict:
+        return json.loads((self.root / "world.json").read_text())
+
+    def prompts(self, split: Literal["train", "eval"]) -> list[str]:
+        return [json.loads(line)["prompt"] for line in self.file(f"prompts_{split}.jsonl").read_text().splitlines()]
+
+
+def world_dir(config: ToyConfig) -> Path:
+    return cache_root() / "toy" / f"{config.task}-{config_key(config)}"
+
+
+def get_world(task: str = "sentiment", config: ToyConfig | None = None, out: str | Path | None = None, log=print) -> ToyWorld:
+    """The cached world for this config, built first if missing (or if `out` is given and empty)."""
+    config = config or ToyConfig(task=task)
+    root = Path(out) if out else world_dir(config)
+    if (root / "world.json").exists():
+        return ToyWorld(config.task, root)
+    return build_world(config, root, log=log)
+
+
+def corpus(config: ToyConfig) -> tuple[list[tuple[str, str]], list[str], list[str]]:
+    """(supervised examples, training prompts, held-out prompts) for the task."""
+    rng = random.Random(config.seed)
+    if config.task == "sentiment":
+        examples = [review(rng) for _ in range(config.corpus_size)]
+        eval_rng = random.Random(config.seed + 1)
+        held_out = [review(eval_rng)[0] for _ in range(config.n_eval_prompts)]
+        train = [review(rng)[0] for _ in range(config.n_train_prompts)]
+        return examples, train, held_out
+    train_problems, eval_problems = split_arith(config.arith, config.seed, config.n_eval_prompts)
+    examples = []
+    for _ in range(config.corpus_size):
+        a, b = rng.choice(train_problems)
+        examples.append((arith_prompt(a, b), noisy_answer(rng, a, b, config.arith.teacher_error_rate)))
+    train = [arith_prompt(a, b) for a, b in rng.sample(train_problems, config.n_train_prompts)]
+    return examples, train, [arith_prompt(a, b) for a, b in eval_problems]
+
+
+def tokenizer_corpus(seed: int) -> list[str]:
+    """The tokenizer is trained on both tasks so every toy model shares one vocabulary."""
+    rng = random.Random(seed)
+    reviews = ["".join(review(rng)) for _ in range(8000)]
+    sums = [f"{a}+{b}={a + b}" for a in range(0, 1000, 7) for b in range(0, 1000, 11)]
+    return reviews + sums
+
+
+def make_model(config: ToyConfig, vocab_size: int, eos_id: int, pad_id: int) -> LlamaForCausalLM:
+    size = config.model
+    llama = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=size.hidden_size,
+        intermediate_size=size.intermediate_size,
+        num_hidden_layers=size.layers,
+        num_attention_heads=size.heads,
+        num_key_value_heads=size.heads,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(config.seed)
+    return LlamaForCausalLM(llama)
+
+
+def build_world(config: ToyConfig, root: Path, log=print) -> ToyWorld:
+    from prefalign.training.loop import TrainerConfig
+    from prefalign.training.sft import train_sft
+
+    started = time.perf_counter()
+    root.mkdir(parents=True, exist_ok=True)
+    log(f"building the toy world '{config.task}' in {root}")
+    examples, train_prompts, eval_prompts = corpus(config)
+    tokenizer = train_tokenizer(tokenizer_corpus(config.seed), vocab_size=config.vocab_size)
+    eos = tokenizer.eos_token_id
+    prompt_ids = [tokenizer(p)["input_ids"] for p, _ in examples]
+    response_ids = [tokenizer(c)["input_ids"] + [eos] for _, c in examples]
+    write_jsonl(root / "sft.jsonl", [{"prompt": p, "completion": c} for p, c in examples])
+    write_jsonl(root / "prompts_train.jsonl", [{"prompt": p} for p in train_prompts])
+    write_jsonl(root / "prompts_eval.jsonl", [{"prompt": p} for p in eval_prompts])
+
+    model = make_model(config, len(tokenizer), eos, tokenizer.pad_token_id)
+    stages = (("pretrain", config.pretrain_steps, True), ("sft", config.sft_steps, False))
+    for name, steps, on_prompt in stages:
+        trainer_config = TrainerConfig(
+            out_dir=str(root / "runs" / name), batch_size=config.batch_size, max_steps=steps, lr=config.lr,
+            warmup_ratio=0.05, schedule="cosine", seed=config.seed, log_every=50, progress=False,
+        )
+        result = train_sft(model, tokenizer, prompt_ids, response_ids, trainer_config, loss_on_prompt=on_prompt)
+        log(f"  {name}: {steps} steps, loss {result.history[-1]['loss']:.3f}, {result.seconds:.0f}s")
+    model.save_pretrained(root / "policy")
+    tokenizer.save_pretrained(root / "policy")
+
+    figures = build_preference_data(config, root, model, tokenizer, train_prompts, log)
+    figures["build_seconds"] = round(time.perf_counter() - started, 1)
+    figures["parameters"] = sum(p.numel() for p in model.parameters())
+    (root / "world.json").write_text(json.dumps({"config": asdict(config), "figures": figures}, indent=2))
+    log(f"  built in {figures['build_seconds']:.0f}s: {json.dumps(figures)}")
+    return ToyWorld(config.task, root)
+
+
+def build_preference_data(config: ToyConfig, root: Path, model, tokenizer, train_prompts: list[str], log) -> dict:
+    """Sample the SFT policy, score with the gold reward, and label pairs like a noisy human would."""
+    from prefalign.generation import SamplingParams, generate
+
+    rng = random.Random(config.seed + 2)
+    reward = gold_reward_fn(config.task)
+    pool = [p for p, _ in corpus(config)[0][: config.n_pair_prompts + config.n_eval_pairs]]
+    params = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=1.0, seed=config.seed, batch_size=256)
+    prompts = [p for p in pool for _ in range(config.samples_per_prompt)]
+    samples = generate(model, tokenizer, prompts, params)
+    by_prompt: dict[int, list[tuple[str, float]]] = {}
+    for i, s in enumerate(samples):
+        by_prompt.setdefault(i // config.samples_per_prompt, []).append((s.text, reward(prompts[i], s.text)))
+    train_pairs, eval_pairs, unpaired = [], [], []
+    scores = [r for group in by_prompt.values() for _, r in group]
+    median = sorted(scores)[len(scores) // 2]
+    for k, group in by_prompt.items():
+        prompt = pool[k]
+        distinct = list({text: r for text, r in group if text.strip()}.items())
+        if len(distinct) >= 2:
+            (a, ra), (b, rb) = rng.sample(distinct, 2)
+            # Bradley-Terry labeller: prefers a with probability sigmoid((ra - rb) / T).
+            a_wins = rng.random() < 1 / (1 + math.exp(-(ra - rb) / config.bt_temperature))
+            (chosen, rc), (rejected, rr) = ((a, ra), (b, rb)) if a_wins else ((b, rb), (a, ra))
+            row = {"prompt": prompt, "chosen": chosen, "rejected": rejected, "chosen_reward": rc, "rejected_reward": rr}
+            (eval_pairs if k >= config.n_pair_prompts else train_pairs).append(row)
+        for text, r in group[:2]:
+            if text.strip():
+                good = rng.random() < 1 / (1 + math.exp(-(r - median) / config.bt_temperature))
+                unpaired.append({"prompt": prompt, "completion": text, "label": good, "reward": r})
+    pairs = train_pairs + eval_pairs
+    write_jsonl(root / "pairs.jsonl", train_pairs)
+    write_jsonl(root / "pairs_eval.jsonl", eval_pairs)
+    write_jsonl(root / "unpaired.jsonl", unpaired)
+    agree = sum(p["chosen_reward"] > p["rejected_reward"] for p in pairs) / max(1, len(pairs))
+    log(f"  {len(pairs)} pairs ({agree:.0%} agree with the gold reward), {len(unpaired)} unpaired examples")
+    return {
+        "pairs": len(train_pairs),
+        "eval_pairs": len(eval_pairs),
+        "unpaired": len(unpaired),
+        "pair_label_agreement": round(agree, 3),
+        "sft_sample_reward": round(sum(scores) / len(scores), 4),
+    }
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")

@@ -1,0 +1,329 @@
+"""The one training loop every method uses: SFT, preference objectives, ARM training, ReST's Improve.
+
+Read it top to bottom: plan the global batches, then for each optimizer step run the micro-batches,
+clip, step, let the caller react (trust-region reference update), log, evaluate, checkpoint.
+A method supplies only `loss_fn(model, batch) -> (loss, metrics)` and the batches.
+
+Multi-process runs (`accelerate launch`) split every global batch by rank, so 2 processes with
+batch b see exactly the examples 1 process with batch 2b sees, and DDP averages their gradients.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+@dataclass
+class TrainerConfig:
+    out_dir: str = "runs/train"
+    batch_size: int = 8  # examples per process per micro-batch
+    grad_accum: int = 1
+    max_steps: int = 0  # optimizer steps; 0 means run `epochs` epochs
+    epochs: float = 1.0
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0
+    schedule: Literal["constant", "linear", "cosine"] = "linear"
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 0  # 0: a checkpoint only at the end
+    keep_checkpoints: int = 2
+    eval_every: int = 0  # 0: evaluate only at the end (when an evaluator is given)
+    report_to: list[str] = field(default_factory=list)  # tensorboard, wandb, mlflow
+    progress: bool = True
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss; the message names the step. Checkpoints written before stay intact."""
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    seconds: float
+    examples_per_second: float
+    history: list[dict[str, float]]
+    out_dir: Path
+
+
+def batch_plan(lengths: Sequence[int], global_batch: int, seed: int, epoch: int, group_by_length: bool) -> list[list[int]]:
+    """The epoch's global batches (lists of example indices), a pure function of seed and epoch.
+
+    With `group_by_length`, examples of similar length share a batch (sorted inside shuffled
+    mega-batches of 50 batches), so little compute goes to padding while the order stays random.
+    """
+    rng = random.Random(seed * 1_000_003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    if group_by_length:
+        mega = global_batch * 50
+        order = [i for s in range(0, len(order), mega) for i in sorted(order[s : s + mega], key=lambda i: -lengths[i])]
+    batches = [order[s : s + global_batch] for s in range(0, len(order) - global_batch + 1, global_batch)]
+    rng.shuffle(batches)
+    return batches
+
+
+class Trainer:
+    """Owns the accelerator, optimizer, schedule, logging and checkpoints of one run."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        config: TrainerConfig,
+        n_examples: int,
+        accelerator: Accelerator | None = None,
+        run_config: dict[str, Any] | None = None,
+        tokenizer: Any = None,
+    ):
+        self.config = config
+        self.tokenizer = tokenizer  # saved beside every checkpoint so each one loads on its own
+        self.out_dir = Path(config.out_dir)
+        self.accelerator = accelerator or make_accelerator(config)
+        acc = self.accelerator
+        torch.manual_seed(config.seed)
+        self.global_micro_batch = config.batch_size * acc.num_processes
+        per_epoch = n_examples // self.global_micro_batch // config.grad_accum
+        if per_epoch == 0:
+            raise ValueError(
+                f"{n_examples} examples cannot fill one optimizer step of "
+                f"{config.batch_size} x {config.grad_accum} x {acc.num_processes} processes"
+            )
+        self.total_steps = config.max_steps or max(1, math.ceil(per_epoch * config.epochs))
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        name = {"constant": "constant_with_warmup"}.get(config.schedule, config.schedule)
+        self.scheduler = get_scheduler(
+            name, self.optimizer, num_warmup_steps=int(config.warmup_ratio * self.total_steps), num_training_steps=self.total_steps
+        )
+        self.step = 0
+        self.history: list[dict[str, float]] = []
+        if acc.is_main_process:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            if run_config is not None:
+                (self.out_dir / "config.json").write_text(json.dumps(run_config, indent=2, default=str))
+        if config.report_to:
+            acc.init_trackers("prefalign", config=flat_config(run_config or {}))
+
+    @property
+    def unwrapped(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    def fit(
+        self,
+        lengths: Sequence[int],
+        collate: Callable[[list[int]], dict],
+        loss_fn: LossFn,
+        after_step: Callable[[int], Any] | None = None,
+        evaluate: Callable[[int], dict[str, float]] | None = None,
+        extra_state: Any = None,
+        group_by_length: bool = True,
+    ) -> TrainResult:
+        """Train to `total_steps`. `collate(indices)` builds a batch; `after_step(step)` runs after
+        each optimizer step (reference updates); `extra_state` (state_dict/load_state_dict) is
+        checkpointed with the run (a trust-region reference's weights)."""
+        acc, cfg = self.accelerator, self.config
+        steps_per_epoch = len(lengths) // self.global_micro_batch // cfg.grad_accum
+        rank = acc.process_index
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not (cfg.progress and acc.is_main_process), desc="train")
+        start, seen = time.perf_counter(), 0
+        while self.step < self.total_steps:
+            epoch, within = divmod(self.step, steps_per_epoch)
+            plan = batch_plan(lengths, self.global_micro_batch, cfg.seed, epoch, group_by_length)
+            micro = plan[within * cfg.grad_accum : (within + 1) * cfg.grad_accum]
+            sums: dict[str, torch.Tensor] = {}
+            for m, indices in enumerate(micro):
+                mine = indices[rank * cfg.batch_size : (rank + 1) * cfg.batch_size]
+                batch = {k: v.to(acc.device) if torch.is_tensor(v) else v for k, v in collate(mine).items()}
+                sync = m == len(micro) - 1
+                with acc.no_sync(self.model) if not sync else nullcontext(), acc.autocast():
+                    loss, metrics = loss_fn(self.model, batch)
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"loss became {loss.item()} at step {self.step + 1}; the last good checkpoint in "
+                        f"{self.out_dir / 'checkpoints'} is intact (lower the lr or check the objective)"
+                    )
+                acc.backward(loss / cfg.grad_accum)
+                for k, v in {"loss": loss, **metrics}.items():
+                    sums[k] = sums.get(k, 0) + v.detach().float() / len(micro)
+                seen += len(indices)
+            grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            if after_step is not None:
+                after_step(self.step)
+            record = self._reduce(sums)
+            if grad_norm is not None:
+                record["grad_norm"] = float(grad_norm)
+            record["lr"] = self.scheduler.get_last_lr()[0]
+            record["examples_per_s"] = seen / (time.perf_counter() - start)
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}")
+            is_last = self.step == self.total_steps
+            if evaluate is not None and ((cfg.eval_every and self.step % cfg.eval_every == 0) or is_last):
+                if acc.is_main_process:
+                    record.update({f"eval/{k}": v for k, v in evaluate(self.step).items()})
+                acc.wait_for_everyone()
+            if self.step % cfg.log_every == 0 or is_last or any(k.startswith("eval/") for k in record):
+                self._log(record)
+            if (cfg.save_every and self.step % cfg.save_every == 0) or is_last:
+                self.save_checkpoint(extra_state)
+        bar.close()
+        elapsed = time.perf_counter() - start
+        return TrainResult(self.step, elapsed, seen / max(elapsed, 1e-9), self.history, self.out_dir)
+
+    def _reduce(self, sums: dict[str, torch.Tensor]) -> dict[str, float]:
+        if not sums:
+            return {}
+        keys = sorted(sums)
+        stacked = torch.stack([torch.as_tensor(sums[k], device=self.accelerator.device) for k in keys])
+        stacked = self.accelerator.reduce(stacked, reduction="mean")
+        return {k: float(v) for k, v in zip(keys, stacked, strict=True)}
+
+    def _log(self, record: dict[str, float]) -> None:
+        record = {"step": self.step, **record}
+        self.history.append(record)
+        if self.accelerator.is_main_process:
+            with open(self.out_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if self.config.report_to:
+            self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=self.step)
+
+    # --- checkpoints -------------------------------------------------------------------------
+    def save_checkpoint(self, extra_state: Any = None) -> Path:
+        """Write checkpoints/step-N atomically (a temp dir renamed at the end), then prune old ones."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        root = self.out_dir / "checkpoints"
+        final = root / f"step-{self.step}"
+        tmp = root / f".tmp-step-{self.step}"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            model = self.unwrapped
+            model.save_pretrained(tmp / "model", safe_serialization=True)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(tmp / "model")
+            trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+            save_file(trainable, tmp / "trainable.safetensors")
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+            if extra_state is not None:
+                torch.save(extra_state.state_dict(), tmp / "extra_state.pt")
+            (tmp / "state.json").write_text(json.dumps({"step": self.step, "num_processes": acc.num_processes}))
+        acc.wait_for_everyone()
+        # Each process saves its own RNG state (sampling in dropout and data differ per rank).
+        torch.save(_rng_state(), tmp / f"rng-{acc.process_index}.pt")
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            for old in sorted(checkpoints(self.out_dir))[: -self.config.keep_checkpoints]:
+                shutil.rmtree(old[1], ignore_errors=True)
+            _save_final(final / "model", self.out_dir / "final")
+        acc.wait_for_everyone()
+        return final
+
+    def resume(self, extra_state: Any = None) -> bool:
+        """Load the newest checkpoint of out_dir if there is one; returns whether it did."""
+        found = sorted(checkpoints(self.out_dir))
+        if not found:
+            return False
+        step, path = found[-1]
+        state = json.loads((path / "state.json").read_text())
+        if state["num_processes"] != self.accelerator.num_processes:
+            raise ValueError(
+                f"checkpoint {path} was written by {state['num_processes']} processes; resume with the same number"
+            )
+        trainable = load_file(path / "trainable.safetensors")
+        model = self.unwrapped
+        missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in trainable]
+        if missing:
+            raise ValueError(f"checkpoint {path} lacks trained weights {missing[:3]}")
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in trainable:
+                    p.copy_(trainable[n])
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+        if extra_state is not None:
+            extra_state.load_state_dict(torch.load(path / "extra_state.pt", weights_only=False))
+        rng_file = path / f"rng-{self.accelerator.process_index}.pt"
+        if rng_file.exists():
+            _set_rng_state(torch.load(rng_file, weights_only=False))
+        self.step = step
+        if self.accelerator.is_main_process:
+            print(f"resumed from {path} at step {step}")
+        return True
+
+    def end(self) -> None:
+        if self.config.report_to:
+            self.accelerator.end_training()
+
+
+def checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
+    root = Path(out_dir) / "checkpoints"
+    if not root.exists():
+        return []
+    return [(int(p.name.split("-")[1]), p) for p in root.iterdir() if p.name.startswith("step-")]
+
+
+def make_accelerator(config: TrainerConfig) -> Accelerator:
+    return Accelerator(
+        mixed_precision=config.mixed_precision,
+        log_with=config.report_to or None,
+        project_dir=config.out_dir,
+    )
+
+
+def flat_config(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flat_config(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
+def _save_final(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
