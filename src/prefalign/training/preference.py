@@ -1,0 +1,230 @@
+"""`prefalign train`: an offline preference objective with a frozen, soft or hard reference.
+
+The whole recipe, top to bottom: load model and tokenizer, load and tokenize data, build the
+reference policy, define the loss of one batch (four log-probs in, the registry's objective out),
+hand it to the shared Trainer with the reference update as its after-step hook.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from prefalign import objectives
+from prefalign.logprobs import SequenceLogps, sequence_logps, split_pairs
+from prefalign.modeling import ModelSpec, load_model, load_tokenizer
+from prefalign.reference import ReferencePolicy, ReferenceSpec, make_reference
+from prefalign.training.loop import Trainer, TrainerConfig, TrainResult
+
+
+@dataclass
+class ObjectiveSpec:
+    name: str = "dpo"  # a registry name (prefalign.objectives.names())
+    code: str | None = None  # or a user objective: "path/to/file.py:function"
+    params: dict[str, Any] = field(default_factory=dict)  # e.g. {beta: 0.1}
+
+
+@dataclass
+class PreferenceData:
+    path: str = ""
+    eval_path: str | None = None  # held-out pairs: reward accuracy and margin
+    max_length: int = 512
+    max_prompt_length: int = 256
+    truncation: Literal["keep_end", "keep_start"] = "keep_end"
+    skip_invalid: bool = False
+
+
+@dataclass
+class ToyEval:
+    task: str | None = None  # sentiment | arith: gold reward and KL to the initial policy
+    n_prompts: int = 64
+    samples_per_prompt: int = 1
+    max_new_tokens: int = 24
+
+
+@dataclass
+class PreferenceConfig:
+    model: ModelSpec = field(default_factory=ModelSpec)
+    objective: ObjectiveSpec = field(default_factory=ObjectiveSpec)
+    reference: ReferenceSpec = field(default_factory=ReferenceSpec)
+    data: PreferenceData = field(default_factory=PreferenceData)
+    eval: ToyEval = field(default_factory=ToyEval)
+    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(out_dir="runs/train", lr=5e-6))
+
+
+def resolve_objective(spec: ObjectiveSpec) -> objectives.Objective:
+    if spec.code:
+        return objectives.load_user_objective(spec.code)
+    return objectives.get(spec.name)
+
+
+def reward_beta(objective: objectives.Objective, params: dict[str, Any]) -> float:
+    """The beta that scales implicit rewards in the logged metrics (0.1 if the objective has none)."""
+    return float(params.get("beta", objective.defaults.get("beta", 0.1)))
+
+
+def pairwise_loss_fn(objective: objectives.Objective, reference: ReferencePolicy, params: dict[str, Any]):
+    """Loss of one stacked [chosen; rejected] batch, with TRL-style reward metrics."""
+    beta = reward_beta(objective, params)
+
+    def loss_fn(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+        inputs = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+        chosen, rejected = split_pairs(sequence_logps(model, *inputs))
+        if objective.needs_reference:
+            ref_chosen, ref_rejected = split_pairs(reference.logps(*inputs))
+        else:
+            zeros = SequenceLogps(torch.zeros_like(chosen.sum), chosen.n_tokens)
+            ref_chosen, ref_rejected = zeros, zeros
+        pick = (lambda s: s.mean) if objective.length_normalized else (lambda s: s.sum)
+        losses = objectives.compute_loss(
+            objective, pick(chosen), pick(rejected), pick(ref_chosen), pick(ref_rejected), **params
+        )
+        reward_chosen = beta * (chosen.sum - ref_chosen.sum).detach()
+        reward_rejected = beta * (rejected.sum - ref_rejected.sum).detach()
+        metrics = {
+            "rewards/chosen": reward_chosen.mean(),
+            "rewards/rejected": reward_rejected.mean(),
+            "rewards/margins": (reward_chosen - reward_rejected).mean(),
+            "rewards/accuracies": (reward_chosen > reward_rejected).float().mean(),
+            "logps/chosen": chosen.sum.detach().mean(),
+            "logps/rejected": rejected.sum.detach().mean(),
+        }
+        return losses.mean(), metrics
+
+    return loss_fn
+
+
+def unpaired_loss_fn(objective: objectives.Objective, reference: ReferencePolicy, params: dict[str, Any], accelerator):
+    """KTO: per-example loss against the batch's KL reference point, averaged across processes
+    before clamping (as TRL does), so N processes see the same z0 as one process with N x batch."""
+
+    def loss_fn(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+        inputs = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+        kl_inputs = (batch["kl_input_ids"], batch["kl_attention_mask"], batch["kl_loss_mask"])
+        policy = sequence_logps(model, *inputs).sum
+        ref = reference.logps(*inputs).sum
+        with torch.no_grad():
+            kl_policy = sequence_logps(model, *kl_inputs).sum
+        kl_ref = reference.logps(*kl_inputs).sum
+        z0 = objectives.kto_kl_reference_point(kl_policy, kl_ref)
+        z0 = accelerator.reduce(z0.detach().reshape(1), reduction="mean")[0]
+        losses = objectives.compute_loss(
+            objective, policy, ref, batch["labels"], z0.expand(1), torch.zeros(1, device=z0.device), **params
+        )
+        beta = reward_beta(objective, params)
+        labels = batch["labels"]
+        rewards = beta * (policy - ref).detach()
+        metrics = {"kl": z0.clamp(min=0)}
+        if labels.any():
+            metrics["rewards/chosen"] = rewards[labels].mean()
+        if (~labels).any():
+            metrics["rewards/rejected"] = rewards[~labels].mean()
+        return losses.mean(), metrics
+
+    return loss_fn
+
+
+def run_preference(config: PreferenceConfig, resume: bool = False, log=print) -> TrainResult:
+    """Train a policy with any registry or user objective and any reference mode."""
+    from prefalign.data import (
+        collate_pairs,
+        collate_unpaired,
+        load_preference_data,
+        load_unpaired_data,
+        tokenize_preference,
+        tokenize_unpaired,
+    )
+
+    objective = resolve_objective(config.objective)
+    if not config.model.name_or_path:
+        raise ValueError("config key 'model.name_or_path' is required (a model directory or hub id)")
+    if not config.data.path:
+        raise ValueError("config key 'data.path' is required")
+    if objective.needs_reference and config.reference.mode == "none":
+        raise ValueError(f"objective '{objective.name}' needs a reference policy; reference.mode 'none' is for reference-free objectives")
+    tokenizer = load_tokenizer(config.model.name_or_path)
+    model = load_model(
+        config.model.name_or_path, dtype=config.model.dtype, device="cpu",
+        lora=config.model.lora, gradient_checkpointing=config.model.gradient_checkpointing,
+    )
+    trunc = dict(
+        max_length=config.data.max_length, max_prompt_length=config.data.max_prompt_length,
+        truncation=config.data.truncation, skip_invalid=config.data.skip_invalid,
+    )
+    unpaired = objective.kind == "unpaired"
+    loader, tokenize = (load_unpaired_data, tokenize_unpaired) if unpaired else (load_preference_data, tokenize_preference)
+    loaded = loader(config.data.path, tokenizer=tokenizer, skip_invalid=config.data.skip_invalid)
+    examples, skipped = tokenize(loaded.records, tokenizer, **trunc)
+    skipped = loaded.skipped + skipped
+    if skipped:
+        log(f"skipped {sum(skipped.values())} invalid rows of {config.data.path}: {dict(skipped)}")
+
+    trainer = Trainer(model, config.trainer, n_examples=len(examples), run_config=asdict(config), tokenizer=tokenizer)
+    # Built after prepare() so a full-copy reference lands on the training device.
+    ref_spec = config.reference if objective.needs_reference else ReferenceSpec(mode="none")
+    reference = make_reference(trainer.model, ref_spec)
+    params = dict(config.objective.params)
+    pad = tokenizer.pad_token_id
+    if unpaired:
+        loss_fn = unpaired_loss_fn(objective, reference, params, trainer.accelerator)
+
+        def collate(indices: list[int]) -> dict:
+            return collate_unpaired([examples[i] for i in indices], pad, max_length=config.data.max_length)
+    else:
+        loss_fn = pairwise_loss_fn(objective, reference, params)
+
+        def collate(indices: list[int]) -> dict:
+            return collate_pairs([examples[i] for i in indices], pad)
+
+    evaluate = make_evaluator(config, tokenizer, trainer, reference) if (config.eval.task or config.data.eval_path) else None
+    if resume:
+        trainer.resume(extra_state=reference)
+    result = trainer.fit(
+        [e.length for e in examples], collate, loss_fn,
+        after_step=reference.after_optimizer_step, evaluate=evaluate, extra_state=reference,
+        # KTO's KL point uses the batch's own mismatched pairs: length-grouping would bias them.
+        group_by_length=not unpaired,
+    )
+    trainer.end()
+    return result
+
+
+def make_evaluator(config: PreferenceConfig, tokenizer, trainer: Trainer, reference: ReferencePolicy):
+    """Periodic evaluation: gold reward + KL to the INITIAL policy on a toy task, and reward
+    accuracy/margin on held-out pairs."""
+    from prefalign.evaluation.core import evaluate_policy
+    from prefalign.evaluation.pairs import pair_metrics
+
+    initial = None
+    if config.eval.task:
+        from prefalign.toy.world import get_world
+
+        world = get_world(config.eval.task)
+        prompts = world.prompts("eval")[: config.eval.n_prompts]
+        initial = load_model(config.model.name_or_path, device=str(trainer.accelerator.device))
+    beta = reward_beta(resolve_objective(config.objective), config.objective.params)
+
+    def evaluate(step: int) -> dict[str, float]:
+        model = trainer.unwrapped
+        out: dict[str, float] = {}
+        if initial is not None:
+            result = evaluate_policy(
+                model, tokenizer, config.eval.task, prompts, reference=initial,
+                samples_per_prompt=config.eval.samples_per_prompt, max_new_tokens=config.eval.max_new_tokens,
+            )
+            out.update({"gold_reward": result.gold_reward, "kl": result.kl})
+            if result.accuracy is not None:
+                out["accuracy"] = result.accuracy
+        if config.data.eval_path:
+            out.update(pair_metrics(model, reference, tokenizer, config.data.eval_path, beta, config.data))
+        model.train()
+        return out
+
+    return evaluate
+
+
+def save_reference(reference: ReferencePolicy, out_dir: str | Path) -> None:
+    reference.save_pretrained(Path(out_dir) / "reference")

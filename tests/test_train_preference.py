@@ -1,0 +1,199 @@
+"""End-to-end preference training: every reference mode, KTO, resume after SIGKILL, NaN stop, 2 processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from prefalign.config import load_config
+from prefalign.toy.corpus import review
+from prefalign.toy.tokenizer import train_tokenizer
+from prefalign.training.loop import TrainingDiverged
+from prefalign.training.preference import PreferenceConfig, run_preference
+
+ROOT = Path(__file__).resolve().parents[1]
+PREFALIGN = [sys.executable, "-m", "prefalign.cli"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    """A tiny Llama + toy tokenizer on disk, and pair/unpaired files of toy reviews."""
+    root = tmp_path_factory.mktemp("tiny")
+    rng = random.Random(0)
+    texts = ["".join(review(rng)) for _ in range(400)]
+    tokenizer = train_tokenizer(texts, vocab_size=300)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    pairs, unpaired = [], []
+    for _ in range(64):
+        prompt, good = review(rng)
+        _, bad = review(rng)
+        if good != bad:
+            pairs.append({"prompt": prompt, "chosen": good, "rejected": bad})
+            unpaired += [{"prompt": prompt, "completion": good, "label": True}, {"prompt": prompt, "completion": bad, "label": False}]
+    (root / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    (root / "unpaired.jsonl").write_text("".join(json.dumps(p) + "\n" for p in unpaired))
+    return {"model": root / "model", "pairs": root / "pairs.jsonl", "unpaired": root / "unpaired.jsonl", "root": root}
+
+
+def overrides(tiny: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return [
+        f"model.name_or_path={tiny['model']}", f"data.path={tiny['pairs']}", f"trainer.out_dir={out}",
+        "trainer.batch_size=4", "trainer.max_steps=8", "trainer.lr=1e-3", "trainer.log_every=1",
+        "trainer.progress=false", "objective.params={beta: 0.5}", *extra,
+    ]
+
+
+def train(tiny, out: Path, *extra: str):
+    config = load_config(PreferenceConfig, None, overrides(tiny, out, *extra))
+    return run_preference(config, log=lambda *_: None)
+
+
+def preference_margin(model_dir: Path, tiny) -> float:
+    """Mean log p(chosen) - log p(rejected) of the training pairs under a saved model."""
+    from prefalign.data import collate_pairs, load_preference_data, tokenize_preference
+    from prefalign.logprobs import sequence_logps, split_pairs
+    from prefalign.modeling import load_model, load_tokenizer
+
+    tokenizer, model = load_tokenizer(model_dir), load_model(model_dir).eval()
+    records = load_preference_data(tiny["pairs"]).records
+    pairs, _ = tokenize_preference(records, tokenizer, max_length=128, max_prompt_length=64)
+    batch = collate_pairs(pairs, tokenizer.pad_token_id)
+    with torch.no_grad():
+        chosen, rejected = split_pairs(sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"]))
+    return float((chosen.sum - rejected.sum).mean())
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "final" / "model.safetensors")
+
+
+@pytest.mark.parametrize(
+    "objective,reference",
+    [("dpo", "frozen"), ("dpo", "soft"), ("dpo", "hard"), ("ipo", "soft"), ("hinge", "frozen"), ("robust", "hard"), ("cell", "soft")],
+)
+def test_training_raises_the_margin_of_training_pairs(tiny, tmp_path, objective, reference):
+    result = train(tiny, tmp_path / "run", f"objective.name={objective}", f"reference.mode={reference}", "reference.tau=3")
+    assert result.steps == 8
+    assert preference_margin(tmp_path / "run" / "final", tiny) > preference_margin(tiny["model"], tiny) + 0.1
+    assert (tmp_path / "run" / "final" / "model.safetensors").exists()
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 8 and "rewards/accuracies" in json.loads(lines[-1])
+
+
+def test_kto_trains_on_unpaired_data(tiny, tmp_path):
+    # The unpaired file holds each pair's chosen as desirable and rejected as undesirable.
+    result = train(tiny, tmp_path / "kto", "objective.name=kto", f"data.path={tiny['unpaired']}", "reference.mode=soft")
+    assert preference_margin(tmp_path / "kto" / "final", tiny) > preference_margin(tiny["model"], tiny) + 0.1
+    assert "kl" in result.history[-1]
+
+
+def test_lora_policy_with_soft_reference_adapter(tiny, tmp_path):
+    train(tiny, tmp_path / "lora", "model.lora={r: 4, alpha: 8}", "reference.mode=soft", "trainer.lr=1e-2")
+    assert preference_margin(tmp_path / "lora" / "final", tiny) > preference_margin(tiny["model"], tiny) + 0.1
+    assert (tmp_path / "lora" / "final" / "adapter_config.json").exists()
+
+
+def test_user_objective_from_code_file(tiny, tmp_path):
+    code = tmp_path / "my_loss.py"
+    code.write_text(
+        "import torch.nn.functional as F\n\n"
+        "def sharp(pc, pr, rc, rr, beta=0.5):\n"
+        "    return -F.logsigmoid(2 * beta * ((pc - pr) - (rc - rr)))\n"
+    )
+    train(tiny, tmp_path / "user", f"objective.code={code}:sharp", "reference.mode=hard", "reference.tau=2")
+    assert preference_margin(tmp_path / "user" / "final", tiny) > preference_margin(tiny["model"], tiny) + 0.1
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_last_checkpoint(tiny, tmp_path):
+    code = tmp_path / "nan_loss.py"
+    code.write_text(
+        "calls = [0]\n\n"
+        "def late_nan(pc, pr, rc, rr, beta=0.5):\n"
+        "    calls[0] += 1\n"
+        "    z = (pc - pr) - (rc - rr)\n"
+        "    return -z if calls[0] < 3 else z * float('nan')\n"
+    )
+    out = tmp_path / "nan"
+    with pytest.raises(TrainingDiverged, match="at step 3"):
+        train(tiny, out, f"objective.code={code}:late_nan", "trainer.save_every=1")
+    saved = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert saved == ["step-1", "step-2"]
+    assert load_file(out / "checkpoints" / "step-2" / "trainable.safetensors")
+
+
+def cli_train(tiny, out: Path, *extra: str, env=None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [*PREFALIGN, "train", *overrides(tiny, out, *extra)],
+        cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny, tmp_path):
+    args = ("reference.mode=soft", "trainer.max_steps=60", "trainer.save_every=4", "trainer.log_every=10")
+    straight = cli_train(tiny, tmp_path / "straight", *args)
+    assert straight.wait(timeout=300) == 0, straight.stdout.read()
+
+    killed = cli_train(tiny, tmp_path / "killed", *args)
+    ckpts = tmp_path / "killed" / "checkpoints"
+    deadline = time.time() + 240
+    while not (ckpts / "step-8").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    done = sorted(int(p.name.split("-")[1]) for p in ckpts.iterdir() if p.name.startswith("step-"))
+    assert 8 <= done[-1] < 60, f"the kill came too late to test resuming: {done}"
+
+    resumed = cli_train(tiny, tmp_path / "killed", *args, "--resume")
+    out = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, out
+    assert "resumed from" in out
+    a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "killed")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_with_double_batch(tiny, tmp_path):
+    common = ("reference.mode=soft", "trainer.max_steps=4", "trainer.lr=1e-3")
+    one = cli_train(tiny, tmp_path / "one", *common, "trainer.batch_size=8")
+    assert one.wait(timeout=300) == 0, one.stdout.read()
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", "-m", "prefalign.cli"]
+    two = subprocess.run(
+        [*launch, "train", *overrides(tiny, tmp_path / "two", *common), "trainer.batch_size=4"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert two.returncode == 0, two.stdout + two.stderr
+    a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_missing_data_file_is_a_one_line_cli_error(tiny, tmp_path):
+    """A missing data file is a one-line user error from the CLI, exit code 2."""
+    proc = subprocess.run(
+        [*PREFALIGN, "train", f"model.name_or_path={tiny['model']}", "data.path=/nonexistent/pairs.jsonl"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "pairs.jsonl" in proc.stderr
