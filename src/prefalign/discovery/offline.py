@@ -1,0 +1,112 @@
+"""The offline proposer: evolutionary search over objective expressions, no LLM needed.
+
+Parents are drawn by tournament on archive fitness among the registry's objectives (seeds)
+and earlier offline candidates; children come from mutation and crossover (expressions.py)
+and are emitted as code, so they pass through the same sandbox as an LLM's proposals.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from prefalign.discovery.archive import Archive
+from prefalign.discovery.candidate import Candidate, ProposalError, code_hash
+from prefalign.discovery.expressions import (
+    Genome,
+    crossover,
+    mutate,
+    registry_seeds,
+    render,
+    within_limits,
+)
+
+MAX_TRIES = 200
+
+
+def baseline_codes() -> dict[str, str]:
+    """The registry's pairwise objectives (dpo, hinge, ipo, discopop, cell, padll) as code."""
+    return {name: render(genome, name) for name, genome in registry_seeds().items()}
+
+
+class OfflineProposer:
+    """Evolutionary search; deterministic given `seed` and the archive's contents.
+
+    The random state is derived from (seed, number of archive records), so a resumed run
+    proposes what an uninterrupted run would have.
+    """
+
+    origin = "offline"
+
+    def __init__(self, seed: int = 0, tournament: int = 3, crossover_rate: float = 0.3) -> None:
+        self.seed = seed
+        self.tournament = tournament
+        self.crossover_rate = crossover_rate
+
+    def propose(self, archive: Archive, n: int) -> list[Candidate | ProposalError]:
+        rng = random.Random(f"{self.seed}:{len(archive)}")
+        pool = self._pool(archive)
+        seen = {r.get("code_hash") for r in archive}
+        out: list[Candidate | ProposalError] = []
+        for _ in range(n):
+            candidate = self._child(pool, seen, rng)
+            if candidate is None:
+                out.append(ProposalError("no new expression found", origin=self.origin))
+                continue
+            seen.add(candidate.code_hash)
+            out.append(candidate)
+        return out
+
+    def _pool(self, archive: Archive) -> list[tuple[str, Genome, float | None]]:
+        """(name, genome, fitness or None) of the seeds and of every scored offline candidate."""
+        fitness_by_hash = {r["code_hash"]: r["fitness"] for r in archive.scored()}
+        pool = [
+            (name, genome, fitness_by_hash.get(code_hash(render(genome, name))))
+            for name, genome in registry_seeds().items()
+        ]
+        for r in archive.scored():
+            genome = (r.get("meta") or {}).get("genome")
+            if genome is None:
+                continue
+            try:
+                pool.append((r["name"], Genome.from_json(genome), r["fitness"]))
+            except (ValueError, TypeError, KeyError):
+                continue  # a hand-edited or foreign record: not a parent
+        return pool
+
+    def _select(
+        self, pool: list[tuple[str, Genome, float | None]], rng: random.Random
+    ) -> tuple[str, Genome]:
+        """Tournament: the fittest of a few random entries (unscored ones lose to scored ones)."""
+        entrants = [rng.choice(pool) for _ in range(self.tournament)]
+        best = max(entrants, key=lambda e: float("-inf") if e[2] is None else e[2])
+        return best[0], best[1]
+
+    def _child(
+        self, pool: list[tuple[str, Genome, float | None]], seen: set[Any], rng: random.Random
+    ) -> Candidate | None:
+        for _ in range(MAX_TRIES):
+            name_a, parent = self._select(pool, rng)
+            parents = [name_a]
+            if rng.random() < self.crossover_rate:
+                name_b, other = self._select(pool, rng)
+                parent = crossover(parent, other, rng)
+                parents.append(name_b)
+            child, operator = mutate(parent, rng)
+            if not within_limits(child):
+                continue
+            draft = render(child, "candidate")
+            digest = code_hash(draft)[:8]
+            name = f"evo_{digest}"
+            code = render(child, name)
+            if code_hash(code) in seen:
+                continue
+            how = "crossover of " + " and ".join(parents) if len(parents) == 2 else f"{parents[0]}"
+            return Candidate(
+                name=name,
+                code=code,
+                thought=f"{operator} mutation of {how}",
+                origin=self.origin,
+                meta={"genome": child.to_json(), "parents": parents, "operator": operator},
+            )
+        return None
