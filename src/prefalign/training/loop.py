@@ -39,6 +39,9 @@ class TrainerConfig:
     epochs: float = 1.0
     lr: float = 1e-5
     weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
     warmup_ratio: float = 0.0
     schedule: Literal["constant", "linear", "cosine"] = "linear"
     max_grad_norm: float = 1.0  # 0 disables clipping
@@ -109,7 +112,10 @@ class Trainer:
             )
         self.total_steps = config.max_steps or max(1, math.ceil(per_epoch * config.epochs))
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        optimizer = torch.optim.AdamW(
+            params, lr=config.lr, weight_decay=config.weight_decay,
+            betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
+        )
         self.model, self.optimizer = acc.prepare(model, optimizer)
         name = {"constant": "constant_with_warmup"}.get(config.schedule, config.schedule)
         self.scheduler = get_scheduler(
