@@ -84,10 +84,21 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-new-tokens", type=int, default=24)
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--out", help="write the result (with samples) as JSON here")
+    ev.add_argument("--compare", nargs="+", metavar="NAME=PATH", help="compare several models on the same prompts")
+    ev.add_argument("--judge-url", help="OpenAI-compatible endpoint of an LLM judge (win rate against the reference)")
+    ev.add_argument("--judge-model", default="gpt-4o-mini")
+    ev.add_argument("--judge-api-key-env", default="OPENAI_API_KEY")
+    ev.add_argument("--judge-concurrency", type=int, default=4)
 
     command("train", run_train, "offline preference training (DPO, IPO, KTO, ...) with a frozen, soft or hard reference", config=True)
 
-    for name, issue in (("rest", 4), ("discover", 6)):
+    command("discover", run_discover, "discover preference objectives: propose, sandbox, score on a toy proxy", config=True)
+
+    rep = command("report", run_report, "rebuild report.md and report.html of run directories from their saved files")
+    rep.add_argument("run_dirs", nargs="+", help="run directories (train, rest, arm, discover, demo)")
+    rep.add_argument("--out", help="directory for a merged report of several runs")
+
+    for name, issue in (("rest", 4),):
         command(name, not_implemented(name, issue), f"(not implemented yet: issue {issue})", config=True)
     arm = sub.add_parser("arm", help="(not implemented yet: issue 5)")
     arm.set_defaults(run=not_implemented("arm", 5), takes_overrides=True, command="arm")
@@ -129,6 +140,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     config = load_config(PreferenceConfig, args.config, args.overrides)
     result = run_preference(config, resume=args.resume)
+    write_reports(config.trainer.out_dir)
     last = result.history[-1] if result.history else {}
     print(json.dumps({"steps": result.steps, "seconds": round(result.seconds, 1), "final": str(Path(config.trainer.out_dir) / "final"), **last}, indent=2))
     return 0
@@ -139,6 +151,8 @@ def run_eval(args: argparse.Namespace) -> int:
     from prefalign.modeling import load_model, load_tokenizer
     from prefalign.toy.world import get_world
 
+    if args.compare:
+        return run_compare(args)
     world = None
     if args.reference is None or args.prompts is None:
         world = get_world(args.task)
@@ -159,6 +173,66 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps({**summary, "samples": result.samples}, indent=2))
     return 0
+
+
+def eval_inputs(args: argparse.Namespace) -> tuple[str, list[str]]:
+    """The reference model and prompts of `prefalign eval` (toy world defaults)."""
+    from prefalign.toy.world import get_world
+
+    world = get_world(args.task) if args.reference is None or args.prompts is None else None
+    reference = args.reference or str(world.policy_path)
+    if args.prompts:
+        prompts = [json.loads(line)["prompt"] for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+    else:
+        prompts = world.prompts("eval")
+    return reference, prompts
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from prefalign.evaluation.compare import compare_models, comparison_table
+
+    models = {}
+    for item in [f"model={args.model}", *args.compare]:
+        name, sep, path = item.partition("=")
+        if not sep:
+            raise ValueError(f"--compare takes NAME=PATH items, got {item!r}")
+        models[name] = path
+    reference, prompts = eval_inputs(args)
+    judge = None
+    if args.judge_url:
+        from prefalign.evaluation.judge import JudgeConfig
+
+        judge = JudgeConfig(base_url=args.judge_url, model=args.judge_model, api_key_env=args.judge_api_key_env,
+                            concurrency=args.judge_concurrency)
+    rows = compare_models(models, args.task, prompts, reference, judge=judge, samples_per_prompt=args.samples_per_prompt,
+                          max_new_tokens=args.max_new_tokens, seed=args.seed)
+    print(comparison_table(rows))
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=2, default=str))
+    return 0
+
+
+def run_discover(args: argparse.Namespace) -> int:
+    from prefalign.discovery.recipe import DiscoverConfig, run_discover
+
+    config = load_config(DiscoverConfig, args.config, args.overrides)
+    run_discover(config, resume=args.resume)
+    write_reports(config.out_dir)
+    return 0
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from prefalign.evaluation.html_report import report_cli
+
+    return int(report_cli(args) or 0)
+
+
+def write_reports(run_dir: str | Path) -> None:
+    """report.md + self-contained report.html in a run directory, from its saved files."""
+    from prefalign.evaluation.html_report import write_run_report
+
+    md, html = write_run_report(Path(run_dir))
+    print(f"report: {html}")
 
 
 def run_demo(args: argparse.Namespace) -> int:

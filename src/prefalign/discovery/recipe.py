@@ -1,0 +1,153 @@
+"""`prefalign discover`: propose objectives, sandbox them, score each by short toy training.
+
+The proxy trains the toy sentiment SFT policy with the candidate objective for a few dozen
+seeded steps and scores gold reward on held-out prompts under a KL budget (or with a KL
+penalty); the registry's objectives are scored the same way as baselines. Results are cached
+by code hash, so a resumed or repeated run trains nothing twice.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from prefalign.discovery.archive import Archive
+from prefalign.discovery.candidate import Candidate
+from prefalign.discovery.export import save_objective
+from prefalign.discovery.fitness import FitnessCache, FitnessResult, score, synthetic_fitness
+from prefalign.discovery.llm import LLMProposer
+from prefalign.discovery.loop import format_leaderboard, run_discovery
+from prefalign.discovery.offline import OfflineProposer, baseline_codes
+from prefalign.discovery.sandbox import SandboxLimits
+
+
+@dataclass
+class ProposerSpec:
+    kind: Literal["offline", "llm"] = "offline"
+    seed: int = 0
+    base_url: str = "http://localhost:8000/v1"
+    model: str = "gpt-4o-mini"
+    api_key_env: str | None = "OPENAI_API_KEY"
+    max_retries: int = 3
+    timeout_s: float = 30.0
+    backoff_s: float = 1.0
+    temperature: float = 0.8
+
+
+@dataclass
+class FitnessSpec:
+    mode: Literal["budget", "penalty"] = "budget"
+    kl_budget: float = 4.0  # nats per sequence
+    kl_penalty: float = 0.05
+
+
+@dataclass
+class ProxySpec:
+    task: Literal["sentiment", "synthetic"] = "sentiment"  # synthetic: seconds, no model
+    steps: int = 24
+    batch_size: int = 16
+    lr: float = 5e-4
+    beta: float = 0.1
+    reference: Literal["frozen", "soft", "hard"] = "frozen"
+    n_eval_prompts: int = 48
+    samples_per_prompt: int = 2
+    seed: int = 0
+    fitness: FitnessSpec = field(default_factory=FitnessSpec)
+
+
+@dataclass
+class SandboxSpec:
+    timeout_s: float = 10.0
+    cpu_s: float = 5.0
+    memory_mb: int = 1024
+
+
+@dataclass
+class DiscoverConfig:
+    out_dir: str = "runs/discover"
+    generations: int = 3
+    candidates_per_generation: int = 4
+    baselines: bool = True
+    proposer: ProposerSpec = field(default_factory=ProposerSpec)
+    sandbox: SandboxSpec = field(default_factory=SandboxSpec)
+    proxy: ProxySpec = field(default_factory=ProxySpec)
+
+
+def make_proposer(spec: ProposerSpec):
+    if spec.kind == "offline":
+        return OfflineProposer(seed=spec.seed)
+    return LLMProposer(
+        base_url=spec.base_url, model=spec.model, api_key_env=spec.api_key_env, max_retries=spec.max_retries,
+        timeout_s=spec.timeout_s, backoff_s=spec.backoff_s, temperature=spec.temperature,
+    )
+
+
+def toy_proxy_fitness(proxy: ProxySpec, out_dir: Path, log=print):
+    """fitness_fn(candidate): train the toy sentiment policy with the candidate, score gold vs KL."""
+    from prefalign.config import load_config
+    from prefalign.evaluation.core import evaluate_policy
+    from prefalign.modeling import load_model, load_tokenizer
+    from prefalign.toy.world import get_world
+    from prefalign.training.preference import PreferenceConfig, run_preference
+
+    world = get_world("sentiment", log=log)
+    tokenizer = load_tokenizer(world.policy_path)
+    sft = load_model(world.policy_path, device="cpu")
+    prompts = world.prompts("eval")[: proxy.n_eval_prompts]
+
+    def fitness(candidate: Candidate) -> FitnessResult:
+        start = time.perf_counter()
+        spec = save_objective(candidate, out_dir / "objectives" / f"{candidate.code_hash[:12]}.py")
+        run_dir = out_dir / "proxy_runs" / candidate.code_hash[:12]
+        config = load_config(PreferenceConfig, None, [
+            f"model.name_or_path={world.policy_path}", f"data.path={world.file('pairs.jsonl')}",
+            f"objective.code={spec}", f"reference.mode={proxy.reference}", "reference.period=4", "reference.tau=12",
+            f"trainer.out_dir={run_dir}", f"trainer.batch_size={proxy.batch_size}", f"trainer.max_steps={proxy.steps}",
+            f"trainer.lr={proxy.lr}", f"trainer.seed={proxy.seed}", "trainer.progress=false", "trainer.log_every=1000",
+            "data.max_length=64", "data.max_prompt_length=16",
+        ])
+        # Candidates without a beta parameter take none; those with one get the proxy's.
+        from prefalign import objectives
+
+        objective = objectives.load_user_objective(spec)
+        if objective.param_names is None or "beta" in (objective.param_names or ()):
+            config.objective.params = {"beta": proxy.beta}
+        run_preference(config, log=lambda *_: None)
+        policy = load_model(run_dir / "final", device="cpu")
+        result = evaluate_policy(
+            policy, tokenizer, "sentiment", prompts, reference=sft,
+            samples_per_prompt=proxy.samples_per_prompt, seed=proxy.seed,
+        )
+        fit = proxy.fitness
+        value = score(result.gold_reward, result.kl, fit.mode, fit.kl_budget, fit.kl_penalty)
+        return FitnessResult(value, {"gold": result.gold_reward, "kl": result.kl, "seconds": round(time.perf_counter() - start, 1)})
+
+    return fitness
+
+
+def run_discover(config: DiscoverConfig, resume: bool = False, log=print) -> Archive:
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if config.proxy.task == "synthetic":
+        def raw(c: Candidate) -> FitnessResult:
+            return synthetic_fitness(c, kl_penalty=config.proxy.fitness.kl_penalty, seed=config.proxy.seed)
+    else:
+        raw = toy_proxy_fitness(config.proxy, out_dir, log=log)
+    fitness = FitnessCache(out_dir / "fitness_cache.json").wrap(raw, asdict(config.proxy))
+    limits = SandboxLimits(timeout_s=config.sandbox.timeout_s, memory_mb=config.sandbox.memory_mb, cpu_s=config.sandbox.cpu_s)
+    archive = run_discovery(
+        make_proposer(config.proposer), fitness,
+        generations=config.generations, candidates_per_generation=config.candidates_per_generation,
+        archive_path=out_dir / "archive.jsonl", resume=resume,
+        baselines=baseline_codes() if config.baselines else None, limits=limits, log=log,
+    )
+    log(format_leaderboard(archive, k=10))
+    best = [r for r in archive.leaderboard(50) if r.get("generation", 0) >= 0]
+    if best:
+        record = archive.find(best[0]["code_hash"])
+        spec = save_objective(Candidate(record["name"], record["code"], record.get("thought", "")), out_dir / "best_objective.py")
+        log(f"best discovered objective: {record['name']} (fitness {record['fitness']:.4f}); use it with\n"
+            f"  prefalign train ... objective.code={spec}")
+    return archive
