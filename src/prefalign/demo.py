@@ -50,9 +50,72 @@ def method_sft(world: ToyWorld, settings: DemoSettings) -> dict:
     return evaluate_model(world, settings, world.policy_path)
 
 
+@dataclass(frozen=True)
+class PreferenceRow:
+    """One offline-preference demo row: an objective, a reference mode and its settings."""
+
+    objective: str
+    reference: str = "frozen"
+    beta: float = 0.1
+    data: str = "pairs.jsonl"
+    sweep_betas: tuple[float, ...] = ()  # extra betas for the reward/KL frontier (full demo only)
+
+    def overrides(self, world: ToyWorld, out_dir: Path, beta: float, quick: bool) -> list[str]:
+        steps = 24 if quick else 48
+        return [
+            f"model.name_or_path={world.policy_path}",
+            f"data.path={world.file(self.data)}",
+            f"objective.name={self.objective}",
+            f"objective.params={{beta: {beta}}}",
+            f"reference.mode={self.reference}",
+            # Trust-region settings scaled to a run of a few dozen steps (the paper: alpha 0.6, tau 512).
+            "reference.alpha=0.6", "reference.period=4", "reference.tau=12",
+            f"trainer.out_dir={out_dir}", "trainer.batch_size=16", f"trainer.max_steps={steps}",
+            "trainer.lr=5e-4", "trainer.warmup_ratio=0.1", "trainer.log_every=8", "trainer.progress=false",
+            "data.max_length=64", "data.max_prompt_length=16",
+        ]
+
+
+PREFERENCE_ROWS: dict[str, PreferenceRow] = {
+    "dpo": PreferenceRow("dpo", sweep_betas=(0.05, 0.3)),
+    "tr-dpo-soft": PreferenceRow("dpo", "soft", sweep_betas=(0.05, 0.3)),
+    "tr-dpo-hard": PreferenceRow("dpo", "hard"),
+    "ipo": PreferenceRow("ipo", beta=0.5),
+    "tr-ipo": PreferenceRow("ipo", "soft", beta=0.5),
+    "kto": PreferenceRow("kto", data="unpaired.jsonl"),
+    "tr-kto": PreferenceRow("kto", "soft", data="unpaired.jsonl"),
+    "discopop": PreferenceRow("discopop", beta=0.05),
+}
+
+
+def preference_method(name: str, row: PreferenceRow) -> MethodFn:
+    def run(world: ToyWorld, settings: DemoSettings) -> dict:
+        from prefalign.config import load_config
+        from prefalign.training.preference import PreferenceConfig, run_preference
+
+        reference = load_model(world.policy_path, device="cpu")
+        betas = [row.beta] + ([] if settings.quick else list(row.sweep_betas))
+        sweep = []
+        for beta in betas:
+            out = settings.out_dir / "runs" / world.task / f"{name}-beta{beta}"
+            config = load_config(PreferenceConfig, None, row.overrides(world, out, beta, settings.quick))
+            trained = run_preference(config, log=lambda *_: None)
+            point = evaluate_model(world, settings, out / "final", reference=reference)
+            point.update(beta=beta, train_seconds=round(trained.seconds, 1))
+            sweep.append(point)
+        result = dict(sweep[0])
+        if len(sweep) > 1:
+            result["sweep"] = sorted(sweep, key=lambda p: p["kl"])
+        return result
+
+    return run
+
+
 def methods_for(task: str) -> dict[str, MethodFn]:
     """The demo rows of a task, in table order. Later methods register here as they land."""
     rows: dict[str, MethodFn] = {"sft": method_sft}
+    if task == "sentiment":
+        rows.update({name: preference_method(name, row) for name, row in PREFERENCE_ROWS.items()})
     return rows
 
 
@@ -77,6 +140,9 @@ def run_demo(out_dir: Path, quick: bool = False, tasks: list[str] | None = None,
     from prefalign.evaluation.report import write_demo_report
 
     table = write_demo_report(results, out_dir)
+    from prefalign.evaluation.html_report import write_run_report
+
+    write_run_report(out_dir)  # report.md with every plot, and a self-contained report.html
     print(table)
     log(f"wrote {out_dir / 'results.json'}, {out_dir / 'report.md'} and plots in {results['seconds']:.0f}s")
     return results
