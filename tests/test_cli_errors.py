@@ -3,7 +3,6 @@ traceback. Every case fails before a model is built or a step is trained."""
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import subprocess
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from prefalign.cli import build_parser, main
+from prefalign.cli import main
 
 PREFALIGN = Path(sys.executable).with_name("prefalign")  # the console script of this venv
 
@@ -96,29 +95,10 @@ def test_required_keys(capsys, overrides, key):
     assert line.startswith(f"prefalign sft: error: config key '{key}' is required")
 
 
-def not_implemented_commands() -> list[str]:
-    """Commands still wired to the not-implemented stub (the list shrinks as issues land)."""
-    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return [
-        name for name, sub in subparsers.choices.items()
-        if getattr(sub.get_default("run"), "__qualname__", "") == "not_implemented.<locals>.run"
-    ]
-
-
-def test_stub_list_is_read_from_the_parser():
-    stubs = not_implemented_commands()
-    assert "sft" not in stubs and "eval" not in stubs
-    assert set(stubs) <= {"train", "rest", "discover", "arm", "generate"}
-
-
-@pytest.mark.parametrize("command", ["rest", "discover", "arm", "generate"])
-def test_not_implemented_commands(capsys, command):
-    if command not in not_implemented_commands():
-        pytest.skip(f"'prefalign {command}' is implemented now")
-    line = run_cli(capsys, command)
-    assert re.fullmatch(
-        rf"prefalign {command}: error: 'prefalign {command}' is not implemented yet \(tracked in issue \d+\)", line
-    ), line
+@pytest.mark.parametrize("command", [["rest"], ["discover"], ["arm", "train"], ["rm", "train"]])
+def test_every_config_command_rejects_an_unknown_key(capsys, command):
+    line = run_cli(capsys, *command, "no_such_section.key=1")
+    assert line.startswith(f"prefalign {' '.join(command)}: error: unknown config key 'no_such_section'"), line
 
 
 def test_train_config_errors(tmp_path, capsys):
@@ -159,16 +139,3 @@ def test_console_script_unknown_key_exits_2_with_one_line(tmp_path):
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("prefalign sft: error: unknown config key 'trainer.lrr', allowed keys in trainer: ")
-
-
-def test_console_script_not_implemented_exits_2(tmp_path):
-    stubs = not_implemented_commands()
-    if not stubs:
-        pytest.skip("every command is implemented")
-    command = stubs[0]
-    result = run_console_script(command, "trainer.lr=1e-5", cwd=tmp_path)
-    assert result.returncode == 2, result
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith(f"prefalign {command}: error: 'prefalign {command}' is not implemented yet")

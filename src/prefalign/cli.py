@@ -98,25 +98,63 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("run_dirs", nargs="+", help="run directories (train, rest, arm, discover, demo)")
     rep.add_argument("--out", help="directory for a merged report of several runs")
 
-    for name, issue in (("rest", 4),):
-        command(name, not_implemented(name, issue), f"(not implemented yet: issue {issue})", config=True)
-    arm = sub.add_parser("arm", help="(not implemented yet: issue 5)")
-    arm.set_defaults(run=not_implemented("arm", 5), takes_overrides=True, command="arm")
-    command("generate", not_implemented("generate", 5), "(not implemented yet: issue 5)", config=True)
+    command("rest", run_rest, "ReST: Grow (sample + score) and Improve (filter + fine-tune), repeated", config=True)
+
+    rm = sub.add_parser("rm", help="reward models").add_subparsers(dest="rm_command")
+    rm_train = rm.add_parser("train", help="train a Bradley-Terry reward model on preference pairs")
+    rm_train.set_defaults(run=run_rm_train, takes_overrides=True, command="rm train")
+    rm_train.add_argument("--config")
+    rm_train.add_argument("--resume", action="store_true")
+
+    arm = sub.add_parser("arm", help="GenARM autoregressive reward models").add_subparsers(dest="arm_command")
+    arm_train = arm.add_parser("train", help="train an autoregressive reward model on preference pairs")
+    arm_train.set_defaults(run=run_arm_train, takes_overrides=True, command="arm train")
+    arm_train.add_argument("--config")
+    arm_train.add_argument("--resume", action="store_true")
+
+    gen = command("generate", run_generate, "sample from a model, optionally guided by ARMs (GenARM)")
+    gen.add_argument("--model", required=True)
+    gen.add_argument("--arm", action="append", default=[], help="an ARM directory (repeat for several)")
+    gen.add_argument("--alpha", action="append", default=[], type=float, help="weight of the matching --arm")
+    gen.add_argument("--prompts", required=True, help="JSONL of {prompt} or a text file, one prompt a line")
+    gen.add_argument("--out", required=True, help="JSONL of {prompt, response}")
+    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--batch-size", type=int, default=32)
     return parser
 
 
-def not_implemented(name: str, issue: int) -> Callable:
-    def run(args: argparse.Namespace) -> int:
-        raise NotImplementedError(f"'prefalign {name}' is not implemented yet (tracked in issue {issue})")
+def run_rest(args: argparse.Namespace) -> int:
+    from prefalign.rest.cli import run_rest_cli
 
-    return run
+    return int(run_rest_cli(args) or 0)
+
+
+def run_rm_train(args: argparse.Namespace) -> int:
+    from prefalign.rest.cli import run_rm_train_cli
+
+    return int(run_rm_train_cli(args) or 0)
+
+
+def run_arm_train(args: argparse.Namespace) -> int:
+    from prefalign.genarm.cli import run_arm_train_cli
+
+    return int(run_arm_train_cli(args) or 0)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from prefalign.genarm.cli import run_generate_cli
+
+    return int(run_generate_cli(args) or 0)
 
 
 def run_toy_build(args: argparse.Namespace) -> int:
     from prefalign.toy.world import ToyConfig, get_world
 
-    config = load_config(ToyConfig, None, [f"task={args.task}", *args.overrides])
+    config = load_config(ToyConfig, None, args.overrides, base=ToyConfig.for_task(args.task))
     world = get_world(config.task, config, out=args.out)
     print(json.dumps({"task": world.task, "path": str(world.root), **world.info()["figures"]}, indent=2))
     return 0

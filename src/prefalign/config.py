@@ -22,9 +22,12 @@ class ConfigError(ValueError):
     """A bad config key or value; the message is one line meant for the user."""
 
 
-def load_config(schema: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """Read YAML from `path` (if given), apply `key.sub=value` overrides, validate into `schema`."""
-    raw: dict[str, Any] = {}
+def load_config(
+    schema: type[T], path: str | Path | None = None, overrides: list[str] | None = None, base: T | None = None
+) -> T:
+    """Read YAML from `path` (if given) over `base` (a schema instance giving other defaults),
+    apply `key.sub=value` overrides, validate into `schema`."""
+    raw: dict[str, Any] = dataclasses.asdict(base) if base is not None else {}
     if path is not None:
         path = Path(path)
         if not path.exists():
@@ -39,13 +42,22 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: list
             raise ConfigError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: a config must be a mapping of keys to values")
-        raw = loaded or {}
+        merge(raw, loaded or {})
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} must look like key=value (e.g. trainer.lr=1e-5)")
         set_dotted(raw, key.lstrip("-"), yaml.safe_load(value) if value != "" else None)
     return build(schema, raw, prefix="")
+
+
+def merge(tree: dict[str, Any], update: dict[str, Any]) -> None:
+    """Deep-merge `update` into `tree` (mappings merge, anything else replaces)."""
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(tree.get(key), dict):
+            merge(tree[key], value)
+        else:
+            tree[key] = value
 
 
 def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
