@@ -3,17 +3,31 @@
 One decoding loop serves plain sampling (evaluation, ReST's Grow) and reward-guided decoding:
 `score_fn` may turn the base model's next-token log-probs into guided scores (GenARM adds
 `alpha_i * log pi_arm_i`); with no `score_fn` the base distribution is sampled as is.
+`guides` are extra models (or any object with `start`/`step`, e.g. ARGS's reward-model tracker)
+stepped alongside the base; `on_step` sees each step's tokens and scores (streaming, log-probs).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+ScoreFn = Callable[[torch.Tensor, Any], torch.Tensor]
+# on_step(rows, tokens, scores): the prompt indices that produced a token this step, those tokens,
+# and the scores [len(rows), V] they were picked from (before temperature and truncation).
+StepFn = Callable[[list[int], list[int], torch.Tensor], None]
+
+
+class Guide(Protocol):
+    """Anything stepped alongside the base model; what it returns is handed to `score_fn`."""
+
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any: ...
+
+    def step(self, next_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any: ...
 
 
 @dataclass
@@ -24,6 +38,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int = 0
     batch_size: int = 64
+    stop_at_eos: bool = True  # False: every row decodes max_new_tokens (equal lengths for benchmarks)
 
 
 @dataclass
@@ -34,15 +49,22 @@ class Generation:
 
 
 class CachedModel:
-    """A causal LM decoded step by step with its own KV cache over a left-padded batch."""
+    """A causal LM decoded step by step with its own KV cache over a left-padded batch.
 
-    def __init__(self, model: torch.nn.Module):
+    `use_cache=False` recomputes the whole sequence every step: slow, but an independent
+    reference that tests hold the cached path against.
+    """
+
+    def __init__(self, model: torch.nn.Module, use_cache: bool = True):
         self.model = model
+        self.use_cache = use_cache
         self.past = None
+        self.ids: torch.Tensor | None = None  # the whole sequence so far (uncached path only)
 
     @torch.no_grad()
     def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         self.past = None
+        self.ids = None
         return self._forward(input_ids, attention_mask)
 
     @torch.no_grad()
@@ -50,6 +72,9 @@ class CachedModel:
         return self._forward(next_ids[:, None], attention_mask)
 
     def _forward(self, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if not self.use_cache:
+            self.ids = ids if self.ids is None else torch.cat([self.ids, ids], dim=1)
+            ids = self.ids
         # Left padding shifts real tokens right; positions must count real tokens only.
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
         out = self.model(
@@ -57,9 +82,10 @@ class CachedModel:
             attention_mask=attention_mask,
             position_ids=positions,
             past_key_values=self.past,
-            use_cache=True,
+            use_cache=self.use_cache,
         )
-        self.past = out.past_key_values
+        if self.use_cache:
+            self.past = out.past_key_values
         return torch.log_softmax(out.logits[:, -1].float(), dim=-1)
 
 
@@ -102,16 +128,19 @@ def generate_batch(
     params: SamplingParams,
     generator: torch.Generator,
     score_fn: ScoreFn | None = None,
-    guides: Sequence[CachedModel] = (),
+    guides: Sequence[Guide] = (),
+    use_cache: bool = True,
+    on_step: StepFn | None = None,
 ) -> list[list[int]]:
     """Decode one left-padded batch; `guides` are extra cached models stepped alongside the base.
 
     `score_fn(base_logps, [guide_logps...])` returns the scores to sample from.
-    Rows stop independently at EOS; the loop ends when every row has stopped.
+    Rows stop independently at EOS (unless `params.stop_at_eos` is False); the loop ends when
+    every row has stopped. `on_step` gets batch-local row indices.
     """
     device = next(model.parameters()).device
     ids, mask = pad_left(prompt_ids, pad_id, device)
-    base = CachedModel(model)
+    base = CachedModel(model, use_cache=use_cache)
     logps = base.start(ids, mask)
     guide_logps = [g.start(ids, mask) for g in guides]
     done = torch.zeros(len(prompt_ids), dtype=torch.bool, device=device)
@@ -119,9 +148,13 @@ def generate_batch(
     for _ in range(params.max_new_tokens):
         scores = score_fn(logps, guide_logps) if score_fn else logps
         next_ids = pick_tokens(scores, params, generator).masked_fill(done, pad_id)
-        for i in torch.nonzero(~done).flatten().tolist():
+        active = torch.nonzero(~done).flatten().tolist()
+        for i in active:
             out[i].append(int(next_ids[i]))
-        done |= next_ids == eos_id
+        if on_step is not None:
+            on_step(active, [out[i][-1] for i in active], scores[active])
+        if params.stop_at_eos:
+            done |= next_ids == eos_id
         if bool(done.all()):
             break
         # Finished rows keep decoding pad tokens (discarded); their mask stays 1 so shapes agree.
@@ -137,21 +170,33 @@ def generate(
     prompts: Sequence[str],
     params: SamplingParams,
     score_fn: ScoreFn | None = None,
-    guides: Sequence[torch.nn.Module] = (),
+    guides: Sequence[torch.nn.Module | Guide] = (),
+    use_cache: bool = True,
+    on_step: StepFn | None = None,
 ) -> list[Generation]:
-    """Sample one response per prompt (repeat prompts for several samples), in batches."""
+    """Sample one response per prompt (repeat prompts for several samples), in batches.
+
+    Guides that are models get their own KV cache (none with `use_cache=False`); other guides
+    are used as they are. `on_step(rows, tokens, scores)` streams tokens as they are chosen,
+    with `rows` indexing `prompts`.
+    """
     was_training = model.training
     model.eval()
     generator = torch.Generator(device="cpu").manual_seed(params.seed)
     if next(model.parameters()).device.type != "cpu":
         generator = torch.Generator(device=next(model.parameters()).device).manual_seed(params.seed)
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
-    cached_guides = [CachedModel(g.eval()) for g in guides]
+    cached_guides = [CachedModel(g.eval(), use_cache) if isinstance(g, torch.nn.Module) else g for g in guides]
     results: list[Generation] = []
     for start in range(0, len(encoded), params.batch_size):
         chunk = encoded[start : start + params.batch_size]
+        step_fn = None
+        if on_step is not None:
+            def step_fn(rows, tokens, scores, offset=start):
+                on_step([offset + r for r in rows], tokens, scores)
         responses = generate_batch(
-            model, chunk, tokenizer.eos_token_id, tokenizer.pad_token_id, params, generator, score_fn, cached_guides
+            model, chunk, tokenizer.eos_token_id, tokenizer.pad_token_id, params, generator, score_fn, cached_guides,
+            use_cache=use_cache, on_step=step_fn,
         )
         for p, r in zip(chunk, responses, strict=True):
             results.append(Generation(p, r, tokenizer.decode(r, skip_special_tokens=True)))

@@ -1,0 +1,129 @@
+"""ARM training: a causal LM fit to preference pairs with GenARM's reference-free objective.
+
+The recipe is `prefalign train` with two defaults changed (objective `genarm`, reference
+`none`): the trainer, data pipeline, LoRA and checkpoints are the preference trainer's own.
+The ARM's implied reward is `r(x, y) = beta_r * log pi_arm(y | x)`; its quality is the share
+of held-out pairs where r(chosen) > r(rejected).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from prefalign import objectives
+from prefalign.evaluation.pairs import pair_metrics
+from prefalign.reference import ReferenceSpec
+from prefalign.toy.rewards import RewardFn
+from prefalign.training.loop import TrainerConfig, TrainResult
+from prefalign.training.preference import (
+    ObjectiveSpec,
+    PreferenceConfig,
+    PreferenceData,
+    run_preference,
+)
+
+
+@dataclass
+class ArmConfig(PreferenceConfig):
+    """`prefalign arm train` config: a preference config whose objective defaults to genarm."""
+
+    objective: ObjectiveSpec = field(default_factory=lambda: ObjectiveSpec(name="genarm", params={"beta_r": 1.0}))
+    reference: ReferenceSpec = field(default_factory=lambda: ReferenceSpec(mode="none"))
+    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(out_dir="runs/arm", lr=5e-6))
+
+
+@dataclass
+class ArmResult:
+    model_path: Path  # the trained ARM (save_pretrained, tokenizer included)
+    train: TrainResult
+    pair_accuracy: float | None  # held-out pairs ranked right by beta_r * log pi_arm; None without eval pairs
+    initial_pair_accuracy: float | None  # the same for the initial model, for contrast
+
+
+def arm_beta(config: PreferenceConfig) -> float:
+    objective = objectives.get(config.objective.name) if not config.objective.code else None
+    defaults = objective.defaults if objective is not None else {}
+    return float(config.objective.params.get("beta_r", defaults.get("beta_r", 1.0)))
+
+
+def check_arm_config(config: PreferenceConfig) -> None:
+    """An ARM is trained without a reference policy: refuse configs that would need one."""
+    if config.objective.code is None:
+        objective = objectives.get(config.objective.name)
+        if objective.needs_reference or objective.kind != "pairwise":
+            raise ValueError(
+                f"config key 'objective.name': an ARM needs a pairwise objective with no reference "
+                f"policy (e.g. genarm), got '{objective.name}'"
+            )
+    if config.reference.mode != "none":
+        raise ValueError(f"config key 'reference.mode': an ARM is trained with no reference, got '{config.reference.mode}'")
+
+
+def train_arm(config: ArmConfig, resume: bool = False, log=print) -> ArmResult:
+    """Train an ARM with the preference trainer; measure held-out pair accuracy before and after."""
+    from prefalign.modeling import load_model, load_tokenizer
+
+    check_arm_config(config)
+    beta_r = arm_beta(config)
+    eval_path = config.data.eval_path
+    initial = None
+    if eval_path and not resume:
+        tokenizer = load_tokenizer(config.model.name_or_path)
+        initial = arm_pair_accuracy(load_model(config.model.name_or_path, device="cpu"), tokenizer, eval_path, beta_r, config.data)
+    result = run_preference(config, resume=resume, log=log)
+    final = Path(config.trainer.out_dir) / "final"
+    accuracy = None
+    if eval_path:
+        accuracy = arm_pair_accuracy(load_model(final, device="cpu"), load_tokenizer(final), eval_path, beta_r, config.data)
+    return ArmResult(final, result, accuracy, initial)
+
+
+def arm_pair_accuracy(
+    arm: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs_path: str | Path,
+    beta_r: float = 1.0,
+    data: PreferenceData | None = None,
+) -> float:
+    """Share of pairs where the ARM's implied reward `beta_r * log pi_arm(y|x)` prefers chosen."""
+    metrics = pair_metrics(arm, None, tokenizer, str(pairs_path), beta_r, data or PreferenceData())
+    if not metrics:
+        raise ValueError(f"{pairs_path}: no usable preference pairs to measure ARM accuracy on")
+    return metrics["pair_accuracy"]
+
+
+def rerank_pairs(
+    src: str | Path,
+    dst: str | Path,
+    reward: RewardFn,
+    temperature: float = 0.15,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Relabel the responses of existing pairs by another reward, with Bradley-Terry noise.
+
+    Builds data for a second objective (brevity) from the same responses, labelled the way the
+    toy world labels sentiment pairs: chosen with probability sigmoid((r_a - r_b) / temperature).
+    Pairs whose responses score the same are dropped (the labeller would flip a coin).
+    """
+    rng = random.Random(seed)
+    rows = [json.loads(line) for line in Path(src).read_text().splitlines() if line.strip()]
+    out, agree = [], 0
+    for row in rows:
+        a, b = row["chosen"], row["rejected"]
+        ra, rb = reward(row["prompt"], a), reward(row["prompt"], b)
+        if ra == rb:
+            continue
+        a_wins = rng.random() < 1 / (1 + math.exp(-(ra - rb) / temperature))
+        chosen, rejected, rc, rr = (a, b, ra, rb) if a_wins else (b, a, rb, ra)
+        agree += rc > rr
+        out.append({"prompt": row["prompt"], "chosen": chosen, "rejected": rejected, "chosen_reward": rc, "rejected_reward": rr})
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    Path(dst).write_text("".join(json.dumps(r) + "\n" for r in out))
+    return {"pairs": len(out), "label_agreement": agree / max(1, len(out))}

@@ -1,0 +1,104 @@
+"""`prefalign arm train` and `prefalign generate`, as functions of parsed arguments.
+
+`prefalign.cli` owns the parser and wires these in; they raise ValueError / ConfigError /
+FileNotFoundError for mistakes a user can fix, which the CLI prints as one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from prefalign.config import load_config
+
+
+def run_arm_train_cli(args: argparse.Namespace) -> int:
+    """Train an ARM from `--config` and `key=value` overrides; print the result as JSON."""
+    from prefalign.genarm.arm import ArmConfig, train_arm
+
+    config = load_config(ArmConfig, args.config, list(getattr(args, "overrides", None) or []))
+    result = train_arm(config, resume=bool(getattr(args, "resume", False)))
+    last = result.train.history[-1] if result.train.history else {}
+    print(json.dumps({
+        "steps": result.train.steps,
+        "seconds": round(result.train.seconds, 1),
+        "final": str(result.model_path),
+        "pair_accuracy": result.pair_accuracy,
+        "initial_pair_accuracy": result.initial_pair_accuracy,
+        **last,
+    }, indent=2))
+    return 0
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from a JSONL file of {"prompt": ...} rows, or a text file with one per line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file {path} does not exist")
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    if path.suffix != ".jsonl":
+        return lines
+    prompts = []
+    for n, line in enumerate(lines, start=1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise ValueError(f"{path}:{n}: not valid JSON") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise ValueError(f"{path}:{n}: expected an object with a string field 'prompt'")
+        prompts.append(row["prompt"])
+    return prompts
+
+
+def arm_weights(arms: list[str], alphas: list[float]) -> list[float]:
+    """One weight per ARM: given in the same order, or 1.0 for every ARM when none is given."""
+    if not alphas:
+        return [1.0] * len(arms)
+    if len(alphas) != len(arms):
+        raise ValueError(f"got {len(arms)} --arm and {len(alphas)} --alpha: give one --alpha per --arm (or none for 1.0 each)")
+    return alphas
+
+
+def run_generate_cli(args: argparse.Namespace) -> int:
+    """Guided (or plain, with no --arm) generation of a prompts file into a JSONL of responses."""
+    from prefalign.genarm.decoding import guided_generate, load_arm
+    from prefalign.generation import SamplingParams
+    from prefalign.modeling import load_model, load_tokenizer
+
+    arm_paths = list(args.arm or [])
+    alphas = arm_weights(arm_paths, [float(a) for a in (args.alpha or [])])
+    prompts = read_prompts(args.prompts)
+    if not prompts:
+        raise ValueError(f"prompts file {args.prompts} holds no prompts")
+    tokenizer = load_tokenizer(args.model)
+    base = load_model(args.model).eval()
+    device = str(next(base.parameters()).device)
+    arms = [load_arm(path, alpha, device=device) for path, alpha in zip(arm_paths, alphas, strict=True)]
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
+    )
+    check_params(params)
+    generations = guided_generate(base, arms, tokenizer, prompts, params)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w") as f:
+        for prompt, g in zip(prompts, generations, strict=True):
+            f.write(json.dumps({"prompt": prompt, "response": g.text}) + "\n")
+    print(f"wrote {len(generations)} responses to {out}", file=sys.stderr)
+    return 0
+
+
+def check_params(params) -> None:
+    if params.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1, got {params.max_new_tokens}")
+    if params.temperature < 0:
+        raise ValueError(f"--temperature must be >= 0 (0 is greedy), got {params.temperature}")
+    if params.top_k < 0:
+        raise ValueError(f"--top-k must be >= 0 (0 disables), got {params.top_k}")
+    if not 0 < params.top_p <= 1:
+        raise ValueError(f"--top-p must lie in (0, 1], got {params.top_p}")
+    if params.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {params.batch_size}")

@@ -1,0 +1,264 @@
+"""The `genarm` demo row on the sentiment toy world.
+
+Top to bottom: train a sentiment ARM on the world's pairs and a brevity ARM on the same
+responses relabelled by brevity; decode the SFT base guided by the sentiment ARM for a sweep
+of alpha; trade the two objectives off by weighting both ARMs; compare with ARGS and best-of-N
+(driven by a reward model trained on the same pairs) at comparable compute; and, in the full
+demo, let the small ARM guide a larger toy base (weak-to-strong).
+
+Every figure is measured on the same held-out prompts, sampling at temperature 1, as gold
+reward (VADER) and KL(decoding || its base), from the log-probs of the distribution each
+sample was drawn from.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from prefalign.evaluation.core import mean_and_se, response_logps
+from prefalign.genarm.arm import ArmConfig, ArmResult, rerank_pairs, train_arm
+from prefalign.genarm.baselines import args_generate, best_of_n, best_of_n_kl_bound
+from prefalign.genarm.decoding import Arm, SampledLogps, guided_generate
+from prefalign.genarm.plots import plot_alpha_sweep, plot_tradeoff
+from prefalign.genarm.reward_model import SequenceRewardModel, load_reward_model, train_reward_model
+from prefalign.generation import Generation, SamplingParams
+from prefalign.modeling import ModelSpec, count_parameters, load_model, load_tokenizer
+from prefalign.toy.rewards import brevity_reward, sentiment_reward
+from prefalign.toy.world import ToyConfig, ToyModelSize, ToyWorld, get_world
+from prefalign.training.loop import TrainerConfig
+from prefalign.training.preference import ObjectiveSpec, PreferenceData
+
+# The larger base of the weak-to-strong run: ~3x the parameters of the default toy policy, same
+# tokenizer. Fewer preference pairs than the default world: only its policy is used here.
+LARGE_BASE = ToyConfig(
+    task="sentiment",
+    model=ToyModelSize(hidden_size=192, layers=6, heads=6, intermediate_size=576),
+    n_pair_prompts=64,
+    n_eval_pairs=16,
+)
+
+
+@dataclass
+class GenarmPlan:
+    alphas: list[float]
+    headline_alpha: float  # fixed in advance, not picked from the sweep's results
+    tradeoff: list[tuple[float, float]]  # (sentiment, brevity) ARM weights
+    arm_lr: float = 5e-4
+    arm_epochs: float = 2.0
+    beta_r: float = 1.0
+    args_k: int = 2  # ARGS with k=2 costs 1 + 2 RM steps per token, GenARM 1 + 1 ARM step
+    args_weight: float = 1.0
+    bon_n: int = 2  # best-of-2 decodes twice, as GenARM runs two models
+    weak_to_strong: bool = False
+    seed: int = 0
+
+    @classmethod
+    def make(cls, quick: bool) -> GenarmPlan:
+        if quick:
+            return cls(alphas=[0.0, 1.0, 3.0], headline_alpha=1.0, tradeoff=[(2.0, 0.0), (1.0, 1.0), (0.0, 2.0)], arm_epochs=1.0)
+        return cls(
+            alphas=[0.0, 0.5, 1.0, 2.0, 3.0, 5.0],
+            headline_alpha=1.0,
+            tradeoff=[(2.0, 0.0), (1.5, 0.5), (1.0, 1.0), (0.5, 1.5), (0.0, 2.0)],
+            weak_to_strong=True,
+        )
+
+
+def demo_genarm(world: ToyWorld, settings, log=print, plan: GenarmPlan | None = None) -> dict:
+    """The `genarm` row: headline gold reward/KL at a fixed alpha plus sweep, trade-off, baselines."""
+    if world.task != "sentiment":
+        raise ValueError(f"the genarm demo runs on the sentiment world, got '{world.task}'")
+    plan = plan or GenarmPlan.make(settings.quick)
+    work = Path(settings.out_dir) / "genarm"
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = round(now - clock, 1)
+        clock = now
+
+    tokenizer = load_tokenizer(world.policy_path)
+    base = frozen(load_model(world.policy_path, device="cpu"))
+    max_new = world.info()["config"]["max_new_tokens"]
+    prompts = world.prompts("eval")[: settings.n_eval_prompts]
+    expanded = [p for p in prompts for _ in range(settings.samples_per_prompt)]
+    params = SamplingParams(max_new_tokens=max_new, temperature=1.0, seed=plan.seed, batch_size=128)
+
+    # 1. Two ARMs from the SFT policy: sentiment (the world's pairs), brevity (the same responses relabelled).
+    sentiment_fit = fit_arm(world.policy_path, world.file("pairs.jsonl"), world.file("pairs_eval.jsonl"), work / "arm_sentiment", plan)
+    brevity_pairs = rerank_pairs(world.file("pairs.jsonl"), work / "pairs_brevity.jsonl", brevity_reward, seed=plan.seed)
+    rerank_pairs(world.file("pairs_eval.jsonl"), work / "pairs_brevity_eval.jsonl", brevity_reward, seed=plan.seed + 1)
+    brevity_fit = fit_arm(world.policy_path, work / "pairs_brevity.jsonl", work / "pairs_brevity_eval.jsonl", work / "arm_brevity", plan)
+    sentiment_arm = frozen(load_model(sentiment_fit.model_path, device="cpu"))
+    brevity_arm = frozen(load_model(brevity_fit.model_path, device="cpu"))
+    log(f"  ARMs: sentiment pair accuracy {sentiment_fit.initial_pair_accuracy:.3f} -> {sentiment_fit.pair_accuracy:.3f}, "
+        f"brevity {brevity_fit.initial_pair_accuracy:.3f} -> {brevity_fit.pair_accuracy:.3f}")
+    lap("train_arms")
+
+    def guided(arms: Sequence[Arm], on: torch.nn.Module = base) -> dict:
+        recorder = SampledLogps(len(expanded))
+        t0 = time.perf_counter()
+        gens = guided_generate(on, arms, tokenizer, expanded, params, on_step=recorder)
+        return measure(expanded, gens, recorder.logps, on, tokenizer, time.perf_counter() - t0)
+
+    # 2. Alpha sweep with the sentiment ARM (alpha 0 is the base itself: KL exactly 0).
+    sweep = []
+    for alpha in plan.alphas:
+        point = guided([Arm(sentiment_arm, alpha)])
+        sweep.append({"alpha": alpha, **point})
+        log(f"  alpha {alpha:g}: gold {point['gold_reward']:.3f} kl {point['kl']:.3f} brevity {point['brevity']:.3f}")
+    headline = next((p for p in sweep if p["alpha"] == plan.headline_alpha), None) or guided([Arm(sentiment_arm, plan.headline_alpha)])
+    base_point = next((p for p in sweep if p["alpha"] == 0.0), None) or guided([])
+    lap("alpha_sweep")
+
+    # 3. Two objectives: both ARMs, weights swept, no retraining.
+    tradeoff = []
+    for ws, wb in plan.tradeoff:
+        point = guided([Arm(sentiment_arm, ws), Arm(brevity_arm, wb)])
+        tradeoff.append({"weights": [ws, wb], "sentiment": point["gold_reward"], "brevity": point["brevity"], "kl": point["kl"]})
+        log(f"  weights ({ws:g}, {wb:g}): sentiment {point['gold_reward']:.3f} brevity {point['brevity']:.3f}")
+    lap("tradeoff")
+
+    # 4. Baselines with a reward model trained on the same pairs.
+    rm_fit = train_reward_model(
+        world.policy_path, tokenizer, world.file("pairs.jsonl"),
+        TrainerConfig(out_dir=str(work / "reward_model"), batch_size=16, epochs=plan.arm_epochs, lr=plan.arm_lr,
+                      schedule="constant", seed=plan.seed, progress=False, log_every=1000),
+        eval_pairs_path=world.file("pairs_eval.jsonl"),
+    )
+    rm = frozen(load_reward_model(rm_fit.path))
+    lap("train_reward_model")
+    args_row = run_args(base, rm, tokenizer, expanded, params, plan)
+    bon_row = run_best_of_n(base, rm, tokenizer, expanded, params, plan)
+    args_row["reward_model_pair_accuracy"] = bon_row["reward_model_pair_accuracy"] = rm_fit.pair_accuracy
+    lap("baselines")
+
+    # 5. Weak-to-strong: the small sentiment ARM guides a larger base (full demo only: it builds one).
+    if plan.weak_to_strong:
+        weak_to_strong = run_weak_to_strong(sentiment_arm, tokenizer, expanded, params, plan, guided, log)
+    else:
+        weak_to_strong = {"skipped": "full demo only: it builds a larger toy base the first time (several minutes)"}
+    lap("weak_to_strong")
+
+    row = {
+        "gold_reward": headline["gold_reward"],
+        "gold_reward_se": headline["gold_reward_se"],
+        "kl": headline["kl"],
+        "kl_se": headline["kl_se"],
+        "mean_length": headline["mean_length"],
+        "alpha": plan.headline_alpha,
+        "brevity": headline["brevity"],
+        "decode_seconds": headline["seconds"],
+        "arm": arm_summary(sentiment_fit, plan),
+        "brevity_arm": {**arm_summary(brevity_fit, plan), **{f"pairs_{k}": v for k, v in brevity_pairs.items()}},
+        "base": {"gold_reward": base_point["gold_reward"], "brevity": base_point["brevity"], "mean_length": base_point["mean_length"]},
+        "sweep": sweep,
+        "tradeoff": tradeoff,
+        "weak_to_strong": weak_to_strong,
+        "args": args_row,
+        "best_of_n": bon_row,
+        "timings": timings,
+    }
+    plot_alpha_sweep(row, Path(settings.out_dir) / "genarm_alpha_sweep.png")
+    plot_tradeoff(row, Path(settings.out_dir) / "genarm_tradeoff.png")
+    return row
+
+
+def frozen(model: torch.nn.Module) -> torch.nn.Module:
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def fit_arm(init: Path, pairs: Path, eval_pairs: Path, out_dir: Path, plan: GenarmPlan) -> ArmResult:
+    config = ArmConfig(
+        model=ModelSpec(name_or_path=str(init), device="cpu"),
+        objective=ObjectiveSpec(name="genarm", params={"beta_r": plan.beta_r}),
+        data=PreferenceData(path=str(pairs), eval_path=str(eval_pairs), max_length=128, max_prompt_length=32),
+        trainer=TrainerConfig(
+            out_dir=str(out_dir), batch_size=16, epochs=plan.arm_epochs, lr=plan.arm_lr, schedule="constant",
+            seed=plan.seed, progress=False, log_every=1000,
+        ),
+    )
+    return train_arm(config, log=lambda *_: None)
+
+
+def arm_summary(fit: ArmResult, plan: GenarmPlan) -> dict:
+    return {
+        "pair_accuracy": fit.pair_accuracy,
+        "initial_pair_accuracy": fit.initial_pair_accuracy,
+        "beta_r": plan.beta_r,
+        "steps": fit.train.steps,
+        "train_seconds": round(fit.train.seconds, 1),
+    }
+
+
+def measure(
+    prompts: Sequence[str],
+    gens: Sequence[Generation],
+    sampled_logps: Sequence[float] | None,
+    base: torch.nn.Module,
+    tokenizer,
+    seconds: float,
+    kl_bound: float | None = None,
+) -> dict:
+    """Gold reward, brevity and KL(decoding || base) of samples (or a given KL bound)."""
+    golds = [sentiment_reward(p, g.text) for p, g in zip(prompts, gens, strict=True)]
+    brevity = [brevity_reward(p, g.text) for p, g in zip(prompts, gens, strict=True)]
+    gold, gold_se = mean_and_se(golds)
+    if kl_bound is None:
+        base_logps = response_logps(base, gens, tokenizer.pad_token_id)
+        kl, kl_se = mean_and_se((torch.tensor(list(sampled_logps)) - base_logps).tolist())
+    else:
+        kl, kl_se = kl_bound, 0.0
+    return {
+        "gold_reward": round(gold, 4),
+        "gold_reward_se": round(gold_se, 4),
+        "kl": round(kl, 4),
+        "kl_se": round(kl_se, 4),
+        "brevity": round(mean_and_se(brevity)[0], 4),
+        "mean_length": round(sum(len(g.response_ids) for g in gens) / max(1, len(gens)), 2),
+        "seconds": round(seconds, 2),
+    }
+
+
+def run_args(base, rm: SequenceRewardModel, tokenizer, expanded: list[str], params: SamplingParams, plan: GenarmPlan) -> dict:
+    recorder = SampledLogps(len(expanded))
+    t0 = time.perf_counter()
+    gens = args_generate(base, rm, tokenizer, expanded, params, k=plan.args_k, weight=plan.args_weight, on_step=recorder)
+    point = measure(expanded, gens, recorder.logps, base, tokenizer, time.perf_counter() - t0)
+    return {"k": plan.args_k, "weight": plan.args_weight, "model_steps_per_token": 1 + plan.args_k, **point}
+
+
+def run_best_of_n(base, rm: SequenceRewardModel, tokenizer, expanded: list[str], params: SamplingParams, plan: GenarmPlan) -> dict:
+    t0 = time.perf_counter()
+    gens, _ = best_of_n(base, tokenizer, expanded, params, n=plan.bon_n, rm=rm)
+    point = measure(expanded, gens, None, base, tokenizer, time.perf_counter() - t0, kl_bound=best_of_n_kl_bound(plan.bon_n))
+    return {"n": plan.bon_n, "kl_is_upper_bound": True, "model_steps_per_token": plan.bon_n, **point}
+
+
+def run_weak_to_strong(arm: torch.nn.Module, tokenizer, expanded: list[str], params: SamplingParams, plan: GenarmPlan, guided, log) -> dict:
+    t0 = time.perf_counter()
+    large_world = get_world("sentiment", LARGE_BASE, log=log)
+    large = frozen(load_model(large_world.policy_path, device="cpu"))
+    build = round(time.perf_counter() - t0, 1)
+    alone = guided([], on=large)
+    steered = guided([Arm(arm, plan.headline_alpha)], on=large)
+    out = {
+        "base_parameters": count_parameters(large),
+        "arm_parameters": count_parameters(arm),
+        "base_build_seconds": large_world.info()["figures"]["build_seconds"],
+        "load_or_build_seconds": build,
+        "base": alone,
+        "guided": {"alpha": plan.headline_alpha, **steered},
+    }
+    log(f"  weak-to-strong: large base gold {alone['gold_reward']:.3f} -> {steered['gold_reward']:.3f} with the small ARM (kl {steered['kl']:.3f})")
+    return out
+
