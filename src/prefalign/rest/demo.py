@@ -1,0 +1,130 @@
+"""The demo row `rest` on the toy tasks, with its per-step curve.
+
+- arith (ReST-EM style): the verifiable gold reward filters; only exact answers pass
+  (threshold 0.9 on a reward that gives partial credit below 0.5), each distinct right answer once
+  per prompt; behaviour cloning from the base model every iteration.
+- sentiment (ReST style): a Bradley-Terry reward model trained here on the world's noisy
+  preference pairs filters, with a threshold rising over per-prompt percentiles; VADER, the gold
+  reward, only judges. Its curve shows whether the learned reward and the gold reward part ways.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from prefalign.config import load_config
+from prefalign.rest.loop import RestConfig, run_rest
+
+
+def demo_rest(world, settings) -> dict:
+    """Run ReST on `world` (a ToyWorld) and evaluate it like every other demo row.
+
+    `settings` is the demo's DemoSettings: quick, n_eval_prompts, samples_per_prompt, out_dir.
+    """
+    from prefalign.demo import evaluate_model
+    from prefalign.modeling import load_model
+
+    started = time.perf_counter()
+    out = Path(settings.out_dir) / "runs" / world.task / "rest"
+    shutil.rmtree(out, ignore_errors=True)  # a demo run starts fresh: quick and full runs differ
+    extra: dict[str, Any] = {}
+    if world.task == "sentiment":
+        reward, extra = sentiment_reward_model(world, out, settings.quick)
+    else:
+        reward = ["reward.kind=gold", f"reward.task={world.task}"]
+    overrides = base_overrides(world, out, settings.quick) + reward + TASK_OVERRIDES[world.task](settings.quick)
+    config = load_config(RestConfig, None, overrides)
+    result = run_rest(config, log=lambda *_: None)
+
+    row = evaluate_model(world, settings, result.final_model, reference=load_model(world.policy_path, device="cpu"))
+    evals = [r["eval"] for r in result.records if r.get("eval")]
+    first, last = evals[0], evals[-1]
+    row.update(extra)
+    row.update(
+        reward=config.reward.kind if config.reward.kind != "gold" else f"gold:{world.task}",
+        loss=config.improve.loss, grow_steps=config.grow_steps, improve_steps_per_grow=config.improve.steps_per_grow,
+        # The held-out curve's ends: does the training reward rise with the gold reward?
+        train_reward_gain=round(last["reward"] - first["reward"], 4),
+        gold_reward_gain=round(last["gold_reward"] - first["gold_reward"], 4),
+        steps=[compact(r) for r in result.records],
+        plot=str(copy_plot(result.plot, Path(settings.out_dir) / f"rest_{world.task}_steps.png")),
+        rest_seconds=round(result.seconds, 1),
+        total_seconds=round(time.perf_counter() - started, 1),
+    )
+    return row
+
+
+def base_overrides(world, out: Path, quick: bool) -> list[str]:
+    return [
+        f"model.name_or_path={world.policy_path}", "model.device=cpu", f"out_dir={out}",
+        f"grow.prompts={world.file('prompts_train.jsonl')}", "grow.batch_size=256",
+        f"eval.task={world.task}", f"eval.prompts={world.file('prompts_eval.jsonl')}",
+        f"eval.n_prompts={32 if quick else 64}", "eval.samples_per_prompt=2", "eval.seed=0",
+        "improve.trainer.batch_size=16", "improve.trainer.progress=false", "improve.trainer.log_every=5",
+    ]
+
+
+def arith_overrides(quick: bool) -> list[str]:
+    # ReST-EM: many samples per problem, keep the right answers (each distinct one once per prompt).
+    return [
+        f"grow_steps={2 if quick else 4}", f"grow.samples_per_prompt={16 if quick else 32}", "grow.max_new_tokens=6",
+        "improve.steps_per_grow=1", "improve.thresholds=[0.9]", "improve.dedup=true", "improve.loss=bc",
+        f"improve.trainer.max_steps={30 if quick else 40}", "improve.trainer.lr=1e-3", "improve.trainer.schedule=constant",
+        "eval.n_prompts=128",  # answers are a few tokens: the whole held-out set is cheap
+    ]
+
+
+def sentiment_overrides(quick: bool) -> list[str]:
+    return [
+        f"grow_steps={1 if quick else 2}", f"grow.n_prompts={64 if quick else 96}", "grow.samples_per_prompt=4",
+        "grow.max_new_tokens=24",
+        "improve.steps_per_grow=2", "improve.normalize=per_prompt_percentile", "improve.thresholds=[0.4, 0.7]",
+        "improve.loss=bc", "improve.trainer.epochs=1", "improve.trainer.lr=5e-4", "improve.trainer.schedule=constant",
+    ]
+
+
+TASK_OVERRIDES = {"arith": arith_overrides, "sentiment": sentiment_overrides}
+
+
+def sentiment_reward_model(world, out: Path, quick: bool) -> tuple[list[str], dict]:
+    """Train a reward model on the world's preference pairs; its held-out accuracy goes in the row."""
+    from prefalign.rest.reward_model import RewardModelConfig, train_reward_model
+
+    rm_dir = out.with_name("rest_reward_model")
+    shutil.rmtree(rm_dir, ignore_errors=True)
+    config = load_config(RewardModelConfig, None, [
+        f"model.name_or_path={world.policy_path}", f"data.path={world.file('pairs.jsonl')}",
+        f"data.eval_path={world.file('pairs_eval.jsonl')}", "data.max_length=64", "data.max_prompt_length=16",
+        f"trainer.out_dir={rm_dir}", "trainer.batch_size=16", f"trainer.max_steps={24 if quick else 48}",
+        "trainer.lr=1e-3", "trainer.progress=false", "trainer.log_every=8",
+    ])
+    train_reward_model(config, log=lambda *_: None)
+    metrics = json.loads((rm_dir / "rm_metrics.json").read_text())
+    return ["reward.kind=model", f"reward.model_path={rm_dir / 'final'}"], {"rm_pair_accuracy": round(metrics["held_out_pair_accuracy"], 4)}
+
+
+def compact(record: dict) -> dict:
+    """The per-step figures the demo keeps (the run directory has the full records)."""
+    keep = {k: record[k] for k in ("kind", "grow", "improve", "threshold", "kept", "kept_fraction", "samples") if k in record}
+    if record["kind"] == "grow":
+        keep["grown_reward_mean"] = round(record["reward"]["mean"], 4)
+        if "gold_reward" in record:
+            keep["grown_gold_reward_mean"] = round(record["gold_reward"]["mean"], 4)
+    for k in ("reward", "gold_reward", "kl", "accuracy"):
+        if record.get("eval", {}).get(k) is not None:
+            keep[k] = record["eval"][k]
+    return keep
+
+
+def copy_plot(src: Path | None, dst: Path) -> Path | None:
+    if src is None:
+        return None
+    import shutil
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dst)
+    return dst

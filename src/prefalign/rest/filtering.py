@@ -1,0 +1,112 @@
+"""Which grown samples an Improve step keeps: a rising threshold on (normalized) rewards, then a
+cap per prompt.
+
+- Thresholds: an explicit list, one per Improve step, or a linear schedule from `start` to `end`.
+  They may not fall: each Improve step trains on a subset of better samples than the last.
+- Scores: the raw reward, or its percentile in [0, 1] among all grown samples (`global_percentile`)
+  or among the samples of the same prompt (`per_prompt_percentile`: a hard prompt's best answers
+  count as good even if an easy prompt's worst beat them).
+- A sample is kept when its score is strictly above the threshold (as in the ReST paper);
+  then at most `max_per_prompt` per prompt survive, the best first (ReST-EM keeps ~10).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+Normalize = Literal["none", "global_percentile", "per_prompt_percentile"]
+
+
+@dataclass
+class ThresholdSchedule:
+    start: float = 0.0
+    end: float = 0.0
+    steps: int = 0  # rises over this many Improve steps, then stays at `end` (0: over all of them)
+
+
+def threshold_list(n_steps: int, values: Sequence[float] | None, schedule: ThresholdSchedule | None) -> list[float]:
+    """One threshold per Improve step, from an explicit list or a linear schedule (the first step
+    uses `start`, step `steps - 1` and later ones `end`)."""
+    if values:
+        if len(values) != n_steps:
+            raise ValueError(f"config key 'improve.thresholds': {len(values)} values for {n_steps} Improve steps; give one per step")
+        out = [float(v) for v in values]
+    else:
+        schedule = schedule or ThresholdSchedule()
+        span = (schedule.steps or n_steps) - 1
+        out = [schedule.start + (schedule.end - schedule.start) * (min(k, span) / span if span > 0 else 0.0) for k in range(n_steps)]
+    if any(b < a for a, b in zip(out, out[1:], strict=False)):
+        raise ValueError(f"config key 'improve.thresholds': the schedule must not fall, got {out}")
+    return out
+
+
+def percentiles(values: Sequence[float]) -> list[float]:
+    """Mid-rank percentile of each value in [0, 1]; ties share one value, a single value gets 0.5."""
+    n = len(values)
+    if n == 1:
+        return [0.5]
+    order = sorted(range(n), key=lambda i: values[i])
+    out = [0.0] * n
+    start = 0
+    while start < n:
+        end = start
+        while end + 1 < n and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        rank = (start + end) / 2  # mean 0-based rank of the tied block
+        for k in range(start, end + 1):
+            out[order[k]] = rank / (n - 1)
+        start = end + 1
+    return out
+
+
+def normalized_scores(rewards: Sequence[float], groups: Sequence[Hashable], mode: Normalize) -> list[float]:
+    """The scores thresholds apply to: raw rewards, or percentiles globally or within each prompt."""
+    if mode == "none":
+        return [float(r) for r in rewards]
+    if mode == "global_percentile":
+        return percentiles(rewards)
+    if mode != "per_prompt_percentile":
+        raise ValueError(f"config key 'improve.normalize': got {mode!r}, allowed: none, global_percentile, per_prompt_percentile")
+    members: dict[Hashable, list[int]] = defaultdict(list)
+    for i, g in enumerate(groups):
+        members[g].append(i)
+    out = [0.0] * len(rewards)
+    for idx in members.values():
+        for i, p in zip(idx, percentiles([rewards[i] for i in idx]), strict=True):
+            out[i] = p
+    return out
+
+
+def select(
+    scores: Sequence[float],
+    groups: Sequence[Hashable],
+    threshold: float,
+    max_per_prompt: int = 0,
+    seed: int = 0,
+    dedup_keys: Sequence[Hashable] | None = None,
+) -> list[int]:
+    """Indices (ascending) of samples with score > threshold, at most `max_per_prompt` per group
+    (0: no cap), best scores first, ties broken by a seeded shuffle. With `dedup_keys`, a group
+    keeps one sample per key (identical responses count once)."""
+    passing = [i for i, s in enumerate(scores) if s > threshold]
+    rng = random.Random(seed)
+    rng.shuffle(passing)
+    passing.sort(key=lambda i: -scores[i])  # stable: the shuffle breaks ties
+    taken: dict[Hashable, int] = defaultdict(int)
+    seen: set[tuple[Hashable, Hashable]] = set()
+    kept = []
+    for i in passing:
+        if max_per_prompt and taken[groups[i]] >= max_per_prompt:
+            continue
+        if dedup_keys is not None:
+            key = (groups[i], dedup_keys[i])
+            if key in seen:
+                continue
+            seen.add(key)
+        taken[groups[i]] += 1
+        kept.append(i)
+    return sorted(kept)

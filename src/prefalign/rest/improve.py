@@ -1,0 +1,225 @@
+"""ReST's Improve step: fine-tune on the kept samples with one of three kinds of loss.
+
+- `bc`: behaviour cloning, the token-averaged NLL of the kept responses (ReST's usual choice).
+- `reward_weighted`: the same NLL with each response weighted by its reward (min-max scaled over
+  the grown pool, then scaled to mean 1 over the kept set so the learning rate means the same).
+- any registry objective (or `path/to/file.py:function`): pairwise objectives train on
+  (better, worse) pairs drawn from the grown set, a kept sample against a lower-reward sample of
+  the same prompt; unpaired objectives (KTO) take kept samples as desirable and samples at or
+  below the threshold as undesirable. Any reference mode works (frozen, soft, hard); the
+  reference starts as the policy this Improve step starts from.
+
+Training runs on the shared Trainer, so checkpoints, resume and metrics.jsonl come for free.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import torch
+
+from prefalign import objectives
+from prefalign.data import TokenizedPair, TokenizedUnpaired, collate_pairs, collate_unpaired
+from prefalign.logprobs import collate_prompt_response, sequence_logps
+from prefalign.reference import ReferencePolicy, ReferenceSpec, make_reference
+from prefalign.rest.filtering import Normalize, ThresholdSchedule
+from prefalign.rest.grow import GrownSample
+from prefalign.training.loop import LossFn, Trainer, TrainerConfig, TrainResult
+from prefalign.training.preference import pairwise_loss_fn, unpaired_loss_fn
+
+NLL_LOSSES = ("bc", "reward_weighted")
+
+
+@dataclass
+class ImproveSpec:
+    steps_per_grow: int = 1
+    thresholds: list[float] = field(default_factory=list)  # one per Improve step; empty: use `schedule`
+    schedule: ThresholdSchedule = field(default_factory=ThresholdSchedule)
+    schedule_scope: Literal["grow", "run"] = "grow"  # restart the schedule at each Grow step, or run it across all
+    normalize: Normalize = "none"
+    max_per_prompt: int = 0  # kept samples per prompt (0: no cap); ReST-EM keeps about 10
+    dedup: bool = False  # a prompt keeps identical responses once
+    data: Literal["latest", "all"] = "latest"  # filter the last Grow step's samples, or every Grow step's so far
+    loss: str = "bc"  # bc | reward_weighted | a registry objective (dpo, ipo, kto, ...) | path/to/file.py:function
+    losses: list[str] = field(default_factory=list)  # one loss per Improve step of a Grow step; empty: `loss` for all
+    objective_params: dict[str, Any] = field(default_factory=dict)  # e.g. {beta: 0.1}; for objective losses only
+    reference: ReferenceSpec = field(default_factory=ReferenceSpec)
+    restart_from_base: bool = False  # ReST-EM: each Grow step's first Improve starts from the base model
+    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(lr=1e-5, progress=False))
+
+
+def resolve_objective(loss: str) -> objectives.Objective | None:
+    """None for the NLL losses; the registry or user objective otherwise."""
+    if loss in NLL_LOSSES:
+        return None
+    if ":" in loss:
+        return objectives.load_user_objective(loss)
+    try:
+        return objectives.get(loss)
+    except ValueError:
+        raise ValueError(f"config key 'improve.loss': got {loss!r}, allowed: bc, reward_weighted, path.py:function, "
+                         + ", ".join(objectives.names())) from None
+
+
+@dataclass
+class ImproveData:
+    """What one Improve step trains on: weighted sequences, pairs, or labelled (KTO) sequences."""
+
+    kind: Literal["sequences", "pairs", "unpaired"]
+    examples: list
+    weights: list[float] = field(default_factory=list)  # sequences: one per example
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    @property
+    def lengths(self) -> list[int]:
+        if self.kind == "sequences":
+            return [len(p) + len(r) for p, r in self.examples]
+        return [e.length for e in self.examples]
+
+    def collate(self, indices: Sequence[int], pad_id: int) -> dict:
+        rows = [self.examples[i] for i in indices]
+        if self.kind == "pairs":
+            return collate_pairs(rows, pad_id)
+        if self.kind == "unpaired":
+            return collate_unpaired(rows, pad_id)
+        batch = collate_prompt_response([p for p, _ in rows], [r for _, r in rows], pad_id)
+        batch["weights"] = torch.tensor([self.weights[i] for i in indices], dtype=torch.float32)
+        return batch
+
+
+def build_data(
+    loss: str, pool: Sequence[GrownSample], kept: Sequence[int], scores: Sequence[float], threshold: float,
+    max_per_prompt: int = 0, seed: int = 0,
+) -> ImproveData:
+    """The training set of one Improve step from the grown pool and the indices it keeps."""
+    objective = resolve_objective(loss)
+    if objective is None:
+        weights = [1.0] * len(kept)
+        if loss == "reward_weighted":
+            weights = reward_weights([pool[i].reward for i in range(len(pool))], kept)
+        return ImproveData("sequences", [(pool[i].prompt_ids, pool[i].response_ids) for i in kept], weights)
+    rng = random.Random(seed)
+    # Every Grow step samples the same prompt list, so prompt_index names a prompt across steps.
+    by_prompt: dict[int, list[int]] = defaultdict(list)
+    for i, s in enumerate(pool):
+        by_prompt[s.prompt_index].append(i)
+    if objective.kind == "unpaired":
+        return ImproveData("unpaired", unpaired_examples(pool, kept, scores, threshold, by_prompt, max_per_prompt, rng))
+    return ImproveData("pairs", better_worse_pairs(pool, kept, by_prompt, rng))
+
+
+def reward_weights(rewards: Sequence[float], kept: Sequence[int]) -> list[float]:
+    """Rewards min-max scaled over the pool, then scaled to mean 1 over the kept samples."""
+    lo, hi = min(rewards), max(rewards)
+    scaled = [(rewards[i] - lo) / (hi - lo) if hi > lo else 1.0 for i in kept]
+    mean = sum(scaled) / len(scaled) if scaled else 1.0
+    return [w / mean if mean > 0 else 1.0 for w in scaled]
+
+
+def better_worse_pairs(pool, kept, by_prompt, rng: random.Random) -> list[TokenizedPair]:
+    """Each kept sample against a random sample of the same prompt with a lower reward and a
+    different response; kept samples without such a partner form no pair."""
+    pairs = []
+    for i in kept:
+        better = pool[i]
+        worse = [j for j in by_prompt[better.prompt_index]
+                 if pool[j].reward < better.reward and pool[j].response_ids != better.response_ids]
+        if worse:
+            w = pool[rng.choice(worse)]
+            pairs.append(TokenizedPair(better.prompt_ids, better.response_ids, w.response_ids))
+    return pairs
+
+
+def unpaired_examples(pool, kept, scores, threshold, by_prompt, max_per_prompt, rng) -> list[TokenizedUnpaired]:
+    """Kept samples as desirable; samples at or below the threshold as undesirable, at most as many
+    per prompt as the cap allows (the prompt's number of samples when there is no cap)."""
+    rows = [TokenizedUnpaired(pool[i].prompt_ids, pool[i].response_ids, True) for i in kept]
+    for members in by_prompt.values():
+        below = [j for j in members if scores[j] <= threshold]
+        rng.shuffle(below)
+        rows += [TokenizedUnpaired(pool[j].prompt_ids, pool[j].response_ids, False) for j in below[: max_per_prompt or len(below)]]
+    rng.shuffle(rows)  # KTO's KL point is estimated inside each batch: mix the labels
+    return rows
+
+
+def weighted_nll_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Sum over responses of weight x response NLL, divided by the batch's response tokens
+    (plain token-averaged NLL when every weight is 1)."""
+    logps = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+    loss = -(batch["weights"] * logps.sum).sum() / logps.n_tokens.sum().clamp(min=1)
+    return loss, {"nll": (-logps.sum.sum() / logps.n_tokens.sum().clamp(min=1)).detach()}
+
+
+def make_loss_fn(loss: str, params: dict[str, Any], reference: ReferencePolicy, accelerator=None) -> LossFn:
+    objective = resolve_objective(loss)
+    if objective is None:
+        return weighted_nll_loss  # objective_params belong to the objective steps of a mixed schedule
+    if objective.kind == "unpaired":
+        return unpaired_loss_fn(objective, reference, params, accelerator)
+    return pairwise_loss_fn(objective, reference, params)
+
+
+def loss_at(spec: ImproveSpec, i: int) -> str:
+    """The loss of Improve step i (within its Grow step)."""
+    return spec.losses[i] if spec.losses else spec.loss
+
+
+def reference_spec(loss: str, spec: ReferenceSpec) -> ReferenceSpec:
+    objective = resolve_objective(loss)
+    if objective is None or not objective.needs_reference:
+        return ReferenceSpec(mode="none")
+    if spec.mode == "none":
+        raise ValueError(f"config key 'improve.reference.mode': objective {loss!r} needs a reference (frozen, soft or hard)")
+    return spec
+
+
+def fit_batch(config: TrainerConfig, n_examples: int, kind: str) -> TrainerConfig:
+    """Shrink the batch when the kept set cannot fill one optimizer step (late, high thresholds)."""
+    if n_examples >= config.batch_size * config.grad_accum:
+        return config
+    grad_accum = max(1, min(config.grad_accum, n_examples // max(1, config.batch_size)))
+    batch = max(2 if kind == "unpaired" else 1, n_examples // grad_accum)
+    return replace(config, batch_size=batch, grad_accum=grad_accum)
+
+
+def improve(
+    model: torch.nn.Module, tokenizer, data: ImproveData, spec: ImproveSpec, trainer_config: TrainerConfig,
+    resume: bool = False, run_config: dict | None = None,
+) -> TrainResult:
+    """Train `model` on `data` with `spec.loss`; `resume` continues from the step's own checkpoint."""
+    trainer_config = fit_batch(trainer_config, len(data), data.kind)
+    trainer = Trainer(model, trainer_config, n_examples=len(data), run_config=run_config, tokenizer=tokenizer)
+    # Built after prepare() so a full-copy reference lands on the training device.
+    reference = make_reference(trainer.model, reference_spec(spec.loss, spec.reference))
+    loss_fn = make_loss_fn(spec.loss, dict(spec.objective_params), reference, trainer.accelerator)
+    if resume:
+        trainer.resume(extra_state=reference)
+    pad = tokenizer.pad_token_id
+    result = trainer.fit(
+        data.lengths, lambda idx: data.collate(idx, pad), loss_fn,
+        after_step=reference.after_optimizer_step, extra_state=reference,
+        group_by_length=data.kind != "unpaired",  # KTO's KL point uses the batch's own mismatched pairs
+    )
+    trainer.end()
+    return result
+
+
+@torch.no_grad()
+def objective_value(model: torch.nn.Module, data: ImproveData, loss_fn: LossFn, pad_id: int, batch_size: int = 16) -> float:
+    """Mean loss of `loss_fn` over a fixed set, in eval mode (tests and diagnostics)."""
+    was_training = model.training
+    model.eval()
+    total, n = 0.0, 0
+    for s in range(0, len(data), batch_size):
+        idx = list(range(s, min(s + batch_size, len(data))))
+        loss, _ = loss_fn(model, data.collate(idx, pad_id))
+        total += float(loss) * len(idx)
+        n += len(idx)
+    model.train(was_training)
+    return total / max(n, 1)

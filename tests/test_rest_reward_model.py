@@ -1,0 +1,102 @@
+"""`prefalign rm train`: a tiny Bradley-Terry reward model beats chance on held-out toy pairs,
+and scores through the `Reward` interface ReST filters with."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from prefalign.rest.cli import run_rm_train_cli
+from prefalign.rest.reward_model import RewardModel
+from prefalign.rest.rewards import RewardSpec, load_reward
+from prefalign.toy import corpus
+
+
+def toy_words() -> list[str]:
+    words = set(corpus.POSITIVE + corpus.NEGATIVE + corpus.NEUTRAL + corpus.VERBS_POS + corpus.VERBS_NEG + corpus.VERBS_NEU)
+    for phrase in corpus.SUBJECTS + corpus.FILMS + list(corpus.INTENSIFIERS):
+        words.update(phrase.split())
+    return sorted(words | {"was", "is", "felt", "and", "but", ",", ".", "i"})
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<eos>", *toy_words()])}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def toy_pairs(n: int, seed: int) -> list[dict]:
+    """Review openings; chosen continues with a positive clause, rejected with a negative one."""
+    rng = random.Random(seed)
+    return [{"prompt": corpus.review(rng)[0], "chosen": " " + corpus.review_clause(rng, "pos") + " .",
+             "rejected": " " + corpus.review_clause(rng, "neg") + " ."} for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def rm_setup(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("rm")
+    tokenizer = word_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=64, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(root / "policy")
+    tokenizer.save_pretrained(root / "policy")
+    for name, n, seed in (("pairs.jsonl", 192, 0), ("pairs_eval.jsonl", 64, 1)):
+        (root / name).write_text("".join(json.dumps(p) + "\n" for p in toy_pairs(n, seed)))
+    return {"root": root, "policy": root / "policy"}
+
+
+def test_reward_model_beats_chance_on_held_out_toy_pairs(rm_setup, capsys):
+    root = rm_setup["root"]
+    args = argparse.Namespace(config=None, resume=False, overrides=[
+        f"model.name_or_path={rm_setup['policy']}", f"data.path={root / 'pairs.jsonl'}", f"data.eval_path={root / 'pairs_eval.jsonl'}",
+        f"trainer.out_dir={root / 'rm'}", "trainer.batch_size=16", "trainer.max_steps=12", "trainer.lr=3e-3",
+        "trainer.progress=false", "trainer.log_every=4",
+    ])
+    assert run_rm_train_cli(args) == 0
+    out = capsys.readouterr().out
+    printed = json.loads(out[out.index("{"):])
+    assert printed["model"] == str(root / "rm" / "final")
+    metrics = json.loads((root / "rm" / "rm_metrics.json").read_text())
+    assert metrics["n_eval_pairs"] == 64
+    # Chance is 0.5 (+-0.06 for 64 pairs); the positive/negative words make this easy to learn.
+    assert metrics["held_out_pair_accuracy"] >= 0.8, metrics
+    assert printed["held_out_pair_accuracy"] == pytest.approx(metrics["held_out_pair_accuracy"], abs=1e-4)
+
+    reward = load_reward(RewardSpec(kind="model", model_path=str(root / "rm")))  # the run dir works as well as final/
+    assert isinstance(reward, RewardModel)
+    prompts = [p["prompt"] for p in toy_pairs(32, 2)]
+    good = reward.score(prompts, [" the plot was wonderful and brilliant ."] * 32)
+    bad = reward.score(prompts, [" the plot was dreadful and boring ."] * 32)
+    assert sum(g > b for g, b in zip(good, bad, strict=True)) >= 24
+
+
+def test_untrained_reward_model_is_near_chance(rm_setup, tmp_path):
+    """The accuracy above is learned, not an artefact of the pair layout."""
+    from prefalign.data import load_preference_data, tokenize_preference
+    from prefalign.modeling import load_tokenizer
+    from prefalign.rest.reward_model import build_reward_model, pair_accuracy
+
+    tokenizer = load_tokenizer(rm_setup["policy"])
+    model = build_reward_model(rm_setup["policy"], tokenizer.pad_token_id)
+    records = load_preference_data(rm_setup["root"] / "pairs_eval.jsonl").records
+    pairs, _ = tokenize_preference(records, tokenizer, max_length=64, max_prompt_length=32)
+    accuracy, _ = pair_accuracy(model, pairs, tokenizer.pad_token_id)
+    assert 0.2 <= accuracy <= 0.8
+
+
+def test_missing_model_path_is_a_one_line_error(tmp_path):
+    with pytest.raises(ValueError, match="reward.model_path"):
+        load_reward(RewardSpec(kind="model"))
+    with pytest.raises(ValueError, match="holds no model"):
+        load_reward(RewardSpec(kind="model", model_path=str(tmp_path)))
