@@ -1,0 +1,450 @@
+"""Preference-training throughput: prefalign against TRL's DPOTrainer, side by side in one run.
+
+    .venv/bin/python bench/train_throughput.py [--repeats 2] [--sizes toy,compute] [--threads 1]
+
+Both frameworks train the same Llama (built from a config, random weights saved once), with the
+same tokenizer, the same preference pairs (one epoch: every pair once), batch size, step count,
+learning rate and seed, fp32 on the CPU, DPO (sigmoid, beta 0.1) with (a) a frozen reference and
+(b) a soft trust-region reference update after every step (alpha 0.6). Each side runs as its
+users would: prefalign through `run_preference`, TRL through `DPOTrainer` with `DPOConfig`
+(gradient checkpointing and bf16 switched off, no eval, saving or logging). Two sizes:
+
+- toy: a ~1M-parameter Llama on short toy sentiment pairs (per-step overhead and padding matter);
+- compute: a ~20M-parameter Llama on pairs cut to exactly 256 tokens (matmul-bound, no padding).
+
+Every (size, mode, framework) runs in a fresh subprocess, so variants share neither warm caches
+nor memory peaks; the variants of one repeat run back to back, in alternating order across
+repeats, so load from other processes hits both frameworks alike. Timing covers the training
+steps only: both sides stamp the clock after each optimizer step and its reference update
+(prefalign: its after-step hook; TRL: a callback registered after its SyncRefModelCallback), and
+pairs/s = pairs of steps W+1..W+N / (stamp[W+N] - stamp[W]), the W warm-up steps excluded.
+Reported twice: per wall-clock second, and per CPU second of the process (`time.process_time`),
+which a shared machine's load moves far less; with one thread, the two agree on an idle machine.
+Token counts come from wrapping each side's collate function.
+
+Peak memory is the process's ru_maxrss when the last timed step ends. With glibc's adaptive mmap
+threshold, freed activation buffers stay in the heap and the peak of the same run moves by up to
+~150 MB from one run to the next at the compute size: quote medians (each run is in the JSON).
+--fixed-mmap-threshold runs every worker with MALLOC_MMAP_THRESHOLD_=65536, so the peak is the
+live peak and repeats agree to the MB; use it for memory only, since the extra page faults
+slow both sides (the toy size by ~40%).
+
+Achieved FLOP/s = (6 + 2) * P * tokens / s: 6 P per token for the policy's forward and backward
+plus 2 P for the reference forward, P = parameters that take part in matmuls (all but the input
+embedding), tokens = positions computed (padding included). Attention scores and elementwise
+ops are left out. It is quoted as a fraction of the machine's fp32 matmul FLOP/s
+(bench/matmul_peak.py: 2048x2048, median of repeats, same thread count), measured before,
+between and after the runs, per wall-clock and per CPU second like the throughput.
+
+--threads defaults to 1: on a 2-core machine shared with other jobs, 2 OpenMP threads stall at
+every barrier whenever one of them is descheduled (a 1M-parameter step went from ~0.1 s to 3 s).
+On a quiet machine pass --threads N.
+
+Prints a table and writes bench/results/train_throughput.json. Quote the ratios: absolute
+times move with the machine's load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results" / "train_throughput.json"
+FRAMEWORKS = ("prefalign", "trl")
+MODES = ("frozen", "soft")
+BETA, ALPHA, LR, SEED = 0.1, 0.6, 1e-6, 0
+
+# Model shape, batch (pairs per step), max_length, warm-up and timed optimizer steps of each size.
+SIZES = {
+    "toy": dict(hidden=128, layers=4, heads=4, intermediate=352, batch=8, max_length=64, warmup=5, steps=40, long=False),
+    "compute": dict(hidden=512, layers=6, heads=8, intermediate=1408, batch=2, max_length=256, warmup=1, steps=3, long=True),
+}
+VOCAB = 800
+
+
+# --- workspace: tokenizer, models, pairs ---------------------------------------------------------
+def build_workspace(root: Path, sizes: list[str]) -> dict[str, dict]:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from prefalign.toy.corpus import review_text
+    from prefalign.toy.tokenizer import save_tokenizer, train_tokenizer
+
+    rng = random.Random(SEED)
+    tokenizer = train_tokenizer([review_text(rng) for _ in range(5000)], vocab_size=VOCAB)
+    out = {}
+    for name in sizes:
+        s = SIZES[name]
+        model_dir = root / name / "model"
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=s["hidden"],
+            intermediate_size=s["intermediate"],
+            num_hidden_layers=s["layers"],
+            num_attention_heads=s["heads"],
+            num_key_value_heads=s["heads"],
+            max_position_embeddings=512,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=None,
+            tie_word_embeddings=False,
+        )
+        torch.manual_seed(SEED)
+        model = LlamaForCausalLM(config)
+        model.save_pretrained(model_dir)
+        save_tokenizer(tokenizer, model_dir)
+        n_params = sum(p.numel() for p in model.parameters())
+        matmul_params = n_params - model.get_input_embeddings().weight.numel()
+        pairs_path = root / name / "pairs.jsonl"
+        n_pairs = s["batch"] * (s["warmup"] + s["steps"])  # exactly one epoch on both sides
+        rows = make_pairs(random.Random(SEED + 1), n_pairs, long=s["long"])
+        pairs_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        out[name] = dict(model_dir=str(model_dir), pairs=str(pairs_path), n_params=n_params, matmul_params=matmul_params, **s)
+    return out
+
+
+def make_pairs(rng: random.Random, n: int, long: bool) -> list[dict[str, str]]:
+    """Toy sentiment pairs: a review's first words as prompt, its rest vs another review's rest.
+    `long`: a dozen-word prompt and ~2,000-character responses (reviews run together), so every
+    sequence is cut to max_length on both sides."""
+    from prefalign.toy.corpus import review_text
+
+    def rest(words: list[str], k: int) -> str:
+        return " " + " ".join(words[k:])
+
+    rows = []
+    for _ in range(n):
+        if long:
+            def essay() -> list[str]:
+                text = ""
+                while len(text) < 2000:
+                    text += review_text(rng) + " "
+                return text.strip().split(" ")
+
+            chosen, rejected = essay(), essay()
+            rows.append({"prompt": " ".join(chosen[:12]), "chosen": rest(chosen, 12), "rejected": rest(rejected, 12)})
+        else:
+            chosen, rejected = review_text(rng).split(" "), review_text(rng).split(" ")
+            while rest(rejected, 3) == rest(chosen, 3):  # prefalign refuses identical responses
+                rejected = review_text(rng).split(" ")
+            rows.append({"prompt": " ".join(chosen[:3]), "chosen": rest(chosen, 3), "rejected": rest(rejected, 3)})
+    return rows
+
+
+# --- one variant, in its own process -------------------------------------------------------------
+def maxrss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def run_prefalign(spec: dict, mode: str, out_dir: str, stamps: list, tokens: list) -> None:
+    import prefalign.data as pdata
+    from prefalign.modeling import ModelSpec
+    from prefalign.reference import ReferenceSpec
+    from prefalign.training import preference as pref
+    from prefalign.training.loop import TrainerConfig
+
+    make_reference, collate_pairs = pref.make_reference, pdata.collate_pairs
+
+    def stamped_reference(policy, ref_spec):
+        reference = make_reference(policy, ref_spec)
+        update = reference.after_optimizer_step
+
+        def after_optimizer_step(step: int) -> bool:
+            updated = update(step)
+            stamps.append((time.perf_counter(), maxrss_mb(), current_rss_mb(), time.process_time(), minor_faults()))
+            return updated
+
+        reference.after_optimizer_step = after_optimizer_step
+        return reference
+
+    def counted_collate(pairs, pad_id):
+        batch = collate_pairs(pairs, pad_id)
+        tokens.append((int(batch["attention_mask"].sum()), batch["input_ids"].numel()))
+        return batch
+
+    pref.make_reference, pdata.collate_pairs = stamped_reference, counted_collate
+    config = pref.PreferenceConfig(
+        model=ModelSpec(name_or_path=spec["model_dir"], dtype="float32", device="cpu"),
+        objective=pref.ObjectiveSpec(name="dpo", params={"beta": BETA}),
+        reference=ReferenceSpec(mode=mode, alpha=ALPHA, period=1),
+        data=pref.PreferenceData(
+            path=spec["pairs"], max_length=spec["max_length"], max_prompt_length=spec["max_length"] - 1,
+            truncation="keep_start",
+        ),
+        trainer=TrainerConfig(
+            out_dir=out_dir, batch_size=spec["batch"], grad_accum=1, max_steps=spec["warmup"] + spec["steps"],
+            lr=LR, schedule="linear", max_grad_norm=1.0, seed=SEED, log_every=10**9, progress=False,
+        ),
+    )
+    pref.run_preference(config, log=lambda *a, **k: None)
+
+
+def run_trl(spec: dict, mode: str, out_dir: str, stamps: list, tokens: list) -> None:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from prefalign.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(spec["model_dir"])
+    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32)
+    rows = [json.loads(line) for line in Path(spec["pairs"]).read_text().splitlines()]
+    args = DPOConfig(
+        output_dir=out_dir,
+        per_device_train_batch_size=spec["batch"],
+        gradient_accumulation_steps=1,
+        max_steps=spec["warmup"] + spec["steps"],
+        learning_rate=LR,
+        lr_scheduler_type="linear",
+        max_grad_norm=1.0,
+        seed=SEED,
+        loss_type=["sigmoid"],
+        beta=BETA,
+        max_length=spec["max_length"],
+        truncation_mode="keep_start",
+        precompute_ref_log_probs=False,
+        sync_ref_model=mode == "soft",
+        ref_model_mixup_alpha=ALPHA,
+        ref_model_sync_steps=1,
+        bf16=False,
+        gradient_checkpointing=False,
+        use_cpu=True,
+        dataloader_num_workers=0,
+        report_to="none",
+        eval_strategy="no",
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+    )
+    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    if trainer.model.is_activation_checkpointing:
+        raise RuntimeError("TRL turned activation checkpointing on; the comparison needs it off on both sides")
+
+    class Stamp(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            stamps.append((time.perf_counter(), maxrss_mb(), current_rss_mb(), time.process_time(), minor_faults()))
+
+    trainer.add_callback(Stamp())  # after SyncRefModelCallback: the stamp follows the soft update
+    collate = trainer.data_collator
+
+    def counted_collate(examples):
+        batch = collate(examples)
+        tokens.append((int(batch["attention_mask"].sum()), batch["input_ids"].numel()))
+        return batch
+
+    trainer.data_collator = counted_collate
+    trainer.train()
+
+
+def worker(spec: dict, size: str, mode: str, framework: str, threads: int, result_path: Path) -> None:
+    import torch
+
+    t0 = time.perf_counter()
+    torch.set_num_threads(threads)
+    stamps: list[tuple[float, float, float, float, int]] = []
+    tokens: list[tuple[int, int]] = []
+    with tempfile.TemporaryDirectory(prefix=f"{framework}-", dir=Path(result_path).parent) as out_dir:
+        (run_prefalign if framework == "prefalign" else run_trl)(spec, mode, out_dir, stamps, tokens)
+    w, n = spec["warmup"], spec["steps"]
+    # A data loader may collate one batch ahead (accelerate does): batch k is step k's all the same.
+    if len(stamps) != w + n or len(tokens) < w + n:
+        raise RuntimeError(f"{framework}: {len(stamps)} step stamps and {len(tokens)} batches, expected {w + n}")
+    tokens = tokens[: w + n]
+    seconds = stamps[w + n - 1][0] - stamps[w - 1][0]
+    cpu_seconds = stamps[w + n - 1][3] - stamps[w - 1][3]
+    timed = tokens[w : w + n]
+    result = {
+        "size": size, "mode": mode, "framework": framework,
+        "pairs_per_s": n * spec["batch"] / seconds,
+        "pairs_per_cpu_s": n * spec["batch"] / cpu_seconds,
+        "timed_steps": n, "seconds": seconds, "cpu_seconds": cpu_seconds,
+        "page_faults_per_step": (stamps[w + n - 1][4] - stamps[w - 1][4]) / n,
+        "step_seconds": [b[0] - a[0] for a, b in zip(stamps[w - 1 :], stamps[w:], strict=False)],
+        "setup_s": stamps[0][0] - t0,
+        "real_tokens": sum(t[0] for t in timed), "computed_tokens": sum(t[1] for t in timed),
+        "real_tokens_all_steps": sum(t[0] for t in tokens), "computed_tokens_all_steps": sum(t[1] for t in tokens),
+        "peak_rss_mb": stamps[-1][1],
+        "rss_at_warmup_end_mb": stamps[w - 1][2],
+        "threads": torch.get_num_threads(),
+    }
+    Path(result_path).write_text(json.dumps(result))
+
+
+# --- driver ------------------------------------------------------------------------------------
+def run_variant(workdir: Path, spec: dict, size: str, mode: str, framework: str, threads: int, env: dict | None = None) -> dict:
+    result_path = workdir / f"result-{size}-{mode}-{framework}.json"
+    result_path.unlink(missing_ok=True)
+    job = {"spec": spec, "size": size, "mode": mode, "framework": framework, "threads": threads, "result": str(result_path)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
+           "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(job)], env=env, capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{framework} {size}/{mode} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return json.loads(result_path.read_text())
+
+
+def summarize(runs: list[dict], workspace: dict, peak: dict[str, float]) -> dict:
+    rows = {}
+    for size, spec in workspace.items():
+        for mode in MODES:
+            by_fw = {fw: [r for r in runs if (r["size"], r["mode"], r["framework"]) == (size, mode, fw)] for fw in FRAMEWORKS}
+            if not all(by_fw.values()):
+                continue
+            row = {"pairs_per_step": spec["batch"], "timed_steps": spec["steps"], "repeats": len(by_fw["prefalign"])}
+            for fw, rs in by_fw.items():
+                flops_per_token = 8 * spec["matmul_params"]
+                row[fw] = {
+                    "pairs_per_s": statistics.median(r["pairs_per_s"] for r in rs),
+                    "pairs_per_cpu_s": statistics.median(r["pairs_per_cpu_s"] for r in rs),
+                    "pairs_per_s_each": [r["pairs_per_s"] for r in rs],
+                    "pairs_per_cpu_s_each": [r["pairs_per_cpu_s"] for r in rs],
+                    "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in rs),
+                    "peak_rss_mb_each": [r["peak_rss_mb"] for r in rs],
+                    "real_tokens_all_steps": rs[0]["real_tokens_all_steps"],
+                    "computed_tokens_all_steps": rs[0]["computed_tokens_all_steps"],
+                    "padding_fraction": 1 - rs[0]["real_tokens_all_steps"] / rs[0]["computed_tokens_all_steps"],
+                    "achieved_flops": flops_per_token * statistics.median(r["computed_tokens"] / r["seconds"] for r in rs),
+                    "achieved_flops_per_cpu_s": flops_per_token * statistics.median(r["computed_tokens"] / r["cpu_seconds"] for r in rs),
+                    "setup_s": statistics.median(r["setup_s"] for r in rs),
+                }
+                row[fw]["fraction_of_matmul_peak"] = row[fw]["achieved_flops"] / peak["wall"]
+                row[fw]["fraction_of_matmul_peak_cpu"] = row[fw]["achieved_flops_per_cpu_s"] / peak["cpu"]
+            p, t = row["prefalign"], row["trl"]
+            row["speed_ratio"] = p["pairs_per_s"] / t["pairs_per_s"]
+            row["speed_ratio_cpu"] = p["pairs_per_cpu_s"] / t["pairs_per_cpu_s"]
+            # Runs of one repeat ran back to back: their ratio saw the same machine load.
+            row["speed_ratio_cpu_per_repeat"] = [
+                a["pairs_per_cpu_s"] / b["pairs_per_cpu_s"] for a, b in zip(by_fw["prefalign"], by_fw["trl"], strict=True)
+            ]
+            row["memory_ratio"] = p["peak_rss_mb"] / t["peak_rss_mb"]
+            # Same pairs on both sides: whole-run real token counts must agree (tokenization parity).
+            row["real_token_mismatch"] = abs(p["real_tokens_all_steps"] / t["real_tokens_all_steps"] - 1)
+            rows[f"{size}/{mode}"] = row
+    return rows
+
+
+def print_table(rows: dict, workspace: dict, peak: dict[str, float], threads: int) -> None:
+    print(f"\nfp32 matmul 2048^2, {threads} thread(s): {peak['wall'] / 1e9:.1f} GFLOP/s wall-clock, "
+          f"{peak['cpu'] / 1e9:.1f} GFLOP/s per CPU second (medians)")
+    for size, spec in workspace.items():
+        print(f"{size}: Llama {spec['n_params'] / 1e6:.2f}M params, {spec['batch']} pairs/step, "
+              f"max_length {spec['max_length']}, {spec['warmup']} warm-up + {spec['steps']} timed steps")
+    head = (f"{'size/mode':<15}{'pairs/s pa':>11}{'trl':>8}{'ratio':>7}{'pairs/cpu-s pa':>15}{'trl':>8}{'ratio':>7}"
+            f"{'RSS MB pa':>10}{'trl':>6}{'ratio':>7}{'FLOP frac pa':>13}{'trl':>6}{'pad pa':>7}{'trl':>6}")
+    print(head)
+    print("-" * len(head))
+    for key, r in rows.items():
+        p, t = r["prefalign"], r["trl"]
+        print(
+            f"{key:<15}{p['pairs_per_s']:>11.2f}{t['pairs_per_s']:>8.2f}{r['speed_ratio']:>7.2f}"
+            f"{p['pairs_per_cpu_s']:>15.2f}{t['pairs_per_cpu_s']:>8.2f}{r['speed_ratio_cpu']:>7.2f}"
+            f"{p['peak_rss_mb']:>10.0f}{t['peak_rss_mb']:>6.0f}{r['memory_ratio']:>7.2f}"
+            f"{p['fraction_of_matmul_peak_cpu']:>13.2f}{t['fraction_of_matmul_peak_cpu']:>6.2f}"
+            f"{p['padding_fraction']:>7.2f}{t['padding_fraction']:>6.2f}"
+        )
+    print("medians over repeats; ratio = prefalign / TRL; FLOP frac = (6+2)*P*tokens per CPU-s over matmul per CPU-s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="toy,compute", help="comma-separated: toy, compute")
+    parser.add_argument("--repeats", type=int, default=2, help="rounds of every variant")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run (see the docstring)")
+    parser.add_argument("--fixed-mmap-threshold", action="store_true",
+                        help="MALLOC_MMAP_THRESHOLD_=65536 in the workers: exact live memory peaks, slower steps")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--workdir", type=Path, default=None, help="scratch directory (default: a fresh temp dir)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        job = json.loads(args.worker)
+        worker(job["spec"], job["size"], job["mode"], job["framework"], job["threads"], Path(job["result"]))
+        return
+
+    import torch
+    import transformers
+    import trl
+    from matmul_peak import matmul_flops
+
+    torch.set_num_threads(args.threads)
+    sizes = [s for s in args.sizes.split(",") if s]
+    if unknown := set(sizes) - set(SIZES):
+        parser.error(f"unknown sizes {sorted(unknown)}; choose from {sorted(SIZES)}")
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="train-throughput-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    env = {"MALLOC_MMAP_THRESHOLD_": "65536"} if args.fixed_mmap_threshold else {}
+    start = time.perf_counter()
+    workspace = build_workspace(workdir, sizes)
+    peaks: list[dict] = []
+
+    def measure_peak() -> None:
+        peaks.append(matmul_flops(2048, repeats=7, threads=args.threads))
+
+    measure_peak()
+    runs: list[dict] = []
+    loads = [os.getloadavg()[0]]
+    for size in sizes:
+        for rep in range(args.repeats):
+            frameworks = FRAMEWORKS if rep % 2 == 0 else tuple(reversed(FRAMEWORKS))
+            for mode in MODES:
+                for framework in frameworks:
+                    r = run_variant(workdir, workspace[size], size, mode, framework, args.threads, env)
+                    runs.append(r)
+                    print(f"{size:<8}{mode:<7}{framework:<10}{r['pairs_per_s']:>8.2f} pairs/s {r['pairs_per_cpu_s']:>8.2f} pairs/cpu-s  "
+                          f"peak RSS {r['peak_rss_mb']:.0f} MB  ({r['real_tokens']} real / {r['computed_tokens']} computed "
+                          f"tokens in {r['seconds']:.1f}s)", flush=True)
+            loads.append(os.getloadavg()[0])
+        measure_peak()
+    peak = {"wall": statistics.median(p["median_flops"] for p in peaks),
+            "cpu": statistics.median(p["median_flops_per_cpu_s"] for p in peaks)}
+    rows = summarize(runs, workspace, peak)
+    print_table(rows, workspace, peak, args.threads)
+    for key, r in rows.items():
+        if r["real_token_mismatch"] > 0.03:
+            print(f"WARNING {key}: real tokens differ by {r['real_token_mismatch']:.1%} between the frameworks")
+    result = {
+        "command": "python bench/train_throughput.py " + " ".join(sys.argv[1:]),
+        "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
+        "cpu": platform.processor() or platform.machine(), "threads": args.threads,
+        "malloc_mmap_threshold": env.get("MALLOC_MMAP_THRESHOLD_", "system"),
+        "load_avg_1m": loads,  # other processes on a shared machine skew timings
+        "matmul_peak_flops": peak["wall"], "matmul_peak_flops_per_cpu_s": peak["cpu"], "matmul_peaks": peaks,
+        "flops_formula": "(6 + 2) * P * computed_tokens / s; P = params minus the input embedding; "
+                         "attention scores and elementwise ops excluded",
+        "models": {k: {kk: v[kk] for kk in ("n_params", "matmul_params", "hidden", "layers", "intermediate", "batch",
+                                             "max_length", "warmup", "steps")} for k, v in workspace.items()},
+        "results": rows,
+        "runs": runs,
+        "wall_s": time.perf_counter() - start,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out} ({result['wall_s']:.0f}s)")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parent))
+    main()
