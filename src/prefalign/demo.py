@@ -119,13 +119,16 @@ def methods_for(task: str) -> dict[str, MethodFn]:
     return rows
 
 
-def run_demo(out_dir: Path, quick: bool = False, tasks: list[str] | None = None, log=print) -> dict:
+def run_demo(
+    out_dir: Path, quick: bool = False, tasks: list[str] | None = None, log=print, worlds: dict[str, ToyWorld] | None = None
+) -> dict:
+    """Run every row of every task; `worlds` replaces the default cached toy worlds (tests use mini ones)."""
     started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = DemoSettings.make(quick, out_dir)
     results: dict = {"seconds": 0.0, "quick": quick, "tasks": {}}
     for task in tasks or ["sentiment", "arith"]:
-        world = get_world(task, log=log)
+        world = (worlds or {}).get(task) or get_world(task, log=log)
         task_rows: dict[str, dict] = {}
         results["tasks"][task] = {"world": str(world.root), "build": world.info()["figures"], "methods": task_rows}
         for name, method in methods_for(task).items():
