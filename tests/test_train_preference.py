@@ -179,8 +179,9 @@ def test_two_processes_match_one_process_with_double_batch(tiny, tmp_path):
     common = ("reference.mode=soft", "trainer.max_steps=4", "trainer.lr=1e-3", "trainer.adam_epsilon=1e-4")
     one = cli_train(tiny, tmp_path / "one", *common, "trainer.batch_size=8")
     assert one.wait(timeout=300) == 0, one.stdout.read()
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", "-m", "prefalign.cli"]
+    # torchrun starts the processes; accelerate joins them in one gloo group on CPU.
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+              "-m", "prefalign.cli"]
     two = subprocess.run(
         [*launch, "train", *overrides(tiny, tmp_path / "two", *common), "trainer.batch_size=4"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
@@ -189,6 +190,14 @@ def test_two_processes_match_one_process_with_double_batch(tiny, tmp_path):
     a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_missing_data_file_is_a_one_line_cli_error(tiny, tmp_path):

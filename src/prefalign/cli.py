@@ -129,8 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_rest(args: argparse.Namespace) -> int:
     from prefalign.rest.cli import run_rest_cli
+    from prefalign.rest.loop import RestConfig
 
-    return int(run_rest_cli(args) or 0)
+    code = int(run_rest_cli(args) or 0)
+    write_reports(load_config(RestConfig, args.config, args.overrides).out_dir)
+    return code
 
 
 def run_rm_train(args: argparse.Namespace) -> int:
@@ -140,9 +143,12 @@ def run_rm_train(args: argparse.Namespace) -> int:
 
 
 def run_arm_train(args: argparse.Namespace) -> int:
+    from prefalign.genarm.arm import ArmConfig
     from prefalign.genarm.cli import run_arm_train_cli
 
-    return int(run_arm_train_cli(args) or 0)
+    code = int(run_arm_train_cli(args) or 0)
+    write_reports(load_config(ArmConfig, args.config, args.overrides).trainer.out_dir)
+    return code
 
 
 def run_generate(args: argparse.Namespace) -> int:

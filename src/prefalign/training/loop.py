@@ -297,6 +297,8 @@ def checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
 
 def make_accelerator(config: TrainerConfig) -> Accelerator:
     return Accelerator(
+        # On a machine without CUDA, `cpu=True` lets torchrun processes join one gloo group.
+        cpu=not torch.cuda.is_available(),
         mixed_precision=config.mixed_precision,
         log_with=config.report_to or None,
         project_dir=config.out_dir,
