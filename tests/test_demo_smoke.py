@@ -39,3 +39,6 @@ def test_demo_runs_every_row_on_a_mini_world(tmp_path):
     assert (tmp_path / "out" / "report.md").exists() and (tmp_path / "out" / "report.html").exists()
     assert (tmp_path / "out" / "sentiment_reward_vs_kl.png").exists() or list((tmp_path / "out").rglob("*.png"))
     assert results["tasks"].keys() == {"sentiment", "arith"}
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert page.count("data:image/png;base64,") >= 2  # a reward-vs-KL frontier per task, embedded
+    assert "tr-dpo-soft" in page and "gold_reward" in page  # the results table
