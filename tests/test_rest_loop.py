@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 import prefalign.rest.loop as loop
@@ -22,6 +23,16 @@ from prefalign.rest.state import step_key
 
 ROOT = Path(__file__).resolve().parents[1]
 ORDER = ["initial", "grow-0", "improve-0-0", "improve-0-1", "grow-1", "improve-1-0", "improve-1-1"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a shared machine its spin-waits
+    cost several times the work; restore the setting for the other modules."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +153,7 @@ def test_cli_run_and_restart_from_base(files, tiny_llama_dir, tmp_path, capsys):
     [(["improve.loss=dpoo"], ValueError, "improve.loss"), (["improve.thresholds=[0.1]"], ValueError, "one per step"),
      (["improve.normalize=rank"], ConfigError, "improve.normalize"), (["grow_steps=0"], ValueError, "grow_steps"),
      (["improve.loss=bc", "improve.objective_params={beta: 1}"], ValueError, "objective_params"),
-     (["improve.losses=[bc]"], ValueError, "one per step"), (["improve.loss=ipo", "improve.objective_params={tau: 1}"], ValueError, "tau"),
+     (["improve.losses=[bc]"], ValueError, "one per step"), (["reward.kind=gold"], ValueError, "reward.task"), (["improve.loss=ipo", "improve.objective_params={tau: 1}"], ValueError, "tau"),
      (["improve.loss=dpo", "improve.reference.mode=none"], ValueError, "needs a reference")],
 )
 def test_bad_configs_fail_before_any_work(files, tmp_path, extra, error, match):
@@ -162,7 +173,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(files, tiny_llama_dir,
 
     def launch(out: Path, *more: str) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-c", script, *overrides(files, tiny_llama_dir, out, *extra), *more],
-                                cwd=ROOT, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+                                cwd=ROOT, env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"},
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     # The uninterrupted run in this process: one interpreter start fewer.
@@ -194,3 +205,10 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(files, tiny_llama_dir,
     b = load_file(tmp_path / "killed" / "improve" / "g001_i01" / "final" / "model.safetensors")
     for name in a:
         assert (a[name] - b[name]).abs().max() < 1e-5, name
+
+
+def test_a_toy_model_fills_in_its_prompts_and_tasks():
+    config = loop.toy_defaults(load_config(RestConfig, None, ["model.name_or_path=toy:arith", "reward.kind=gold"]))
+    assert (config.grow.prompts, config.reward.task, config.eval.task) == ("toy:arith", "arith", "arith")
+    given = loop.toy_defaults(load_config(RestConfig, None, ["model.name_or_path=toy:arith", "grow.prompts=p.jsonl", "eval.task=sentiment"]))
+    assert (given.grow.prompts, given.eval.task) == ("p.jsonl", "sentiment")  # what the user set stays

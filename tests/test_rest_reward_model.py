@@ -19,6 +19,16 @@ from prefalign.rest.rewards import RewardSpec, load_reward
 from prefalign.toy import corpus
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a shared machine its spin-waits
+    cost several times the work; restore the setting for the other modules."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def toy_words() -> list[str]:
     words = set(corpus.POSITIVE + corpus.NEGATIVE + corpus.NEUTRAL + corpus.VERBS_POS + corpus.VERBS_NEG + corpus.VERBS_NEU)
     for phrase in corpus.SUBJECTS + corpus.FILMS + list(corpus.INTENSIFIERS):

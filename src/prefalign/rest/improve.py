@@ -49,7 +49,7 @@ class ImproveSpec:
     objective_params: dict[str, Any] = field(default_factory=dict)  # e.g. {beta: 0.1}; for objective losses only
     reference: ReferenceSpec = field(default_factory=ReferenceSpec)
     restart_from_base: bool = False  # ReST-EM: each Grow step's first Improve starts from the base model
-    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(lr=1e-5, progress=False))
+    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(lr=1e-5))  # out_dir and seed are set per step
 
 
 def resolve_objective(loss: str) -> objectives.Objective | None:

@@ -79,6 +79,7 @@ class RestResult:
 def run_rest(config: RestConfig, resume: bool = False, log=print, on_record: Callable[[dict], None] | None = None) -> RestResult:
     """Run (or, with `resume`, continue) G Grow steps each followed by I Improve steps."""
     started = time.perf_counter()
+    config = toy_defaults(config)
     check(config)
     spec, out = config.improve, Path(config.out_dir)
     n_improve = spec.steps_per_grow
@@ -231,6 +232,20 @@ def format_record(r: dict) -> str:
     return line + (" | held-out " + ", ".join(parts) if parts else "")
 
 
+def toy_defaults(config: RestConfig) -> RestConfig:
+    """With model `toy:<task>`, unset prompts, reward task and evaluation task default to that task."""
+    name = config.model.name_or_path
+    if not name.startswith("toy:"):
+        return config
+    task = name[4:]
+    return replace(
+        config,
+        grow=replace(config.grow, prompts=config.grow.prompts or name),
+        reward=replace(config.reward, task=config.reward.task or task),
+        eval=replace(config.eval, task=config.eval.task or task),
+    )
+
+
 def resolve_model_path(name: str) -> str:
     """`toy:<task>` is the toy world's SFT policy; local paths become absolute (saved adapters name their base)."""
     if not name:
@@ -251,6 +266,8 @@ def check(config: RestConfig) -> None:
                        ("grow.samples_per_prompt", config.grow.samples_per_prompt), ("grow.max_new_tokens", config.grow.max_new_tokens)):
         if value < 1:
             raise ValueError(f"config key '{key}' must be at least 1, got {value}")
+    if config.reward.kind == "gold" and not config.reward.task:
+        raise ValueError("config key 'reward.task' is required with reward.kind=gold (sentiment, arith, brevity)")
     if config.improve.max_per_prompt < 0:
         raise ValueError(f"config key 'improve.max_per_prompt' must be >= 0 (0: no cap), got {config.improve.max_per_prompt}")
     spec = config.improve

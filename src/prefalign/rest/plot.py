@@ -29,8 +29,9 @@ def plot_steps(records: list[dict], path: str | Path, title: str = "ReST") -> Pa
         grown = [(x, r[key]) for x, r in zip(xs, records, strict=True) if r["kind"] == "grow" and r.get(key)]
         if grown:
             means = [d["mean"] for _, d in grown]
-            spread = [[m - d["p10"] for m, (_, d) in zip(means, grown, strict=True)],
-                      [d["p90"] - m for m, (_, d) in zip(means, grown, strict=True)]]
+            # A skewed distribution can put its mean outside p10-p90: clip the bars at the mean.
+            spread = [[max(0.0, m - d["p10"]) for m, (_, d) in zip(means, grown, strict=True)],
+                      [max(0.0, d["p90"] - m) for m, (_, d) in zip(means, grown, strict=True)]]
             top.errorbar([x + dx for x, _ in grown], means, yerr=spread, fmt="s", color=color, alpha=0.6, capsize=4,
                          label=f"{label} (mean, p10-p90)")
     evals = [(x, r["eval"]) for x, r in zip(xs, records, strict=True) if r.get("eval")]

@@ -25,7 +25,7 @@ PairFn = Callable[[str, str], float]
 @dataclass
 class RewardSpec:
     kind: Literal["gold", "function", "model"] = "gold"
-    task: str = "sentiment"  # kind gold: sentiment | arith | brevity
+    task: str = ""  # kind gold: sentiment | arith | brevity (default with a toy:<task> model: that task)
     function: str = ""  # kind function: "package.module:function" or "path/to/file.py:function"
     model_path: str = ""  # kind model: a directory written by `prefalign rm train` (its final/)
     batch_size: int = 64  # kind model: sequences per forward pass
@@ -91,6 +91,8 @@ def gold_reward(task: str) -> FunctionReward:
 def load_reward(spec: RewardSpec, device: str = "cpu") -> Reward:
     """The reward a ReST run filters with."""
     if spec.kind == "gold":
+        if not spec.task:
+            raise ValueError(f"config key 'reward.task' is required with reward.kind=gold ({', '.join(GOLD_REWARDS)})")
         if spec.task not in GOLD_REWARDS:
             raise ValueError(f"config key 'reward.task': got {spec.task!r}, allowed: {', '.join(GOLD_REWARDS)}")
         return gold_reward(spec.task)
