@@ -152,9 +152,11 @@ class Trainer:
         rank = acc.process_index
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (cfg.progress and acc.is_main_process), desc="train")
         start, seen = time.perf_counter(), 0
+        plan, plan_epoch = [], None
         while self.step < self.total_steps:
             epoch, within = divmod(self.step, steps_per_epoch)
-            plan = batch_plan(lengths, self.global_micro_batch, cfg.seed, epoch, group_by_length)
+            if epoch != plan_epoch:  # one plan per epoch: building it is O(n log n)
+                plan, plan_epoch = batch_plan(lengths, self.global_micro_batch, cfg.seed, epoch, group_by_length), epoch
             micro = plan[within * cfg.grad_accum : (within + 1) * cfg.grad_accum]
             sums: dict[str, torch.Tensor] = {}
             for m, indices in enumerate(micro):
