@@ -61,7 +61,7 @@ def write(tmp_path: Path, text: str, name: str = "config.yaml") -> Path:
     return path
 
 
-def config_error(*args, match: str | None = None) -> str:
+def expect_config_error(*args, match: str | None = None) -> str:
     """The message of the ConfigError that load_config(*args) raises; always one line."""
     with pytest.raises(ConfigError) as info:
         load_config(*args)
@@ -72,8 +72,8 @@ def config_error(*args, match: str | None = None) -> str:
     return message
 
 
-def override_error(*overrides: str, match: str | None = None) -> str:
-    return config_error(Schema, None, list(overrides), match=match)
+def expect_override_error(*overrides: str, match: str | None = None) -> str:
+    return expect_config_error(Schema, None, list(overrides), match=match)
 
 
 def test_defaults_without_file_or_overrides():
@@ -146,32 +146,32 @@ def test_exponent_without_dot_is_a_float(tmp_path):
     # YAML 1.1 reads 1e-5 (no dot) as a string; it is a number for a float field
     assert load_config(Schema, None, ["optim.lr=1e-5"]).optim.lr == pytest.approx(1e-5)
     assert load_config(Schema, write(tmp_path, "scale: 3e2\n")).scale == 300.0
-    override_error("scale=fast", match=r"^config key 'scale': expected a number, got 'fast'$")
+    expect_override_error("scale=fast", match=r"^config key 'scale': expected a number, got 'fast'$")
 
 
 def test_unknown_top_level_key_names_it_and_the_allowed_keys(tmp_path):
     path = write(tmp_path, "name: x\nstepz: 3\n")
-    config_error(Schema, path, match=rf"^unknown config key 'stepz', allowed keys: {TOP_KEYS}$")
-    override_error("stepz=3", match=rf"^unknown config key 'stepz', allowed keys: {TOP_KEYS}$")
+    expect_config_error(Schema, path, match=rf"^unknown config key 'stepz', allowed keys: {TOP_KEYS}$")
+    expect_override_error("stepz=3", match=rf"^unknown config key 'stepz', allowed keys: {TOP_KEYS}$")
 
 
 def test_unknown_nested_key_names_the_dotted_key(tmp_path):
-    override_error(
+    expect_override_error(
         "optim.lrr=1", match=r"^unknown config key 'optim\.lrr', allowed keys in optim: betas, lr, schedule$"
     )
     path = write(tmp_path, "model:\n  adapter:\n    rank: 4\n")
-    config_error(
+    expect_config_error(
         Schema, path,
         match=r"^unknown config key 'model\.adapter\.rank', allowed keys in model\.adapter: r, targets$",
     )
 
 
 def test_bad_literal_names_the_allowed_values(tmp_path):
-    override_error(
+    expect_override_error(
         "optim.schedule=cosin",
         match=r"^config key 'optim\.schedule': got 'cosin', allowed: 'constant', 'linear', 'cosine'$",
     )
-    config_error(
+    expect_config_error(
         Schema, write(tmp_path, "precision: bf32\n"),
         match=r"^config key 'precision': got 'bf32', allowed: 'no', 'bf16', 'fp16'$",
     )
@@ -182,7 +182,7 @@ def test_literal_no_is_not_read_as_false(tmp_path):
     assert load_config(Schema, None, ["precision=bf16", "precision=no"]).precision == "no"
     assert load_config(Schema, write(tmp_path, "precision: no\n")).precision == "no"
     assert load_config(Schema, None, ["optim.schedule=linear"]).optim.schedule == "linear"
-    override_error("optim.schedule=no", match=r"^config key 'optim\.schedule': got False, allowed: ")
+    expect_override_error("optim.schedule=no", match=r"^config key 'optim\.schedule': got False, allowed: ")
 
 
 @pytest.mark.parametrize(
@@ -206,11 +206,11 @@ def test_literal_no_is_not_read_as_false(tmp_path):
     ],
 )
 def test_wrong_types_name_the_key(override, message):
-    override_error(override, match=f"^{message}$")
+    expect_override_error(override, match=f"^{message}$")
 
 
 def test_wrong_type_in_yaml_file(tmp_path):
-    config_error(
+    expect_config_error(
         Schema, write(tmp_path, "optim:\n  lr: fast\n"),
         match=r"^config key 'optim\.lr': expected a number, got 'fast'$",
     )
@@ -218,31 +218,31 @@ def test_wrong_type_in_yaml_file(tmp_path):
 
 @pytest.mark.parametrize("bad", ["steps", "=3", "optim.lr"])
 def test_override_without_equals_sign(bad):
-    override_error(bad, match=rf"^override '{re.escape(bad)}' must look like key=value")
+    expect_override_error(bad, match=rf"^override '{re.escape(bad)}' must look like key=value")
 
 
 def test_missing_file(tmp_path):
     missing = tmp_path / "nope.yaml"
-    config_error(Schema, missing, match=rf"^config file {re.escape(str(missing))} does not exist$")
+    expect_config_error(Schema, missing, match=rf"^config file {re.escape(str(missing))} does not exist$")
 
 
 def test_directory_instead_of_file(tmp_path):
-    config_error(Schema, tmp_path, match=rf"^config file {re.escape(str(tmp_path))} is not a file$")
+    expect_config_error(Schema, tmp_path, match=rf"^config file {re.escape(str(tmp_path))} is not a file$")
 
 
 def test_invalid_yaml_names_the_line(tmp_path):
     path = write(tmp_path, "name: ok\nsteps: 3\noptim: {lr: 1\n  schedule: linear: x\n")
-    message = config_error(Schema, path)
+    message = expect_config_error(Schema, path)
     assert re.match(rf"^{re.escape(str(path))}:4: not valid YAML \(.+\)$", message), message
 
     path = write(tmp_path, "name: ok\n\ttabbed: 1\n", name="tabs.yaml")
-    assert re.match(rf"^{re.escape(str(path))}:2: not valid YAML", config_error(Schema, path))
+    assert re.match(rf"^{re.escape(str(path))}:2: not valid YAML", expect_config_error(Schema, path))
 
 
 @pytest.mark.parametrize("text", ["- a\n- b\n", "just a string\n", "3\n"])
 def test_yaml_that_is_not_a_mapping(tmp_path, text):
     path = write(tmp_path, text)
-    config_error(Schema, path, match=rf"^{re.escape(str(path))}: a config must be a mapping of keys to values$")
+    expect_config_error(Schema, path, match=rf"^{re.escape(str(path))}: a config must be a mapping of keys to values$")
 
 
 def test_empty_file_gives_the_defaults(tmp_path):
@@ -252,11 +252,11 @@ def test_empty_file_gives_the_defaults(tmp_path):
 
 def test_missing_required_key_is_a_config_error():
     assert load_config(Required, None, ["path=data.jsonl"]) == Required(path="data.jsonl")
-    config_error(Required, None, ["size=2"], match=r"^config key 'path' is required$")
+    expect_config_error(Required, None, ["size=2"], match=r"^config key 'path' is required$")
 
 
 def test_non_string_keys_are_unknown_keys(tmp_path):
-    config_error(Schema, write(tmp_path, "1: a\nzzz: b\n"), match=r"^unknown config key '1', allowed keys: ")
+    expect_config_error(Schema, write(tmp_path, "1: a\nzzz: b\n"), match=r"^unknown config key '1', allowed keys: ")
 
 
 def test_dump_yaml_round_trips(tmp_path):
@@ -273,5 +273,5 @@ class Loose:
 
 def test_bare_list_and_dict_annotations_are_still_checked():
     assert load_config(Loose, None, ["items=[1, a]", "table={k: [1]}"]) == Loose(items=[1, "a"], table={"k": [1]})
-    config_error(Loose, None, ["items=3"], match=r"^config key 'items': expected a list, got 3$")
-    config_error(Loose, None, ["table=3"], match=r"^config key 'table': expected a mapping, got 3$")
+    expect_config_error(Loose, None, ["items=3"], match=r"^config key 'items': expected a list, got 3$")
+    expect_config_error(Loose, None, ["table=3"], match=r"^config key 'table': expected a mapping, got 3$")
