@@ -30,7 +30,7 @@ def test_demo_runs_every_row_on_a_mini_world(tmp_path):
     assert saved["seconds"] > 0
     sentiment = saved["tasks"]["sentiment"]["methods"]
     assert set(demo.PREFERENCE_ROWS) | {"sft"} <= set(sentiment)
-    assert "sft" in saved["tasks"]["arith"]["methods"]
+    assert {"sft", "rest"} <= set(saved["tasks"]["arith"]["methods"]) and "rest" in sentiment
     assert saved["tasks"]["arith"]["methods"]["sft"]["accuracy"] is not None
     for row in sentiment.values():
         assert {"gold_reward", "kl", "seconds"} <= set(row)

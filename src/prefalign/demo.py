@@ -116,6 +116,9 @@ def methods_for(task: str) -> dict[str, MethodFn]:
     rows: dict[str, MethodFn] = {"sft": method_sft}
     if task == "sentiment":
         rows.update({name: preference_method(name, row) for name, row in PREFERENCE_ROWS.items()})
+    from prefalign.rest.demo import demo_rest
+
+    rows["rest"] = demo_rest
     return rows
 
 
