@@ -18,6 +18,8 @@ from prefalign.genarm.arm import (
     ArmConfig,
     arm_pair_accuracy,
     check_arm_config,
+    concise_pairs,
+    first_clause,
     rerank_pairs,
     train_arm,
 )
@@ -109,6 +111,19 @@ def test_rerank_pairs_by_brevity(tmp_path):
     assert stats["pairs"] == len(rows) > 100
     shorter = sum(len(r["chosen"].split()) < len(r["rejected"].split()) for r in rows) / len(rows)
     assert shorter == pytest.approx(stats["label_agreement"]) and shorter > 0.7
+
+
+def test_concise_pairs_share_their_start(tmp_path):
+    assert first_clause(" quite poor , i liked the pacing .") == " quite poor ."
+    assert first_clause(" is fast and fun .") == " is fast ."
+    assert first_clause(" film .") is None
+    rows = [{"prompt": "the film", "chosen": " was great , i loved the music .", "rejected": " was bad ."}]
+    src = write_jsonl(tmp_path / "pairs.jsonl", rows * 20)
+    stats = concise_pairs(src, tmp_path / "concise.jsonl", brevity_reward, temperature=0.01, seed=0)
+    out = [json.loads(line) for line in (tmp_path / "concise.jsonl").read_text().splitlines()]
+    # One candidate per row (" was bad ." has a single clause); a near-noiseless labeller keeps the short one.
+    assert stats == {"pairs": 20, "label_agreement": 1.0}
+    assert {(r["chosen"], r["rejected"]) for r in out} == {(" was great .", " was great , i loved the music .")}
 
 
 def test_arm_train_cli_with_lora(toy, tmp_path, capsys):

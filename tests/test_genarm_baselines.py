@@ -17,8 +17,11 @@ from prefalign.genarm.baselines import (
     best_of_n,
     best_of_n_kl_bound,
 )
-from prefalign.genarm.reward_model import SequenceRewardModel, load_reward_model, train_reward_model
+from prefalign.genarm.reward_model import SequenceRewardModel, load_reward_model
 from prefalign.generation import SamplingParams, encode_prompt, generate, pad_left
+from prefalign.logprobs import collate_prompt_response
+from prefalign.modeling import ModelSpec
+from prefalign.rest.reward_model import RewardModelConfig, RMData, rewards_of, train_reward_model
 from prefalign.training.loop import TrainerConfig
 
 PROMPTS = ["the movie was", "i", "what is the answer ?", "two plus two equals"]
@@ -97,8 +100,9 @@ def test_best_of_n_keeps_the_highest_reward(base, tok, rm):
     assert best_of_n_kl_bound(1) == 0 and best_of_n_kl_bound(4) == pytest.approx(1.386294 - 0.75, abs=1e-6)
 
 
-def test_reward_model_learns_a_word_preference(tmp_path, tok):
-    """Bradley-Terry training of the sequence reward model: 'good' beats 'bad' after a few steps."""
+def test_reward_model_from_rm_train_reads_the_same_rewards(tmp_path, tok):
+    """A reward model trained by `prefalign rm train` scores sequences the same through the
+    per-prefix reader ARGS uses, and what it learned (good above bad) survives the reading."""
     rng = random.Random(0)
     subjects = "the movie|the film|the story|the book|it".split("|")
     rows = [
@@ -108,9 +112,19 @@ def test_reward_model_learns_a_word_preference(tmp_path, tok):
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     torch.manual_seed(0)
     LlamaForCausalLM(tiny_llama_config()).save_pretrained(tmp_path / "init")
-    config = TrainerConfig(out_dir=str(tmp_path / "rm"), batch_size=16, max_steps=15, lr=1e-2, schedule="constant", progress=False)
-    result = train_reward_model(tmp_path / "init", tok, tmp_path / "pairs.jsonl", config, eval_pairs_path=tmp_path / "pairs.jsonl")
-    assert result.pair_accuracy > 0.9
-    rm = load_reward_model(result.path)
-    good, bad = rm.score([tok("it was")["input_ids"]] * 2, [tok(" very good .")["input_ids"], tok(" very bad .")["input_ids"]], tok.pad_token_id)
+    tok.save_pretrained(tmp_path / "init")
+    config = RewardModelConfig(
+        model=ModelSpec(name_or_path=str(tmp_path / "init")),
+        data=RMData(path=str(tmp_path / "pairs.jsonl"), eval_path=str(tmp_path / "pairs.jsonl")),
+        trainer=TrainerConfig(out_dir=str(tmp_path / "rm"), batch_size=16, max_steps=15, lr=1e-2, schedule="constant", progress=False),
+    )
+    result = train_reward_model(config, log=lambda *_: None)
+    assert result.accuracy > 0.9
+    rm = load_reward_model(tmp_path / "rm")
+    prompts = [tok("it was")["input_ids"]] * 2
+    responses = [tok(" very good .")["input_ids"] + [tok.eos_token_id], tok(" very bad .")["input_ids"] + [tok.eos_token_id]]
+    good, bad = rm.score(prompts, responses, tok.pad_token_id)
     assert good > bad
+    batch = collate_prompt_response(prompts, responses, tok.pad_token_id)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.stack([good, bad]), rewards_of(rm.classifier, batch))

@@ -99,6 +99,32 @@ def arm_pair_accuracy(
     return metrics["pair_accuracy"]
 
 
+def first_clause(text: str) -> str | None:
+    """The text cut after its first clause (at ' ,', ' .', ' and ', ' but '), ended with ' .';
+    None when it has a single clause."""
+    cuts = [i for sep in (" ,", " .", " and ", " but ") if (i := text.find(sep, 1)) > 0]
+    if not cuts or min(cuts) >= len(text.rstrip(" .")):
+        return None
+    return text[: min(cuts)] + " ."
+
+
+def concise_pairs(src: str | Path, dst: str | Path, reward: RewardFn, temperature: float = 0.15, seed: int = 0) -> dict[str, float]:
+    """Brevity pairs that differ only in where the response stops: a response against its own
+    first clause, labelled by `reward` with Bradley-Terry noise (as `rerank_pairs`).
+
+    Two unrelated responses let a sequence-level ARM prefer the shorter one by spreading mass
+    over every token (a per-token cost), which next-token decoding normalizes away; a shared
+    start leaves stopping early (the EOS token) as the difference to learn.
+    """
+    candidates = []
+    for row in read_jsonl(src):
+        for text in (row["chosen"], row["rejected"]):
+            short = first_clause(text)
+            if short is not None and short != text:
+                candidates.append({"prompt": row["prompt"], "chosen": short, "rejected": text})
+    return write_pairs(dst, *relabel(candidates, reward, temperature, seed))
+
+
 def rerank_pairs(
     src: str | Path,
     dst: str | Path,
@@ -106,14 +132,15 @@ def rerank_pairs(
     temperature: float = 0.15,
     seed: int = 0,
 ) -> dict[str, float]:
-    """Relabel the responses of existing pairs by another reward, with Bradley-Terry noise.
+    """Relabel the responses of existing pairs by another reward, with Bradley-Terry noise."""
+    return write_pairs(dst, *relabel(read_jsonl(src), reward, temperature, seed))
 
-    Builds data for a second objective (brevity) from the same responses, labelled the way the
-    toy world labels sentiment pairs: chosen with probability sigmoid((r_a - r_b) / temperature).
-    Pairs whose responses score the same are dropped (the labeller would flip a coin).
-    """
+
+def relabel(rows: list[dict], reward: RewardFn, temperature: float, seed: int) -> tuple[list[dict], dict[str, float]]:
+    """Order each pair's two responses the way the toy world labels sentiment pairs: the first
+    is chosen with probability sigmoid((r_a - r_b) / temperature). Ties are dropped (the
+    labeller would flip a coin)."""
     rng = random.Random(seed)
-    rows = [json.loads(line) for line in Path(src).read_text().splitlines() if line.strip()]
     out, agree = [], 0
     for row in rows:
         a, b = row["chosen"], row["rejected"]
@@ -124,6 +151,14 @@ def rerank_pairs(
         chosen, rejected, rc, rr = (a, b, ra, rb) if a_wins else (b, a, rb, ra)
         agree += rc > rr
         out.append({"prompt": row["prompt"], "chosen": chosen, "rejected": rejected, "chosen_reward": rc, "rejected_reward": rr})
+    return out, {"pairs": len(out), "label_agreement": agree / max(1, len(out))}
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def write_pairs(dst: str | Path, rows: list[dict], stats: dict[str, float]) -> dict[str, float]:
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
-    Path(dst).write_text("".join(json.dumps(r) + "\n" for r in out))
-    return {"pairs": len(out), "label_agreement": agree / max(1, len(out))}
+    Path(dst).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return stats

@@ -118,13 +118,6 @@ class GuidedDecoder:
         self.tokenizer = tokenizer
         self.width = check_models(base, self.arms, tokenizer)
 
-    @property
-    def alphas(self) -> list[float]:
-        return [a.alpha for a in self.arms]
-
-    def score(self, base_logps: torch.Tensor, arm_logps: Sequence[torch.Tensor]) -> torch.Tensor:
-        return combine(base_logps, arm_logps, self.alphas, self.width)
-
     def generate(
         self,
         prompts: Sequence[str],
@@ -146,6 +139,7 @@ class GuidedDecoder:
         )
 
     def policy(self) -> GuidedPolicy:
+        """The guided distribution as a module, for teacher-forced log-probs and KL."""
         return GuidedPolicy(self.base, self.arms, self.width)
 
 

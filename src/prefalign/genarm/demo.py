@@ -1,7 +1,7 @@
 """The `genarm` demo row on the sentiment toy world.
 
 Top to bottom: train a sentiment ARM on the world's pairs and a brevity ARM on the same
-responses relabelled by brevity; decode the SFT base guided by the sentiment ARM for a sweep
+responses against their own first clause, labelled by brevity; decode the SFT base guided by the sentiment ARM for a sweep
 of alpha; trade the two objectives off by weighting both ARMs; compare with ARGS and best-of-N
 (driven by a reward model trained on the same pairs) at comparable compute; and, in the full
 demo, let the small ARM guide a larger toy base (weak-to-strong).
@@ -21,13 +21,14 @@ from pathlib import Path
 import torch
 
 from prefalign.evaluation.core import mean_and_se, response_logps
-from prefalign.genarm.arm import ArmConfig, ArmResult, rerank_pairs, train_arm
+from prefalign.genarm.arm import ArmConfig, ArmResult, concise_pairs, train_arm
 from prefalign.genarm.baselines import args_generate, best_of_n, best_of_n_kl_bound
-from prefalign.genarm.decoding import Arm, SampledLogps, guided_generate
+from prefalign.genarm.decoding import Arm, SampledLogps, check_tokenizers, guided_generate
 from prefalign.genarm.plots import plot_alpha_sweep, plot_tradeoff
-from prefalign.genarm.reward_model import SequenceRewardModel, load_reward_model, train_reward_model
+from prefalign.genarm.reward_model import SequenceRewardModel, load_reward_model
 from prefalign.generation import Generation, SamplingParams
 from prefalign.modeling import ModelSpec, count_parameters, load_model, load_tokenizer
+from prefalign.rest.reward_model import RewardModelConfig, RMData, train_reward_model
 from prefalign.toy.rewards import brevity_reward, sentiment_reward
 from prefalign.toy.world import ToyConfig, ToyModelSize, ToyWorld, get_world
 from prefalign.training.loop import TrainerConfig
@@ -48,23 +49,32 @@ class GenarmPlan:
     alphas: list[float]
     headline_alpha: float  # fixed in advance, not picked from the sweep's results
     tradeoff: list[tuple[float, float]]  # (sentiment, brevity) ARM weights
+    # ARM recipe, tuned on the toy's held-out pairs. A small beta_r keeps the Bradley-Terry loss
+    # near linear in the margin: with a large one, pairs the SFT prior already orders (short
+    # before long) have no gradient and the mislabelled ones drive training. Decoding with
+    # alpha then targets the KL coefficient beta = beta_r / alpha.
     arm_lr: float = 5e-4
-    arm_epochs: float = 2.0
-    beta_r: float = 1.0
-    args_k: int = 2  # ARGS with k=2 costs 1 + 2 RM steps per token, GenARM 1 + 1 ARM step
-    args_weight: float = 1.0
-    bon_n: int = 2  # best-of-2 decodes twice, as GenARM runs two models
+    arm_epochs: float = 4.0
+    beta_r: float = 0.02
+    # Baselines; the first of each is at GenARM's compute (base + one equal-sized model per
+    # token): ARGS with k=2 (1 + 2 reward-model steps per token), best-of-2 (two decodes).
+    args_settings: tuple[tuple[int, float], ...] = ((2, 1.0),)  # (k, weight)
+    bon_ns: tuple[int, ...] = (2,)
     weak_to_strong: bool = False
     seed: int = 0
 
     @classmethod
     def make(cls, quick: bool) -> GenarmPlan:
         if quick:
-            return cls(alphas=[0.0, 1.0, 3.0], headline_alpha=1.0, tradeoff=[(2.0, 0.0), (1.0, 1.0), (0.0, 2.0)], arm_epochs=1.0)
+            # The same ARM recipe as the full demo: halving its epochs left the sentiment ARM at
+            # chance on held-out pairs, and doubling the rate to compensate broke the brevity ARM.
+            return cls(alphas=[0.0, 1.0, 3.0], headline_alpha=1.0, tradeoff=[(2.0, 0.0), (1.0, 1.0), (0.0, 2.0)])
         return cls(
             alphas=[0.0, 0.5, 1.0, 2.0, 3.0, 5.0],
             headline_alpha=1.0,
             tradeoff=[(2.0, 0.0), (1.5, 0.5), (1.0, 1.0), (0.5, 1.5), (0.0, 2.0)],
+            args_settings=((2, 1.0), (10, 1.0)),  # and ARGS's usual k=10, at 5.5x GenARM's compute
+            bon_ns=(2, 4),
             weak_to_strong=True,
         )
 
@@ -91,10 +101,11 @@ def demo_genarm(world: ToyWorld, settings, log=print, plan: GenarmPlan | None = 
     expanded = [p for p in prompts for _ in range(settings.samples_per_prompt)]
     params = SamplingParams(max_new_tokens=max_new, temperature=1.0, seed=plan.seed, batch_size=128)
 
-    # 1. Two ARMs from the SFT policy: sentiment (the world's pairs), brevity (the same responses relabelled).
+    # 1. Two ARMs from the SFT policy: sentiment (the world's pairs) and brevity (the same
+    # responses against their own first clause, labelled by the brevity reward).
     sentiment_fit = fit_arm(world.policy_path, world.file("pairs.jsonl"), world.file("pairs_eval.jsonl"), work / "arm_sentiment", plan)
-    brevity_pairs = rerank_pairs(world.file("pairs.jsonl"), work / "pairs_brevity.jsonl", brevity_reward, seed=plan.seed)
-    rerank_pairs(world.file("pairs_eval.jsonl"), work / "pairs_brevity_eval.jsonl", brevity_reward, seed=plan.seed + 1)
+    brevity_pairs = concise_pairs(world.file("pairs.jsonl"), work / "pairs_brevity.jsonl", brevity_reward, seed=plan.seed)
+    concise_pairs(world.file("pairs_eval.jsonl"), work / "pairs_brevity_eval.jsonl", brevity_reward, seed=plan.seed + 1)
     brevity_fit = fit_arm(world.policy_path, work / "pairs_brevity.jsonl", work / "pairs_brevity_eval.jsonl", work / "arm_brevity", plan)
     sentiment_arm = frozen(load_model(sentiment_fit.model_path, device="cpu"))
     brevity_arm = frozen(load_model(brevity_fit.model_path, device="cpu"))
@@ -116,6 +127,10 @@ def demo_genarm(world: ToyWorld, settings, log=print, plan: GenarmPlan | None = 
         log(f"  alpha {alpha:g}: gold {point['gold_reward']:.3f} kl {point['kl']:.3f} brevity {point['brevity']:.3f}")
     headline = next((p for p in sweep if p["alpha"] == plan.headline_alpha), None) or guided([Arm(sentiment_arm, plan.headline_alpha)])
     base_point = next((p for p in sweep if p["alpha"] == 0.0), None) or guided([])
+    # Control: the untrained SFT policy as the ARM gives base^(1 + alpha), a colder base. What
+    # the trained ARM adds beyond sharpening is the gap between the two at the same alpha.
+    control = {"alpha": plan.headline_alpha, "arm": "the SFT policy itself (untrained)", **guided([Arm(base, plan.headline_alpha)])}
+    log(f"  control (untrained ARM, alpha {plan.headline_alpha:g}): gold {control['gold_reward']:.3f} kl {control['kl']:.3f}")
     lap("alpha_sweep")
 
     # 3. Two objectives: both ARMs, weights swept, no retraining.
@@ -128,23 +143,28 @@ def demo_genarm(world: ToyWorld, settings, log=print, plan: GenarmPlan | None = 
 
     # 4. Baselines with a reward model trained on the same pairs.
     rm_fit = train_reward_model(
-        world.policy_path, tokenizer, world.file("pairs.jsonl"),
-        TrainerConfig(out_dir=str(work / "reward_model"), batch_size=16, epochs=plan.arm_epochs, lr=plan.arm_lr,
-                      schedule="constant", seed=plan.seed, progress=False, log_every=1000),
-        eval_pairs_path=world.file("pairs_eval.jsonl"),
+        RewardModelConfig(
+            model=ModelSpec(name_or_path=str(world.policy_path), device="cpu"),
+            data=RMData(path=str(world.file("pairs.jsonl")), eval_path=str(world.file("pairs_eval.jsonl")), max_length=128, max_prompt_length=32),
+            trainer=TrainerConfig(out_dir=str(work / "reward_model"), batch_size=16, epochs=plan.arm_epochs, lr=plan.arm_lr,
+                                  schedule="constant", seed=plan.seed, progress=False, log_every=1000),
+        ),
+        log=lambda *_: None,
     )
     rm = frozen(load_reward_model(rm_fit.path))
     lap("train_reward_model")
-    args_row = run_args(base, rm, tokenizer, expanded, params, plan)
-    bon_row = run_best_of_n(base, rm, tokenizer, expanded, params, plan)
-    args_row["reward_model_pair_accuracy"] = bon_row["reward_model_pair_accuracy"] = rm_fit.pair_accuracy
+    args_rows = [run_args(base, rm, tokenizer, expanded, params, k, w) for k, w in plan.args_settings]
+    bon_rows = [run_best_of_n(base, rm, tokenizer, expanded, params, n) for n in plan.bon_ns]
+    for r in args_rows + bon_rows:
+        r["reward_model_pair_accuracy"] = rm_fit.accuracy
+        log(f"  {r['name']}: gold {r['gold_reward']:.3f} kl {r['kl']:.3f}")
     lap("baselines")
 
     # 5. Weak-to-strong: the small sentiment ARM guides a larger base (full demo only: it builds one).
     if plan.weak_to_strong:
         weak_to_strong = run_weak_to_strong(sentiment_arm, tokenizer, expanded, params, plan, guided, log)
     else:
-        weak_to_strong = {"skipped": "full demo only: it builds a larger toy base the first time (several minutes)"}
+        weak_to_strong = {"skipped": "full demo only: the first run builds a 3M-parameter toy base (about 4 minutes on 2 idle cores)"}
     lap("weak_to_strong")
 
     row = {
@@ -157,13 +177,15 @@ def demo_genarm(world: ToyWorld, settings, log=print, plan: GenarmPlan | None = 
         "brevity": headline["brevity"],
         "decode_seconds": headline["seconds"],
         "arm": arm_summary(sentiment_fit, plan),
-        "brevity_arm": {**arm_summary(brevity_fit, plan), **{f"pairs_{k}": v for k, v in brevity_pairs.items()}},
+        "brevity_arm": {**arm_summary(brevity_fit, plan), "train_pairs": brevity_pairs["pairs"], "label_agreement": brevity_pairs["label_agreement"]},
         "base": {"gold_reward": base_point["gold_reward"], "brevity": base_point["brevity"], "mean_length": base_point["mean_length"]},
         "sweep": sweep,
+        "control": control,
         "tradeoff": tradeoff,
         "weak_to_strong": weak_to_strong,
-        "args": args_row,
-        "best_of_n": bon_row,
+        "args": args_rows[0],
+        "best_of_n": bon_rows[0],
+        "baselines": args_rows + bon_rows,
         "timings": timings,
     }
     plot_alpha_sweep(row, Path(settings.out_dir) / "genarm_alpha_sweep.png")
@@ -229,25 +251,27 @@ def measure(
     }
 
 
-def run_args(base, rm: SequenceRewardModel, tokenizer, expanded: list[str], params: SamplingParams, plan: GenarmPlan) -> dict:
+def run_args(base, rm: SequenceRewardModel, tokenizer, expanded: list[str], params: SamplingParams, k: int, weight: float) -> dict:
     recorder = SampledLogps(len(expanded))
     t0 = time.perf_counter()
-    gens = args_generate(base, rm, tokenizer, expanded, params, k=plan.args_k, weight=plan.args_weight, on_step=recorder)
+    gens = args_generate(base, rm, tokenizer, expanded, params, k=k, weight=weight, on_step=recorder)
     point = measure(expanded, gens, recorder.logps, base, tokenizer, time.perf_counter() - t0)
-    return {"k": plan.args_k, "weight": plan.args_weight, "model_steps_per_token": 1 + plan.args_k, **point}
+    return {"name": f"ARGS k={k}", "k": k, "weight": weight, "model_steps_per_token": 1 + k, **point}
 
 
-def run_best_of_n(base, rm: SequenceRewardModel, tokenizer, expanded: list[str], params: SamplingParams, plan: GenarmPlan) -> dict:
+def run_best_of_n(base, rm: SequenceRewardModel, tokenizer, expanded: list[str], params: SamplingParams, n: int) -> dict:
     t0 = time.perf_counter()
-    gens, _ = best_of_n(base, tokenizer, expanded, params, n=plan.bon_n, rm=rm)
-    point = measure(expanded, gens, None, base, tokenizer, time.perf_counter() - t0, kl_bound=best_of_n_kl_bound(plan.bon_n))
-    return {"n": plan.bon_n, "kl_is_upper_bound": True, "model_steps_per_token": plan.bon_n, **point}
+    gens, _ = best_of_n(base, tokenizer, expanded, params, n=n, rm=rm)
+    point = measure(expanded, gens, None, base, tokenizer, time.perf_counter() - t0, kl_bound=best_of_n_kl_bound(n))
+    return {"name": f"best-of-{n}", "n": n, "kl_is_upper_bound": True, "model_steps_per_token": n, **point}
 
 
 def run_weak_to_strong(arm: torch.nn.Module, tokenizer, expanded: list[str], params: SamplingParams, plan: GenarmPlan, guided, log) -> dict:
     t0 = time.perf_counter()
     large_world = get_world("sentiment", LARGE_BASE, log=log)
     large = frozen(load_model(large_world.policy_path, device="cpu"))
+    # Every toy model shares one tokenizer; the check makes that a fact, not an assumption.
+    check_tokenizers(load_tokenizer(large_world.policy_path), tokenizer, str(large_world.policy_path), "the toy ARM")
     build = round(time.perf_counter() - t0, 1)
     alone = guided([], on=large)
     steered = guided([Arm(arm, plan.headline_alpha)], on=large)

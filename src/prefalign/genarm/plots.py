@@ -24,11 +24,15 @@ def plot_alpha_sweep(row: dict, path: Path) -> Path:
     left.plot(kls, golds, marker="o", label="GenARM (sentiment ARM), alpha sweep")
     for p in sweep:
         left.annotate(f"{p['alpha']:g}", (p["kl"], p["gold_reward"]), textcoords="offset points", xytext=(4, -10), fontsize=8)
-    for name, marker in (("args", "s"), ("best_of_n", "^")):
-        b = row.get(name)
-        if b and "gold_reward" in b:
-            label = f"ARGS k={b['k']}" if name == "args" else f"best-of-{b['n']} (KL bound)"
-            left.plot([b["kl"]], [b["gold_reward"]], marker=marker, linestyle="none", markersize=8, label=label)
+    baselines = row.get("baselines") or [b for b in (row.get("args"), row.get("best_of_n")) if b]
+    for b in baselines:
+        marker = "s" if "k" in b else "^"
+        label = f"ARGS k={b['k']}, w={b['weight']:g}" if "k" in b else f"best-of-{b['n']} (KL upper bound)"
+        left.plot([b["kl"]], [b["gold_reward"]], marker=marker, linestyle="none", markersize=8, label=label)
+    control = row.get("control")
+    if control:
+        left.plot([control["kl"]], [control["gold_reward"]], marker="x", markersize=9, linestyle="none",
+                  label=f"control: untrained ARM (SFT), alpha {control['alpha']:g}")
     w2s = row.get("weak_to_strong", {})
     if "guided" in w2s:
         left.plot([0.0, w2s["guided"]["kl"]], [w2s["base"]["gold_reward"], w2s["guided"]["gold_reward"]],
