@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import inspect
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 from torch import Tensor
 
 from prefalign.objectives import kto, pairwise
+from prefalign.userfiles import import_python_file
 
 Kind = Literal["pairwise", "unpaired"]
 
@@ -180,25 +177,7 @@ def load_user_objective(
     path_text, sep, fn_name = spec.rpartition(":")  # rpartition: Windows paths contain ':'
     if not sep or not path_text or not fn_name:
         raise ValueError(f"user objective spec must be 'path/to/file.py:function', got {spec!r}")
-    path = Path(path_text).expanduser().resolve()
-    if not path.is_file():
-        raise ValueError(f"user objective file not found: {path_text}")
-    # A unique module name per file, registered in sys.modules as a normal import would be (some
-    # code, e.g. dataclasses, looks its own module up there). Loading again re-executes the file.
-    digest = hashlib.sha1(str(path).encode()).hexdigest()[:12]
-    module_name = f"_prefalign_user_objective_{path.stem}_{digest}"
-    module_spec = importlib.util.spec_from_file_location(module_name, path)
-    if module_spec is None or module_spec.loader is None:
-        raise ValueError(f"user objective file {path_text} cannot be imported as a Python module")
-    module = importlib.util.module_from_spec(module_spec)
-    sys.modules[module_name] = module
-    try:
-        module_spec.loader.exec_module(module)
-    except Exception as e:
-        sys.modules.pop(module_name, None)
-        raise ValueError(
-            f"user objective file {path_text} failed to import: {type(e).__name__}: {e}"
-        ) from e
+    module = import_python_file(path_text, "user objective", "_prefalign_user_objective")
     if not hasattr(module, fn_name):
         raise ValueError(f"user objective file {path_text} has no function '{fn_name}'")
     fn = getattr(module, fn_name)

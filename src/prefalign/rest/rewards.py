@@ -8,16 +8,14 @@ training reward that rises while the gold reward does not.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.util
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal, Protocol
 
 from prefalign.toy.rewards import GOLD_REWARDS, gold_reward_fn
+from prefalign.userfiles import import_python_file
 
 PairFn = Callable[[str, str], float]
 
@@ -53,7 +51,7 @@ def load_function(spec: str) -> PairFn:
     if not sep or not target or not name:
         raise ValueError(f"reward.function must be 'module:function' or 'path/to/file.py:function', got {spec!r}")
     if target.endswith(".py") or "/" in target:
-        module = _import_file(Path(target))
+        module = import_python_file(target, "reward.function:", "_prefalign_reward")
     else:
         try:
             module = importlib.import_module(target)
@@ -63,25 +61,6 @@ def load_function(spec: str) -> PairFn:
     if not callable(fn):
         raise ValueError(f"reward.function: {target} has no callable {name!r}")
     return fn
-
-
-def _import_file(path: Path):
-    path = path.expanduser().resolve()
-    if not path.is_file():
-        raise ValueError(f"reward.function: file not found: {path}")
-    # A unique module name per file, registered in sys.modules as a normal import would be.
-    module_name = f"_prefalign_reward_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:12]}"
-    module_spec = importlib.util.spec_from_file_location(module_name, path)
-    if module_spec is None or module_spec.loader is None:
-        raise ValueError(f"reward.function: {path} cannot be imported as a Python module")
-    module = importlib.util.module_from_spec(module_spec)
-    sys.modules[module_name] = module
-    try:
-        module_spec.loader.exec_module(module)
-    except Exception as err:
-        sys.modules.pop(module_name, None)
-        raise ValueError(f"reward.function: {path} failed to import: {type(err).__name__}: {err}") from err
-    return module
 
 
 def gold_reward(task: str) -> FunctionReward:
