@@ -7,17 +7,29 @@ import torch
 from prefalign.logprobs import sequence_logps, split_pairs
 
 
-@torch.no_grad()
-def pair_metrics(model, reference, tokenizer, path: str, beta: float, data_config, batch_size: int = 32) -> dict[str, float]:
-    """Share of held-out pairs where beta * (log-ratio of chosen - log-ratio of rejected) > 0,
-    and the mean of that margin. `reference` is a ReferencePolicy (or None for reference-free)."""
-    from prefalign.data import collate_pairs, load_preference_data, tokenize_preference
+def load_eval_pairs(tokenizer, path: str, data_config) -> list:
+    """Held-out pairs, tokenized like the training data (invalid rows skipped)."""
+    from prefalign.data import load_preference_data, tokenize_preference
 
     loaded = load_preference_data(path, tokenizer=tokenizer, skip_invalid=True)
     pairs, _ = tokenize_preference(
         loaded.records, tokenizer, max_length=data_config.max_length,
         max_prompt_length=data_config.max_prompt_length, truncation=data_config.truncation, skip_invalid=True,
     )
+    return pairs
+
+
+@torch.no_grad()
+def pair_metrics(
+    model, reference, tokenizer, path: str, beta: float, data_config, batch_size: int = 32, pairs: list | None = None
+) -> dict[str, float]:
+    """Share of held-out pairs where beta * (log-ratio of chosen - log-ratio of rejected) > 0,
+    and the mean of that margin. `reference` is a ReferencePolicy (or None for reference-free).
+    Periodic evaluation passes `pairs` tokenized once instead of re-reading `path` each time."""
+    from prefalign.data import collate_pairs
+
+    if pairs is None:
+        pairs = load_eval_pairs(tokenizer, path, data_config)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

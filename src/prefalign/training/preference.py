@@ -196,7 +196,7 @@ def make_evaluator(config: PreferenceConfig, tokenizer, trainer: Trainer, refere
     """Periodic evaluation: gold reward + KL to the INITIAL policy on a toy task, and reward
     accuracy/margin on held-out pairs."""
     from prefalign.evaluation.core import evaluate_policy
-    from prefalign.evaluation.pairs import pair_metrics
+    from prefalign.evaluation.pairs import load_eval_pairs, pair_metrics
 
     initial = None
     if config.eval.task:
@@ -206,6 +206,7 @@ def make_evaluator(config: PreferenceConfig, tokenizer, trainer: Trainer, refere
         prompts = world.prompts("eval")[: config.eval.n_prompts]
         initial = load_model(config.model.name_or_path, device=str(trainer.accelerator.device))
     beta = reward_beta(resolve_objective(config.objective), config.objective.params)
+    eval_pairs = load_eval_pairs(tokenizer, config.data.eval_path, config.data) if config.data.eval_path else None
 
     def evaluate(step: int) -> dict[str, float]:
         model = trainer.unwrapped
@@ -219,7 +220,7 @@ def make_evaluator(config: PreferenceConfig, tokenizer, trainer: Trainer, refere
             if result.accuracy is not None:
                 out["accuracy"] = result.accuracy
         if config.data.eval_path:
-            out.update(pair_metrics(model, reference, tokenizer, config.data.eval_path, beta, config.data))
+            out.update(pair_metrics(model, reference, tokenizer, config.data.eval_path, beta, config.data, pairs=eval_pairs))
         model.train()
         return out
 
