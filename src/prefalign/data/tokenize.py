@@ -214,22 +214,9 @@ def tokenize_unpaired(
 ) -> tuple[list[TokenizedUnpaired], Counter[str]]:
     """Tokenize KTO rows; same layout and truncation as `tokenize_preference`."""
     budget = _Budget(tokenizer, max_length, max_prompt_length, truncation, add_eos)
-    rows = list(
-        zip(
-            budget.prompts([r.prompt for r in records]),
-            budget.responses([r.completion for r in records]),
-            strict=True,
-        )
+    return _tokenize_completions(
+        records, budget, skip_invalid, lambda r, p, c, cut: TokenizedUnpaired(p, c, r.label, truncated=cut)
     )
-
-    def build(
-        record: UnpairedRecord, prompt: list[int], completion: list[int]
-    ) -> TokenizedUnpaired:
-        prompt, cut_p = budget.cut_prompt(prompt, record)
-        completion, cut_c = budget.cut_response(prompt, completion, record, "completion")
-        return TokenizedUnpaired(prompt, completion, record.label, truncated=cut_p or cut_c)
-
-    return _check_rows(records, rows, skip_invalid, build)
 
 
 def tokenize_sft(
@@ -244,6 +231,13 @@ def tokenize_sft(
 ) -> tuple[list[TokenizedExample], Counter[str]]:
     """Tokenize prompt/completion rows; same layout and truncation as `tokenize_preference`."""
     budget = _Budget(tokenizer, max_length, max_prompt_length, truncation, add_eos)
+    return _tokenize_completions(
+        records, budget, skip_invalid, lambda r, p, c, cut: TokenizedExample(p, c, truncated=cut)
+    )
+
+
+def _tokenize_completions(records: Sequence[Any], budget: _Budget, skip_invalid: bool, make: Callable) -> tuple[list, Counter[str]]:
+    """Rows with one `completion` each (KTO, SFT): encode, truncate, then `make(record, prompt, completion, truncated)`."""
     rows = list(
         zip(
             budget.prompts([r.prompt for r in records]),
@@ -252,11 +246,9 @@ def tokenize_sft(
         )
     )
 
-    def build(
-        record: PromptCompletionRecord, prompt: list[int], completion: list[int]
-    ) -> TokenizedExample:
+    def build(record: Any, prompt: list[int], completion: list[int]):
         prompt, cut_p = budget.cut_prompt(prompt, record)
         completion, cut_c = budget.cut_response(prompt, completion, record, "completion")
-        return TokenizedExample(prompt, completion, truncated=cut_p or cut_c)
+        return make(record, prompt, completion, cut_p or cut_c)
 
     return _check_rows(records, rows, skip_invalid, build)
