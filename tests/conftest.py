@@ -1,4 +1,4 @@
-"""Shared tiny fixtures: a word-level tokenizer and a tiny Llama saved to disk.
+"""Shared tiny fixtures: a word-level tokenizer, a tiny Llama saved to disk, miniature toy worlds.
 
 Nothing here touches the network: the tokenizer's vocabulary is written out by hand and models
 are built from configs with random weights. Session fixtures are shared by every test, so treat
@@ -8,12 +8,15 @@ the objects they return as read-only (``copy.deepcopy`` them before changing any
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from prefalign.toy.world import ToyConfig, ToyModelSize, ToyWorld, get_world
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
 SPECIAL_TOKENS = [PAD, UNK, BOS, EOS]
@@ -90,3 +93,24 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Pre
     model.save_pretrained(out)
     tiny_tokenizer.save_pretrained(out)
     return out
+
+
+# A miniature toy world (a 40k-parameter policy, seconds to build) for end-to-end demo tests.
+MINI_WORLD = dict(
+    model=ToyModelSize(hidden_size=32, layers=2, heads=4, intermediate_size=64), corpus_size=800,
+    pretrain_steps=8, sft_steps=4, batch_size=16, n_pair_prompts=48, samples_per_prompt=2,
+    n_eval_pairs=16, n_train_prompts=16, n_eval_prompts=8, max_new_tokens=8,
+)
+# Long enough that the sentiment policy writes multi-clause reviews: the genarm row's brevity ARM
+# learns from responses against their own first clause (26 such pairs, 3.5 s of build).
+MINI_WORLD_STEPS = {"sentiment": dict(pretrain_steps=150, sft_steps=30), "arith": {}}
+
+
+@pytest.fixture(scope="session")
+def mini_worlds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ToyWorld]:
+    """Both toy tasks as miniature worlds, built once per session (read-only: shared)."""
+    root = tmp_path_factory.mktemp("mini_worlds")
+    return {
+        task: get_world(task, replace(ToyConfig.for_task(task), **{**MINI_WORLD, **MINI_WORLD_STEPS[task]}), out=root / task, log=lambda *_: None)
+        for task in ("sentiment", "arith")
+    }

@@ -4,32 +4,24 @@ results file, report and plots follow the contract of DESIGN.md section 5."""
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 import pytest
 
 from prefalign import demo
-from prefalign.toy.world import ToyConfig, ToyModelSize, get_world
-
-MINI = dict(
-    model=ToyModelSize(hidden_size=32, layers=2, heads=4, intermediate_size=64), corpus_size=800,
-    pretrain_steps=8, sft_steps=4, batch_size=16, n_pair_prompts=48, samples_per_prompt=2,
-    n_eval_pairs=16, n_train_prompts=16, n_eval_prompts=8, max_new_tokens=8,
-)
 
 
 @pytest.mark.slow
-def test_demo_runs_every_row_on_a_mini_world(tmp_path):
-    worlds = {
-        t: get_world(t, replace(ToyConfig.for_task(t), **MINI), out=tmp_path / f"world-{t}", log=lambda *_: None)
-        for t in ("sentiment", "arith")
-    }
-    results = demo.run_demo(tmp_path / "out", quick=True, log=lambda *_: None, worlds=worlds)
+def test_demo_runs_every_row_on_a_mini_world(tmp_path, mini_worlds):
+    results = demo.run_demo(tmp_path / "out", quick=True, log=lambda *_: None, worlds=mini_worlds)
 
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["seconds"] > 0
     sentiment = saved["tasks"]["sentiment"]["methods"]
-    assert set(demo.PREFERENCE_ROWS) | {"sft"} <= set(sentiment)
+    assert set(demo.PREFERENCE_ROWS) | {"sft", "genarm"} <= set(sentiment)
+    assert "discovered" not in sentiment  # the full demo's row only
+    genarm = sentiment["genarm"]
+    assert [p["alpha"] for p in genarm["sweep"]] == [0.0, 1.0, 3.0] and genarm["sweep"][0]["kl"] == pytest.approx(0.0, abs=1e-4)
+    assert len(genarm["tradeoff"]) == 3 and "skipped" in genarm["weak_to_strong"]
     assert {"sft", "rest"} <= set(saved["tasks"]["arith"]["methods"]) and "rest" in sentiment
     assert saved["tasks"]["arith"]["methods"]["sft"]["accuracy"] is not None
     for row in sentiment.values():

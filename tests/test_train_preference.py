@@ -16,11 +16,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from prefalign import objectives
 from prefalign.config import load_config
 from prefalign.toy.corpus import review
 from prefalign.toy.tokenizer import train_tokenizer
 from prefalign.training.loop import TrainingDiverged
-from prefalign.training.preference import PreferenceConfig, run_preference
+from prefalign.training.preference import PreferenceConfig, reward_beta, run_preference
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFALIGN = [sys.executable, "-m", "prefalign.cli"]
@@ -208,3 +209,11 @@ def test_missing_data_file_is_a_one_line_cli_error(tiny, tmp_path):
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "pairs.jsonl" in proc.stderr
+
+
+def test_logged_rewards_use_the_objectives_own_scale():
+    # DPO-style objectives scale implicit rewards by beta; the ARM objective by beta_r.
+    assert reward_beta(objectives.get("dpo"), {"beta": 0.3}) == 0.3
+    assert reward_beta(objectives.get("dpo"), {}) == objectives.get("dpo").defaults["beta"]
+    assert reward_beta(objectives.get("genarm"), {"beta_r": 0.02}) == 0.02
+    assert reward_beta(objectives.get("genarm"), {}) == objectives.get("genarm").defaults["beta_r"]

@@ -59,14 +59,16 @@ class PreferenceRow:
     beta: float = 0.1
     data: str = "pairs.jsonl"
     sweep_betas: tuple[float, ...] = ()  # extra betas for the reward/KL frontier (full demo only)
+    code: str | None = None  # `file.py:function` of a user (or discovered) objective instead of `objective`
 
     def overrides(self, world: ToyWorld, out_dir: Path, beta: float, quick: bool) -> list[str]:
         steps = 24 if quick else 48
+        objective = [f"objective.code={self.code}"] if self.code else [f"objective.name={self.objective}"]
         return [
             f"model.name_or_path={world.policy_path}",
             f"data.path={world.file(self.data)}",
-            f"objective.name={self.objective}",
-            f"objective.params={{beta: {beta}}}",
+            *objective,
+            f"objective.params={{beta: {beta}}}" if self.takes_beta() else "objective.params={}",
             f"reference.mode={self.reference}",
             # Trust-region settings scaled to a run of a few dozen steps (the paper: alpha 0.6, tau 512).
             "reference.alpha=0.6", "reference.period=4", "reference.tau=12",
@@ -74,6 +76,14 @@ class PreferenceRow:
             "trainer.lr=5e-4", "trainer.warmup_ratio=0.1", "trainer.log_every=8", "trainer.progress=false",
             "data.max_length=64", "data.max_prompt_length=16",
         ]
+
+    def takes_beta(self) -> bool:
+        if not self.code:
+            return True
+        from prefalign import objectives
+
+        names = objectives.load_user_objective(self.code).param_names
+        return names is None or "beta" in names
 
 
 PREFERENCE_ROWS: dict[str, PreferenceRow] = {
@@ -88,34 +98,45 @@ PREFERENCE_ROWS: dict[str, PreferenceRow] = {
 }
 
 
+def run_preference_row(world: ToyWorld, settings: DemoSettings, name: str, row: PreferenceRow) -> dict:
+    """Train the row (and its beta sweep in the full demo) from the SFT policy; evaluate each run."""
+    from prefalign.config import load_config
+    from prefalign.training.preference import PreferenceConfig, run_preference
+
+    reference = load_model(world.policy_path, device="cpu")
+    betas = [row.beta] + ([] if settings.quick else list(row.sweep_betas))
+    sweep = []
+    for beta in betas:
+        out = settings.out_dir / "runs" / world.task / f"{name}-beta{beta}"
+        config = load_config(PreferenceConfig, None, row.overrides(world, out, beta, settings.quick))
+        trained = run_preference(config, log=lambda *_: None)
+        point = evaluate_model(world, settings, out / "final", reference=reference)
+        point.update(beta=beta, train_seconds=round(trained.seconds, 1))
+        sweep.append(point)
+    result = dict(sweep[0])
+    if len(sweep) > 1:
+        result["sweep"] = sorted(sweep, key=lambda p: p["kl"])
+    return result
+
+
 def preference_method(name: str, row: PreferenceRow) -> MethodFn:
     def run(world: ToyWorld, settings: DemoSettings) -> dict:
-        from prefalign.config import load_config
-        from prefalign.training.preference import PreferenceConfig, run_preference
-
-        reference = load_model(world.policy_path, device="cpu")
-        betas = [row.beta] + ([] if settings.quick else list(row.sweep_betas))
-        sweep = []
-        for beta in betas:
-            out = settings.out_dir / "runs" / world.task / f"{name}-beta{beta}"
-            config = load_config(PreferenceConfig, None, row.overrides(world, out, beta, settings.quick))
-            trained = run_preference(config, log=lambda *_: None)
-            point = evaluate_model(world, settings, out / "final", reference=reference)
-            point.update(beta=beta, train_seconds=round(trained.seconds, 1))
-            sweep.append(point)
-        result = dict(sweep[0])
-        if len(sweep) > 1:
-            result["sweep"] = sorted(sweep, key=lambda p: p["kl"])
-        return result
+        return run_preference_row(world, settings, name, row)
 
     return run
 
 
-def methods_for(task: str) -> dict[str, MethodFn]:
-    """The demo rows of a task, in table order. Later methods register here as they land."""
+def methods_for(task: str, quick: bool = False) -> dict[str, MethodFn]:
+    """The demo rows of a task, in table order."""
     rows: dict[str, MethodFn] = {"sft": method_sft}
     if task == "sentiment":
+        from prefalign.discovery.demo import demo_discovery
+        from prefalign.genarm.demo import demo_genarm
+
         rows.update({name: preference_method(name, row) for name, row in PREFERENCE_ROWS.items()})
+        if not quick:  # discovery trains a dozen candidates: the full demo's row only
+            rows["discovered"] = demo_discovery
+        rows["genarm"] = demo_genarm
     from prefalign.rest.demo import demo_rest
 
     rows["rest"] = demo_rest
@@ -134,7 +155,7 @@ def run_demo(
         world = (worlds or {}).get(task) or get_world(task, log=log)
         task_rows: dict[str, dict] = {}
         results["tasks"][task] = {"world": str(world.root), "build": world.info()["figures"], "methods": task_rows}
-        for name, method in methods_for(task).items():
+        for name, method in methods_for(task, quick).items():
             t0 = time.perf_counter()
             log(f"[{task}] {name} ...")
             row = method(world, settings)

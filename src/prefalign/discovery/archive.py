@@ -89,6 +89,11 @@ class Archive:
         keys = ("name", "fitness", "origin", "generation", "index", "code_hash", "flags", "metrics")
         return [{key: r.get(key) for key in keys} | {"rank": i + 1} for i, r in enumerate(ranked)]
 
+    def best_proposed(self) -> dict[str, Any] | None:
+        """The full record of the best-scoring proposed (not baseline) objective, if any."""
+        ranked = [r for r in self.leaderboard(len(self.records)) if r.get("generation", 0) >= 0]
+        return self.find(ranked[0]["code_hash"]) if ranked else None
+
 
 def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)

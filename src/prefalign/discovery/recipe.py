@@ -18,9 +18,10 @@ from prefalign.discovery.candidate import Candidate
 from prefalign.discovery.export import save_objective
 from prefalign.discovery.fitness import FitnessCache, FitnessResult, score, synthetic_fitness
 from prefalign.discovery.llm import LLMProposer
-from prefalign.discovery.loop import format_leaderboard, run_discovery
+from prefalign.discovery.loop import run_discovery
 from prefalign.discovery.offline import OfflineProposer, baseline_codes
 from prefalign.discovery.sandbox import SandboxLimits
+from prefalign.toy.world import ToyWorld
 
 
 @dataclass
@@ -84,15 +85,16 @@ def make_proposer(spec: ProposerSpec):
     )
 
 
-def toy_proxy_fitness(proxy: ProxySpec, out_dir: Path, log=print):
-    """fitness_fn(candidate): train the toy sentiment policy with the candidate, score gold vs KL."""
+def toy_proxy_fitness(proxy: ProxySpec, out_dir: Path, log=print, world: ToyWorld | None = None):
+    """fitness_fn(candidate): train the toy sentiment policy with the candidate, score gold vs KL.
+    `world` defaults to the cached sentiment world."""
     from prefalign.config import load_config
     from prefalign.evaluation.core import evaluate_policy
     from prefalign.modeling import load_model, load_tokenizer
     from prefalign.toy.world import get_world
     from prefalign.training.preference import PreferenceConfig, run_preference
 
-    world = get_world("sentiment", log=log)
+    world = world or get_world("sentiment", log=log)
     tokenizer = load_tokenizer(world.policy_path)
     sft = load_model(world.policy_path, device="cpu")
     prompts = world.prompts("eval")[: proxy.n_eval_prompts]
@@ -127,14 +129,14 @@ def toy_proxy_fitness(proxy: ProxySpec, out_dir: Path, log=print):
     return fitness
 
 
-def run_discover(config: DiscoverConfig, resume: bool = False, log=print) -> Archive:
+def run_discover(config: DiscoverConfig, resume: bool = False, log=print, world: ToyWorld | None = None) -> Archive:
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if config.proxy.task == "synthetic":
         def raw(c: Candidate) -> FitnessResult:
             return synthetic_fitness(c, kl_penalty=config.proxy.fitness.kl_penalty, seed=config.proxy.seed)
     else:
-        raw = toy_proxy_fitness(config.proxy, out_dir, log=log)
+        raw = toy_proxy_fitness(config.proxy, out_dir, log=log, world=world)
     fitness = FitnessCache(out_dir / "fitness_cache.json").wrap(raw, asdict(config.proxy))
     limits = SandboxLimits(timeout_s=config.sandbox.timeout_s, memory_mb=config.sandbox.memory_mb, cpu_s=config.sandbox.cpu_s)
     archive = run_discovery(
@@ -143,10 +145,8 @@ def run_discover(config: DiscoverConfig, resume: bool = False, log=print) -> Arc
         archive_path=out_dir / "archive.jsonl", resume=resume,
         baselines=baseline_codes() if config.baselines else None, limits=limits, log=log,
     )
-    log(format_leaderboard(archive, k=10))
-    best = [r for r in archive.leaderboard(50) if r.get("generation", 0) >= 0]
-    if best:
-        record = archive.find(best[0]["code_hash"])
+    record = archive.best_proposed()
+    if record is not None:
         spec = save_objective(Candidate(record["name"], record["code"], record.get("thought", "")), out_dir / "best_objective.py")
         log(f"best discovered objective: {record['name']} (fitness {record['fitness']:.4f}); use it with\n"
             f"  prefalign train ... objective.code={spec}")

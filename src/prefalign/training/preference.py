@@ -62,8 +62,12 @@ def resolve_objective(spec: ObjectiveSpec) -> objectives.Objective:
 
 
 def reward_beta(objective: objectives.Objective, params: dict[str, Any]) -> float:
-    """The beta that scales implicit rewards in the logged metrics (0.1 if the objective has none)."""
-    return float(params.get("beta", objective.defaults.get("beta", 0.1)))
+    """The scale of the implicit rewards in the logged metrics: `beta`, or the ARM objective's
+    `beta_r`, from the run's params or the objective's defaults (0.1 if it has neither)."""
+    for key in ("beta", "beta_r"):
+        if key in params or key in objective.defaults:
+            return float(params.get(key, objective.defaults.get(key)))
+    return 0.1
 
 
 def pairwise_loss_fn(objective: objectives.Objective, reference: ReferencePolicy, params: dict[str, Any]):
