@@ -372,18 +372,32 @@ def demo_curves(methods: dict) -> list[Curve]:
 
 
 def frontier_plot(plots: Plotter, name: str, curves: Sequence[Curve], caption: str) -> Image:
-    def draw(ax: Any) -> None:
-        for c in curves:
-            if len(c.kl) == 1:
-                ax.errorbar(c.kl, c.gold, yerr=c.se or None, marker="o", capsize=3, label=c.label)
-            else:
-                ax.plot(c.kl, c.gold, marker="o", label=c.label)
-        ax.set_xlabel("KL(policy || SFT) per sequence (nats)")
-        ax.set_ylabel("gold reward")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    return plots.save(name, lambda ax: draw_frontier(ax, curves), caption)
 
-    return plots.save(name, draw, caption)
+
+def draw_frontier(ax: Any, curves: Sequence[Curve]) -> None:
+    """Gold reward against KL, a distinct colour and marker per method; the KL axis turns
+    logarithmic beyond 10 nats, so a far-drifting sweep does not squeeze the rest into a corner."""
+    import matplotlib
+    import matplotlib.ticker
+
+    colors = matplotlib.colormaps["tab20"].colors
+    markers = "osD^vP*Xh<>"
+    for i, c in enumerate(curves):
+        style = dict(color=colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20], marker=markers[i % len(markers)], label=c.label)
+        if len(c.kl) == 1:
+            ax.errorbar(c.kl, c.gold, yerr=c.se or None, capsize=3, **style)
+        else:
+            ax.plot(c.kl, c.gold, **style)
+    widest = max((k for c in curves for k in c.kl), default=0.0)
+    if widest > 10:
+        ax.set_xscale("symlog", linthresh=10, linscale=2)
+        ax.set_xticks([t for t in (0, 2, 4, 6, 8, 10, 20, 50, 100, 200, 500) if t <= widest * 1.2])
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.set_xlabel("KL(policy || SFT) per sequence (nats)")
+    ax.set_ylabel("gold reward")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
 
 
 def training_blocks(runs: dict[str, list[dict]], plots: Plotter) -> list[Block]:

@@ -32,19 +32,16 @@ def plot_reward_vs_kl(results: dict, task: str, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    from prefalign.evaluation.html_report import Curve, draw_frontier
+
+    curves = []
     for name, row in results["tasks"][task]["methods"].items():
-        sweep = row.get("sweep")
-        if sweep:
-            xs, ys = [p["kl"] for p in sweep], [p["gold_reward"] for p in sweep]
-            ax.plot(xs, ys, marker="o", label=name)
-        else:
-            ax.errorbar([row["kl"]], [row["gold_reward"]], yerr=[row.get("gold_reward_se", 0)], marker="o", label=name, capsize=3)
-    ax.set_xlabel("KL(policy || SFT) per sequence (nats)")
-    ax.set_ylabel("gold reward")
+        points = row.get("sweep") or [row]
+        se = None if row.get("sweep") else [row.get("gold_reward_se", 0.0)]
+        curves.append(Curve(name, [p["kl"] for p in points], [p["gold_reward"] for p in points], se))
+    fig, ax = plt.subplots(figsize=(6.5, 4.8))
+    draw_frontier(ax, curves)
     ax.set_title(f"{task}: gold reward against drift from the SFT policy")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
