@@ -25,7 +25,9 @@ def test_discovered_row_trains_the_best_proposed_candidate(tmp_path, mini_worlds
     records = [json.loads(line) for line in open(row["archive"])]
     proposed = [r for r in records if r["generation"] >= 0]
     assert len(proposed) == 4 and sum(r["generation"] == -1 for r in records) == 6
-    best = max((r for r in proposed if r["valid"]), key=lambda r: r["fitness"])
+    # The best new behaviour: a proposal that computes a baseline's loss is that baseline.
+    baseline_behaviours = {r["behaviour"] for r in records if r["generation"] == -1}
+    best = max((r for r in proposed if r["valid"] and r["behaviour"] not in baseline_behaviours), key=lambda r: r["fitness"])
     assert row["objective"] == best["name"] and row["proxy_fitness"] == pytest.approx(best["fitness"])
     assert row["candidates"] == {"proposed": 4, "valid": sum(r["valid"] for r in proposed), "rejected": sum(not r["valid"] for r in proposed)}
     # The row is a real training run of that code, evaluated like every other demo row.

@@ -29,6 +29,7 @@ from prefalign.discovery import (
     score,
     synthetic_fitness,
 )
+from prefalign.discovery.llm import archive_prompt
 
 
 class CountingFitness:
@@ -171,7 +172,7 @@ def test_loop_records_fitness_failures_and_reuses_duplicates(
         Candidate("a", dpo, origin="test"),
         Candidate("a_again", dpo + "\n# same code, new comment\n", origin="test"),
         Candidate("boom", hinge.replace("def hinge", "def boom"), origin="test"),
-        Candidate("nan", hinge.replace("def hinge", "def nan_loss"), origin="test"),
+        Candidate("nan", hinge.replace("def hinge", "def nan_loss").replace("relu(1 - z)", "relu(2 - z)"), origin="test"),
         ProposalError("model said no", raw="no"),
     ])  # fmt: skip
     archive = run_discovery(
@@ -187,6 +188,43 @@ def test_loop_records_fitness_failures_and_reuses_duplicates(
     assert r[4]["reason"] == "model said no" and r[4]["flags"] == ["proposal_error"]
     assert r[5]["reason"] == "the proposer returned too few candidates"
     json.loads(json.dumps(r, allow_nan=False))  # strict JSON throughout
+
+
+def test_same_loss_in_other_code_is_scored_once(sandbox: Sandbox, tmp_path: Path) -> None:
+    dpo = baseline_codes()["dpo"]
+    softplus = dpo.replace("def dpo", "def dpo_softplus").replace("-F.logsigmoid(z)", "F.softplus(-z)")
+    halved = dpo.replace("def dpo", "def dpo_halved").replace("-F.logsigmoid(z)", "-0.5 * F.logsigmoid(z)")
+    assert softplus != dpo and halved != dpo
+    calls: list[str] = []
+
+    def fitness(candidate: Candidate) -> FitnessResult:
+        calls.append(candidate.name)
+        return FitnessResult(float(len(calls)), {})
+
+    proposer = ScriptedProposer([Candidate("softplus", softplus), Candidate("halved", halved)])
+    archive = run_discovery(
+        proposer, fitness, generations=1, candidates_per_generation=2, archive_path=tmp_path / "a.jsonl",
+        baselines={"dpo": dpo}, sandbox=sandbox, log=lambda s: None,
+    )  # fmt: skip
+    base, twin, other = archive.load()
+    assert calls == ["dpo", "halved"]  # softplus(-z) == -logsigmoid(z): not trained again
+    assert twin["same_behaviour_as"] == "dpo" and twin["duplicate_of"] == [-1, 0] and twin["fitness"] == 1.0
+    assert twin["behaviour"] == base["behaviour"] != other["behaviour"]
+    assert [r["name"] for r in archive.leaderboard()] == ["halved", "dpo"]  # one entry per behaviour
+    assert archive.best_proposed()["name"] == "halved"
+    # An LLM proposer is told, so it stops rewriting DPO.
+    assert "computes exactly the same loss as 'dpo'" in archive_prompt(archive, [])
+
+
+def test_fingerprint_follows_how_the_fitness_calls_the_objective(sandbox: Sandbox) -> None:
+    dpo = baseline_codes()["dpo"]  # beta=0.1 by default
+    other_default = dpo.replace("def dpo", "def dpo_b").replace("beta=0.1", "beta=0.05")
+    # Called with the candidates' defaults, the two differ; with beta=0.1 passed, they are one.
+    assert sandbox.check(dpo).fingerprint != sandbox.check(other_default).fingerprint
+    called = {"beta": 0.1}
+    assert sandbox.check(dpo, called).fingerprint == sandbox.check(other_default, called).fingerprint
+    assert sandbox.check(dpo, {"beta": 0.3}).fingerprint != sandbox.check(dpo, called).fingerprint
+    assert sandbox.check(baseline_codes()["hinge"], called).fingerprint != sandbox.check(dpo, called).fingerprint
 
 
 # ---------------------------------------------------------------- using a discovered objective

@@ -78,11 +78,21 @@ class Archive:
                 return r
         return None
 
+    def find_behaviour(self, fingerprint: str | None) -> dict[str, Any] | None:
+        """The first evaluated record whose objective computes the same losses and gradients."""
+        if fingerprint is None:
+            return None
+        for r in self.records:
+            if r.get("behaviour") == fingerprint and "fitness" in r:
+                return r
+        return None
+
     def leaderboard(self, k: int = 10) -> list[dict[str, Any]]:
-        """The `k` best distinct valid objectives, best first."""
+        """The `k` best distinct valid objectives (by behaviour where known), best first; of
+        equals, the earliest."""
         best: dict[str, dict[str, Any]] = {}
         for r in self.scored():
-            h = r["code_hash"]
+            h = r.get("behaviour") or r["code_hash"]
             if h not in best or r["fitness"] > best[h]["fitness"]:
                 best[h] = r
         ranked = sorted(best.values(), key=lambda r: r["fitness"], reverse=True)[:k]

@@ -252,6 +252,9 @@ def _strip_fence(code: str) -> str:
 
 
 def _outcome(record: dict[str, Any]) -> str:
+    if record.get("valid") and record.get("same_behaviour_as"):
+        return (f"fitness {record['fitness']:.4g}: computes exactly the same loss as "
+                f"{record['same_behaviour_as']!r}; propose something that behaves differently")
     if record.get("valid") and record.get("fitness") is not None:
         return f"fitness {record['fitness']:.4g}{_metrics_text(record.get('metrics'))}"
     return f"FAILED: {record.get('reason')}"

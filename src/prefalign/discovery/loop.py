@@ -38,12 +38,15 @@ def run_discovery(
     limits: SandboxLimits | None = None,
     workdir: Path | None = None,
     sandbox: Sandbox | None = None,
+    call_params: dict[str, Any] | None = None,
     log: Callable[[str], None] = print,
 ) -> Archive:
     """Run (or with `resume`, continue) a discovery run; return its archive.
 
     Candidates are checked in a Sandbox with `limits` under `workdir` (a temporary directory
-    by default), or in `sandbox`, an open Sandbox to reuse (it stays open).
+    by default), or in `sandbox`, an open Sandbox to reuse (it stays open). `call_params` are
+    the keyword arguments `fitness_fn` passes to objectives that take them (the proxy's beta):
+    a candidate computing the same losses as an earlier one under that call reuses its fitness.
     """
     if generations < 0 or candidates_per_generation < 1:
         raise ValueError("discovery needs generations >= 0 and candidates_per_generation >= 1")
@@ -55,7 +58,7 @@ def run_discovery(
         )
     done = archive.done()
     with contextlib.nullcontext(sandbox) if sandbox else Sandbox(limits, workdir) as checker:
-        evaluate = _Evaluator(archive, checker, fitness_fn, log)
+        evaluate = _Evaluator(archive, checker, fitness_fn, log, call_params)
         for index, (name, code) in enumerate((baselines or {}).items()):
             if (BASELINE_GENERATION, index) not in done:
                 baseline = Candidate(name, code, "registry objective", origin="baseline")
@@ -83,8 +86,10 @@ class _Evaluator:
         sandbox: Sandbox,
         fitness_fn: Callable[[Candidate], FitnessResult],
         log: Callable[[str], None],
+        call_params: dict[str, Any] | None = None,
     ) -> None:
         self.archive, self.sandbox, self.fitness_fn, self.log = archive, sandbox, fitness_fn, log
+        self.call_params = call_params
 
     def __call__(
         self, proposal: Candidate | ProposalError, generation: int, index: int
@@ -113,14 +118,20 @@ class _Evaluator:
         previous = self.archive.find(candidate.code_hash)
         if previous is not None:  # the same code again: reuse its verdict, do not retrain
             keys = ("valid", "reason", "flags", "fitness", "metrics")
-            record.update({k: previous[k] for k in keys})
+            record.update({k: previous[k] for k in keys}, behaviour=previous.get("behaviour"))
             record["duplicate_of"] = [previous["generation"], previous["index"]]
             return record
-        check = self.sandbox.check(candidate.code)
+        check = self.sandbox.check(candidate.code, self.call_params)
         record.update(
-            valid=check.ok, reason=check.reason, flags=check.flags, fitness=None, metrics={}
+            valid=check.ok, reason=check.reason, flags=check.flags, fitness=None, metrics={},
+            behaviour=check.fingerprint,
         )
         if not check.ok:
+            return record
+        twin = self.archive.find_behaviour(check.fingerprint)
+        if twin is not None:  # other code, same loss and gradients: it would train the same way
+            record.update({k: twin[k] for k in ("valid", "reason", "fitness", "metrics")})
+            record.update(duplicate_of=[twin["generation"], twin["index"]], same_behaviour_as=twin["name"])
             return record
         try:
             result = self.fitness_fn(candidate)
@@ -152,6 +163,8 @@ def _error_record(error: ProposalError) -> dict[str, Any]:
 
 
 def _outcome(record: dict[str, Any]) -> str:
+    if record["valid"] and record.get("same_behaviour_as"):
+        return f"fitness {record['fitness']:.4g} (computes the same loss as {record['same_behaviour_as']!r}; not retrained)"
     if record["valid"]:
         return f"fitness {record['fitness']:.4g}"
     return f"rejected: {record['reason']}"

@@ -144,6 +144,9 @@ def run_discover(config: DiscoverConfig, resume: bool = False, log=print, world:
         generations=config.generations, candidates_per_generation=config.candidates_per_generation,
         archive_path=out_dir / "archive.jsonl", resume=resume,
         baselines=baseline_codes() if config.baselines else None, limits=limits, log=log,
+        # How the fitness calls a candidate: the toy proxy passes its beta to those that take
+        # one; the synthetic proxy uses the candidate's defaults.
+        call_params=None if config.proxy.task == "synthetic" else {"beta": config.proxy.beta},
     )
     record = archive.best_proposed()
     if record is not None:

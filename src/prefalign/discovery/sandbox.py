@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from prefalign.discovery.static_check import SAFE_BUILTINS, check_static
 
@@ -46,6 +47,7 @@ class SandboxResult:
     ok: bool
     reason: str | None = None
     flags: list[str] = field(default_factory=list)
+    fingerprint: str | None = None  # hash of the losses and gradients it computes (valid ones)
 
 
 @dataclass(frozen=True)
@@ -101,13 +103,14 @@ class Sandbox:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def check(self, code: str) -> SandboxResult:
-        """Static check, then dynamic checks in the child."""
+    def check(self, code: str, call_params: dict[str, Any] | None = None) -> SandboxResult:
+        """Static check, then dynamic checks in the child. `call_params`: the keyword arguments
+        the fitness evaluation will pass (where the signature takes them), for the fingerprint."""
         static = check_static(code)
         if not static.ok:
             return SandboxResult(False, static.reason, ["static"])
         assert static.function is not None
-        return self._check_dynamic(code, static.function)
+        return self._check_dynamic(code, static.function, call_params)
 
     def check_many(self, codes: Sequence[str]) -> list[SandboxResult]:
         return [self.check(code) for code in codes]
@@ -121,9 +124,9 @@ class Sandbox:
 
     # ------------------------------------------------------------ child process
 
-    def _check_dynamic(self, code: str, function: str) -> SandboxResult:
+    def _check_dynamic(self, code: str, function: str, call_params: dict[str, Any] | None) -> SandboxResult:
         proc = self._worker()
-        request = {"code": code, "function": function, "cpu_s": self.limits.cpu_s}
+        request = {"code": code, "function": function, "cpu_s": self.limits.cpu_s, "call_params": call_params}
         try:
             self._send(proc, request)
             reply = json.loads(self._read_line(proc, self.limits.timeout_s))
@@ -134,7 +137,9 @@ class Sandbox:
             )
         except _WorkerGone:
             return self._death_result(self._discard(proc))
-        return SandboxResult(bool(reply["ok"]), reply.get("reason"), list(reply.get("flags", [])))
+        return SandboxResult(
+            bool(reply["ok"]), reply.get("reason"), list(reply.get("flags", [])), reply.get("fingerprint")
+        )
 
     def _worker(self) -> subprocess.Popen[bytes]:
         if self._proc is not None and self._proc.poll() is None:

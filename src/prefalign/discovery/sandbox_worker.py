@@ -13,6 +13,8 @@ same restricted globals in training as in the sandbox.
 from __future__ import annotations
 
 import builtins
+import hashlib
+import inspect
 import json
 import math
 import os
@@ -200,14 +202,42 @@ def _batch_dependent(
         return True
 
 
-def check(code: str, function: str, builtin_names: Iterable[str]) -> dict[str, Any]:
+def fingerprint(fn: Callable[..., Any], call_params: dict[str, Any] | None = None) -> str | None:
+    """A hash of what the objective computes when called as the fitness evaluation calls it
+    (with those of `call_params` its signature takes): losses and gradients on the check's two
+    random batches, to 5 significant digits. Two codes with one fingerprint train alike, so the
+    loop need not train the second. None when the objective fails on these inputs."""
+    signature = inspect.signature(fn).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.values())
+    kwargs = {k: v for k, v in (call_params or {}).items() if takes_any or k in signature}
+    digest = hashlib.sha256()
+    try:
+        for inputs in (random_inputs(0), random_inputs(1)):
+            loss, grads = evaluate(lambda *xs: fn(*xs, **kwargs), inputs, "fingerprint")
+            for tensor in [loss, *(grads or [])]:
+                digest.update(" ".join(_rounded(v) for v in tensor.tolist()).encode() + b";")
+    except Exception:
+        return None
+    return digest.hexdigest()[:16]
+
+
+def _rounded(value: float) -> str:
+    # Below 1e-6 float32 keeps few digits (-logsigmoid(100) is a denormal that softplus(-100)
+    # rounds otherwise), so such values count as 0; 0.0 also stands for -0.0.
+    return "0" if abs(value) < 1e-6 else f"{value:.5g}"
+
+
+def check(
+    code: str, function: str, builtin_names: Iterable[str], call_params: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Define and check one candidate; never raises (except on the limits' signals)."""
     try:
         fn = define_function(code, function, builtin_names)
     except BaseException as e:  # any failure is the candidate's
         return _failure(f"defining the function failed: {_describe(e)}", "definition")
     try:
-        return {"ok": True, "reason": None, "flags": run_checks(fn)}
+        flags = run_checks(fn)
+        return {"ok": True, "reason": None, "flags": flags, "fingerprint": fingerprint(fn, call_params)}
     except CheckFailed as e:
         return _failure(str(e), e.flag)
     except MemoryError:
@@ -270,7 +300,7 @@ def main() -> None:
     for line in sys.stdin:
         request = json.loads(line)
         _limit_cpu(float(request["cpu_s"]))
-        result = check(request["code"], request["function"], builtin_names)
+        result = check(request["code"], request["function"], builtin_names, request.get("call_params"))
         protocol.write(json.dumps(result) + "\n")
 
 
