@@ -275,3 +275,33 @@ def test_bare_list_and_dict_annotations_are_still_checked():
     assert load_config(Loose, None, ["items=[1, a]", "table={k: [1]}"]) == Loose(items=[1, "a"], table={"k": [1]})
     expect_config_error(Loose, None, ["items=3"], match=r"^config key 'items': expected a list, got 3$")
     expect_config_error(Loose, None, ["table=3"], match=r"^config key 'table': expected a mapping, got 3$")
+
+
+@dataclass
+class Inner:
+    name: str = "plain"
+    size: int = 1
+    params: dict = field(default_factory=dict)
+
+
+@dataclass
+class Outer:
+    tuned: Inner = field(default_factory=lambda: Inner(name="tuned", size=5, params={"a": 1}))
+    optional: Inner | None = None
+
+
+def test_a_partial_nested_override_starts_from_the_fields_own_default():
+    config = load_config(Outer, None, ["tuned.size=7"])
+    assert (config.tuned.name, config.tuned.size, config.tuned.params) == ("tuned", 7, {"a": 1})
+    # A mapping-valued leaf is replaced, not merged: the user's params are the params.
+    assert load_config(Outer, None, ["tuned.params={b: 2}"]).tuned.params == {"b": 2}
+    # With no default instance, the schema's own defaults fill in.
+    assert load_config(Outer, None, ["optional.size=3"]).optional == Inner(size=3)
+    assert load_config(Outer).tuned == Inner(name="tuned", size=5, params={"a": 1})
+
+
+def test_arm_config_keeps_its_objective_when_only_params_are_set():
+    from prefalign.genarm.arm import ArmConfig
+
+    config = load_config(ArmConfig, None, ["objective.params={beta_r: 0.02}"])
+    assert config.objective.name == "genarm" and config.objective.params == {"beta_r": 0.02}

@@ -7,6 +7,7 @@ line names the key and what is allowed, e.g.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -72,8 +73,10 @@ def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def build(schema: type[T], raw: Any, prefix: str) -> T:
-    """Recursively turn a mapping into the dataclass `schema`, checking every key and value."""
+def build(schema: type[T], raw: Any, prefix: str, base: Any = None) -> T:
+    """Recursively turn a mapping into the dataclass `schema`, checking every key and value.
+    Keys the mapping leaves out come from `base` (the enclosing field's default instance) when
+    given, else from the schema's own defaults."""
     where = prefix.rstrip(".") or "<root>"
     if isinstance(raw, schema):
         return raw
@@ -89,15 +92,29 @@ def build(schema: type[T], raw: Any, prefix: str) -> T:
         )
     missing = [
         name for name, f in fields.items()
-        if name not in raw and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if name not in raw and base is None
+        and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     ]
     if missing:
         raise ConfigError(f"config key '{prefix}{missing[0]}' is required")
-    kwargs = {name: coerce(hints[name], value, f"{prefix}{name}") for name, value in raw.items()}
+    kwargs = {}
+    for name, value in raw.items():
+        # A partial mapping for a nested config starts from this field's default: ArmConfig's
+        # objective is genarm, so `objective.params=...` must not fall back to ObjectiveSpec's dpo.
+        default = getattr(base, name) if base is not None else field_default(fields[name])
+        kwargs[name] = coerce(hints[name], value, f"{prefix}{name}", default)
+    if base is not None:
+        kwargs.update({name: copy.deepcopy(getattr(base, name)) for name in fields if name not in raw})
     return schema(**kwargs)
 
 
-def coerce(annotation: Any, value: Any, key: str) -> Any:
+def field_default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+def coerce(annotation: Any, value: Any, key: str, default: Any = None) -> Any:
     """Check `value` against a type annotation; return it converted (int->float, dict->dataclass)."""
     origin = get_origin(annotation)
     if annotation is Any:
@@ -111,7 +128,7 @@ def coerce(annotation: Any, value: Any, key: str) -> Any:
             if option is type(None):
                 continue
             try:
-                return coerce(option, value, key)
+                return coerce(option, value, key, default)
             except ConfigError as err:
                 errors.append(str(err))
         raise ConfigError(errors[0] if len(errors) == 1 else f"config key '{key}': {value!r} fits none of {describe(annotation)}")
@@ -127,7 +144,7 @@ def coerce(annotation: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"config key '{key}': got {value!r}, allowed: " + ", ".join(repr(a) for a in allowed))
         return value
     if dataclasses.is_dataclass(annotation):
-        return build(annotation, value, prefix=f"{key}.")
+        return build(annotation, value, prefix=f"{key}.", base=default if isinstance(default, annotation) else None)
     if origin in (list, tuple) or annotation in (list, tuple):
         if not isinstance(value, list):
             raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
