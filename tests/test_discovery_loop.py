@@ -96,6 +96,21 @@ def test_offline_proposer_finds_valid_candidates_every_generation(offline_archiv
     assert board == sorted(board, key=lambda row: -row["fitness"])
 
 
+def test_offline_proposals_compute_losses_not_seen_before(sandbox: Sandbox, tmp_path: Path) -> None:
+    # Called with beta passed (as the toy proxy does), many mutations of DPO only change the
+    # default beta or add a zero-weight term; the proposer must skip those.
+    called = {"beta": 0.1}
+    archive = run_discovery(
+        OfflineProposer(seed=0, call_params=called), CountingFitness(), generations=3,
+        candidates_per_generation=4, archive_path=tmp_path / "a.jsonl", baselines=baseline_codes(),
+        sandbox=sandbox, call_params=called, log=lambda s: None,
+    )  # fmt: skip
+    records = archive.load()
+    behaviours = [r["behaviour"] for r in records if r.get("behaviour")]
+    assert len(behaviours) >= 6 + 3 * 2 and len(behaviours) == len(set(behaviours))
+    assert not any(r.get("same_behaviour_as") for r in records)
+
+
 def test_offline_proposer_is_deterministic_for_a_seed(offline_archive) -> None:
     archive, _ = offline_archive
     first = OfflineProposer(seed=7).propose(archive, 4)

@@ -12,6 +12,7 @@ from typing import Any
 
 from prefalign.discovery.archive import Archive
 from prefalign.discovery.candidate import Candidate, ProposalError, code_hash
+from prefalign.discovery.export import compile_objective
 from prefalign.discovery.expressions import (
     Genome,
     crossover,
@@ -20,6 +21,7 @@ from prefalign.discovery.expressions import (
     render,
     within_limits,
 )
+from prefalign.discovery.sandbox_worker import fingerprint
 
 MAX_TRIES = 200
 
@@ -38,15 +40,20 @@ class OfflineProposer:
 
     origin = "offline"
 
-    def __init__(self, seed: int = 0, tournament: int = 3, crossover_rate: float = 0.3) -> None:
+    def __init__(
+        self, seed: int = 0, tournament: int = 3, crossover_rate: float = 0.3, call_params: dict[str, Any] | None = None
+    ) -> None:
         self.seed = seed
         self.tournament = tournament
         self.crossover_rate = crossover_rate
+        # How the fitness will call a candidate (see run_discovery): children that would compute
+        # a loss already in the archive are skipped, not proposed.
+        self.call_params = call_params
 
     def propose(self, archive: Archive, n: int) -> list[Candidate | ProposalError]:
         rng = random.Random(f"{self.seed}:{len(archive)}")
         pool = self._pool(archive)
-        seen = {r.get("code_hash") for r in archive}
+        seen = {r.get("code_hash") for r in archive} | self._behaviours(archive)
         out: list[Candidate | ProposalError] = []
         for _ in range(n):
             candidate = self._child(pool, seen, rng)
@@ -56,6 +63,11 @@ class OfflineProposer:
             seen.add(candidate.code_hash)
             out.append(candidate)
         return out
+
+    def _behaviours(self, archive: Archive) -> set[str]:
+        """Fingerprints of the archive's objectives and of the registry seeds."""
+        seeds = {fingerprint(compile_objective(render(g, name)), self.call_params) for name, g in registry_seeds().items()}
+        return ({r["behaviour"] for r in archive if r.get("behaviour")} | seeds) - {None}
 
     def _pool(self, archive: Archive) -> list[tuple[str, Genome, float | None]]:
         """(name, genome, fitness or None) of the seeds and of every scored offline candidate."""
@@ -101,6 +113,12 @@ class OfflineProposer:
             code = render(child, name)
             if code_hash(code) in seen:
                 continue
+            # Our own grammar's code, so it may run here: a new expression of a known loss
+            # (a zero weight, a mixture of one term with itself) is not a new candidate.
+            behaviour = fingerprint(compile_objective(code), self.call_params)
+            if behaviour is not None and behaviour in seen:
+                continue
+            seen.add(behaviour)
             how = "crossover of " + " and ".join(parents) if len(parents) == 2 else f"{parents[0]}"
             return Candidate(
                 name=name,

@@ -76,9 +76,9 @@ class DiscoverConfig:
     proxy: ProxySpec = field(default_factory=ProxySpec)
 
 
-def make_proposer(spec: ProposerSpec):
+def make_proposer(spec: ProposerSpec, call_params: dict | None = None):
     if spec.kind == "offline":
-        return OfflineProposer(seed=spec.seed)
+        return OfflineProposer(seed=spec.seed, call_params=call_params)
     return LLMProposer(
         base_url=spec.base_url, model=spec.model, api_key_env=spec.api_key_env, max_retries=spec.max_retries,
         timeout_s=spec.timeout_s, backoff_s=spec.backoff_s, temperature=spec.temperature,
@@ -139,14 +139,15 @@ def run_discover(config: DiscoverConfig, resume: bool = False, log=print, world:
         raw = toy_proxy_fitness(config.proxy, out_dir, log=log, world=world)
     fitness = FitnessCache(out_dir / "fitness_cache.json").wrap(raw, asdict(config.proxy))
     limits = SandboxLimits(timeout_s=config.sandbox.timeout_s, memory_mb=config.sandbox.memory_mb, cpu_s=config.sandbox.cpu_s)
+    # How the fitness calls a candidate: the toy proxy passes its beta to those that take one;
+    # the synthetic proxy uses the candidate's defaults.
+    call_params = None if config.proxy.task == "synthetic" else {"beta": config.proxy.beta}
     archive = run_discovery(
-        make_proposer(config.proposer), fitness,
+        make_proposer(config.proposer, call_params), fitness,
         generations=config.generations, candidates_per_generation=config.candidates_per_generation,
         archive_path=out_dir / "archive.jsonl", resume=resume,
         baselines=baseline_codes() if config.baselines else None, limits=limits, log=log,
-        # How the fitness calls a candidate: the toy proxy passes its beta to those that take
-        # one; the synthetic proxy uses the candidate's defaults.
-        call_params=None if config.proxy.task == "synthetic" else {"beta": config.proxy.beta},
+        call_params=call_params,
     )
     record = archive.best_proposed()
     if record is not None:
