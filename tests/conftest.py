@@ -7,6 +7,7 @@ the objects they return as read-only (``copy.deepcopy`` them before changing any
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -16,6 +17,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from prefalign.toy.corpus import review
+from prefalign.toy.tokenizer import train_tokenizer
 from prefalign.toy.world import ToyConfig, ToyModelSize, ToyWorld, get_world
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
@@ -114,3 +117,29 @@ def mini_worlds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ToyWorld]
         task: get_world(task, replace(ToyConfig.for_task(task), **{**MINI_WORLD, **MINI_WORLD_STEPS[task]}), out=root / task, log=lambda *_: None)
         for task in ("sentiment", "arith")
     }
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a shared machine its spin-waits
+    cost several times the work; restores the setting for the other modules. Use it with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def save_tiny_review_model(out: Path, rng: random.Random, n_texts: int = 400, vocab_size: int = 300) -> Path:
+    """A tiny random Llama with a byte-level BPE tokenizer trained on `n_texts` toy reviews drawn
+    from `rng` (which the caller goes on using for its data), saved in `out`."""
+    tokenizer = train_tokenizer(["".join(review(rng)) for _ in range(n_texts)], vocab_size=vocab_size)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

@@ -9,8 +9,7 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import save_tiny_review_model
 
 from prefalign.config import ConfigError, load_config
 from prefalign.genarm import Arm, guided_generate, load_arm
@@ -28,7 +27,6 @@ from prefalign.generation import SamplingParams
 from prefalign.modeling import load_model, load_tokenizer
 from prefalign.toy.corpus import FILMS, review, review_clause
 from prefalign.toy.rewards import brevity_reward
-from prefalign.toy.tokenizer import train_tokenizer
 
 
 def sentiment_pairs(rng: random.Random, n: int) -> list[dict]:
@@ -52,15 +50,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 def toy(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("genarm_toy")
     rng = random.Random(0)
-    tokenizer = train_tokenizer(["".join(review(rng)) for _ in range(400)], vocab_size=300)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
+    save_tiny_review_model(root / "model", rng)
     return {
         "root": root,
         "model": root / "model",

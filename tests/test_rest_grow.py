@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from transformers import LlamaForCausalLM
 
 from prefalign.rest.grow import (
@@ -22,14 +21,7 @@ from prefalign.toy.rewards import arith_reward
 PROMPTS = ["the movie was", "i think", "what is the answer ?"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a shared machine its spin-waits
-    cost several times the work; restore the setting for the other modules."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 
 def count_good(prompt: str, completion: str) -> float:

@@ -28,14 +28,7 @@ GOOD = ["good", "great", "very good", "really great", "good and great"]
 BAD = ["bad", "awful", "very bad", "really awful", "bad or awful"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a shared machine its spin-waits
-    cost several times the work; restore the setting for the other modules."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 
 def make_pool(tokenizer, per_prompt: int = 6, seed: int = 0) -> list[GrownSample]:

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 import prefalign.rest.loop as loop
@@ -25,14 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ORDER = ["initial", "grow-0", "improve-0-0", "improve-0-1", "grow-1", "improve-1-0", "improve-1-1"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a shared machine its spin-waits
-    cost several times the work; restore the setting for the other modules."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 
 @pytest.fixture(scope="module")

@@ -18,15 +18,7 @@ from prefalign.rest.reward_model import RewardModel
 from prefalign.rest.rewards import RewardSpec, load_reward
 from prefalign.toy import corpus
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a shared machine its spin-waits
-    cost several times the work; restore the setting for the other modules."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 
 def toy_words() -> list[str]:

@@ -13,13 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import save_tiny_review_model
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from prefalign import objectives
 from prefalign.config import load_config
 from prefalign.toy.corpus import review
-from prefalign.toy.tokenizer import train_tokenizer
 from prefalign.training.loop import TrainingDiverged
 from prefalign.training.preference import PreferenceConfig, reward_beta, run_preference
 
@@ -32,16 +31,7 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     """A tiny Llama + toy tokenizer on disk, and pair/unpaired files of toy reviews."""
     root = tmp_path_factory.mktemp("tiny")
     rng = random.Random(0)
-    texts = ["".join(review(rng)) for _ in range(400)]
-    tokenizer = train_tokenizer(texts, vocab_size=300)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
+    save_tiny_review_model(root / "model", rng)
     pairs, unpaired = [], []
     for _ in range(64):
         prompt, good = review(rng)
