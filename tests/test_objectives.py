@@ -363,3 +363,8 @@ def test_load_user_objective_errors(tmp_path):
     broken.write_text("def f(:\n")
     with pytest.raises(ValueError, match="broken.py failed to import: SyntaxError"):
         objectives.load_user_objective(f"{broken}:f")
+
+
+def test_accepts_names_the_hyperparameters_an_objective_takes():
+    assert objectives.get("dpo").accepts("beta") and not objectives.get("dpo").accepts("beta_r")
+    assert objectives.get("genarm").accepts("beta_r") and not objectives.get("genarm").accepts("beta")

@@ -82,8 +82,7 @@ class PreferenceRow:
             return True
         from prefalign import objectives
 
-        names = objectives.load_user_objective(self.code).param_names
-        return names is None or "beta" in names
+        return objectives.load_user_objective(self.code).accepts("beta")
 
 
 PREFERENCE_ROWS: dict[str, PreferenceRow] = {

@@ -114,7 +114,7 @@ def toy_proxy_fitness(proxy: ProxySpec, out_dir: Path, log=print, world: ToyWorl
         from prefalign import objectives
 
         objective = objectives.load_user_objective(spec)
-        if objective.param_names is None or "beta" in (objective.param_names or ()):
+        if objective.accepts("beta"):
             config.objective.params = {"beta": proxy.beta}
         run_preference(config, log=lambda *_: None)
         policy = load_model(run_dir / "final", device="cpu")

@@ -41,6 +41,11 @@ class Objective:
         """Names of the hyper-parameters `fn` accepts; None when it takes **kwargs."""
         return _hyperparameters(self.fn, self.kind)[0]
 
+    def accepts(self, param: str) -> bool:
+        """Whether `fn` takes the hyper-parameter `param` (any, with **kwargs)."""
+        names = self.param_names
+        return names is None or param in names
+
     def params(self) -> dict[str, Any]:
         """Effective default hyper-parameters: the function's defaults, then `defaults`."""
         return {**_hyperparameters(self.fn, self.kind)[1], **self.defaults}
