@@ -130,7 +130,7 @@ def run_console_script(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.slow  # a fresh interpreter imports torch and transformers: 8 s
+@pytest.mark.slow  # a fresh interpreter imports torch: 4 s
 def test_console_script_unknown_key_exits_2_with_one_line(tmp_path):
     path = write(tmp_path, "trainer:\n  schedule: cosine\n  lrr: 0.1\n")
     result = run_console_script("sft", "--config", str(path), cwd=tmp_path)

@@ -191,7 +191,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow  # a fresh interpreter imports torch and transformers: 8 s
+@pytest.mark.slow  # a fresh interpreter imports torch: 4 s
 def test_missing_data_file_is_a_one_line_cli_error(tiny, tmp_path):
     """A missing data file is a one-line user error from the CLI, exit code 2."""
     proc = subprocess.run(

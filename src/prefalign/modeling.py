@@ -5,15 +5,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    PreTrainedTokenizerFast,
-)
+
+if TYPE_CHECKING:  # the model classes import in seconds: not paid by a config error
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 # Names under which a plain `tokenizers` tokenizer (tokenizer.json) is saved (transformers 4 / 5).
 GENERIC_TOKENIZER_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
@@ -62,6 +59,8 @@ def load_tokenizer(name_or_path: str | Path, padding_side: str = "right") -> Pre
     always masked out, so sharing the id is harmless and keeps the vocabulary (and the
     embedding matrix) unchanged.
     """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
     if saved_generic_tokenizer(name_or_path):
         # AutoTokenizer would pick the class from config.json's model_type for some architectures
         # (transformers 5 does so for qwen2, phi3, ...) and rebuild a different tokenizer from the
@@ -111,6 +110,8 @@ def load_model(
             str(path), dtype=torch_dtype, is_trainable=True, trust_remote_code=trust_remote_code
         )
     else:
+        from transformers import AutoModelForCausalLM
+
         model = AutoModelForCausalLM.from_pretrained(
             str(name_or_path), dtype=torch_dtype, trust_remote_code=trust_remote_code
         )

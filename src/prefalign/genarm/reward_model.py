@@ -11,11 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
 from prefalign.logprobs import collate_prompt_response
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 class SequenceRewardModel(torch.nn.Module):
@@ -69,5 +72,7 @@ def load_reward_model(path: str | Path, device: str = "cpu") -> SequenceRewardMo
     path = Path(path)
     if (path / "final").is_dir() and not any(path.glob("*.safetensors")):
         path = path / "final"
+    from transformers import AutoModelForSequenceClassification
+
     classifier = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1)
     return SequenceRewardModel(classifier).to(device).eval()

@@ -17,12 +17,13 @@ import random
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForSequenceClassification, PreTrainedModel
-from transformers.utils import logging as hf_logging
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 from prefalign.data import (
     PromptCompletionRecord,
@@ -66,6 +67,8 @@ class RMResult:
 
 def build_reward_model(name_or_path: str | Path, pad_token_id: int, dtype: str = "float32", seed: int = 0) -> PreTrainedModel:
     """A one-label sequence classifier on the checkpoint's backbone; the head is seeded."""
+    from transformers import AutoModelForSequenceClassification
+
     torch.manual_seed(seed)
     with quiet_load_report():  # the head is new and the LM head unused, as intended: no warning
         model = AutoModelForSequenceClassification.from_pretrained(str(name_or_path), num_labels=1, dtype=resolve_dtype(dtype))
@@ -76,6 +79,8 @@ def build_reward_model(name_or_path: str | Path, pad_token_id: int, dtype: str =
 
 @contextlib.contextmanager
 def quiet_load_report() -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
@@ -186,6 +191,8 @@ class RewardModel:
         if not (path / "config.json").exists():
             raise ValueError(f"reward.model_path {path} holds no model (train one with `prefalign rm train`)")
         tokenizer = load_tokenizer(path)
+        from transformers import AutoModelForSequenceClassification
+
         model = AutoModelForSequenceClassification.from_pretrained(str(path)).to(resolve_device(device))
         model.config.pad_token_id = tokenizer.pad_token_id
         return cls(model, tokenizer, batch_size, name=f"rm:{path}")

@@ -23,14 +23,16 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from prefalign.toy.corpus import ArithSpec, arith_prompt, noisy_answer, review, split_arith
 from prefalign.toy.rewards import arith_correct, gold_reward_fn
 from prefalign.toy.tokenizer import train_tokenizer
+
+if TYPE_CHECKING:
+    from transformers import LlamaForCausalLM
 
 WORLD_VERSION = 1
 TASKS = ("sentiment", "arith")
@@ -147,6 +149,8 @@ def tokenizer_corpus(seed: int) -> list[str]:
 
 def make_model(config: ToyConfig, vocab_size: int, eos_id: int, pad_id: int) -> LlamaForCausalLM:
     size = config.model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     llama = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=size.hidden_size,

@@ -25,7 +25,6 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
-from transformers import get_scheduler
 
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
@@ -125,6 +124,8 @@ class Trainer:
         )
         self.model, self.optimizer = acc.prepare(model, optimizer)
         name = {"constant": "constant_with_warmup"}.get(config.schedule, config.schedule)
+        from transformers import get_scheduler  # 4 s of imports: not paid by a config error
+
         self.scheduler = get_scheduler(
             name, self.optimizer, num_warmup_steps=int(config.warmup_ratio * self.total_steps), num_training_steps=self.total_steps
         )

@@ -150,10 +150,6 @@ def run_preference(config: PreferenceConfig, resume: bool = False, log=print) ->
     if objective.needs_reference and config.reference.mode == "none":
         raise ValueError(f"objective '{objective.name}' needs a reference policy; reference.mode 'none' is for reference-free objectives")
     tokenizer = load_tokenizer(config.model.name_or_path)
-    model = load_model(
-        config.model.name_or_path, dtype=config.model.dtype, device="cpu",
-        lora=config.model.lora, gradient_checkpointing=config.model.gradient_checkpointing,
-    )
     trunc = dict(
         max_length=config.data.max_length, max_prompt_length=config.data.max_prompt_length,
         truncation=config.data.truncation, skip_invalid=config.data.skip_invalid,
@@ -166,6 +162,11 @@ def run_preference(config: PreferenceConfig, resume: bool = False, log=print) ->
     if skipped:
         log(f"skipped {sum(skipped.values())} invalid rows of {config.data.path}: {dict(skipped)}")
 
+    # After the data: a bad row is reported without waiting for the model to load.
+    model = load_model(
+        config.model.name_or_path, dtype=config.model.dtype, device="cpu",
+        lora=config.model.lora, gradient_checkpointing=config.model.gradient_checkpointing,
+    )
     trainer = Trainer(model, config.trainer, n_examples=len(examples), run_config=asdict(config), tokenizer=tokenizer)
     # Built after prepare() so a full-copy reference lands on the training device.
     ref_spec = config.reference if objective.needs_reference else ReferenceSpec(mode="none")
