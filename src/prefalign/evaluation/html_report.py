@@ -247,12 +247,14 @@ class Plotter:
         self.out_dir = out_dir
         self.prefix = prefix
 
-    def save(self, name: str, draw: Callable[[Any], None], caption: str) -> Image:
+    def save(self, name: str, draw: Callable[[Any], None], caption: str, width: float = 4.6) -> Image:
         """One plot: `draw(ax)` fills a single axes."""
-        return self.save_grid(name, ["_"], lambda ax, _: draw(ax), caption)
+        return self.save_grid(name, ["_"], lambda ax, _: draw(ax), caption, width)
 
-    def save_grid(self, name: str, keys: Sequence[str], draw: Callable[[Any, str], None], caption: str) -> Image:
-        """Small multiples: `draw(ax, key)` fills one panel per key, three to a row."""
+    def save_grid(
+        self, name: str, keys: Sequence[str], draw: Callable[[Any, str], None], caption: str, width: float = 4.6
+    ) -> Image:
+        """Small multiples: `draw(ax, key)` fills one panel per key (`width` inches), three to a row."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -260,7 +262,7 @@ class Plotter:
 
         cols = min(len(keys), 3)
         rows = math.ceil(len(keys) / cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.6 * rows), squeeze=False)
+        fig, axes = plt.subplots(rows, cols, figsize=(width * cols, 3.6 * rows), squeeze=False)
         for ax, key in zip(axes.flat, keys, strict=False):
             draw(ax, key)
         for ax in list(axes.flat)[len(keys):]:
@@ -372,7 +374,8 @@ def demo_curves(methods: dict) -> list[Curve]:
 
 
 def frontier_plot(plots: Plotter, name: str, curves: Sequence[Curve], caption: str) -> Image:
-    return plots.save(name, lambda ax: draw_frontier(ax, curves), caption)
+    width = 6.6 if len(curves) > 6 else 4.6  # room for the legend beside the axes
+    return plots.save(name, lambda ax: draw_frontier(ax, curves), caption, width)
 
 
 def draw_frontier(ax: Any, curves: Sequence[Curve]) -> None:
@@ -397,7 +400,10 @@ def draw_frontier(ax: Any, curves: Sequence[Curve]) -> None:
     ax.set_xlabel("KL(policy || SFT) per sequence (nats)")
     ax.set_ylabel("gold reward")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if len(curves) > 6:  # beside the axes: inside, a dozen entries hide the points
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    else:
+        ax.legend(fontsize=7)
 
 
 def training_blocks(runs: dict[str, list[dict]], plots: Plotter) -> list[Block]:
