@@ -10,6 +10,7 @@ proxy predicted.
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 from prefalign.discovery.archive import Archive
@@ -29,8 +30,7 @@ def demo_discovery(world: ToyWorld, settings, log=print, config: DiscoverConfig 
 
     out_dir = Path(settings.out_dir) / "discovery"
     shutil.rmtree(out_dir, ignore_errors=True)  # a demo run starts fresh, like its other rows
-    config = config or discovery_config(out_dir)
-    config.out_dir = str(out_dir)
+    config = replace(config, out_dir=str(out_dir)) if config else discovery_config(out_dir)
     archive = run_discover(config, log=lambda *_: None, world=world)
     best = archive.best_proposed()
     if best is None:

@@ -49,6 +49,7 @@ class OfflineProposer:
         # How the fitness will call a candidate (see run_discovery): children that would compute
         # a loss already in the archive are skipped, not proposed.
         self.call_params = call_params
+        self._seed_behaviours: set[str | None] | None = None  # computed on first use
 
     def propose(self, archive: Archive, n: int) -> list[Candidate | ProposalError]:
         rng = random.Random(f"{self.seed}:{len(archive)}")
@@ -66,8 +67,11 @@ class OfflineProposer:
 
     def _behaviours(self, archive: Archive) -> set[str]:
         """Fingerprints of the archive's objectives and of the registry seeds."""
-        seeds = {fingerprint(compile_objective(render(g, name)), self.call_params) for name, g in registry_seeds().items()}
-        return ({r["behaviour"] for r in archive if r.get("behaviour")} | seeds) - {None}
+        if self._seed_behaviours is None:
+            self._seed_behaviours = {
+                fingerprint(compile_objective(render(g, name)), self.call_params) for name, g in registry_seeds().items()
+            }
+        return ({r["behaviour"] for r in archive if r.get("behaviour")} | self._seed_behaviours) - {None}
 
     def _pool(self, archive: Archive) -> list[tuple[str, Genome, float | None]]:
         """(name, genome, fitness or None) of the seeds and of every scored offline candidate."""

@@ -17,7 +17,7 @@ import random
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -36,17 +36,15 @@ from prefalign.data import (
 from prefalign.logprobs import collate_prompt_response
 from prefalign.modeling import ModelSpec, load_tokenizer, resolve_device, resolve_dtype
 from prefalign.training.loop import Trainer, TrainerConfig, TrainResult
+from prefalign.training.preference import PreferenceData
 
 
 @dataclass
-class RMData:
-    path: str = ""  # preference pairs (any format `prefalign.data.load_preference_data` reads)
-    eval_path: str = ""  # held-out pairs; empty: hold out `eval_fraction` of `path`
+class RMData(PreferenceData):
+    """The preference-training data settings; without `eval_path`, `eval_fraction` of `path`
+    is held out to measure pair accuracy."""
+
     eval_fraction: float = 0.1
-    max_length: int = 512
-    max_prompt_length: int = 256
-    truncation: Literal["keep_end", "keep_start"] = "keep_end"
-    skip_invalid: bool = False
 
 
 @dataclass
