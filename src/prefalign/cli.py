@@ -10,9 +10,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from prefalign.config import ConfigError, load_config
+from prefalign.errors import UserError
 
 # Errors a user can fix; shown as one line, exit code 2, no traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, ValueError, NotImplementedError)
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    UserError, ConfigError, FileNotFoundError, ValueError, NotImplementedError
+)
 
 
 def main(argv: list[str] | None = None) -> int:
