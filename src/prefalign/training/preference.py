@@ -55,24 +55,24 @@ class PreferenceConfig:
     trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(out_dir="runs/train", lr=5e-6))
 
 
-def resolve_objective(spec: ObjectiveSpec) -> objectives.Objective:
-    if spec.code:
-        return objectives.load_user_objective(spec.code)
-    return objectives.get(spec.name)
+def resolve_objective(spec: ObjectiveSpec) -> objectives.Resolved:
+    """The run's objective with its parameters, resolved once (a user file is imported once)."""
+    return objectives.resolve(spec.name, spec.code, spec.params)
 
 
-def reward_beta(objective: objectives.Objective, params: dict[str, Any]) -> float:
-    """The scale of the implicit rewards in the logged metrics: `beta`, or the ARM objective's
-    `beta_r`, from the run's params or the objective's defaults (0.1 if it has neither)."""
-    for key in ("beta", "beta_r"):
-        if key in params or key in objective.defaults:
-            return float(params.get(key, objective.defaults.get(key)))
-    return 0.1
+def reward_beta(
+    objective: objectives.Objective | objectives.Resolved, params: dict[str, Any]
+) -> float:
+    """The scale of the logged implicit rewards: the objective's reward-scale parameter
+    (`beta`, GenARM's `beta_r`) as `params` over the objective's defaults resolve it."""
+    if isinstance(objective, objectives.Resolved):
+        return objective.objective.resolve({**objective.params, **params}).reward_scale
+    return objective.resolve(params).reward_scale
 
 
-def pairwise_loss_fn(objective: objectives.Objective, reference: ReferencePolicy, params: dict[str, Any]):
+def pairwise_loss_fn(objective: objectives.Resolved, reference: ReferencePolicy):
     """Loss of one stacked [chosen; rejected] batch, with TRL-style reward metrics."""
-    beta = reward_beta(objective, params)
+    beta = objective.reward_scale
 
     def loss_fn(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
         inputs = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
@@ -83,9 +83,7 @@ def pairwise_loss_fn(objective: objectives.Objective, reference: ReferencePolicy
             zeros = SequenceLogps(torch.zeros_like(chosen.sum), chosen.n_tokens)
             ref_chosen, ref_rejected = zeros, zeros
         pick = (lambda s: s.mean) if objective.length_normalized else (lambda s: s.sum)
-        losses = objectives.compute_loss(
-            objective, pick(chosen), pick(rejected), pick(ref_chosen), pick(ref_rejected), **params
-        )
+        losses = objective.loss(pick(chosen), pick(rejected), pick(ref_chosen), pick(ref_rejected))
         reward_chosen = beta * (chosen.sum - ref_chosen.sum).detach()
         reward_rejected = beta * (rejected.sum - ref_rejected.sum).detach()
         metrics = {
@@ -101,7 +99,7 @@ def pairwise_loss_fn(objective: objectives.Objective, reference: ReferencePolicy
     return loss_fn
 
 
-def unpaired_loss_fn(objective: objectives.Objective, reference: ReferencePolicy, params: dict[str, Any], accelerator):
+def unpaired_loss_fn(objective: objectives.Resolved, reference: ReferencePolicy, accelerator):
     """KTO: per-example loss against the batch's KL reference point, averaged across processes
     before clamping (as TRL does), so N processes see the same z0 as one process with N x batch."""
 
@@ -115,10 +113,9 @@ def unpaired_loss_fn(objective: objectives.Objective, reference: ReferencePolicy
         kl_ref = reference.logps(*kl_inputs).sum
         z0 = objectives.kto_kl_reference_point(kl_policy, kl_ref)
         z0 = accelerator.reduce(z0.detach().reshape(1), reduction="mean")[0]
-        losses = objectives.compute_loss(
-            objective, policy, ref, batch["labels"], z0.expand(1), torch.zeros(1, device=z0.device), **params
-        )
-        beta = reward_beta(objective, params)
+        zero = torch.zeros(1, device=z0.device)
+        losses = objective.loss(policy, ref, batch["labels"], z0.expand(1), zero)
+        beta = objective.reward_scale
         labels = batch["labels"]
         rewards = beta * (policy - ref).detach()
         metrics = {"kl": z0.clamp(min=0)}
@@ -131,8 +128,14 @@ def unpaired_loss_fn(objective: objectives.Objective, reference: ReferencePolicy
     return loss_fn
 
 
-def run_preference(config: PreferenceConfig, resume: bool = False, log=print) -> TrainResult:
-    """Train a policy with any registry or user objective and any reference mode."""
+def run_preference(
+    config: PreferenceConfig,
+    resume: bool = False,
+    log=print,
+    objective: objectives.Resolved | None = None,
+) -> TrainResult:
+    """Train a policy with any registry or user objective and any reference mode; `objective`
+    is `config.objective` already resolved by a caller that needed it first."""
     from prefalign.data import (
         collate_pairs,
         collate_unpaired,
@@ -142,7 +145,7 @@ def run_preference(config: PreferenceConfig, resume: bool = False, log=print) ->
         tokenize_unpaired,
     )
 
-    objective = resolve_objective(config.objective)
+    objective = objective or resolve_objective(config.objective)
     if not config.model.name_or_path:
         raise ValueError("config key 'model.name_or_path' is required (a model directory or hub id)")
     if not config.data.path:
@@ -171,20 +174,21 @@ def run_preference(config: PreferenceConfig, resume: bool = False, log=print) ->
     # Built after prepare() so a full-copy reference lands on the training device.
     ref_spec = config.reference if objective.needs_reference else ReferenceSpec(mode="none")
     reference = make_reference(trainer.model, ref_spec)
-    params = dict(config.objective.params)
     pad = tokenizer.pad_token_id
     if unpaired:
-        loss_fn = unpaired_loss_fn(objective, reference, params, trainer.accelerator)
+        loss_fn = unpaired_loss_fn(objective, reference, trainer.accelerator)
 
         def collate(indices: list[int]) -> dict:
             return collate_unpaired([examples[i] for i in indices], pad, max_length=config.data.max_length)
     else:
-        loss_fn = pairwise_loss_fn(objective, reference, params)
+        loss_fn = pairwise_loss_fn(objective, reference)
 
         def collate(indices: list[int]) -> dict:
             return collate_pairs([examples[i] for i in indices], pad)
 
-    evaluate = make_evaluator(config, tokenizer, trainer, reference) if (config.eval.task or config.data.eval_path) else None
+    evaluate = None
+    if config.eval.task or config.data.eval_path:
+        evaluate = make_evaluator(config, tokenizer, trainer, reference, objective)
     if resume:
         trainer.resume(extra_state=reference)
     result = trainer.fit(
@@ -197,7 +201,13 @@ def run_preference(config: PreferenceConfig, resume: bool = False, log=print) ->
     return result
 
 
-def make_evaluator(config: PreferenceConfig, tokenizer, trainer: Trainer, reference: ReferencePolicy):
+def make_evaluator(
+    config: PreferenceConfig,
+    tokenizer,
+    trainer: Trainer,
+    reference: ReferencePolicy,
+    objective: objectives.Resolved,
+):
     """Periodic evaluation: gold reward + KL to the INITIAL policy on a toy task, and reward
     accuracy/margin on held-out pairs."""
     from prefalign.evaluation.core import evaluate_policy
@@ -210,7 +220,7 @@ def make_evaluator(config: PreferenceConfig, tokenizer, trainer: Trainer, refere
         world = get_world(config.eval.task)
         prompts = world.prompts("eval")[: config.eval.n_prompts]
         initial = load_model(config.model.name_or_path, device=str(trainer.accelerator.device))
-    beta = reward_beta(resolve_objective(config.objective), config.objective.params)
+    beta = objective.reward_scale
     eval_pairs = load_eval_pairs(tokenizer, config.data.eval_path, config.data) if config.data.eval_path else None
 
     def evaluate(step: int) -> dict[str, float]:
