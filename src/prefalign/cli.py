@@ -11,6 +11,7 @@ from pathlib import Path
 
 from prefalign.config import ConfigError, load_config
 from prefalign.errors import UserError
+from prefalign.io import read_prompts
 
 # Errors a user can fix; shown as one line, exit code 2, no traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (
@@ -205,7 +206,7 @@ def run_eval(args: argparse.Namespace) -> int:
         world = get_world(args.task)
     reference_path = args.reference or str(world.policy_path)
     if args.prompts:
-        prompts = [json.loads(line)["prompt"] for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+        prompts = read_prompts(args.prompts, label="--prompts")
     else:
         prompts = world.prompts("eval")
     tokenizer = load_tokenizer(args.model)
@@ -229,7 +230,7 @@ def eval_inputs(args: argparse.Namespace) -> tuple[str, list[str]]:
     world = get_world(args.task) if args.reference is None or args.prompts is None else None
     reference = args.reference or str(world.policy_path)
     if args.prompts:
-        prompts = [json.loads(line)["prompt"] for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+        prompts = read_prompts(args.prompts, label="--prompts")
     else:
         prompts = world.prompts("eval")
     return reference, prompts
