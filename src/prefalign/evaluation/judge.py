@@ -33,7 +33,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -44,6 +43,7 @@ from typing import Any, Literal
 import numpy as np
 
 from prefalign.errors import UserError
+from prefalign.io import atomic_write
 from prefalign.llm_client import ChatClient, resolve_api_key
 
 PREFERENCE = {"win": 1.0, "tie": 0.5, "loss": 0.0}
@@ -281,12 +281,7 @@ class VerdictCache:
     def put(self, key: str, record: dict[str, Any]) -> None:
         if self.root is None:
             return
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f)
-        os.replace(tmp, path)
+        atomic_write(self._path(key), json.dumps(record))
 
 
 # --- the client ------------------------------------------------------------------------------
