@@ -11,6 +11,7 @@ from pathlib import Path
 
 from prefalign.config import ConfigError, load_config
 from prefalign.errors import UserError
+from prefalign.io import read_prompts
 
 # Errors a user can fix; shown as one line, exit code 2, no traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (
@@ -99,8 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--compare", nargs="+", metavar="NAME=PATH", help="compare several models on the same prompts")
     ev.add_argument("--judge-url", help="OpenAI-compatible endpoint of an LLM judge (win rate against the reference)")
     ev.add_argument("--judge-model", default="gpt-4o-mini")
-    ev.add_argument("--judge-api-key-env", default="OPENAI_API_KEY")
+    ev.add_argument("--judge-api-key-env", default="OPENAI_API_KEY",
+                    help="variable holding the judge's API key; NONE for an endpoint without keys")
     ev.add_argument("--judge-concurrency", type=int, default=4)
+    ev.add_argument("--judge-timeout", type=float, default=60.0, help="seconds per judge request")
+    ev.add_argument("--judge-retries", type=int, default=3, help="retries of one judgment after its first attempt")
+    ev.add_argument("--judge-max-tokens", type=int, default=512, help="bound on each judge reply")
+    ev.add_argument("--judge-on-error", choices=["skip", "raise"], default="skip",
+                    help="skip: count failed judgments and finish (default); raise: exit with an error")
+    ev.add_argument("--judge-json-mode", action="store_true",
+                    help='ask for response_format {"type": "json_object"} and a JSON verdict')
 
     command("train", run_train, "offline preference training (DPO, IPO, KTO, ...) with a frozen, soft or hard reference", config=True)
 
@@ -222,7 +231,7 @@ def run_eval(args: argparse.Namespace) -> int:
         world = get_world(args.task)
     reference_path = args.reference or str(world.policy_path)
     if args.prompts:
-        prompts = [json.loads(line)["prompt"] for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+        prompts = read_prompts(args.prompts, label="--prompts")
     else:
         prompts = world.prompts("eval")
     tokenizer = load_tokenizer(args.model)
@@ -246,7 +255,7 @@ def eval_inputs(args: argparse.Namespace) -> tuple[str, list[str]]:
     world = get_world(args.task) if args.reference is None or args.prompts is None else None
     reference = args.reference or str(world.policy_path)
     if args.prompts:
-        prompts = [json.loads(line)["prompt"] for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+        prompts = read_prompts(args.prompts, label="--prompts")
     else:
         prompts = world.prompts("eval")
     return reference, prompts
@@ -267,7 +276,9 @@ def run_compare(args: argparse.Namespace) -> int:
         from prefalign.evaluation.judge import JudgeConfig
 
         judge = JudgeConfig(base_url=args.judge_url, model=args.judge_model, api_key_env=args.judge_api_key_env,
-                            concurrency=args.judge_concurrency)
+                            concurrency=args.judge_concurrency, timeout_s=args.judge_timeout,
+                            max_retries=args.judge_retries, max_tokens=args.judge_max_tokens,
+                            on_error=args.judge_on_error, json_mode=args.judge_json_mode)
     rows = compare_models(models, args.task, prompts, reference, judge=judge, samples_per_prompt=args.samples_per_prompt,
                           max_new_tokens=args.max_new_tokens, seed=args.seed)
     print(comparison_table(rows))
