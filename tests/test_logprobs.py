@@ -6,10 +6,21 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import VOCAB_SIZE, tiny_llama_config
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from prefalign import logprobs
-from prefalign.logprobs import causal_lm_parts, collate_prompt_response, full_logits_sequence_logps, sequence_logps
+from prefalign.logprobs import (
+    causal_lm_parts,
+    collate_prompt_response,
+    full_logits_sequence_logps,
+    sequence_logps,
+)
 from prefalign.modeling import LoraSpec, add_lora
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -22,25 +33,46 @@ def tiny_model(arch: str) -> torch.nn.Module:
     if arch == "llama-tied":
         return LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=True))
     if arch == "gpt2":  # learned positions, tied embeddings, Conv1D layers
-        return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB_SIZE, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2,
-        ))
+        return GPT2LMHeadModel(
+            GPT2Config(
+                vocab_size=VOCAB_SIZE,
+                n_embd=32,
+                n_layer=2,
+                n_head=4,
+                n_positions=64,
+                resid_pdrop=0.0,
+                embd_pdrop=0.0,
+                attn_pdrop=0.0,
+                bos_token_id=1,
+                eos_token_id=2,
+            )
+        )
     if arch == "qwen2":  # biased q/k/v projections, grouped-query attention
-        return Qwen2ForCausalLM(Qwen2Config(
-            vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
-        ))
+        return Qwen2ForCausalLM(
+            Qwen2Config(
+                vocab_size=VOCAB_SIZE,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=64,
+                tie_word_embeddings=False,
+            )
+        )
     raise ValueError(arch)
+
+
+def random_ids(g: torch.Generator, lo: int, hi: int) -> list[int]:
+    """A random token list of length in [lo, hi), special tokens excluded."""
+    length = int(torch.randint(lo, hi, (1,), generator=g))
+    return torch.randint(4, VOCAB_SIZE, (length,), generator=g).tolist()
 
 
 def random_batch(seed: int = 0, n: int = 5) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-
-    def ids(lo: int, hi: int) -> list[int]:
-        length = int(torch.randint(lo, hi, (1,), generator=g))
-        return torch.randint(4, VOCAB_SIZE, (length,), generator=g).tolist()
-
-    return collate_prompt_response([ids(2, 9) for _ in range(n)], [ids(1, 12) for _ in range(n)], pad_id=0)
+    prompts = [random_ids(g, 2, 9) for _ in range(n)]
+    return collate_prompt_response(prompts, [random_ids(g, 1, 12) for _ in range(n)], pad_id=0)
 
 
 def logps_and_grads(model, fn, batch, weights):
@@ -80,7 +112,9 @@ def test_response_only_head_equals_full_logits(arch, lora, chunks, monkeypatch):
     if lora == "with-head":
         assert any("lm_head" in n and "lora" in n for n in fast_grads)
     for name in plain_grads:
-        torch.testing.assert_close(fast_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(
+            fast_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6, msg=name
+        )
 
 
 def test_response_only_head_under_no_grad_and_bf16_autocast(monkeypatch):
@@ -89,7 +123,9 @@ def test_response_only_head_under_no_grad_and_bf16_autocast(monkeypatch):
     batch = random_batch(1)
     args = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
     with torch.no_grad():
-        torch.testing.assert_close(sequence_logps(model, *args).sum, full_logits_sequence_logps(model, *args).sum)
+        torch.testing.assert_close(
+            sequence_logps(model, *args).sum, full_logits_sequence_logps(model, *args).sum
+        )
         with torch.autocast("cpu", dtype=torch.bfloat16):
             fast = sequence_logps(model, *args).sum
             plain = full_logits_sequence_logps(model, *args).sum

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import VOCAB_SIZE
-from test_logprobs import tiny_model
+from test_logprobs import random_ids, tiny_model
 
 from prefalign.logprobs import collate_prompt_response
 from prefalign.modeling import LoraSpec, add_lora
@@ -17,12 +16,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def random_pairs(seed: int = 0, n: int = 4):
     g = torch.Generator().manual_seed(seed)
-
-    def ids(lo: int, hi: int) -> list[int]:
-        length = int(torch.randint(lo, hi, (1,), generator=g))
-        return torch.randint(4, VOCAB_SIZE, (length,), generator=g).tolist()
-
-    return [ids(1, 9) for _ in range(n)], [ids(1, 10) for _ in range(n)], [ids(1, 10) for _ in range(n)]
+    return tuple([random_ids(g, 1, 9 if k == 0 else 10) for _ in range(n)] for k in range(3))
 
 
 def both_layouts(prompts, chosen, rejected):

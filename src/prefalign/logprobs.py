@@ -134,7 +134,13 @@ def gathered_token_logps(
     handle = parts.body.register_forward_hook(on_body_output)
     try:
         kwargs = {} if position_ids is None else {"position_ids": position_ids}
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1, **kwargs)
+        model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            use_cache=False,
+            logits_to_keep=1,
+            **kwargs,
+        )
     finally:
         handle.remove()
     return result[0]
@@ -174,7 +180,9 @@ def sequence_logps(
     per_token = gathered_token_logps(model, input_ids, attention_mask, rows, cols, labels)
     if per_token is None:
         return full_logits_sequence_logps(model, input_ids, attention_mask, loss_mask)
-    return SequenceLogps(sum=per_row_sums(per_token, rows, input_ids.shape[0]), n_tokens=mask.sum(dim=1).float())
+    return SequenceLogps(
+        sum=per_row_sums(per_token, rows, input_ids.shape[0]), n_tokens=mask.sum(dim=1).float()
+    )
 
 
 def per_row_sums(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
@@ -216,5 +224,7 @@ def collate_prompt_response(
     rows = [p + r for p, r in zip(prompts, responses, strict=True)]
     input_ids = pad_right(rows, pad_id)
     attention_mask = pad_right([[1] * len(r) for r in rows], 0)
-    loss_mask = pad_right([[0] * len(p) + [1] * len(r) for p, r in zip(prompts, responses, strict=True)], 0)
+    loss_mask = pad_right(
+        [[0] * len(p) + [1] * len(r) for p, r in zip(prompts, responses, strict=True)], 0
+    )
     return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask.bool()}

@@ -19,12 +19,27 @@ from collections.abc import Sequence
 
 import torch
 
-from prefalign.logprobs import SequenceLogps, causal_lm_parts, gathered_token_logps, per_row_sums, split_pairs
+from prefalign.logprobs import (
+    SequenceLogps,
+    causal_lm_parts,
+    gathered_token_logps,
+    per_row_sums,
+    split_pairs,
+)
 from prefalign.logprobs import sequence_logps as concatenated_logps
 
 # Architectures verified to take positions only from position_ids and to honour a 4D mask (the
 # equality tests cover llama, qwen2 and gpt2; the others share llama's attention code).
-SHARED_PROMPT_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "phi3", "olmo2", "smollm3")
+SHARED_PROMPT_ARCHITECTURES = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gpt2",
+    "phi3",
+    "olmo2",
+    "smollm3",
+)
 MASK_ATTENTION = ("eager", "sdpa")
 
 
@@ -57,7 +72,8 @@ def collate_shared_pairs(
     for i, row in enumerate(rows):
         input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
     segments = torch.tensor(
-        [[len(p), len(c), len(r)] for p, c, r in zip(prompts, chosen, rejected, strict=True)], dtype=torch.long
+        [[len(p), len(c), len(r)] for p, c, r in zip(prompts, chosen, rejected, strict=True)],
+        dtype=torch.long,
     )
     return {"input_ids": input_ids, "segments": segments}
 
@@ -80,11 +96,15 @@ def block_attention(segments: torch.Tensor, width: int, dtype: torch.dtype, addi
     allowed |= torch.eye(width, dtype=torch.bool, device=segments.device) & (q_seg == 3)
     mask = allowed[:, None]
     if additive:
-        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+            ~mask, torch.finfo(dtype).min
+        )
     return position_ids, mask
 
 
-def shared_pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[SequenceLogps, SequenceLogps]:
+def shared_pair_logps(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[SequenceLogps, SequenceLogps]:
     """(chosen, rejected) log-probs of a packed batch from one forward pass over each prompt."""
     input_ids, segments = batch["input_ids"], batch["segments"]
     width = int(segments.sum(dim=1).max())
@@ -104,9 +124,13 @@ def shared_pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) ->
     config = _config(model)
     additive = config._attn_implementation == "eager"
     position_ids, mask = block_attention(segments, width, _dtype(model), additive)
-    per_token = gathered_token_logps(model, input_ids, mask, rows, hidden_cols, labels, position_ids=position_ids)
+    per_token = gathered_token_logps(
+        model, input_ids, mask, rows, hidden_cols, labels, position_ids=position_ids
+    )
     if per_token is None:
-        raise ValueError("shared-prompt batches need a Hugging Face causal LM (check shared_prompt_exact first)")
+        raise ValueError(
+            "shared-prompt batches need a Hugging Face causal LM (check shared_prompt_exact first)"
+        )
     n = input_ids.shape[0]
     c_logps, r_logps = per_token[: len(c_rows)], per_token[len(c_rows) :]
     chosen = SequenceLogps(per_row_sums(c_logps, c_rows, n), is_chosen.sum(dim=1).float())
@@ -114,12 +138,16 @@ def shared_pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) ->
     return chosen, rejected
 
 
-def pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[SequenceLogps, SequenceLogps]:
+def pair_logps(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[SequenceLogps, SequenceLogps]:
     """(chosen, rejected) log-probs of a preference batch in either layout: packed (`segments`)
     or the stacked `[chosen; rejected]` rows of `prefalign.data.collate_pairs`."""
     if "segments" in batch:
         return shared_pair_logps(model, batch)
-    return split_pairs(concatenated_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"]))
+    return split_pairs(
+        concatenated_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+    )
 
 
 def _config(model: torch.nn.Module):
