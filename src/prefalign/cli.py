@@ -100,8 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--compare", nargs="+", metavar="NAME=PATH", help="compare several models on the same prompts")
     ev.add_argument("--judge-url", help="OpenAI-compatible endpoint of an LLM judge (win rate against the reference)")
     ev.add_argument("--judge-model", default="gpt-4o-mini")
-    ev.add_argument("--judge-api-key-env", default="OPENAI_API_KEY")
+    ev.add_argument("--judge-api-key-env", default="OPENAI_API_KEY",
+                    help="variable holding the judge's API key; NONE for an endpoint without keys")
     ev.add_argument("--judge-concurrency", type=int, default=4)
+    ev.add_argument("--judge-timeout", type=float, default=60.0, help="seconds per judge request")
+    ev.add_argument("--judge-retries", type=int, default=3, help="retries of one judgment after its first attempt")
+    ev.add_argument("--judge-max-tokens", type=int, default=512, help="bound on each judge reply")
+    ev.add_argument("--judge-on-error", choices=["skip", "raise"], default="skip",
+                    help="skip: count failed judgments and finish (default); raise: exit with an error")
+    ev.add_argument("--judge-json-mode", action="store_true",
+                    help='ask for response_format {"type": "json_object"} and a JSON verdict')
 
     command("train", run_train, "offline preference training (DPO, IPO, KTO, ...) with a frozen, soft or hard reference", config=True)
 
@@ -268,7 +276,9 @@ def run_compare(args: argparse.Namespace) -> int:
         from prefalign.evaluation.judge import JudgeConfig
 
         judge = JudgeConfig(base_url=args.judge_url, model=args.judge_model, api_key_env=args.judge_api_key_env,
-                            concurrency=args.judge_concurrency)
+                            concurrency=args.judge_concurrency, timeout_s=args.judge_timeout,
+                            max_retries=args.judge_retries, max_tokens=args.judge_max_tokens,
+                            on_error=args.judge_on_error, json_mode=args.judge_json_mode)
     rows = compare_models(models, args.task, prompts, reference, judge=judge, samples_per_prompt=args.samples_per_prompt,
                           max_new_tokens=args.max_new_tokens, seed=args.seed)
     print(comparison_table(rows))

@@ -35,6 +35,9 @@ class ProposerSpec:
     timeout_s: float = 30.0
     backoff_s: float = 1.0
     temperature: float = 0.8
+    max_tokens: int | None = 1024  # bound on each reply (a local server otherwise fills its context)
+    json_mode: bool = False  # response_format {"type": "json_object"}: grammar-constrained JSON
+    max_prompt_chars: int = 12_000  # system + user prompt; the archive is summarized to fit
 
 
 @dataclass
@@ -76,12 +79,13 @@ class DiscoverConfig:
     proxy: ProxySpec = field(default_factory=ProxySpec)
 
 
-def make_proposer(spec: ProposerSpec, call_params: dict | None = None):
+def make_proposer(spec: ProposerSpec, call_params: dict | None = None, log=print):
     if spec.kind == "offline":
         return OfflineProposer(seed=spec.seed, call_params=call_params)
     return LLMProposer(
         base_url=spec.base_url, model=spec.model, api_key_env=spec.api_key_env, max_retries=spec.max_retries,
         timeout_s=spec.timeout_s, backoff_s=spec.backoff_s, temperature=spec.temperature,
+        max_tokens=spec.max_tokens, json_mode=spec.json_mode, max_prompt_chars=spec.max_prompt_chars, log=log,
     )
 
 
@@ -143,7 +147,7 @@ def run_discover(config: DiscoverConfig, resume: bool = False, log=print, world:
     # the synthetic proxy uses the candidate's defaults.
     call_params = None if config.proxy.task == "synthetic" else {"beta": config.proxy.beta}
     archive = run_discovery(
-        make_proposer(config.proposer, call_params), fitness,
+        make_proposer(config.proposer, call_params, log=log), fitness,
         generations=config.generations, candidates_per_generation=config.candidates_per_generation,
         archive_path=out_dir / "archive.jsonl", resume=resume,
         baselines=baseline_codes() if config.baselines else None, limits=limits, log=log,

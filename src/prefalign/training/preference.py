@@ -7,6 +7,7 @@ hand it to the shared Trainer with the reference update as its after-step hook.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,10 +16,18 @@ import torch
 
 from prefalign import objectives
 from prefalign.data.tokenize import TruncationSettings
-from prefalign.logprobs import SequenceLogps, sequence_logps, split_pairs
+from prefalign.logprobs import SequenceLogps, sequence_logps
 from prefalign.modeling import ModelSpec, load_model, load_tokenizer
 from prefalign.objectives.params import check_params
 from prefalign.reference import ReferencePolicy, ReferenceSpec, make_reference
+from prefalign.shared_prompt import pair_logps
+from prefalign.training.forward import (
+    PairLogps,
+    SpeedSpec,
+    live_reference_logps,
+    pair_collator,
+    use_shared_prompt,
+)
 from prefalign.training.loop import Trainer, TrainerConfig, TrainResult
 
 
@@ -51,6 +60,7 @@ class PreferenceConfig:
     reference: ReferenceSpec = field(default_factory=ReferenceSpec)
     data: PreferenceData = field(default_factory=PreferenceData)
     eval: ToyEval = field(default_factory=ToyEval)
+    speed: SpeedSpec = field(default_factory=SpeedSpec)
     trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(out_dir="runs/train", lr=5e-6))
 
 
@@ -69,15 +79,22 @@ def reward_beta(objective: objectives.Objective, params: dict[str, Any]) -> floa
     return 0.1
 
 
-def pairwise_loss_fn(objective: objectives.Objective, reference: ReferencePolicy, params: dict[str, Any]):
-    """Loss of one stacked [chosen; rejected] batch, with TRL-style reward metrics."""
+def pairwise_loss_fn(
+    objective: objectives.Objective,
+    reference: ReferencePolicy,
+    params: dict[str, Any],
+    reference_logps: Callable[[dict], PairLogps] | None = None,
+):
+    """Loss of one preference batch (stacked [chosen; rejected] rows or shared-prompt packed
+    rows), with TRL-style reward metrics. `reference_logps(batch)` replaces the reference's
+    forward pass (a cache of a frozen reference)."""
     beta = reward_beta(objective, params)
+    reference_logps = reference_logps or live_reference_logps(reference)
 
     def loss_fn(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
-        inputs = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
-        chosen, rejected = split_pairs(sequence_logps(model, *inputs))
+        chosen, rejected = pair_logps(model, batch)
         if objective.needs_reference:
-            ref_chosen, ref_rejected = split_pairs(reference.logps(*inputs))
+            ref_chosen, ref_rejected = reference_logps(batch)
         else:
             zeros = SequenceLogps(torch.zeros_like(chosen.sum), chosen.n_tokens)
             ref_chosen, ref_rejected = zeros, zeros
@@ -133,7 +150,6 @@ def unpaired_loss_fn(objective: objectives.Objective, reference: ReferencePolicy
 def run_preference(config: PreferenceConfig, resume: bool = False, log=print) -> TrainResult:
     """Train a policy with any registry or user objective and any reference mode."""
     from prefalign.data import (
-        collate_pairs,
         collate_unpaired,
         load_preference_data,
         load_unpaired_data,
@@ -175,14 +191,28 @@ def run_preference(config: PreferenceConfig, resume: bool = False, log=print) ->
         def collate(indices: list[int]) -> dict:
             return collate_unpaired([examples[i] for i in indices], pad, max_length=config.data.max_length)
     else:
-        loss_fn = pairwise_loss_fn(objective, reference, params)
-
-        def collate(indices: list[int]) -> dict:
-            return collate_pairs([examples[i] for i in indices], pad)
+        shared = use_shared_prompt(config.speed, trainer.unwrapped, examples)
+        log(f"shared-prompt forward: {'on' if shared else 'off'}")
+        collate = pair_collator(examples, pad, shared)
 
     evaluate = make_evaluator(config, tokenizer, trainer, reference) if (config.eval.task or config.data.eval_path) else None
     if resume:
         trainer.resume(extra_state=reference)
+    if not unpaired:  # after resume: a resumed reference is the one the cache must fingerprint
+        cached = None
+        frozen = objective.needs_reference and ref_spec.mode == "frozen"
+        if config.speed.reference_cache == "auto" and frozen:
+            from prefalign.training.ref_cache import build_reference_cache
+
+            settings = {
+                "layout": "shared" if shared else "stacked",
+                "mixed_precision": config.trainer.mixed_precision,
+            }
+            cached = build_reference_cache(
+                reference, examples, collate, config.data.path, trainer.accelerator,
+                config.trainer.batch_size, settings, log=log,
+            )
+        loss_fn = pairwise_loss_fn(objective, reference, params, reference_logps=cached)
     result = trainer.fit(
         [e.length for e in examples], collate, loss_fn,
         after_step=reference.after_optimizer_step, evaluate=evaluate, extra_state=reference,
