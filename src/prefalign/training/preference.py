@@ -61,7 +61,11 @@ class PreferenceConfig:
     data: PreferenceData = field(default_factory=PreferenceData)
     eval: ToyEval = field(default_factory=ToyEval)
     speed: SpeedSpec = field(default_factory=SpeedSpec)
-    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(out_dir="runs/train", lr=5e-6))
+    # Dropout off, as in TRL's DPO and KTO trainers: policy and reference log-probs of the same
+    # pair then differ only by the weights (`trainer.disable_dropout=false` keeps it).
+    trainer: TrainerConfig = field(
+        default_factory=lambda: TrainerConfig(out_dir="runs/train", lr=5e-6, disable_dropout=True)
+    )
 
 
 def resolve_objective(spec: ObjectiveSpec) -> objectives.Objective:
@@ -137,11 +141,13 @@ def unpaired_loss_fn(objective: objectives.Objective, reference: ReferencePolicy
         beta = reward_beta(objective, params)
         labels = batch["labels"]
         rewards = beta * (policy - ref).detach()
-        metrics = {"kl": z0.clamp(min=0)}
-        if labels.any():
-            metrics["rewards/chosen"] = rewards[labels].mean()
-        if (~labels).any():
-            metrics["rewards/rejected"] = rewards[~labels].mean()
+        # The same keys on every process whatever its labels: (sum, count) pairs, which the
+        # Trainer sums across processes before dividing.
+        metrics = {
+            "kl": z0.clamp(min=0),
+            "rewards/chosen": (rewards[labels].sum(), labels.sum()),
+            "rewards/rejected": (rewards[~labels].sum(), (~labels).sum()),
+        }
         return losses.mean(), metrics
 
     return loss_fn
