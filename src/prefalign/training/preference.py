@@ -10,13 +10,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from prefalign import objectives
+from prefalign.data.tokenize import TruncationSettings
 from prefalign.logprobs import SequenceLogps, sequence_logps
 from prefalign.modeling import ModelSpec, load_model, load_tokenizer
+from prefalign.objectives.params import check_params
 from prefalign.reference import ReferencePolicy, ReferenceSpec, make_reference
 from prefalign.shared_prompt import pair_logps
 from prefalign.training.forward import (
@@ -37,12 +39,9 @@ class ObjectiveSpec:
 
 
 @dataclass
-class PreferenceData:
+class PreferenceData(TruncationSettings):
     path: str = ""
     eval_path: str | None = None  # held-out pairs: reward accuracy and margin
-    max_length: int = 512
-    max_prompt_length: int = 256
-    truncation: Literal["keep_end", "keep_start"] = "keep_end"
     skip_invalid: bool = False
 
 
@@ -165,6 +164,7 @@ def run_preference(config: PreferenceConfig, resume: bool = False, log=print) ->
     )
 
     objective = resolve_objective(config.objective)
+    params = check_params(objective, config.objective.params)
     if not config.model.name_or_path:
         raise ValueError("config key 'model.name_or_path' is required (a model directory or hub id)")
     if not config.data.path:
@@ -172,10 +172,7 @@ def run_preference(config: PreferenceConfig, resume: bool = False, log=print) ->
     if objective.needs_reference and config.reference.mode == "none":
         raise ValueError(f"objective '{objective.name}' needs a reference policy; reference.mode 'none' is for reference-free objectives")
     tokenizer = load_tokenizer(config.model.name_or_path)
-    trunc = dict(
-        max_length=config.data.max_length, max_prompt_length=config.data.max_prompt_length,
-        truncation=config.data.truncation, skip_invalid=config.data.skip_invalid,
-    )
+    trunc = dict(**config.data.limits(), skip_invalid=config.data.skip_invalid)
     unpaired = objective.kind == "unpaired"
     loader, tokenize = (load_unpaired_data, tokenize_unpaired) if unpaired else (load_preference_data, tokenize_preference)
     loaded = loader(config.data.path, tokenizer=tokenizer, skip_invalid=config.data.skip_invalid)
@@ -193,7 +190,6 @@ def run_preference(config: PreferenceConfig, resume: bool = False, log=print) ->
     # Built after prepare() so a full-copy reference lands on the training device.
     ref_spec = config.reference if objective.needs_reference else ReferenceSpec(mode="none")
     reference = make_reference(trainer.model, ref_spec)
-    params = dict(config.objective.params)
     pad = tokenizer.pad_token_id
     if unpaired:
         loss_fn = unpaired_loss_fn(objective, reference, params, trainer.accelerator)
