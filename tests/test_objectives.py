@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from prefalign import objectives
+from prefalign.errors import UserError
 from prefalign.objectives import registry
 
 PAIRWISE = ["dpo", "robust", "ipo", "hinge", "discopop", "padll", "cell", "pfl", "genarm"]
@@ -259,7 +260,7 @@ def test_resolve_decides_every_parameter_once(tmp_path):
     assert objectives.resolve(code=f"{path}:sharp").reward_scale == 0.5
     path.write_text("def plain(pc, pr, rc, rr, margin=1.0):\n    return (pr - pc + margin).abs()\n")
     assert objectives.resolve(code=f"{path}:plain").reward_scale == 1.0  # no scale: unscaled
-    with pytest.raises(ValueError, match="config key 'objective.params'.*gamma"):
+    with pytest.raises(UserError, match="config key 'objective.params.gamma'"):
         objectives.resolve("dpo", params={"gamma": 1.0})
     with pytest.raises(ValueError, match="config key 'objective.name'.*nope"):
         objectives.resolve("nope")

@@ -54,7 +54,7 @@ def arm_objective(config: PreferenceConfig) -> objectives.Resolved:
     spec = config.objective
     if spec.code:
         objective = objectives.load_user_objective(spec.code, needs_reference=False)
-        return objective.resolve(spec.params, key="config key 'objective.params'")
+        return objective.resolve(spec.params)
     return resolve_objective(spec)
 
 

@@ -11,6 +11,7 @@ from typing import Any, Literal
 from torch import Tensor
 
 from prefalign.objectives import kto, pairwise
+from prefalign.objectives.params import check_params
 from prefalign.userfiles import import_python_file
 
 Kind = Literal["pairwise", "unpaired"]
@@ -60,10 +61,9 @@ class Objective:
     ) -> Resolved:
         """This objective with every hyper-parameter decided: its defaults, then `params`.
 
-        Unknown names raise a ValueError naming the config `key`.
+        An unknown name or a value of the wrong kind raises a `UserError` naming `key.name`.
         """
-        params = dict(params or {})
-        _check_params(self, params, key)
+        params = check_params(self, params or {}, key)
         return Resolved(self, MappingProxyType({**self.params(), **params}))
 
 
@@ -284,7 +284,7 @@ def resolve(name: str = "dpo", code: str | None = None, params: Mapping[str, Any
             objective = get(name)
         except ValueError as e:
             raise ValueError(f"config key '{key}.name': {e}") from None
-    return objective.resolve(params, key=f"config key '{key}.params'")
+    return objective.resolve(params, key=f"{key}.params")
 
 
 def _register_builtins() -> None:

@@ -70,7 +70,7 @@ def resolve_loss(loss: Loss, params: dict[str, Any] | None = None) -> Loss:
             allowed = ", ".join(["bc", "reward_weighted", "path.py:function", *objectives.names()])
             message = f"config key 'improve.loss': got {loss!r}, allowed: {allowed}"
             raise ValueError(message) from None
-    return objective.resolve(params, key="config key 'improve.objective_params'")
+    return objective.resolve(params, key="improve.objective_params")
 
 
 def resolve_losses(spec: ImproveSpec) -> list[Loss]:
