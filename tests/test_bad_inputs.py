@@ -78,6 +78,10 @@ class Case:
     tokenizer: str | None = "plain"
     stage: str = "load"  # "tokenize": the rows load, tokenization rejects one
     options: dict = field(default_factory=dict)
+    # The same problem through the command line, where `options` must make a valid config:
+    # overrides for it, and the message expected then (default: `expected`).
+    cli: tuple[str, ...] = ()
+    cli_expected: str | None = None
 
     def file_content(self) -> bytes:
         if self.content is not None:
@@ -261,6 +265,9 @@ CASES = {
         stage="tokenize",
         bad=row(prompt="one two three four five six seven", chosen="a", rejected="b"),
         options={"max_length": 5, "max_prompt_length": 5},
+        cli=("data.max_length=5", "data.max_prompt_length=null"),
+        cli_expected="data.jsonl:2: field 'prompt': 8 prompt tokens leave no room for the "
+        "response within max_length=5",
     ),
     "identical_after_truncation": Case(
         "data.jsonl:2: field 'rejected': identical to 'chosen' once cut to max_length=4 "
@@ -269,6 +276,7 @@ CASES = {
         stage="tokenize",
         bad=row(prompt="one", chosen="two three four", rejected="two three five"),
         options={"max_length": 4, "max_prompt_length": 2},
+        cli=("data.max_length=4", "data.max_prompt_length=2"),
     ),
     "unknown_role": Case(
         "data.jsonl:2: field 'prompt[0]': unknown role 'human'; allowed: system, developer, "

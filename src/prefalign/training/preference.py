@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from prefalign import objectives
+from prefalign.config import ConfigError
 from prefalign.data.tokenize import TruncationSettings
 from prefalign.logprobs import SequenceLogps, sequence_logps
 from prefalign.modeling import ModelSpec, load_model, load_tokenizer
@@ -71,7 +72,10 @@ class PreferenceConfig:
 def resolve_objective(spec: ObjectiveSpec) -> objectives.Objective:
     if spec.code:
         return objectives.load_user_objective(spec.code)
-    return objectives.get(spec.name)
+    try:
+        return objectives.get(spec.name)
+    except ValueError as err:
+        raise ConfigError(f"config key 'objective.name': {err}") from None
 
 
 def reward_beta(objective: objectives.Objective, params: dict[str, Any]) -> float:
