@@ -9,8 +9,9 @@ Tasks are named `provider:name` and looked up with `resolve_task`:
 
     toy:sentiment, toy:arith, toy:brevity   the embedded toy world (prefalign.toy.tasks)
     sentiment, arith, brevity                short aliases of the toy tasks
-    user:PROMPTS.jsonl:REWARD                a prompts file and a `fn(prompt, response) -> float`
-                                             (REWARD is `module:function` or `file.py:function`)
+    user:PROMPTS.jsonl:REWARD                one prompts file for every split and a gold reward
+                                             `fn(prompt, response) -> float` (REWARD is
+                                             `module:function` or `path/file.py:function`)
     user:TASK.yaml                           a task spec file (see `load_task_file`)
 
 Registration is lazy so this module imports no provider: a provider is a module that calls
@@ -24,13 +25,13 @@ prompts, policy or files are first read. Add a provider with `register_provider(
 from __future__ import annotations
 
 import importlib
-import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from prefalign.errors import UserError
+from prefalign.io import read_prompts
 
 BatchFn = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
 PairFn = Callable[[str, str], float]
@@ -213,14 +214,14 @@ def prompt_file_task(
     policy: str | None = None,
     description: str = "",
 ) -> Task:
-    """A task reading each split's prompts from a JSONL file of {"prompt": ...} rows. Rows may
-    carry "split"; a file whose rows do name splits gives each split only its own rows."""
+    """A task reading each split's prompts from a file (`prefalign.io.read_prompts`: JSONL of
+    {"prompt": ...} rows, or one prompt a line)."""
     for split, path in prompt_files.items():
         if not Path(path).is_file():
             raise UserError(f"task {name}: prompts file of split {split!r} not found: {path}")
 
     def load(split: str) -> list[str]:
-        return read_prompt_file(prompt_files[split], split)
+        return read_prompts(prompt_files[split], label=f"task {name}: prompts file")
 
     return Task(
         name=name,
@@ -231,26 +232,6 @@ def prompt_file_task(
         splits=tuple(prompt_files),
         description=description,
     )
-
-
-def read_prompt_file(path: str | Path, split: str | None = None) -> list[str]:
-    """Prompts of a JSONL file of {"prompt": str, "split"?: str} rows (a row without "split" is in
-    every split); errors name the file and line."""
-    prompts = []
-    for k, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path}:{k}: not valid JSON ({err.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-            raise UserError(f"{path}:{k}: expected a JSON object with a string 'prompt'")
-        if split is None or row.get("split", split) == split:
-            prompts.append(row["prompt"])
-    if not prompts:
-        raise UserError(f"{path}: holds no prompts" + (f" of split {split!r}" if split else ""))
-    return prompts
 
 
 def load_function(spec: str, label: str) -> Callable[..., Any]:
