@@ -117,10 +117,11 @@ def toy_proxy_fitness(proxy: ProxySpec, out_dir: Path, log=print, task: Task | N
         # Candidates without a beta parameter take none; those with one get the proxy's.
         from prefalign import objectives
 
-        objective = objectives.load_user_objective(spec)
+        objective = objectives.load_user_objective(spec)  # imported once, passed down resolved
         if objective.accepts("beta"):
             config.objective.params = {"beta": proxy.beta}
-        run_preference(config, log=lambda *_: None)
+        resolved = objective.resolve(config.objective.params)
+        run_preference(config, log=lambda *_: None, objective=resolved)
         policy = load_model(run_dir / "final", device="cpu")
         result = evaluate_policy(
             policy, tokenizer, task, prompts, reference=sft,

@@ -47,11 +47,12 @@ from prefalign.rest.grow import (
 )
 from prefalign.rest.improve import (
     ImproveSpec,
+    Loss,
     build_data,
     improve,
     loss_at,
     reference_spec,
-    resolve_objective,
+    resolve_losses,
 )
 from prefalign.rest.rewards import RewardSpec, gold_reward, load_reward
 from prefalign.rest.state import RunState
@@ -81,7 +82,7 @@ def run_rest(config: RestConfig, resume: bool = False, log=print, on_record: Cal
     """Run (or, with `resume`, continue) G Grow steps each followed by I Improve steps."""
     started = time.perf_counter()
     config = task_defaults(config)
-    check(config)
+    losses = check(config)  # each Improve step's loss, resolved once for the run
     spec, out = config.improve, Path(config.out_dir)
     n_improve = spec.steps_per_grow
     thresholds = threshold_list(n_improve * (config.grow_steps if spec.schedule_scope == "run" else 1), spec.thresholds, spec.schedule)
@@ -141,7 +142,9 @@ def run_rest(config: RestConfig, resume: bool = False, log=print, on_record: Cal
             threshold = thresholds[i if spec.schedule_scope == "grow" else g * n_improve + i]
             start = base if (i == 0 and spec.restart_from_base) else policy_path
             step_dir = out / "improve" / f"g{g:03d}_i{i:02d}"
-            record = improve_step(config, pool, threshold, start, step_dir, tokenizer, g, i, log)
+            record = improve_step(
+                config, pool, threshold, start, step_dir, tokenizer, g, i, log, losses[i]
+            )
             t0 = time.perf_counter()
             record["eval"] = evaluate(load_policy(record["model"]))
             record["seconds_eval"] = round(time.perf_counter() - t0, 3)
@@ -162,6 +165,7 @@ def run_rest(config: RestConfig, resume: bool = False, log=print, on_record: Cal
 
 def improve_step(
     config: RestConfig, pool: list[GrownSample], threshold: float, start: str, step_dir: Path, tokenizer, g: int, i: int, log,
+    loss: Loss,
 ) -> dict:
     """Filter the pool at `threshold`, train from `start` into step_dir/final; returns the record."""
     spec = replace(config.improve, loss=loss_at(config.improve, i))
@@ -170,7 +174,7 @@ def improve_step(
     scores = normalized_scores([s.reward for s in pool], groups, spec.normalize)
     dedup = [tuple(s.response_ids) for s in pool] if spec.dedup else None
     kept = select(scores, groups, threshold, spec.max_per_prompt, seed=seed, dedup_keys=dedup)
-    data = build_data(spec.loss, pool, kept, scores, threshold, spec.max_per_prompt, seed=seed)
+    data = build_data(loss, pool, kept, scores, threshold, spec.max_per_prompt, seed=seed)
     record = {
         "kind": "improve", "grow": g, "improve": i, "threshold": threshold, "normalize": spec.normalize,
         "loss": spec.loss, "pool": len(pool), "kept": len(kept), "kept_fraction": round(len(kept) / max(1, len(pool)), 5),
@@ -184,7 +188,7 @@ def improve_step(
                        gradient_checkpointing=config.model.gradient_checkpointing)  # the Trainer places it
     trainer_config = replace(spec.trainer, out_dir=str(step_dir), seed=seed)
     t0 = time.perf_counter()
-    result = improve(model, tokenizer, data, spec, trainer_config, resume=True,
+    result = improve(model, tokenizer, data, spec, trainer_config, resume=True, loss=loss,
                      run_config={"rest": asdict(config), "grow_step": g, "improve_step": i, "threshold": threshold})
     losses = [h["loss"] for h in result.history if "loss" in h]
     return {
@@ -265,8 +269,8 @@ def same_task(a: str | None, b: str | None) -> bool:
     return bool(a and b) and tasks.resolve_task(a).name == tasks.resolve_task(b).name
 
 
-def check(config: RestConfig) -> None:
-    """Fail on a bad config before any sampling."""
+def check(config: RestConfig) -> list[Loss]:
+    """Fail on a bad config before any sampling; returns each Improve step's resolved loss."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Every process would grow and write the same files; Grow is not sharded across ranks yet.
         raise ValueError("prefalign rest runs in one process; start it without `accelerate launch`")
@@ -282,14 +286,7 @@ def check(config: RestConfig) -> None:
     spec = config.improve
     if spec.losses and len(spec.losses) != spec.steps_per_grow:
         raise ValueError(f"config key 'improve.losses': {len(spec.losses)} losses for {spec.steps_per_grow} Improve steps; give one per step")
-    params = set(spec.objective_params)
-    objectives = [o for o in (resolve_objective(loss) for loss in spec.losses or [spec.loss]) if o is not None]
-    for loss in spec.losses or [spec.loss]:
+    losses = resolve_losses(spec)
+    for loss in losses:
         reference_spec(loss, spec.reference)
-    if params and not objectives:
-        raise ValueError(f"config key 'improve.objective_params': loss {spec.loss!r} takes no parameters, got {sorted(params)}")
-    for objective in objectives:
-        allowed = objective.param_names
-        if allowed is not None and params - set(allowed):
-            raise ValueError(f"config key 'improve.objective_params': objective {objective.name!r} takes no parameter "
-                             f"{', '.join(sorted(params - set(allowed)))}; allowed: {', '.join(allowed) or '(none)'}")
+    return losses
