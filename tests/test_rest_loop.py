@@ -235,8 +235,11 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(files, tiny_llama_dir,
         assert (a[name] - b[name]).abs().max() < 1e-5, name
 
 
-def test_a_toy_model_fills_in_its_prompts_and_tasks():
-    config = loop.toy_defaults(load_config(RestConfig, None, ["model.name_or_path=toy:arith", "reward.kind=gold"]))
-    assert (config.grow.prompts, config.reward.task, config.eval.task) == ("toy:arith", "arith", "arith")
-    given = loop.toy_defaults(load_config(RestConfig, None, ["model.name_or_path=toy:arith", "grow.prompts=p.jsonl", "eval.task=sentiment"]))
+def test_a_task_as_the_model_fills_in_its_prompts_and_tasks():
+    toy = ["model.name_or_path=toy:arith"]
+    config = loop.task_defaults(load_config(RestConfig, None, [*toy, "reward.kind=gold"]))
+    assert (config.grow.prompts, config.reward.task, config.eval.task) == ("toy:arith",) * 3
+    given = loop.task_defaults(
+        load_config(RestConfig, None, [*toy, "grow.prompts=p.jsonl", "eval.task=sentiment"])
+    )
     assert (given.grow.prompts, given.eval.task) == ("p.jsonl", "sentiment")  # what the user set stays

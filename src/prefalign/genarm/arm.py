@@ -20,7 +20,7 @@ from prefalign import objectives
 from prefalign.evaluation.pairs import pair_metrics
 from prefalign.io import read_jsonl, write_jsonl
 from prefalign.reference import ReferenceSpec
-from prefalign.toy.rewards import RewardFn
+from prefalign.tasks import PairFn as RewardFn
 from prefalign.training.loop import TrainerConfig, TrainResult
 from prefalign.training.preference import (
     ObjectiveSpec,

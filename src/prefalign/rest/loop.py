@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from prefalign import tasks
 from prefalign.modeling import ModelSpec, load_model, load_tokenizer, resolve_device
 from prefalign.rest.evaluate import EvalSpec, HeldOutEval
 from prefalign.rest.filtering import normalized_scores, select, threshold_list
@@ -60,7 +61,7 @@ from prefalign.rest.state import RunState
 
 @dataclass
 class RestConfig:
-    model: ModelSpec = field(default_factory=ModelSpec)  # name_or_path may be toy:sentiment / toy:arith
+    model: ModelSpec = field(default_factory=ModelSpec)  # name_or_path may be a task: toy:arith
     reward: RewardSpec = field(default_factory=RewardSpec)
     grow: GrowSpec = field(default_factory=GrowSpec)
     improve: ImproveSpec = field(default_factory=ImproveSpec)
@@ -81,7 +82,7 @@ class RestResult:
 def run_rest(config: RestConfig, resume: bool = False, log=print, on_record: Callable[[dict], None] | None = None) -> RestResult:
     """Run (or, with `resume`, continue) G Grow steps each followed by I Improve steps."""
     started = time.perf_counter()
-    config = toy_defaults(config)
+    config = task_defaults(config)
     losses = check(config)  # each Improve step's loss, resolved once for the run
     spec, out = config.improve, Path(config.out_dir)
     n_improve = spec.steps_per_grow
@@ -93,7 +94,9 @@ def run_rest(config: RestConfig, resume: bool = False, log=print, on_record: Cal
     original = load_original(spec.original_data, tokenizer)
     reward = load_reward(config.reward, device)
     # Filter with one reward, judge with another: kept apart so reward hacking shows up.
-    reward_is_gold = config.reward.kind == "gold" and config.reward.task == config.eval.task
+    reward_is_gold = config.reward.kind == "gold" and same_task(
+        config.reward.task, config.eval.task
+    )
     gold = gold_reward(config.eval.task) if config.eval.task and not reward_is_gold else None
     prompts = load_prompts(config.grow.prompts, config.grow.n_prompts)
     initial = load_model(base, dtype=config.model.dtype, device=device)
@@ -254,29 +257,34 @@ def format_record(r: dict) -> str:
     return line + (" | held-out " + ", ".join(parts) if parts else "")
 
 
-def toy_defaults(config: RestConfig) -> RestConfig:
-    """With model `toy:<task>`, unset prompts, reward task and evaluation task default to that task."""
+def task_defaults(config: RestConfig) -> RestConfig:
+    """With a task as the model (e.g. `toy:arith`: its default policy), unset prompts, reward task
+    and evaluation task default to that task."""
     name = config.model.name_or_path
-    if not name.startswith("toy:"):
+    if not name or not tasks.is_task_spec(name) or Path(name).exists():
         return config
-    task = name[4:]
     return replace(
         config,
         grow=replace(config.grow, prompts=config.grow.prompts or name),
-        reward=replace(config.reward, task=config.reward.task or task),
-        eval=replace(config.eval, task=config.eval.task or task),
+        reward=replace(config.reward, task=config.reward.task or name),
+        eval=replace(config.eval, task=config.eval.task or name),
     )
 
 
 def resolve_model_path(name: str) -> str:
-    """`toy:<task>` is the toy world's SFT policy; local paths become absolute (saved adapters name their base)."""
+    """A task name (e.g. `toy:arith`) is that task's default policy; local paths become absolute
+    (saved adapters name their base)."""
     if not name:
-        raise ValueError("config key 'model.name_or_path' is required (a model directory, hub id, or toy:sentiment / toy:arith)")
-    if name.startswith("toy:"):
-        from prefalign.toy.world import get_world
-
-        return str(get_world(name[4:]).policy_path)
+        raise ValueError("config key 'model.name_or_path' is required (a model directory, hub id, "
+                         "or a task such as toy:sentiment / toy:arith)")
+    if tasks.is_task_spec(name) and not Path(name).exists():
+        return tasks.resolve_task(name).policy_path()
     return str(Path(name).resolve()) if Path(name).exists() else name
+
+
+def same_task(a: str | None, b: str | None) -> bool:
+    """Whether two task names (aliases included) name one task."""
+    return bool(a and b) and tasks.resolve_task(a).name == tasks.resolve_task(b).name
 
 
 def check(config: RestConfig) -> list[Loss]:
@@ -289,7 +297,8 @@ def check(config: RestConfig) -> list[Loss]:
         if value < 1:
             raise ValueError(f"config key '{key}' must be at least 1, got {value}")
     if config.reward.kind == "gold" and not config.reward.task:
-        raise ValueError("config key 'reward.task' is required with reward.kind=gold (sentiment, arith, brevity)")
+        raise ValueError("config key 'reward.task' is required with reward.kind=gold (a task: "
+                         "toy:sentiment, toy:arith, toy:brevity, or user:PROMPTS.jsonl:module:fn)")
     if config.improve.max_per_prompt < 0:
         raise ValueError(f"config key 'improve.max_per_prompt' must be >= 0 (0: no cap), got {config.improve.max_per_prompt}")
     spec = config.improve

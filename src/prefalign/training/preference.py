@@ -46,7 +46,7 @@ class PreferenceData(TruncationSettings):
 
 @dataclass
 class ToyEval:
-    task: str | None = None  # sentiment | arith: gold reward and KL to the initial policy
+    task: str | None = None  # a task (toy:sentiment, ...): gold reward and KL to the initial policy
     n_prompts: int = 64
     samples_per_prompt: int = 1
     max_new_tokens: int = 24
@@ -238,17 +238,17 @@ def make_evaluator(
     reference: ReferencePolicy,
     objective: objectives.Resolved,
 ):
-    """Periodic evaluation: gold reward + KL to the INITIAL policy on a toy task, and reward
+    """Periodic evaluation: gold reward + KL to the INITIAL policy on a task, and reward
     accuracy/margin on held-out pairs."""
     from prefalign.evaluation.core import evaluate_policy
     from prefalign.evaluation.pairs import load_eval_pairs, pair_metrics
 
     initial = None
     if config.eval.task:
-        from prefalign.toy.world import get_world
+        from prefalign.tasks import resolve_task
 
-        world = get_world(config.eval.task)
-        prompts = world.prompts("eval")[: config.eval.n_prompts]
+        task = resolve_task(config.eval.task)
+        prompts = task.prompts("eval")[: config.eval.n_prompts]
         initial = load_model(config.model.name_or_path, device=str(trainer.accelerator.device))
     beta = objective.reward_scale
     eval_pairs = load_eval_pairs(tokenizer, config.data.eval_path, config.data) if config.data.eval_path else None
@@ -258,7 +258,7 @@ def make_evaluator(
         out: dict[str, float] = {}
         if initial is not None:
             result = evaluate_policy(
-                model, tokenizer, config.eval.task, prompts, reference=initial,
+                model, tokenizer, task, prompts, reference=initial,
                 samples_per_prompt=config.eval.samples_per_prompt, max_new_tokens=config.eval.max_new_tokens,
             )
             out.update({"gold_reward": result.gold_reward, "kl": result.kl})
