@@ -12,7 +12,9 @@ from pathlib import Path
 import prefalign
 
 PACKAGE = Path(prefalign.__file__).parent
-TOP = ("prefalign.toy", "prefalign.demo")  # only they (and each other) may import them
+# The worlds (the embedded toy world, the SmolLM2 world) register tasks; the demo runs on them.
+WORLDS = ("prefalign.toy", "prefalign.smol")
+TOP = (*WORLDS, "prefalign.demo")  # only they may import them
 
 
 def module_name(path: Path) -> str:
@@ -120,5 +122,16 @@ def test_nothing_below_the_worlds_imports_them():
         if not under(name, TOP)
         for target in targets
         if under(target, TOP)
+    )
+    assert not offenders, "\n".join(offenders)
+
+
+def test_the_worlds_do_not_import_the_demo():
+    offenders = sorted(
+        f"{name} imports {target}"
+        for name, targets in graph().items()
+        if under(name, WORLDS)
+        for target in targets
+        if under(target, ("prefalign.demo",))
     )
     assert not offenders, "\n".join(offenders)
