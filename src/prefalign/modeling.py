@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from prefalign.models import resolve_model_source
+
 if TYPE_CHECKING:  # the model classes import in seconds: not paid by a config error
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -61,6 +63,7 @@ def load_tokenizer(name_or_path: str | Path, padding_side: str = "right") -> Pre
     """
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+    name_or_path = resolve_model_source(name_or_path)
     if saved_generic_tokenizer(name_or_path):
         # AutoTokenizer would pick the class from config.json's model_type for some architectures
         # (transformers 5 does so for qwen2, phi3, ...) and rebuild a different tokenizer from the
@@ -100,7 +103,9 @@ def load_model(
     """Load a causal LM by hub id or local path; wrap it in a trainable LoRA adapter if asked.
 
     A directory holding a saved peft adapter (adapter_config.json) is loaded on top of its base.
+    GGUF sources (`smollm2`, `gguf:PATH`, `PATH.gguf`) are imported once into the cache first.
     """
+    name_or_path = resolve_model_source(name_or_path)
     path = Path(str(name_or_path))
     torch_dtype = resolve_dtype(dtype)
     if (path / "adapter_config.json").exists():

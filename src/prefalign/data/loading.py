@@ -7,10 +7,8 @@ each into a record or a located `DataError`.
 
 from __future__ import annotations
 
-import codecs
 import csv
 import io
-import json
 import re
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -37,6 +35,7 @@ from prefalign.data.validation import (
     type_name,
     unpaired_record,
 )
+from prefalign.io import JsonlError, JsonProblem, check_strings, iter_jsonl, parse_json_text
 
 FILE_SUFFIXES = (*LINE_SUFFIXES, ".json", ".csv", ".tsv", ".parquet")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -82,34 +81,10 @@ def open_source(path_or_id: str | Path, split: str = "train") -> Source:
 
 
 def _jsonl_rows(path: Path, name: str) -> Iterator[tuple[int, Any]]:
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, start=1):
-            if n == 1:
-                raw = raw.removeprefix(codecs.BOM_UTF8)
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                yield (
-                    n,
-                    DataError(
-                        name,
-                        n,
-                        f"invalid UTF-8 (byte {exc.start + 1} of the line); save the file as UTF-8",
-                        reason="invalid_utf8",
-                    ),
-                )
-                continue
-            if not text.strip():
-                continue  # blank lines (a trailing newline, spacing) are not rows
-            try:
-                yield n, json.loads(text)
-            except json.JSONDecodeError as exc:
-                yield (
-                    n,
-                    DataError(
-                        name, n, f"invalid JSON: {exc.msg} (column {exc.colno})", reason="bad_json"
-                    ),
-                )
+    for n, value in iter_jsonl(path, errors="yield"):
+        if isinstance(value, JsonlError):  # the loader decides: raise, or skip and count
+            value = DataError(name, n, value.what, reason=value.reason)
+        yield n, value
 
 
 def _read_text(path: Path, name: str) -> str:
@@ -132,16 +107,14 @@ def _json_source(path: Path, name: str) -> Source:
     if not text.strip():
         return Source(name, iter(()))
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        hint = " (one object per line? name the file .jsonl)" if exc.msg == "Extra data" else ""
-        raise DataError(
-            name,
-            None,
-            f"invalid JSON on line {exc.lineno}: {exc.msg}{hint}",
-            reason="bad_json",
-            row_level=False,
-        ) from exc
+        data = parse_json_text(text)
+    except JsonProblem as exc:
+        what = exc.what
+        if exc.reason == "bad_json":
+            msg = what.removeprefix("invalid JSON: ").rsplit(" (column", 1)[0]
+            hint = " (one object per line? name the file .jsonl)" if msg == "Extra data" else ""
+            what = f"invalid JSON on line {exc.line}: {msg}{hint}"
+        raise DataError(name, None, what, reason=exc.reason, row_level=False) from None
     if not isinstance(data, list):
         raise DataError(
             name,
@@ -150,7 +123,16 @@ def _json_source(path: Path, name: str) -> Source:
             reason="not_a_list",
             row_level=False,
         )
-    return Source(name, enumerate(data, start=1))
+    return Source(name, _checked_rows(name, data))
+
+
+def _checked_rows(name: str, data: list) -> Iterator[tuple[int, Any]]:
+    for n, value in enumerate(data, start=1):
+        try:
+            check_strings(value)
+        except JsonProblem as exc:
+            value = DataError(name, n, exc.what, reason=exc.reason)
+        yield n, value
 
 
 def _csv_source(path: Path, name: str, delimiter: str) -> Source:

@@ -6,6 +6,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from prefalign.errors import UserError
+
 # Files read line by line name a line number; every other source names a row index.
 LINE_SUFFIXES = (".jsonl", ".ndjson")
 
@@ -19,7 +21,7 @@ def where(source: str, line: int | None) -> str:
     return f"{source}:row {line}"
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A one-line, located data problem: `data.jsonl:7: field 'chosen': expected a string, got int`.
 
     `reason` is a short stable key (e.g. `not_string`) under which `skip_invalid=True` counts the

@@ -20,6 +20,7 @@ import torch
 
 from prefalign.discovery.candidate import Candidate, normalize_code
 from prefalign.discovery.export import compile_objective
+from prefalign.io import atomic_write
 
 # Fitness of a candidate over the KL budget: far below any reward, still ordered by overshoot.
 INFEASIBLE = -1e6
@@ -79,10 +80,8 @@ class FitnessCache:
             "fitness": result.fitness,
             "metrics": result.metrics,
         }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.entries, indent=1, sort_keys=True))
-        tmp.replace(self.path)  # atomic: a crash never leaves half a cache
+        # atomic: a crash never leaves half a cache
+        atomic_write(self.path, json.dumps(self.entries, indent=1, sort_keys=True))
 
     def wrap(self, fitness_fn: FitnessFn, proxy_config: Mapping[str, Any]) -> FitnessFn:
         """`fitness_fn` that answers from the cache when the same code was scored before."""

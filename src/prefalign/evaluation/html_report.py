@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from prefalign.evaluation.report import COLUMNS, fmt
+from prefalign.io import flatten, iter_jsonl
 
 PLOT_DIR = "report_plots"
 SKIP_DIRS = {"checkpoints", "final", PLOT_DIR, "__pycache__"}
@@ -199,15 +200,7 @@ def _read_json(path: Path) -> Any:
 
 def read_jsonl(path: Path) -> list[dict]:
     """The JSON objects of a JSON-lines file; torn or foreign lines are skipped."""
-    out = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict):
-            out.append(record)
-    return out
+    return [r for _, r in iter_jsonl(path, errors="yield") if isinstance(r, dict)]
 
 
 def classify(records: Sequence[dict]) -> str | None:
@@ -617,15 +610,9 @@ def _numeric_keys(records: Sequence[dict], exclude: set[str]) -> list[str]:
     return list(keys)
 
 
-def _flatten(record: dict, prefix: str = "") -> dict:
+def _flatten(record: dict) -> dict:
     """{"extra_rewards": {"brevity": 1}} -> {"extra_rewards/brevity": 1}."""
-    out: dict[str, Any] = {}
-    for k, v in record.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}/"))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+    return flatten(record, sep="/")
 
 
 def _is_reward(key: str) -> bool:

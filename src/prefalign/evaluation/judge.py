@@ -30,7 +30,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -40,6 +39,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+
+from prefalign.io import atomic_write
 
 RETRY_STATUS = frozenset({408, 409, 429}) | frozenset(range(500, 600))
 PREFERENCE = {"win": 1.0, "tie": 0.5, "loss": 0.0}
@@ -237,12 +238,7 @@ class VerdictCache:
     def put(self, key: str, record: dict[str, Any]) -> None:
         if self.root is None:
             return
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f)
-        os.replace(tmp, path)
+        atomic_write(self._path(key), json.dumps(record))
 
 
 # --- the client ------------------------------------------------------------------------------

@@ -4,7 +4,7 @@
   held-out pair accuracy of its implied reward `beta_r * log pi_arm(y|x)`.
 - `decoding`: guided decoding `log pi_base + sum_i alpha_i log pi_arm_i` (any number of ARMs,
   batched, one KV cache per model), and the guided distribution for teacher-forced scoring.
-- `baselines`: ARGS and best-of-N with a sequence reward model (`reward_model`).
+- `baselines`: ARGS and best-of-N with a sequence reward model (`prefalign.reward_models`).
 """
 
 from prefalign.genarm.decoding import (

@@ -8,7 +8,6 @@ of held-out pairs where r(chosen) > r(rejected).
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from prefalign import objectives
 from prefalign.evaluation.pairs import pair_metrics
+from prefalign.io import read_jsonl, write_jsonl
 from prefalign.reference import ReferenceSpec
 from prefalign.toy.rewards import RewardFn
 from prefalign.training.loop import TrainerConfig, TrainResult
@@ -154,11 +154,6 @@ def relabel(rows: list[dict], reward: RewardFn, temperature: float, seed: int) -
     return out, {"pairs": len(out), "label_agreement": agree / max(1, len(out))}
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
 def write_pairs(dst: str | Path, rows: list[dict], stats: dict[str, float]) -> dict[str, float]:
-    Path(dst).parent.mkdir(parents=True, exist_ok=True)
-    Path(dst).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(dst, rows)
     return stats

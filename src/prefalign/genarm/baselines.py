@@ -19,8 +19,8 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from prefalign.genarm.reward_model import SequenceRewardModel
 from prefalign.generation import Generation, SamplingParams, StepFn, generate
+from prefalign.reward_models.reader import SequenceRewardModel
 from prefalign.toy.rewards import RewardFn
 
 

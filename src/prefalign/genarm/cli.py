@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+from prefalign import io
 from prefalign.config import load_config
 
 
@@ -34,22 +35,7 @@ def run_arm_train_cli(args: argparse.Namespace) -> int:
 
 def read_prompts(path: str | Path) -> list[str]:
     """Prompts from a JSONL file of {"prompt": ...} rows, or a text file with one per line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompts file {path} does not exist")
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    if path.suffix != ".jsonl":
-        return lines
-    prompts = []
-    for n, line in enumerate(lines, start=1):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise ValueError(f"{path}:{n}: not valid JSON") from None
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-            raise ValueError(f"{path}:{n}: expected an object with a string field 'prompt'")
-        prompts.append(row["prompt"])
-    return prompts
+    return io.read_prompts(path, label="--prompts")
 
 
 def arm_weights(arms: list[str], alphas: list[float]) -> list[float]:
@@ -82,11 +68,10 @@ def run_generate_cli(args: argparse.Namespace) -> int:
     )
     check_params(params)
     generations = guided_generate(base, arms, tokenizer, prompts, params)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w") as f:
-        for prompt, g in zip(prompts, generations, strict=True):
-            f.write(json.dumps({"prompt": prompt, "response": g.text}) + "\n")
+    out = io.write_jsonl(
+        args.out,
+        ({"prompt": p, "response": g.text} for p, g in zip(prompts, generations, strict=True)),
+    )
     print(f"wrote {len(generations)} responses to {out}", file=sys.stderr)
     return 0
 

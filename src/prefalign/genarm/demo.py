@@ -25,10 +25,10 @@ from prefalign.genarm.arm import ArmConfig, ArmResult, concise_pairs, train_arm
 from prefalign.genarm.baselines import args_generate, best_of_n, best_of_n_kl_bound
 from prefalign.genarm.decoding import Arm, SampledLogps, check_tokenizers, guided_generate
 from prefalign.genarm.plots import plot_alpha_sweep, plot_tradeoff
-from prefalign.genarm.reward_model import SequenceRewardModel, load_reward_model
 from prefalign.generation import Generation, SamplingParams
 from prefalign.modeling import ModelSpec, count_parameters, load_model, load_tokenizer
-from prefalign.rest.reward_model import RewardModelConfig, RMData, train_reward_model
+from prefalign.reward_models.reader import SequenceRewardModel, load_reward_model
+from prefalign.reward_models.train import RewardModelConfig, RMData, train_reward_model
 from prefalign.toy.rewards import brevity_reward, sentiment_reward
 from prefalign.toy.world import ToyConfig, ToyModelSize, ToyWorld, get_world
 from prefalign.training.loop import TrainerConfig

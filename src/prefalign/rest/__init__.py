@@ -17,8 +17,9 @@ from prefalign.rest.filtering import (
 from prefalign.rest.grow import GrownSample, GrowSpec, grow, read_samples, write_samples
 from prefalign.rest.improve import ImproveData, ImproveSpec, build_data, improve
 from prefalign.rest.loop import RestConfig, RestResult, run_rest
-from prefalign.rest.reward_model import RewardModel, RewardModelConfig, RMResult, train_reward_model
 from prefalign.rest.rewards import RewardSpec, load_reward
+from prefalign.reward_models.scoring import RewardModel
+from prefalign.reward_models.train import RewardModelConfig, RMResult, train_reward_model
 
 __all__ = [
     "EvalSpec",

@@ -94,7 +94,7 @@ TASK_OVERRIDES = {"arith": arith_overrides, "sentiment": sentiment_overrides}
 
 def sentiment_reward_model(world, out: Path) -> tuple[list[str], dict]:
     """Train a reward model on the world's preference pairs; its held-out accuracy goes in the row."""
-    from prefalign.rest.reward_model import RewardModelConfig, train_reward_model
+    from prefalign.reward_models.train import RewardModelConfig, train_reward_model
 
     rm_dir = out.with_name("rest_reward_model")
     shutil.rmtree(rm_dir, ignore_errors=True)

@@ -8,8 +8,6 @@ file is written to a temporary name and renamed, so a file that exists is comple
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
 import time
 from collections.abc import Sequence
@@ -20,6 +18,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from prefalign.generation import SamplingParams, generate
+from prefalign.io import read_jsonl, read_prompts, write_jsonl
 from prefalign.rest.rewards import Reward
 
 
@@ -67,16 +66,7 @@ def load_prompts(spec: str, n: int = 0) -> list[str]:
 
         prompts = get_world(spec[4:]).prompts("train")
     else:
-        path = Path(spec)
-        if not path.is_file():
-            raise ValueError(f"config key 'grow.prompts': file not found: {spec}")
-        prompts = []
-        for k, line in enumerate(path.read_text().splitlines(), 1):
-            if line.strip():
-                row = json.loads(line)
-                if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-                    raise ValueError(f"{spec}:{k}: expected a JSON object with a string 'prompt'")
-                prompts.append(row["prompt"])
+        prompts = read_prompts(spec, label="config key 'grow.prompts':")
     prompts = prompts[:n] if n else prompts
     if not prompts:
         raise ValueError(f"config key 'grow.prompts': {spec} holds no prompts")
@@ -122,18 +112,11 @@ def grow(
 
 def write_samples(path: Path, samples: Sequence[GrownSample]) -> None:
     """Write atomically: a complete file or none."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        for s in samples:
-            f.write(json.dumps(asdict(s)) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    write_jsonl(path, (asdict(s) for s in samples))
 
 
 def read_samples(path: Path) -> list[GrownSample]:
-    return [GrownSample(**json.loads(line)) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [GrownSample(**row) for row in read_jsonl(path)]
 
 
 def reward_summary(values: Sequence[float]) -> dict[str, float]:

@@ -81,6 +81,6 @@ def load_reward(spec: RewardSpec, device: str = "cpu") -> Reward:
         return FunctionReward(load_function(spec.function), spec.function)
     if not spec.model_path:
         raise ValueError("config key 'reward.model_path' is required with reward.kind=model")
-    from prefalign.rest.reward_model import RewardModel
+    from prefalign.reward_models.scoring import RewardModel
 
     return RewardModel.from_pretrained(spec.model_path, device=device, batch_size=spec.batch_size)

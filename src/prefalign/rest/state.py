@@ -9,9 +9,10 @@ Improve step's model directory) are written before the record, so a finished ste
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from prefalign.io import atomic_write, flatten, json_line
 
 STATE_VERSION = 1
 
@@ -46,8 +47,8 @@ class RunState:
         if not resume:
             raise ValueError(f"out_dir {out_dir} holds a ReST run ({path}); pass --resume to continue it, or choose another out_dir")
         saved = json.loads(path.read_text())
-        changed = sorted(k for k in set(_flat(saved["config"])) | set(_flat(config))
-                         if _flat(saved["config"]).get(k) != _flat(config).get(k))
+        old, new = flatten(saved["config"]), flatten(config)
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if changed:
             log(f"resuming with a changed config ({', '.join(changed)}); finished steps keep the settings they ran with")
         return cls(out_dir, config, saved["records"])
@@ -59,22 +60,7 @@ class RunState:
         self.records.append(record)
         self._by_key[step_key(record)] = record
         self._write("state.json", json.dumps({"version": STATE_VERSION, "config": self.config, "records": self.records}, indent=1))
-        self._write("steps.jsonl", "".join(json.dumps(r) + "\n" for r in self.records))
+        self._write("steps.jsonl", "".join(json_line(r) for r in self.records))
 
     def _write(self, name: str, text: str) -> None:
-        tmp = self.out_dir / f".{name}.tmp"
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(self.out_dir / name)
-
-
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+        atomic_write(self.out_dir / name, text)

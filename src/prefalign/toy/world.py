@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
+from prefalign.io import read_prompts, write_jsonl
 from prefalign.toy.corpus import ArithSpec, arith_prompt, noisy_answer, review, split_arith, split_openings
 from prefalign.toy.determinism import deterministic_build
 from prefalign.toy.rewards import arith_correct, gold_reward_fn
@@ -107,7 +108,7 @@ class ToyWorld:
         return json.loads((self.root / "world.json").read_text())
 
     def prompts(self, split: Literal["train", "eval"]) -> list[str]:
-        return [json.loads(line)["prompt"] for line in self.file(f"prompts_{split}.jsonl").read_text().splitlines()]
+        return read_prompts(self.file(f"prompts_{split}.jsonl"))
 
 
 def world_dir(config: ToyConfig) -> Path:
@@ -279,9 +280,3 @@ def build_preference_data(config: ToyConfig, root: Path, model, tokenizer, texts
         "sft_sample_reward": round(sum(scores) / len(scores), 4),
         **extra,
     }
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    with open(path, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")

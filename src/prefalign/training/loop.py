@@ -26,6 +26,8 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from prefalign.io import append_jsonl, atomic_write, flatten
+
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
@@ -134,7 +136,7 @@ class Trainer:
         if acc.is_main_process:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             if run_config is not None:
-                (self.out_dir / "config.json").write_text(json.dumps(run_config, indent=2, default=str))
+                atomic_write(self.out_dir / "config.json", json.dumps(run_config, indent=2, default=str))
         if config.report_to:
             acc.init_trackers("prefalign", config=flat_config(run_config or {}))
 
@@ -221,8 +223,7 @@ class Trainer:
         record = {"step": self.step, **record}
         self.history.append(record)
         if self.accelerator.is_main_process:
-            with open(self.out_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_jsonl(self.out_dir / "metrics.jsonl", record)
         if self.config.report_to:
             self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=self.step)
 
@@ -315,14 +316,9 @@ def make_accelerator(config: TrainerConfig) -> Accelerator:
     )
 
 
-def flat_config(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(flat_config(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return out
+def flat_config(tree: dict[str, Any]) -> dict[str, Any]:
+    """The run config as the flat scalar mapping experiment trackers take."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flatten(tree).items()}
 
 
 def _save_final(src: Path, dst: Path) -> None:
