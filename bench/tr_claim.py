@@ -53,8 +53,11 @@ class Arm:
 
     @property
     def name(self) -> str:
-        setting = {"frozen": "frozen", "soft": f"soft-a{self.alpha}-p{self.period}",
-                   "hard": f"hard-tau{self.tau}"}[self.mode]
+        setting = {
+            "frozen": "frozen",
+            "soft": f"soft-a{self.alpha}-p{self.period}",
+            "hard": f"hard-tau{self.tau}",
+        }[self.mode]
         prefix = "proxy-" if self.labeller == "proxy" else ""
         return f"{prefix}{setting}-b{self.beta}"
 
@@ -69,8 +72,11 @@ class Arm:
 
 FROZEN = Arm("frozen", MAIN_BETA)
 TR_SETTINGS = (
-    Arm("hard", MAIN_BETA, tau=8), Arm("hard", MAIN_BETA, tau=32), Arm("hard", MAIN_BETA, tau=64),
-    Arm("soft", MAIN_BETA, alpha=0.6, period=4), Arm("soft", MAIN_BETA, alpha=0.6, period=16),
+    Arm("hard", MAIN_BETA, tau=8),
+    Arm("hard", MAIN_BETA, tau=32),
+    Arm("hard", MAIN_BETA, tau=64),
+    Arm("soft", MAIN_BETA, alpha=0.6, period=4),
+    Arm("soft", MAIN_BETA, alpha=0.6, period=16),
     Arm("soft", MAIN_BETA, alpha=0.1, period=1),
 )
 
@@ -91,8 +97,16 @@ class Setup:
 
 
 # --- one run ------------------------------------------------------------------------------------
-def checkpoint_metrics(policy, sft, tokenizer, prompts: list[str], pairs_batch: dict, setup: Setup,
-                       seed: int, step: int) -> dict[str, float]:
+def checkpoint_metrics(
+    policy,
+    sft,
+    tokenizer,
+    prompts: list[str],
+    pairs_batch: dict,
+    setup: Setup,
+    seed: int,
+    step: int,
+) -> dict[str, float]:
     """Gold, VADER, coherence (with standard errors), KL to SFT, training-pair log-probs."""
     import torch
 
@@ -101,8 +115,14 @@ def checkpoint_metrics(policy, sft, tokenizer, prompts: list[str], pairs_batch: 
     from prefalign.toy.rewards import coherence, coherent_sentiment_reward, sentiment_reward
 
     result = evaluate_policy(
-        policy, tokenizer, "sentiment", prompts, reference=sft, reward_fn=coherent_sentiment_reward,
-        samples_per_prompt=setup.samples_per_prompt, max_new_tokens=setup.max_new_tokens,
+        policy,
+        tokenizer,
+        "sentiment",
+        prompts,
+        reference=sft,
+        reward_fn=coherent_sentiment_reward,
+        samples_per_prompt=setup.samples_per_prompt,
+        max_new_tokens=setup.max_new_tokens,
         seed=1000 * seed + step,  # the same samples' noise for every arm of a seed and step
     )
     texts = [(s["prompt"], s["response"]) for s in result.samples]
@@ -111,11 +131,19 @@ def checkpoint_metrics(policy, sft, tokenizer, prompts: list[str], pairs_batch: 
     with torch.no_grad():
         chosen, rejected = split_pairs(sequence_logps(policy, *pairs_batch.values()))
     return {
-        "step": step, "gold": result.gold_reward, "gold_se": result.gold_reward_se,
-        "vader": vader[0], "vader_se": vader[1], "coherence": mean_and_se(coh)[0],
-        "coherence_se": mean_and_se(coh)[1], "off_grammar": sum(c < 1 for c in coh) / len(coh),
-        "kl": result.kl, "kl_se": result.kl_se, "mean_length": result.mean_length,
-        "logp_chosen": chosen.sum.mean().item(), "logp_rejected": rejected.sum.mean().item(),
+        "step": step,
+        "gold": result.gold_reward,
+        "gold_se": result.gold_reward_se,
+        "vader": vader[0],
+        "vader_se": vader[1],
+        "coherence": mean_and_se(coh)[0],
+        "coherence_se": mean_and_se(coh)[1],
+        "off_grammar": sum(c < 1 for c in coh) / len(coh),
+        "kl": result.kl,
+        "kl_se": result.kl_se,
+        "mean_length": result.mean_length,
+        "logp_chosen": chosen.sum.mean().item(),
+        "logp_rejected": rejected.sum.mean().item(),
     }
 
 
@@ -148,29 +176,57 @@ def train_arm(job: tuple[Arm, int, Setup]) -> dict:
     pairs_batch = {k: pairs_batch[k] for k in ("input_ids", "attention_mask", "loss_mask")}
     prompts = world.prompts("eval")[: setup.n_eval_prompts]
     config = TrainerConfig(
-        out_dir=str(Path(setup.out_dir) / "scratch" / f"{arm.name}-s{seed}"), batch_size=setup.batch_size,
-        max_steps=setup.steps, lr=setup.lr, schedule="constant", warmup_ratio=0.0, seed=seed,
-        log_every=setup.every, eval_every=setup.every, progress=False,
+        out_dir=str(Path(setup.out_dir) / "scratch" / f"{arm.name}-s{seed}"),
+        batch_size=setup.batch_size,
+        max_steps=setup.steps,
+        lr=setup.lr,
+        schedule="constant",
+        warmup_ratio=0.0,
+        seed=seed,
+        log_every=setup.every,
+        eval_every=setup.every,
+        progress=False,
     )
-    trainer = Trainer(load_model(world.policy_path, device="cpu"), config, n_examples=len(pairs),
-                      tokenizer=tokenizer)
-    reference = make_reference(trainer.model, ReferenceSpec(arm.mode, arm.alpha, arm.period, arm.tau))
+    trainer = Trainer(
+        load_model(world.policy_path, device="cpu"),
+        config,
+        n_examples=len(pairs),
+        tokenizer=tokenizer,
+    )
+    reference = make_reference(
+        trainer.model, ReferenceSpec(arm.mode, arm.alpha, arm.period, arm.tau)
+    )
     loss_fn = pairwise_loss_fn(objectives.get("dpo"), reference, {"beta": arm.beta})
     points = [checkpoint_metrics(sft, sft, tokenizer, prompts, pairs_batch, setup, seed, 0)]
 
     def evaluate(step: int) -> dict[str, float]:
-        points.append(checkpoint_metrics(trainer.unwrapped, sft, tokenizer, prompts, pairs_batch, setup,
-                                         seed, step))
+        points.append(
+            checkpoint_metrics(
+                trainer.unwrapped, sft, tokenizer, prompts, pairs_batch, setup, seed, step
+            )
+        )
         return {"gold": points[-1]["gold"], "kl": points[-1]["kl"]}
 
-    trainer.fit([p.length for p in pairs], lambda idx: collate_pairs([pairs[i] for i in idx], pad), loss_fn,
-                after_step=reference.after_optimizer_step, evaluate=evaluate)
+    trainer.fit(
+        [p.length for p in pairs],
+        lambda idx: collate_pairs([pairs[i] for i in idx], pad),
+        loss_fn,
+        after_step=reference.after_optimizer_step,
+        evaluate=evaluate,
+    )
     trainer.end()
     import shutil
 
     shutil.rmtree(config.out_dir, ignore_errors=True)  # the curve is the result, not the weights
-    run = {"arm": arm.name, "setting": arm.setting, "beta": arm.beta, "labeller": arm.labeller,
-           "seed": seed, "seconds": round(time.perf_counter() - started, 1), "points": points}
+    run = {
+        "arm": arm.name,
+        "setting": arm.setting,
+        "beta": arm.beta,
+        "labeller": arm.labeller,
+        "seed": seed,
+        "seconds": round(time.perf_counter() - started, 1),
+        "points": points,
+    }
     saved.parent.mkdir(parents=True, exist_ok=True)
     saved.write_text(json.dumps(run, indent=1))
     return run
@@ -197,12 +253,17 @@ def budget_score(points: list[dict]) -> float:
     return sum(best_within(points, b) for b in BUDGETS) / len(BUDGETS)
 
 
-def paired_differences(runs: dict[tuple[str, int], dict], arm: str, base: str, seeds: list[int]) -> dict:
-    """Per KL budget: seed-paired (arm - base) best gold within the budget, mean and 95% interval."""
+def paired_differences(
+    runs: dict[tuple[str, int], dict], arm: str, base: str, seeds: list[int]
+) -> dict:
+    """Per KL budget: seed-paired (arm - base) best gold within it, mean and 95% interval."""
     out = {}
     for budget in BUDGETS:
-        diffs = [best_within(runs[arm, s]["points"], budget) - best_within(runs[base, s]["points"], budget)
-                 for s in seeds]
+        diffs = [
+            best_within(runs[arm, s]["points"], budget)
+            - best_within(runs[base, s]["points"], budget)
+            for s in seeds
+        ]
         out[str(budget)] = {**mean_interval(diffs), "per_seed": diffs}
     return out
 
@@ -227,8 +288,14 @@ def band(runs: list[dict], key: str) -> list[dict[str, float]]:
         values = [r["points"][i][key] for r in runs]
         roots = [math.sqrt(max(r["points"][i]["kl"], 0.0)) for r in runs]
         se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
-        out.append({"step": point["step"], "mean": sum(values) / len(values), "se": se,
-                    "sqrt_kl": sum(roots) / len(roots)})
+        out.append(
+            {
+                "step": point["step"],
+                "mean": sum(values) / len(values),
+                "se": se,
+                "sqrt_kl": sum(roots) / len(roots),
+            }
+        )
     return out
 
 
@@ -250,11 +317,15 @@ def best_of_n(setup: Setup, proxy_dir: Path, n_max: int = 16) -> list[dict]:
     policy = load_model(world.policy_path, device="cpu")
     prompts = world.prompts("eval")[: setup.n_eval_prompts]
     expanded = [p for p in prompts for _ in range(n_max)]
-    params = SamplingParams(max_new_tokens=setup.max_new_tokens, temperature=1.0, seed=7, batch_size=256)
+    params = SamplingParams(
+        max_new_tokens=setup.max_new_tokens, temperature=1.0, seed=7, batch_size=256
+    )
     texts = [g.text for g in generate(policy, tokenizer, expanded, params)]
     gold = [coherent_sentiment_reward(p, t) for p, t in zip(expanded, texts, strict=True)]
-    scores = {"proxy": RewardModel.from_pretrained(proxy_dir).score(expanded, texts),
-              "vader": [sentiment_reward(p, t) for p, t in zip(expanded, texts, strict=True)]}
+    scores = {
+        "proxy": RewardModel.from_pretrained(proxy_dir).score(expanded, texts),
+        "vader": [sentiment_reward(p, t) for p, t in zip(expanded, texts, strict=True)],
+    }
     rows = []
     n = 1
     while n <= n_max:
@@ -282,12 +353,23 @@ def prepare_data(world, out: Path, n_pairs: int, log) -> tuple[Path, Path, Path,
     pairs.write_text("".join(json.dumps(r) + "\n" for r in rows[:n_pairs]))
     proxy_dir = out / "proxy_rm"
     if not (proxy_dir / "final" / "config.json").exists():
-        config = load_config(RewardModelConfig, None, [
-            f"model.name_or_path={world.policy_path}", f"data.path={world.file('pairs.jsonl')}",
-            f"data.eval_path={world.file('pairs_eval.jsonl')}", "data.max_length=64",
-            "data.max_prompt_length=16", f"trainer.out_dir={proxy_dir}", "trainer.batch_size=16",
-            "trainer.epochs=3", "trainer.lr=1e-4", "trainer.progress=false", "trainer.log_every=100",
-        ])
+        config = load_config(
+            RewardModelConfig,
+            None,
+            [
+                f"model.name_or_path={world.policy_path}",
+                f"data.path={world.file('pairs.jsonl')}",
+                f"data.eval_path={world.file('pairs_eval.jsonl')}",
+                "data.max_length=64",
+                "data.max_prompt_length=16",
+                f"trainer.out_dir={proxy_dir}",
+                "trainer.batch_size=16",
+                "trainer.epochs=3",
+                "trainer.lr=1e-4",
+                "trainer.progress=false",
+                "trainer.log_every=100",
+            ],
+        )
         train_reward_model(config, log=lambda *_: None)
     rm_metrics = json.loads((proxy_dir / "rm_metrics.json").read_text())
     log(f"proxy reward model: held-out pair accuracy {rm_metrics['held_out_pair_accuracy']:.3f}")
@@ -299,8 +381,13 @@ def prepare_data(world, out: Path, n_pairs: int, log) -> tuple[Path, Path, Path,
     for row, c, r in zip(rows[:n_pairs], chosen, rejected, strict=True):
         if r > c:
             flipped += 1
-            row = {**row, "chosen": row["rejected"], "rejected": row["chosen"],
-                   "chosen_reward": row["rejected_reward"], "rejected_reward": row["chosen_reward"]}
+            row = {
+                **row,
+                "chosen": row["rejected"],
+                "rejected": row["chosen"],
+                "chosen_reward": row["rejected_reward"],
+                "rejected_reward": row["chosen_reward"],
+            }
         relabelled.append(row)
     proxy_pairs = out / "pairs_proxy.jsonl"
     proxy_pairs.write_text("".join(json.dumps(r) + "\n" for r in relabelled))
@@ -319,9 +406,11 @@ def run_jobs(jobs: list[tuple[Arm, int, Setup]], workers: int, log) -> list[dict
 def log_run(run: dict, log) -> dict:
     best = max(run["points"], key=lambda p: p["gold"])
     last = run["points"][-1]
-    log(f"  {run['arm']} seed {run['seed']}: best gold {best['gold']:.3f} at KL {best['kl']:.1f} "
+    log(
+        f"  {run['arm']} seed {run['seed']}: best gold {best['gold']:.3f} at KL {best['kl']:.1f} "
         f"(step {best['step']}); last {last['gold']:.3f} at KL {last['kl']:.1f}, off-grammar "
-        f"{last['off_grammar']:.0%} ({run['seconds']:.0f}s)")
+        f"{last['off_grammar']:.0%} ({run['seconds']:.0f}s)"
+    )
     return run
 
 
@@ -346,19 +435,37 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     from prefalign.toy.world import ToyWorld, get_world
 
-    world = ToyWorld("sentiment", Path(args.world_dir)) if args.world_dir else get_world("sentiment")
+    world = (
+        ToyWorld("sentiment", Path(args.world_dir)) if args.world_dir else get_world("sentiment")
+    )
     log = print
     pairs, proxy_pairs, proxy_dir, rm_metrics = prepare_data(world, out, args.pairs, log)
-    setup = Setup(str(world.root), str(pairs), str(proxy_pairs), args.steps, args.every, args.lr,
-                  args.batch_size, args.eval_prompts, args.samples,
-                  world.info()["config"]["max_new_tokens"], str(out))
+    setup = Setup(
+        str(world.root),
+        str(pairs),
+        str(proxy_pairs),
+        args.steps,
+        args.every,
+        args.lr,
+        args.batch_size,
+        args.eval_prompts,
+        args.samples,
+        world.info()["config"]["max_new_tokens"],
+        str(out),
+    )
 
-    log(f"tuning on seed {args.tune_seed} (not reported): frozen and {len(TR_SETTINGS)} TR settings")
-    tuning = run_jobs([(a, args.tune_seed, setup) for a in (FROZEN, *TR_SETTINGS)], args.workers, log)
+    log(
+        f"tuning on seed {args.tune_seed} (not reported): frozen and {len(TR_SETTINGS)} TR settings"
+    )
+    tuning = run_jobs(
+        [(a, args.tune_seed, setup) for a in (FROZEN, *TR_SETTINGS)], args.workers, log
+    )
     scores = {r["arm"]: budget_score(r["points"]) for r in tuning}
     best_tr = max(TR_SETTINGS, key=lambda a: scores[a.name])
-    log(f"best TR setting on the tuning seed: {best_tr.setting} (score {scores[best_tr.name]:.3f}, "
-        f"frozen {scores[FROZEN.name]:.3f})")
+    log(
+        f"best TR setting on the tuning seed: {best_tr.setting} (score {scores[best_tr.name]:.3f}, "
+        f"frozen {scores[FROZEN.name]:.3f})"
+    )
 
     arms = [FROZEN.at(b) for b in BETAS] + list(TR_SETTINGS)
     arms += [best_tr.at(b) for b in BETAS if b != MAIN_BETA]
@@ -375,15 +482,35 @@ def main(argv: list[str] | None = None) -> dict:
             base = FROZEN.at(arm.beta, arm.labeller)
             if any(b.name == base.name for b in arms):
                 diffs = paired_differences(runs, arm.name, base.name, args.seeds)
-                comparisons[arm.name] = {"against": base.name, "budgets": diffs, "verdict": verdict(diffs)}
+                comparisons[arm.name] = {
+                    "against": base.name,
+                    "budgets": diffs,
+                    "verdict": verdict(diffs),
+                }
     results = {
         "settings": {k: v for k, v in asdict(setup).items() if k not in ("out_dir",)},
-        "seeds": args.seeds, "tune_seed": args.tune_seed, "tuning_scores": scores,
-        "best_tr_setting": best_tr.setting, "proxy_rm": rm_metrics, "best_of_n": bon,
+        "seeds": args.seeds,
+        "tune_seed": args.tune_seed,
+        "tuning_scores": scores,
+        "best_tr_setting": best_tr.setting,
+        "proxy_rm": rm_metrics,
+        "best_of_n": bon,
         "comparisons": comparisons,
-        "bands": {a.name: {k: band([runs[a.name, s] for s in args.seeds], k)
-                           for k in ("gold", "vader", "coherence", "off_grammar", "logp_chosen",
-                                     "logp_rejected", "kl")} for a in arms},
+        "bands": {
+            a.name: {
+                k: band([runs[a.name, s] for s in args.seeds], k)
+                for k in (
+                    "gold",
+                    "vader",
+                    "coherence",
+                    "off_grammar",
+                    "logp_chosen",
+                    "logp_rejected",
+                    "kl",
+                )
+            }
+            for a in arms
+        },
         "runs": [runs[a.name, s] for a in arms for s in args.seeds],
     }
     results["seconds"] = round(time.perf_counter() - started, 1)
@@ -396,18 +523,26 @@ def main(argv: list[str] | None = None) -> dict:
 
 # --- report and plots ---------------------------------------------------------------------------
 def write_report(results: dict, arms: list[Arm], out: Path) -> str:
-    lines = [f"# Trust-region claim: {len(results['runs'])} runs, seeds {results['seeds']}, "
-             f"{results['seconds']:.0f}s", "",
-             f"Best TR setting on tuning seed {results['tune_seed']}: {results['best_tr_setting']}.", "",
-             "Best gold within a KL budget, mean over seeds (TR minus frozen, seed-paired, 95% interval):",
-             "", "| arm | " + " | ".join(f"KL<={b:g}" for b in BUDGETS) + " | verdict |",
-             "|---|" + "---|" * (len(BUDGETS) + 1)]
+    lines = [
+        f"# Trust-region claim: {len(results['runs'])} runs, seeds {results['seeds']}, "
+        f"{results['seconds']:.0f}s",
+        "",
+        f"Best TR setting on tuning seed {results['tune_seed']}: {results['best_tr_setting']}.",
+        "",
+        "Best gold within a KL budget, mean over seeds "
+        "(TR minus frozen, seed-paired, 95% interval):",
+        "",
+        "| arm | " + " | ".join(f"KL<={b:g}" for b in BUDGETS) + " | verdict |",
+        "|---|" + "---|" * (len(BUDGETS) + 1),
+    ]
     seeds = results["seeds"]
     by_key = {(r["arm"], r["seed"]): r for r in results["runs"]}
     for arm in arms:
         cells = []
         for budget in BUDGETS:
-            best = mean_interval([best_within(by_key[arm.name, s]["points"], budget) for s in seeds])
+            best = mean_interval(
+                [best_within(by_key[arm.name, s]["points"], budget) for s in seeds]
+            )
             cell = f"{best['mean']:.3f}"
             if arm.name in results["comparisons"]:
                 d = results["comparisons"][arm.name]["budgets"][str(budget)]
@@ -415,22 +550,40 @@ def write_report(results: dict, arms: list[Arm], out: Path) -> str:
             cells.append(cell)
         verdict_cell = results["comparisons"].get(arm.name, {}).get("verdict", "")
         lines.append(f"| {arm.name} | " + " | ".join(cells) + f" | {verdict_cell} |")
-    lines += ["", "At the last checkpoint (mean ± se over seeds):", "",
-              "| arm | gold | VADER | coherence | off-grammar | KL | logp chosen | logp rejected |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "At the last checkpoint (mean ± se over seeds):",
+        "",
+        "| arm | gold | VADER | coherence | off-grammar | KL | logp chosen | logp rejected |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for arm in arms:
         b = results["bands"][arm.name]
-        cells = [f"{b[k][-1]['mean']:.3f} ± {b[k][-1]['se']:.3f}" for k in ("gold", "vader", "coherence")]
-        cells += [f"{b['off_grammar'][-1]['mean']:.0%}", f"{b['kl'][-1]['mean']:.1f} ± {b['kl'][-1]['se']:.1f}"]
+        cells = [
+            f"{b[k][-1]['mean']:.3f} ± {b[k][-1]['se']:.3f}" for k in ("gold", "vader", "coherence")
+        ]
+        cells += [
+            f"{b['off_grammar'][-1]['mean']:.0%}",
+            f"{b['kl'][-1]['mean']:.1f} ± {b['kl'][-1]['se']:.1f}",
+        ]
         cells += [f"{b[k][-1]['mean']:.1f}" for k in ("logp_chosen", "logp_rejected")]
         lines.append(f"| {arm.name} | " + " | ".join(cells) + " |")
     if results["best_of_n"]:
-        lines += ["", f"Proxy reward model: {json.dumps(results['proxy_rm'])}", "",
-                  "Best-of-N on the SFT policy (KL = log N - (N-1)/N):", "",
-                  "| N | KL | gold, picked by the proxy RM | gold, picked by VADER |", "|---|---|---|---|"]
+        lines += [
+            "",
+            f"Proxy reward model: {json.dumps(results['proxy_rm'])}",
+            "",
+            "Best-of-N on the SFT policy (KL = log N - (N-1)/N):",
+            "",
+            "| N | KL | gold, picked by the proxy RM | gold, picked by VADER |",
+            "|---|---|---|---|",
+        ]
         for row in results["best_of_n"]:
-            lines.append(f"| {row['n']} | {row['kl']:.2f} | {row['gold_proxy']:.3f} ± {row['gold_proxy_se']:.3f}"
-                         f" | {row['gold_vader']:.3f} ± {row['gold_vader_se']:.3f} |")
+            lines.append(
+                f"| {row['n']} | {row['kl']:.2f} | "
+                f"{row['gold_proxy']:.3f} ± {row['gold_proxy_se']:.3f}"
+                f" | {row['gold_vader']:.3f} ± {row['gold_vader_se']:.3f} |"
+            )
     text = "\n".join(lines) + "\n"
     (out / "report.md").write_text(text)
     plot(results, arms, out)
@@ -449,13 +602,22 @@ def plot(results: dict, arms: list[Arm], out: Path) -> None:
             pts = results["bands"][arm.name]["gold"]
             x = [p["sqrt_kl"] for p in pts]
             y = [p["mean"] for p in pts]
-            line, = ax.plot(x, y, marker=".", label=arm.setting)
-            ax.fill_between(x, [p["mean"] - p["se"] for p in pts], [p["mean"] + p["se"] for p in pts],
-                            color=line.get_color(), alpha=0.2)
+            (line,) = ax.plot(x, y, marker=".", label=arm.setting)
+            ax.fill_between(
+                x,
+                [p["mean"] - p["se"] for p in pts],
+                [p["mean"] + p["se"] for p in pts],
+                color=line.get_color(),
+                alpha=0.2,
+            )
         if beta == MAIN_BETA and results["best_of_n"]:
             bon = results["best_of_n"]
-            ax.plot([math.sqrt(r["kl"]) for r in bon], [r["gold_proxy"] for r in bon], "k--",
-                    label="best-of-N (proxy RM)")
+            ax.plot(
+                [math.sqrt(r["kl"]) for r in bon],
+                [r["gold_proxy"] for r in bon],
+                "k--",
+                label="best-of-N (proxy RM)",
+            )
         ax.set_title(f"beta {beta}")
         ax.set_xlabel("sqrt KL to SFT (nats^0.5)")
     axes[0].set_ylabel("gold = VADER x coherence (band: ± se over seeds)")
@@ -470,8 +632,10 @@ def plot(results: dict, arms: list[Arm], out: Path) -> None:
         budgets = results["comparisons"][name]["budgets"]
         xs = [j + (i - len(names) / 2) * 0.08 for j in range(len(BUDGETS))]
         means = [budgets[str(b)]["mean"] for b in BUDGETS]
-        errs = [[m - budgets[str(b)]["lo"] for m, b in zip(means, BUDGETS, strict=True)],
-                [budgets[str(b)]["hi"] - m for m, b in zip(means, BUDGETS, strict=True)]]
+        errs = [
+            [m - budgets[str(b)]["lo"] for m, b in zip(means, BUDGETS, strict=True)],
+            [budgets[str(b)]["hi"] - m for m, b in zip(means, BUDGETS, strict=True)],
+        ]
         ax.errorbar(xs, means, yerr=errs, fmt="o", capsize=2, label=name)
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xticks(range(len(BUDGETS)), [f"KL<={b:g}" for b in BUDGETS])

@@ -13,12 +13,27 @@ from safetensors.torch import load_file
 from prefalign.toy.world import ToyConfig, ToyModelSize, build_world
 
 TINY = dict(
-    model=ToyModelSize(hidden_size=32, layers=2, heads=4, intermediate_size=64), corpus_size=800,
-    pretrain_steps=20, sft_steps=10, batch_size=16, n_pair_prompts=48, samples_per_prompt=2,
-    n_eval_pairs=16, n_train_prompts=16, n_eval_prompts=8, max_new_tokens=8,
+    model=ToyModelSize(hidden_size=32, layers=2, heads=4, intermediate_size=64),
+    corpus_size=800,
+    pretrain_steps=20,
+    sft_steps=10,
+    batch_size=16,
+    n_pair_prompts=48,
+    samples_per_prompt=2,
+    n_eval_pairs=16,
+    n_train_prompts=16,
+    n_eval_prompts=8,
+    max_new_tokens=8,
 )
-DATA_FILES = ("sft.jsonl", "pairs.jsonl", "pairs_eval.jsonl", "unpaired.jsonl", "prompts_train.jsonl",
-              "prompts_eval.jsonl", "policy/tokenizer.json")
+DATA_FILES = (
+    "sft.jsonl",
+    "pairs.jsonl",
+    "pairs_eval.jsonl",
+    "unpaired.jsonl",
+    "prompts_train.jsonl",
+    "prompts_eval.jsonl",
+    "policy/tokenizer.json",
+)
 
 
 def busy_processes(n: int) -> list[subprocess.Popen]:
@@ -48,4 +63,7 @@ def test_build_is_identical_under_load_and_any_thread_setting(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a), "weights differ between the two builds"
     for name in DATA_FILES:
         assert loaded.file(name).read_bytes() == idle.file(name).read_bytes(), name
-    assert loaded.info()["figures"]["pair_label_agreement"] == idle.info()["figures"]["pair_label_agreement"]
+    assert (
+        loaded.info()["figures"]["pair_label_agreement"]
+        == idle.info()["figures"]["pair_label_agreement"]
+    )

@@ -16,13 +16,18 @@ def training_prompts(world: ToyWorld) -> set[str]:
     """Every prompt a method trains on: SFT texts, pairs, KTO data and the online prompts."""
     prompts = set()
     for name in ("sft.jsonl", "pairs.jsonl", "unpaired.jsonl", "prompts_train.jsonl"):
-        prompts |= {json.loads(line)["prompt"] for line in world.file(name).read_text().splitlines()}
+        prompts |= {
+            json.loads(line)["prompt"] for line in world.file(name).read_text().splitlines()
+        }
     return prompts
 
 
 def held_out_prompts(world: ToyWorld) -> set[str]:
-    return {json.loads(line)["prompt"] for name in ("prompts_eval.jsonl", "pairs_eval.jsonl")
-            for line in world.file(name).read_text().splitlines()}
+    return {
+        json.loads(line)["prompt"]
+        for name in ("prompts_eval.jsonl", "pairs_eval.jsonl")
+        for line in world.file(name).read_text().splitlines()
+    }
 
 
 @pytest.mark.parametrize("task", ["sentiment", "arith"])

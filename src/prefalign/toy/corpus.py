@@ -118,7 +118,9 @@ def continuation(rng: random.Random, opening: str) -> str:
     return " " + " ".join([*parts, "."])
 
 
-def review(rng: random.Random, openings: tuple[str, ...] | list[str] | None = None) -> tuple[str, str]:
+def review(
+    rng: random.Random, openings: tuple[str, ...] | list[str] | None = None
+) -> tuple[str, str]:
     """(prompt, completion): an opening drawn from `openings` (all of them by default) and its
     continuation, which starts with a space."""
     opening = rng.choice(openings or all_openings())
@@ -148,7 +150,7 @@ def _extend(frontier: set[str], template: Template, bigrams: set[tuple[str, str]
                 after |= frontier
                 continue
             bigrams.update((w, words[0]) for w in frontier)
-            bigrams.update(zip(words, words[1:]))
+            bigrams.update(zip(words, words[1:], strict=False))
             after.add(words[-1])
         frontier = after
     return frontier
@@ -197,10 +199,14 @@ def arith_problems(spec: ArithSpec) -> list[tuple[int, int]]:
     return [(a, b) for a in range(spec.max_a + 1) for b in range(spec.max_b + 1)]
 
 
-def split_arith(spec: ArithSpec, seed: int, n_eval: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+def split_arith(
+    spec: ArithSpec, seed: int, n_eval: int
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """(training problems, evaluation problems), disjoint: no evaluation sum is ever taught."""
     problems = arith_problems(spec)
     random.Random(seed).shuffle(problems)
     if not 0 < n_eval < len(problems):
-        raise ValueError(f"n_eval_prompts={n_eval} must lie in 1..{len(problems) - 1} (the arith problems)")
+        raise ValueError(
+            f"n_eval_prompts={n_eval} must lie in 1..{len(problems) - 1} (the arith problems)"
+        )
     return problems[n_eval:], problems[:n_eval]
