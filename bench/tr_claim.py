@@ -299,6 +299,29 @@ def band(runs: list[dict], key: str) -> list[dict[str, float]]:
     return out
 
 
+def binned_gold(runs: list[dict], width: float = 1.0) -> list[dict[str, float]]:
+    """Gold against sqrt KL: checkpoints binned by sqrt KL (bins of `width`); per bin, each
+    seed's mean gold, then the mean and standard error over the seeds that reach the bin."""
+    bins: dict[int, dict[int, list[float]]] = {}
+    for i, run in enumerate(runs):
+        for p in run["points"]:
+            k = int(math.sqrt(max(p["kl"], 0.0)) // width)
+            bins.setdefault(k, {}).setdefault(i, []).append(p["gold"])
+    out = []
+    for k in sorted(bins):
+        per_seed = [sum(v) / len(v) for v in bins[k].values()]
+        se = statistics.stdev(per_seed) / math.sqrt(len(per_seed)) if len(per_seed) > 1 else 0.0
+        out.append(
+            {
+                "sqrt_kl": (k + 0.5) * width,
+                "mean": sum(per_seed) / len(per_seed),
+                "se": se,
+                "seeds": len(per_seed),
+            }
+        )
+    return out
+
+
 # --- best-of-N calibration ----------------------------------------------------------------------
 def best_of_n(setup: Setup, proxy_dir: Path, n_max: int = 16) -> list[dict]:
     """Best-of-N on the SFT policy, picked by the proxy reward model and by VADER itself."""
@@ -396,11 +419,35 @@ def prepare_data(world, out: Path, n_pairs: int, log) -> tuple[Path, Path, Path,
 
 
 # --- the experiment -----------------------------------------------------------------------------
-def run_jobs(jobs: list[tuple[Arm, int, Setup]], workers: int, log) -> list[dict]:
+def run_jobs(
+    jobs: list[tuple[Arm, int, Setup]], workers: int, log, deadline: float = math.inf
+) -> list[dict]:
+    """Run the jobs in order (the first are the most important); none starts after `deadline`
+    (a time.time()), and the pool stops there: finished runs are saved, the rest are absent."""
+    done = []
     if workers <= 1:
-        return [log_run(train_arm(j), log) for j in jobs]
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        return [log_run(r, log) for r in pool.imap(train_arm, jobs)]
+        for job in jobs:
+            if time.time() > deadline:
+                break
+            done.append(log_run(train_arm(job), log))
+        return done
+    pool = multiprocessing.get_context("spawn").Pool(workers)
+    try:
+        pending = [pool.apply_async(train_arm, (job,)) for job in jobs]
+        for result in pending:
+            left = deadline - time.time()
+            if left <= 0:
+                break
+            try:
+                done.append(log_run(result.get(timeout=min(left, 1e6)), log))
+            except multiprocessing.TimeoutError:
+                break
+    finally:
+        pool.terminate()
+        pool.join()
+    if len(done) < len(jobs):
+        log(f"deadline: {len(done)} of {len(jobs)} runs finished; the others are left out")
+    return done
 
 
 def log_run(run: dict, log) -> dict:
@@ -422,13 +469,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tune-seed", type=int, default=3)
     parser.add_argument("--steps", type=int, default=256)
     parser.add_argument("--every", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--pairs", type=int, default=128)
-    parser.add_argument("--eval-prompts", type=int, default=64)
+    parser.add_argument("--eval-prompts", type=int, default=48)
     parser.add_argument("--samples", type=int, default=2, help="samples per evaluation prompt")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--no-proxy", action="store_true", help="skip the Gao-style proxy arm")
+    parser.add_argument(
+        "--deadline-minutes",
+        type=float,
+        default=math.inf,
+        help="start no reported run after this many minutes (arms left incomplete are dropped)",
+    )
     args = parser.parse_args(argv)
     started = time.perf_counter()
     out = Path(args.out)
@@ -454,26 +507,24 @@ def main(argv: list[str] | None = None) -> dict:
         str(out),
     )
 
-    log(
-        f"tuning on seed {args.tune_seed} (not reported): frozen and {len(TR_SETTINGS)} TR settings"
-    )
-    tuning = run_jobs(
-        [(a, args.tune_seed, setup) for a in (FROZEN, *TR_SETTINGS)], args.workers, log
-    )
+    deadline = time.time() + 60 * args.deadline_minutes
+    log(f"tuning on seed {args.tune_seed} (not reported): {len(TR_SETTINGS)} TR settings")
+    tuning = run_jobs([(a, args.tune_seed, setup) for a in TR_SETTINGS], args.workers, log)
     scores = {r["arm"]: budget_score(r["points"]) for r in tuning}
     best_tr = max(TR_SETTINGS, key=lambda a: scores[a.name])
-    log(
-        f"best TR setting on the tuning seed: {best_tr.setting} (score {scores[best_tr.name]:.3f}, "
-        f"frozen {scores[FROZEN.name]:.3f})"
-    )
+    log(f"best TR setting on the tuning seed: {best_tr.setting} (score {scores[best_tr.name]:.3f})")
 
     arms = [FROZEN.at(b) for b in BETAS] + list(TR_SETTINGS)
     arms += [best_tr.at(b) for b in BETAS if b != MAIN_BETA]
     if not args.no_proxy:
         arms += [FROZEN.at(MAIN_BETA, "proxy"), best_tr.at(MAIN_BETA, "proxy")]
-    jobs = [(a, s, setup) for s in args.seeds for a in arms]
+    # The primary comparison first, so a deadline cuts the secondary arms.
+    primary = [FROZEN, best_tr]
+    arms = primary + [a for a in arms if a not in primary]
+    jobs = [(a, s, setup) for a in arms for s in args.seeds]
     log(f"{len(jobs)} reported runs: {len(arms)} arms x seeds {args.seeds}")
-    runs = {(r["arm"], r["seed"]): r for r in run_jobs(jobs, args.workers, log)}
+    runs = {(r["arm"], r["seed"]): r for r in run_jobs(jobs, args.workers, log, deadline)}
+    arms = [a for a in arms if all((a.name, s) in runs for s in args.seeds)]
     bon = [] if args.no_proxy else best_of_n(setup, proxy_dir)
 
     comparisons = {}
@@ -496,6 +547,7 @@ def main(argv: list[str] | None = None) -> dict:
         "proxy_rm": rm_metrics,
         "best_of_n": bon,
         "comparisons": comparisons,
+        "binned_gold": {a.name: binned_gold([runs[a.name, s] for s in args.seeds]) for a in arms},
         "bands": {
             a.name: {
                 k: band([runs[a.name, s] for s in args.seeds], k)
@@ -599,7 +651,7 @@ def plot(results: dict, arms: list[Arm], out: Path) -> None:
     fig, axes = plt.subplots(1, len(BETAS), figsize=(5 * len(BETAS), 4), sharey=True)
     for ax, beta in zip(axes, BETAS, strict=True):
         for arm in (a for a in arms if a.beta == beta and a.labeller == "vader"):
-            pts = results["bands"][arm.name]["gold"]
+            pts = results["binned_gold"][arm.name]
             x = [p["sqrt_kl"] for p in pts]
             y = [p["mean"] for p in pts]
             (line,) = ax.plot(x, y, marker=".", label=arm.setting)
@@ -619,9 +671,9 @@ def plot(results: dict, arms: list[Arm], out: Path) -> None:
                 label="best-of-N (proxy RM)",
             )
         ax.set_title(f"beta {beta}")
-        ax.set_xlabel("sqrt KL to SFT (nats^0.5)")
+        ax.set_xlabel("sqrt KL to SFT (checkpoints binned by 1 nat^0.5)")
+        ax.legend(fontsize=7)
     axes[0].set_ylabel("gold = VADER x coherence (band: ± se over seeds)")
-    axes[-1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "gold_vs_sqrt_kl.png", dpi=110)
     plt.close(fig)
