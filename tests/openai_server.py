@@ -8,6 +8,7 @@ queue of scripted replies and records every request it receives:
         server.push_text("not json")                                     # content = raw text
         server.push_status(429)                                          # an HTTP error
         server.push_delay(2.0, then=Reply.text("late"))                  # answer after 2 s
+        server.push(Reply.raw(b"<html>", status=200))                   # a body sent as-is
         client = openai.OpenAI(base_url=server.base_url, api_key="test")
 """
 
@@ -30,6 +31,7 @@ class Reply:
     status: int = 200
     delay_s: float = 0.0
     headers: dict[str, str] = field(default_factory=dict)
+    body: bytes | None = None  # sent as it is instead of a completion or an error object
 
     @staticmethod
     def json(obj: Any) -> Reply:
@@ -42,6 +44,11 @@ class Reply:
     @staticmethod
     def error(status: int, headers: dict[str, str] | None = None) -> Reply:
         return Reply(status=status, headers=headers or {})
+
+    @staticmethod
+    def raw(body: bytes, status: int = 200) -> Reply:
+        """Any body (garbled JSON, an error object of another shape) with any status."""
+        return Reply(status=status, body=body)
 
 
 @dataclass
@@ -105,7 +112,7 @@ class ScriptedOpenAIServer:
 
     def push_delay(self, seconds: float, then: Reply) -> None:
         """Answer the next request with `then`, but only after `seconds` (to force a timeout)."""
-        self.push(Reply(then.content, then.status, seconds, then.headers))
+        self.push(Reply(then.content, then.status, seconds, then.headers, then.body))
 
     @property
     def remaining(self) -> int:
@@ -145,6 +152,9 @@ class ScriptedOpenAIServer:
                 reply = server._next(RecordedRequest(self.path, dict(self.headers), body))
                 if reply.delay_s and server._closing.wait(reply.delay_s):
                     return  # the server is shutting down: drop the late answer
+                if reply.body is not None:
+                    self._send_bytes(reply.status, reply.body, reply.headers)
+                    return
                 if reply.status != 200:
                     message = reply.headers.get("x-script") or f"scripted error {reply.status}"
                     self._send(
@@ -158,7 +168,11 @@ class ScriptedOpenAIServer:
             def _send(
                 self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None
             ) -> None:
-                data = json.dumps(payload).encode()
+                self._send_bytes(status, json.dumps(payload).encode(), headers)
+
+            def _send_bytes(
+                self, status: int, data: bytes, headers: dict[str, str] | None = None
+            ) -> None:
                 try:
                     self.send_response(status)
                     self.send_header("content-type", "application/json")

@@ -220,3 +220,86 @@ def test_build_messages_without_history() -> None:
     system, user = build_messages(Archive(Path("/nonexistent/archive.jsonl")))
     assert system["role"] == "system" and "torch.nn.functional" in system["content"]
     assert "No objectives have been evaluated yet." in user["content"]
+
+
+def test_max_tokens_json_mode_and_the_no_key_form_reach_the_server(
+    server: ScriptedOpenAIServer, tmp_path: Path
+) -> None:
+    server.push_json(GOOD)
+    proposer = LLMProposer(server.base_url, "m", api_key_env="NONE", max_tokens=300,
+                           json_mode=True)  # fmt: skip
+    assert isinstance(propose_one(proposer, tmp_path), Candidate)
+    (request,) = server.requests
+    assert request.body["max_tokens"] == 300
+    assert request.body["response_format"] == {"type": "json_object"}
+    assert "authorization" not in {k.lower() for k in request.headers}
+
+
+def test_garbled_200_is_a_failed_attempt_and_the_loop_goes_on(
+    server: ScriptedOpenAIServer, tmp_path: Path
+) -> None:
+    server.push(Reply.raw(b"<html>upstream error</html>"), Reply.json(GOOD))
+    for _ in range(3):
+        server.push(Reply.raw(b'{"id": "x", "choices": [{"message": {"content": "trunc'))
+    archive = run_discovery(
+        make_proposer(server), synthetic_fitness, generations=1, candidates_per_generation=2,
+        archive_path=tmp_path / "a.jsonl", workdir=tmp_path / "sb", log=lambda _: None,
+    )  # fmt: skip
+    first, second = archive.records
+    assert first["valid"] and first["name"] == "margin_dpo"
+    assert not second["valid"] and second["reason"].startswith(
+        "LLM request failed after 3 attempts: malformed response: the body is not JSON"
+    )
+
+
+def test_huge_and_deeply_nested_replies_are_failed_proposals(
+    server: ScriptedOpenAIServer, tmp_path: Path
+) -> None:
+    server.push_text("{" + '"a": ' * 10 + "1" + "}" * 10)  # no code, but parsed
+    server.push_text('{"code": ' + "[" * 5_000 + "]" * 5_000 + "}")
+    server.push_text('{"thought": "' + "x" * 1_000_000 + '"}')  # 1 MB of content
+    proposer = make_proposer(server, max_retries=0)
+    results = proposer.propose(Archive(tmp_path / "a.jsonl"), 3)
+    assert all(isinstance(r, ProposalError) for r in results)
+    messages = [r.message for r in results]  # type: ignore[union-attr]
+    assert "nested deeper than 20 levels" in messages[1]
+    assert "reply larger than" in messages[2] or "characters (at most" in messages[2]
+    assert len(server.requests) == 3
+
+
+def test_error_bodies_of_other_shapes_keep_their_message(
+    server: ScriptedOpenAIServer, tmp_path: Path
+) -> None:
+    server.push(Reply.raw(b'{"detail": "Invalid API key"}', status=401))
+    error = propose_one(make_proposer(server), tmp_path)
+    assert isinstance(error, ProposalError)
+    assert error.message == "HTTP 401: Invalid API key, not retried"
+    body = {"error": {"message": "json_schema is not supported", "type": "invalid_request_error"}}
+    server.push(Reply.raw(json.dumps(body).encode(), status=500))
+    error = propose_one(make_proposer(server), tmp_path)
+    assert isinstance(error, ProposalError) and len(server.requests) == 2  # not retried
+    assert "HTTP 500: json_schema is not supported" in error.message
+
+
+def test_the_prompt_is_summarized_to_fit_its_budget(
+    server: ScriptedOpenAIServer, tmp_path: Path
+) -> None:
+    archive = run_discovery(
+        make_proposer(server), synthetic_fitness, generations=0, candidates_per_generation=1,
+        archive_path=tmp_path / "a.jsonl", baselines={
+            f"base_{i}": SIG.format(name=f"base_{i}") + f"    return -F.logsigmoid({i + 1} * rho)\n"
+            for i in range(8)
+        }, workdir=tmp_path / "sb", log=lambda _: None,
+    )  # fmt: skip
+    full = build_messages(archive)
+    full_chars = sum(len(m["content"]) for m in full)
+    notes: list[str] = []
+    budget = full_chars - 400
+    server.push_json(GOOD)
+    proposer = make_proposer(server, max_prompt_chars=budget, log=notes.append)
+    proposer.propose(archive, 1)
+    sent = sum(len(m["content"]) for m in server.requests[0].body["messages"])
+    assert sent <= budget < full_chars
+    assert notes and "summarized to fit max_prompt_chars" in notes[0]
+    with pytest.raises(ValueError, match="max_prompt_chars=500 cannot hold"):
+        make_proposer(server, max_prompt_chars=500)

@@ -7,6 +7,7 @@ responses it was shown, so verdicts do not depend on the order in which threads 
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -27,7 +28,7 @@ Decide = Callable[[str, str], str]
 
 
 def shown_answers(request: RecordedRequest) -> tuple[str, str]:
-    text = request.body["messages"][-1]["content"]
+    text = request.body["messages"][1]["content"]  # the prompt (retries append a reminder)
     first = re.search(r"\[Response A\]\n(.*)\n\[End of response A\]", text, re.S)
     second = re.search(r"\[Response B\]\n(.*)\n\[End of response B\]", text, re.S)
     assert first and second, text
@@ -185,7 +186,7 @@ def test_exhausted_retries_raise_then_a_rerun_repeats_only_the_failure(tmp_path)
     with JudgeServer(prefers_good) as server:
         for _ in range(3):
             server.push_status(503)
-        cfg = config(server, tmp_path, concurrency=1, max_retries=2)
+        cfg = config(server, tmp_path, concurrency=1, max_retries=2, on_error="raise")
         with pytest.raises(JudgeError, match=r"1 of 2 judgments failed.*after 3 attempts: HTTP 503"):
             judge_pairwise(PROMPTS[:1], POLICY[:1], REFERENCE[:1], cfg)
         assert len(server.requests) == 4
@@ -206,21 +207,89 @@ def test_exhausted_retries_can_be_counted_instead(tmp_path):
 def test_client_errors_are_not_retried(tmp_path):
     with JudgeServer(prefers_good) as server:
         server.push_status(401)
+        cfg = config(server, tmp_path, concurrency=1, on_error="raise")
         with pytest.raises(JudgeError, match="HTTP 401.*not retried"):
-            judge_pairwise(PROMPTS[:1], POLICY[:1], REFERENCE[:1], config(server, tmp_path, concurrency=1))
+            judge_pairwise(PROMPTS[:1], POLICY[:1], REFERENCE[:1], cfg)
         assert len(server.requests) == 2  # the other order went through
 
 
-def test_unparseable_replies_are_retried_then_counted_as_flagged_ties(tmp_path):
+def test_a_failed_judgment_is_recorded_the_evaluation_finishes_and_nothing_bad_is_cached(tmp_path):
+    with JudgeServer(prefers_good) as server:
+        for _ in range(3):
+            server.push_status(503)
+        cfg = config(server, tmp_path, concurrency=1, max_retries=2)  # on_error: skip, the default
+        result = judge_pairwise(PROMPTS[:2], ["good"] * 2, REFERENCE[:2], cfg)
+        assert len(server.requests) == 3 + 3
+        assert result.failed == 1 and result.n == 2 and result.win_rate == 1.0
+        assert result.summary()["failed"] == 1
+        (lost,) = [e for p in result.per_prompt for e in p.errors]
+        assert "after 3 attempts: HTTP 503" in lost
+        assert len(list((tmp_path / "cache").rglob("*.json"))) == 3  # the failure is not cached
+        again = judge_pairwise(PROMPTS[:2], ["good"] * 2, REFERENCE[:2], cfg)
+        assert len(server.requests) == 7 and again.failed == 0 and again.cache_hits == 3
+
+
+def test_unparsed_verdicts_are_counted_not_ties_not_cached_and_retried_at_other_temperatures(
+    tmp_path,
+):
     with JudgeServer(always("I cannot decide.")) as server:
         result = judge_pairwise(PROMPTS[:2], POLICY[:2], REFERENCE[:2], config(server, tmp_path, max_retries=2))
         assert len(server.requests) == 4 * 3
-    assert result.unparsed == 4 and result.win_rate == 0.5
-    assert {j.flag for p in result.per_prompt for j in p.judgments} == {"unparsed"}
+        temperatures = sorted(r.body["temperature"] for r in server.requests)
+        assert temperatures == [0.0] * 4 + [0.7] * 4 + [1.0] * 4
+        retried = [r for r in server.requests if r.body["temperature"] > 0]
+        assert all("could not be used" in r.body["messages"][-1]["content"] for r in retried)
+    assert result.unparsed == 4 and result.n == 0 and result.ties == 0
+    summary = result.summary()
+    assert summary["unparsed"] == 4 and summary["win_rate"] is None  # not a silent 0.5
+    assert not list((tmp_path / "cache").rglob("*.json"))
     with JudgeServer(prefers_good) as server:
         server.push_text("hmm")
         result = judge_pairwise(PROMPTS[:1], ["good"], REFERENCE[:1], config(server, tmp_path, concurrency=1))
     assert result.unparsed == 0 and result.win_rate == 1.0 and result.requests == 3
+
+
+def test_garbled_and_oversized_bodies_are_failed_attempts(tmp_path):
+    with JudgeServer(prefers_good) as server:
+        server.push(Reply.raw(b"<html>502 Bad Gateway</html>"), Reply.raw(b'{"choices": [{"mess'))
+        server.push(Reply.text("x" * (2 << 20)))  # 2 MiB of content
+        cfg = config(server, tmp_path, concurrency=1, max_retries=3)
+        result = judge_pairwise(PROMPTS[:1], ["good"], REFERENCE[:1], cfg)
+        assert result.failed == 0 and result.win_rate == 1.0 and len(server.requests) == 5
+        for _ in range(2):
+            server.push(Reply.raw(b"not json at all"))
+        cfg = config(server, tmp_path, concurrency=1, max_retries=1)
+        result = judge_pairwise(PROMPTS[1:2], ["good"], REFERENCE[1:2], cfg)
+    assert result.failed == 1
+    (lost,) = [e for p in result.per_prompt for e in p.errors]
+    assert "after 2 attempts: malformed response: the body is not JSON" in lost
+
+
+def test_error_bodies_of_any_shape_keep_their_message_and_invalid_5xx_is_not_retried(tmp_path):
+    with JudgeServer(prefers_good) as server:
+        server.push(Reply.raw(b'{"detail": "Invalid API key"}', status=401))
+        invalid = {"error": {"message": "response_format json_schema is not supported",
+                             "type": "invalid_request_error"}}
+        server.push(Reply.raw(json.dumps(invalid).encode(), status=500))
+        cfg = config(server, tmp_path, concurrency=1, max_retries=3)
+        result = judge_pairwise(PROMPTS[:1], POLICY[:1], REFERENCE[:1], cfg)
+        assert len(server.requests) == 2  # neither retried
+    errors = result.per_prompt[0].errors
+    assert result.failed == 2 and result.n == 0
+    assert any("HTTP 401: Invalid API key, not retried" in e for e in errors)
+    assert any("HTTP 500: response_format json_schema is not supported" in e for e in errors)
+
+
+def test_no_key_form_max_tokens_and_json_mode(tmp_path):
+    with JudgeServer(lambda a, b: json.dumps({"reasoning": "A is good", "verdict": "A"})) as server:
+        cfg = config(server, tmp_path, api_key_env="NONE", max_tokens=77, json_mode=True)
+        result = judge_pairwise(PROMPTS[:1], POLICY[:1], REFERENCE[:1], cfg)
+        (request, _) = server.requests
+    assert result.n == 1 and result.unparsed == 0 and result.win_rate == 0.5
+    assert "authorization" not in {k.lower() for k in request.headers}
+    assert request.body["max_tokens"] == 77
+    assert request.body["response_format"] == {"type": "json_object"}
+    assert '"verdict"' in request.body["messages"][0]["content"]
 
 
 @pytest.mark.parametrize("limit", [1, 3])

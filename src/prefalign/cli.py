@@ -90,9 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = command("eval", run_eval, "gold reward (and accuracy) and KL to a reference on held-out prompts")
     ev.add_argument("--model", required=True, help="model directory or hub id")
-    ev.add_argument("--task", required=True, choices=["sentiment", "arith"])
-    ev.add_argument("--reference", help="reference model for KL (default: the toy world's SFT policy)")
-    ev.add_argument("--prompts", help="JSONL file of {prompt} (default: the toy world's held-out prompts)")
+    ev.add_argument("--task", required=True,
+                    help="a task: toy:sentiment (or sentiment), toy:arith, toy:brevity, "
+                         "user:PROMPTS.jsonl:module:function, user:TASK.yaml")
+    ev.add_argument("--reference", help="reference model for KL (default: the task's policy)")
+    ev.add_argument("--prompts", help="JSONL of {prompt} (default: the task's held-out prompts)")
     ev.add_argument("--samples-per-prompt", type=int, default=1)
     ev.add_argument("--max-new-tokens", type=int, default=24)
     ev.add_argument("--seed", type=int, default=0)
@@ -100,8 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--compare", nargs="+", metavar="NAME=PATH", help="compare several models on the same prompts")
     ev.add_argument("--judge-url", help="OpenAI-compatible endpoint of an LLM judge (win rate against the reference)")
     ev.add_argument("--judge-model", default="gpt-4o-mini")
-    ev.add_argument("--judge-api-key-env", default="OPENAI_API_KEY")
+    ev.add_argument("--judge-api-key-env", default="OPENAI_API_KEY",
+                    help="variable holding the judge's API key; NONE for an endpoint without keys")
     ev.add_argument("--judge-concurrency", type=int, default=4)
+    ev.add_argument("--judge-timeout", type=float, default=60.0, help="seconds per judge request")
+    ev.add_argument("--judge-retries", type=int, default=3, help="retries of one judgment after its first attempt")
+    ev.add_argument("--judge-max-tokens", type=int, default=512, help="bound on each judge reply")
+    ev.add_argument("--judge-on-error", choices=["skip", "raise"], default="skip",
+                    help="skip: count failed judgments and finish (default); raise: exit with an error")
+    ev.add_argument("--judge-json-mode", action="store_true",
+                    help='ask for response_format {"type": "json_object"} and a JSON verdict')
 
     command("train", run_train, "offline preference training (DPO, IPO, KTO, ...) with a frozen, soft or hard reference", config=True)
 
@@ -214,18 +224,10 @@ def run_train(args: argparse.Namespace) -> int:
 def run_eval(args: argparse.Namespace) -> int:
     from prefalign.evaluation.core import evaluate_policy
     from prefalign.modeling import load_model, load_tokenizer
-    from prefalign.toy.world import get_world
 
     if args.compare:
         return run_compare(args)
-    world = None
-    if args.reference is None or args.prompts is None:
-        world = get_world(args.task)
-    reference_path = args.reference or str(world.policy_path)
-    if args.prompts:
-        prompts = read_prompts(args.prompts, label="--prompts")
-    else:
-        prompts = world.prompts("eval")
+    reference_path, prompts = eval_inputs(args)
     tokenizer = load_tokenizer(args.model)
     policy = load_model(args.model)
     reference = load_model(reference_path)
@@ -241,15 +243,14 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def eval_inputs(args: argparse.Namespace) -> tuple[str, list[str]]:
-    """The reference model and prompts of `prefalign eval` (toy world defaults)."""
-    from prefalign.toy.world import get_world
+    """The reference model and prompts of `prefalign eval` (default: the task's own)."""
+    from prefalign.tasks import resolve_task
 
-    world = get_world(args.task) if args.reference is None or args.prompts is None else None
-    reference = args.reference or str(world.policy_path)
+    task = resolve_task(args.task)
+    reference = args.reference or task.policy_path()
     if args.prompts:
-        prompts = read_prompts(args.prompts, label="--prompts")
-    else:
-        prompts = world.prompts("eval")
+        return reference, read_prompts(args.prompts, label="--prompts")
+    prompts = task.prompts("eval")
     return reference, prompts
 
 
@@ -268,7 +269,9 @@ def run_compare(args: argparse.Namespace) -> int:
         from prefalign.evaluation.judge import JudgeConfig
 
         judge = JudgeConfig(base_url=args.judge_url, model=args.judge_model, api_key_env=args.judge_api_key_env,
-                            concurrency=args.judge_concurrency)
+                            concurrency=args.judge_concurrency, timeout_s=args.judge_timeout,
+                            max_retries=args.judge_retries, max_tokens=args.judge_max_tokens,
+                            on_error=args.judge_on_error, json_mode=args.judge_json_mode)
     rows = compare_models(models, args.task, prompts, reference, judge=judge, samples_per_prompt=args.samples_per_prompt,
                           max_new_tokens=args.max_new_tokens, seed=args.seed)
     print(comparison_table(rows))

@@ -3,13 +3,29 @@
 Batches are right-padded token matrices with a `loss_mask` that is True on response tokens.
 A preference batch stacks its B chosen rows on top of its B rejected rows, so the policy (and
 the reference) score both halves in one forward pass.
+
+Response-only head: a Hugging Face causal LM runs its decoder body over every position, but the
+output embedding (vocabulary V) only over the positions that predict a response token, in chunks
+of at most `HEAD_CHUNK_ELEMENTS` logits, each reduced at once to log p(label) by a log-sum-exp in
+fp32 and recomputed in backward (activation checkpointing per chunk). Memory for the head is one
+chunk instead of an fp32 [N, T, V] tensor, and prompt positions cost no head FLOPs. This is the
+chunked cross-entropy idea of Wijmans et al., "Cut Your Losses in Large-Vocabulary Language
+Models" (2024), applied to the positions a preference loss reads.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
+from torch.utils.checkpoint import checkpoint
+
+# Logits per head chunk: 2^24 fp32 values = 64 MiB (341 positions of a 49,152-token vocabulary).
+HEAD_CHUNK_ELEMENTS = 2**24
+# Config fields of architectures that transform logits after the output embedding; the
+# response-only head would skip the transform, so such models take the full-logits path.
+POST_HEAD_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
 @dataclass
@@ -31,6 +47,120 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return picked - torch.logsumexp(logits, dim=-1)
 
 
+@dataclass
+class CausalLMParts:
+    """The pieces of a Hugging Face causal LM the response-only head needs."""
+
+    body: torch.nn.Module  # the decoder: its first output is the hidden state the head reads
+    head: torch.nn.Module  # the output embedding (possibly LoRA-wrapped)
+    vocab_size: int
+
+
+def causal_lm_parts(model: torch.nn.Module) -> CausalLMParts | None:
+    """Body and head of a (DDP-, peft- or FSDP-wrapped) Hugging Face causal LM, or None where the
+    response-only head would not be exact (no such structure, or logits transformed after it)."""
+    inner = getattr(model, "module", model)  # DDP
+    if hasattr(inner, "get_base_model"):  # peft
+        inner = inner.get_base_model()
+    prefix = getattr(inner, "base_model_prefix", "")
+    body = getattr(inner, prefix, None) if prefix else None
+    get_head = getattr(inner, "get_output_embeddings", None)
+    head = get_head() if get_head is not None else None
+    config = getattr(inner, "config", None)
+    if body is None or head is None or config is None:
+        return None
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if any(getattr(text_config, key, None) for key in POST_HEAD_TRANSFORMS):
+        return None
+    if "logits_to_keep" not in inspect.signature(inner.forward).parameters:
+        return None
+    return CausalLMParts(body=body, head=head, vocab_size=int(text_config.vocab_size))
+
+
+def _chunk_logps(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return token_logps(head(hidden), labels)
+
+
+def head_token_logps(
+    head: torch.nn.Module,
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    vocab_size: int,
+    chunk_elements: int | None = None,
+) -> torch.Tensor:
+    """log p(labels[i] | hidden[i]) for [M, H] hidden states, chunk by chunk.
+
+    With autograd on and more than one chunk, each chunk is checkpointed: backward recomputes its
+    logits, so at most one chunk of logits is alive at any time.
+    """
+    rows = max(1, (chunk_elements or HEAD_CHUNK_ELEMENTS) // vocab_size)
+    if hidden.shape[0] <= rows:
+        return _chunk_logps(head, hidden, labels)
+    recompute = torch.is_grad_enabled()
+    out = []
+    for start in range(0, hidden.shape[0], rows):
+        h, y = hidden[start : start + rows], labels[start : start + rows]
+        if recompute:
+            out.append(checkpoint(_chunk_logps, head, h, y, use_reentrant=False))
+        else:
+            out.append(_chunk_logps(head, h, y))
+    return torch.cat(out)
+
+
+def gathered_token_logps(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    labels: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """log p(labels[i]) predicted from the hidden state at (rows[i], cols[i]); None if the model
+    has no exact response-only head (callers then use the full logits).
+
+    The head runs inside the model's own forward call (a hook on the decoder body), so DDP and
+    FSDP wrappers see one ordinary forward; the model's own head computes one position per row.
+    """
+    parts = causal_lm_parts(model)
+    if parts is None:
+        return None
+    result: list[torch.Tensor] = []
+
+    def on_body_output(module, args, output):
+        hidden = output[0][rows, cols]
+        result.append(head_token_logps(parts.head, hidden, labels, parts.vocab_size))
+
+    handle = parts.body.register_forward_hook(on_body_output)
+    try:
+        kwargs = {} if position_ids is None else {"position_ids": position_ids}
+        model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            use_cache=False,
+            logits_to_keep=1,
+            **kwargs,
+        )
+    finally:
+        handle.remove()
+    return result[0]
+
+
+def full_logits_sequence_logps(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    loss_mask: torch.Tensor,
+) -> SequenceLogps:
+    """`sequence_logps` through the model's full [N, T, V] logits (any model returning logits)."""
+    input_ids, attention_mask, loss_mask = _trim(input_ids, attention_mask, loss_mask)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    # Position t predicts token t+1: shift labels and mask left by one.
+    per_token = token_logps(logits[:, :-1], input_ids[:, 1:])
+    mask = loss_mask[:, 1:].to(per_token.dtype)
+    return SequenceLogps(sum=(per_token * mask).sum(dim=1), n_tokens=mask.sum(dim=1))
+
+
 def sequence_logps(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -40,15 +170,28 @@ def sequence_logps(
     """Sum of log p(y_t | x, y_<t) over the positions where `loss_mask` is True.
 
     Padding is trimmed to the longest real row first, so a batch never pays for more columns than
-    its longest sequence.
+    its longest sequence. Hugging Face causal LMs take the response-only head; other models
+    (anything whose forward returns `.logits`) the full logits.
     """
+    input_ids, attention_mask, loss_mask = _trim(input_ids, attention_mask, loss_mask)
+    mask = loss_mask[:, 1:]
+    rows, cols = mask.nonzero(as_tuple=True)
+    labels = input_ids[:, 1:][rows, cols]
+    per_token = gathered_token_logps(model, input_ids, attention_mask, rows, cols, labels)
+    if per_token is None:
+        return full_logits_sequence_logps(model, input_ids, attention_mask, loss_mask)
+    return SequenceLogps(
+        sum=per_row_sums(per_token, rows, input_ids.shape[0]), n_tokens=mask.sum(dim=1).float()
+    )
+
+
+def per_row_sums(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    return torch.zeros(n_rows, dtype=values.dtype, device=values.device).index_add(0, rows, values)
+
+
+def _trim(input_ids, attention_mask, loss_mask):
     width = int(attention_mask.sum(dim=1).max())
-    input_ids, attention_mask, loss_mask = input_ids[:, :width], attention_mask[:, :width], loss_mask[:, :width]
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    # Position t predicts token t+1: shift labels and mask left by one.
-    per_token = token_logps(logits[:, :-1], input_ids[:, 1:])
-    mask = loss_mask[:, 1:].to(per_token.dtype)
-    return SequenceLogps(sum=(per_token * mask).sum(dim=1), n_tokens=mask.sum(dim=1))
+    return input_ids[:, :width], attention_mask[:, :width], loss_mask[:, :width]
 
 
 def split_pairs(logps: SequenceLogps) -> tuple[SequenceLogps, SequenceLogps]:
@@ -81,5 +224,7 @@ def collate_prompt_response(
     rows = [p + r for p, r in zip(prompts, responses, strict=True)]
     input_ids = pad_right(rows, pad_id)
     attention_mask = pad_right([[1] * len(r) for r in rows], 0)
-    loss_mask = pad_right([[0] * len(p) + [1] * len(r) for p, r in zip(prompts, responses, strict=True)], 0)
+    loss_mask = pad_right(
+        [[0] * len(p) + [1] * len(r) for p, r in zip(prompts, responses, strict=True)], 0
+    )
     return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask.bool()}

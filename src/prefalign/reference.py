@@ -23,10 +23,10 @@ import copy
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 
@@ -35,6 +35,7 @@ from prefalign.modeling import is_peft_model
 
 REFERENCE_ADAPTER = "reference"
 Mode = Literal["frozen", "soft", "hard", "none"]
+T = TypeVar("T")
 
 
 @dataclass
@@ -115,8 +116,13 @@ class ReferencePolicy:
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor
     ) -> SequenceLogps:
         """Reference log-probs of the response tokens: no autograd, eval-mode behaviour."""
+        return self.score(lambda model: sequence_logps(model, input_ids, attention_mask, loss_mask))
+
+    def score(self, fn: Callable[[torch.nn.Module], T]) -> T:
+        """`fn(model)` run on the reference model (no autograd, eval mode, reference adapter
+        active): any scoring function, e.g. a shared-prompt pair forward."""
         with torch.no_grad():
-            return self._logps(input_ids, attention_mask, loss_mask)
+            return self._score(fn)
 
     def after_optimizer_step(self, step: int) -> bool:
         """Call after every optimizer step; `step` counts steps done so far (1-based).
@@ -147,7 +153,7 @@ class ReferencePolicy:
         raise NotImplementedError
 
     # Variant hooks.
-    def _logps(self, input_ids, attention_mask, loss_mask) -> SequenceLogps:
+    def _score(self, fn: Callable[[torch.nn.Module], T]) -> T:
         raise NotImplementedError
 
     def _pairs(self) -> _TensorPairs:
@@ -164,7 +170,7 @@ class ReferencePolicy:
 class NoReference(ReferencePolicy):
     """mode "none": the objective has no reference; updates are no-ops."""
 
-    def _logps(self, input_ids, attention_mask, loss_mask) -> SequenceLogps:
+    def _score(self, fn):
         raise RuntimeError(
             "reference mode is 'none' but the objective asked for reference log-probs; "
             "use mode 'frozen', 'soft' or 'hard' for objectives with a reference"
@@ -192,8 +198,8 @@ class FullReference(ReferencePolicy):
         if spec.mode in ("soft", "hard"):
             self._tensor_pairs = _TensorPairs(_full_pairs(self.model, policy))
 
-    def _logps(self, input_ids, attention_mask, loss_mask) -> SequenceLogps:
-        return sequence_logps(self.model, input_ids, attention_mask, loss_mask)
+    def _score(self, fn):
+        return fn(self.model)
 
     def _pairs(self) -> _TensorPairs:
         return self._tensor_pairs
@@ -242,13 +248,13 @@ class LoraReference(ReferencePolicy):
         # Flags to put back after peft's set_adapter, which flips requires_grad between adapters.
         self._adapter_params = self._ref_params + [pol for _, (_, pol) in pairs]
 
-    def _logps(self, input_ids, attention_mask, loss_mask) -> SequenceLogps:
+    def _score(self, fn):
         with _eval_mode(self.model):
             if self.spec.mode == "frozen":
                 with self.model.disable_adapter():
-                    return sequence_logps(self.model, input_ids, attention_mask, loss_mask)
+                    return fn(self.model)
             with self._reference_adapter():
-                return sequence_logps(self.model, input_ids, attention_mask, loss_mask)
+                return fn(self.model)
 
     @contextlib.contextmanager
     def _reference_adapter(self) -> Iterator[None]:

@@ -15,7 +15,8 @@ from typing import Any
 from prefalign.evaluation.core import RewardFn, evaluate_policy
 from prefalign.evaluation.judge import JudgeConfig, judge_pairwise
 
-TABLE_COLUMNS = ("gold_reward", "gold_reward_se", "kl", "kl_se", "accuracy", "win_rate", "win_rate_ci", "lc_win_rate", "lc_ci")
+TABLE_COLUMNS = ("gold_reward", "gold_reward_se", "kl", "kl_se", "accuracy", "win_rate", "win_rate_ci", "lc_win_rate", "lc_ci",
+                 "judge_failed", "judge_unparsed")  # fmt: skip
 
 
 def compare_models(
@@ -56,6 +57,8 @@ def compare_models(
             answers = [s["response"] for s in result.samples[::samples_per_prompt]]
             verdict = judge_pairwise(prompts, answers, reference_answers or [], judge).summary()
             row.update({k: verdict[k] for k in ("win_rate", "win_rate_ci", "lc_win_rate", "lc_ci", "wins", "losses", "ties", "cache_hits")})
+            # Judgments lost to errors or never parsed: left out of the win rate, shown here.
+            row.update(judge_failed=verdict["failed"], judge_unparsed=verdict["unparsed"])
         rows.append(row)
         del policy  # one policy in memory at a time
     return rows

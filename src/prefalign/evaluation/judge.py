@@ -17,10 +17,13 @@ at zero length difference, averaged over the two positions. (AlpacaEval 2 fits t
 length term; it also adds a per-instruction difficulty term, which needs many models.)
 Both 95% intervals are percentile bootstraps over prompts with a fixed seed.
 
-Any OpenAI-compatible endpoint serves as the judge; requests run `concurrency` at a time,
-transient failures (429, 5xx, timeouts, connection errors) are retried with exponential
-backoff at most `max_retries` times, and every verdict is cached on disk (one JSON file per
-judge model, prompt and ordered pair of answers), so a rerun makes no request at all.
+Any OpenAI-compatible endpoint serves as the judge (prefalign.llm_client); requests run
+`concurrency` at a time, transient failures (429, 5xx, timeouts, connection errors, garbled
+bodies) are retried with exponential backoff at most `max_retries` times, and a reply with no
+verdict is retried at a higher temperature. A judgment that still fails, or never parses, is
+recorded and counted (`failed`, `unparsed`), left out of the win rates, and not cached; every
+verdict is cached on disk (one JSON file per judge model, prompt and ordered pair of answers),
+so a rerun asks only for what is missing.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ import json
 import math
 import os
 import re
-import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -40,9 +42,10 @@ from typing import Any, Literal
 
 import numpy as np
 
+from prefalign.errors import UserError
 from prefalign.io import atomic_write
+from prefalign.llm_client import ChatClient, resolve_api_key
 
-RETRY_STATUS = frozenset({408, 409, 429}) | frozenset(range(500, 600))
 PREFERENCE = {"win": 1.0, "tie": 0.5, "loss": 0.0}
 
 SYSTEM_PROMPT = """You are an impartial judge of answers written by AI assistants. You are \
@@ -66,15 +69,24 @@ USER_TEMPLATE = """[User prompt]
 {second}
 [End of response B]"""
 
+# With json_mode the verdict comes as JSON (grammar-constrained on llama.cpp and vLLM).
+JSON_INSTRUCTION = """
+
+Reply with one JSON object and nothing else: {"reasoning": "<at most three sentences>", \
+"verdict": "A" or "B" or "TIE"}."""
+
 # Changing the wording changes the verdicts: the cache key includes this hash.
 TEMPLATE_ID = hashlib.sha256((SYSTEM_PROMPT + USER_TEMPLATE).encode()).hexdigest()[:16]
+JSON_TEMPLATE_ID = hashlib.sha256(
+    (SYSTEM_PROMPT + JSON_INSTRUCTION + USER_TEMPLATE).encode()
+).hexdigest()[:16]
 
 _VERDICT = re.compile(r"\[\[\s*(A\s*>>?\s*B|B\s*>>?\s*A|A\s*=\s*B|A|B|TIE|C)\s*\]\]", re.IGNORECASE)
 _BARE = {"A": "A", "B": "B", "TIE": "TIE", "C": "TIE"}
 
 
-class JudgeError(RuntimeError):
-    """A judgment failed for good: a non-retryable HTTP error or retries exhausted."""
+class JudgeError(UserError, RuntimeError):
+    """Judgments failed for good (with on_error="raise"): the message says how many and why."""
 
 
 def default_cache_dir() -> Path:
@@ -86,12 +98,15 @@ def default_cache_dir() -> Path:
 class JudgeConfig:
     """Where the judge lives and how to talk to it.
 
-    `api_key_env` names the environment variable with the key (None: the endpoint needs no
-    key). `max_retries` bounds the retries of one judgment after its first attempt; a reply
-    with no verdict in it is retried too, and after the last attempt counts as a tie (flagged
-    "unparsed"). `on_error="raise"` stops with JudgeError once every request has finished
-    (finished verdicts stay cached, so a rerun only repeats the failures); "skip" leaves the
-    failed judgments out and counts them. `cache_dir=None` disables the cache.
+    `api_key_env` names the environment variable with the key (None or "NONE": the endpoint
+    needs no key). `max_retries` bounds the retries of one judgment after its first attempt;
+    a reply with no verdict in it is retried too, at a higher temperature. A judgment that
+    fails every attempt is counted in `failed`, one that never parses in `unparsed`; both
+    are left out of the win rates and not cached. `on_error="skip"` finishes the evaluation
+    with them counted; "raise" stops with JudgeError once every request has finished
+    (finished verdicts stay cached, so a rerun only repeats the failures). `json_mode` asks
+    for `response_format: {"type": "json_object"}` and a JSON verdict. `cache_dir=None`
+    disables the cache.
     """
 
     base_url: str
@@ -105,7 +120,8 @@ class JudgeConfig:
     max_backoff_s: float = 30.0
     temperature: float = 0.0
     max_tokens: int | None = 512
-    on_error: Literal["raise", "skip"] = "raise"
+    on_error: Literal["raise", "skip"] = "skip"
+    json_mode: bool = False
     n_bootstrap: int = 1000
     seed: int = 0
     progress: bool = False
@@ -117,6 +133,8 @@ class JudgeConfig:
             raise ValueError(f"judge: max_retries must be >= 0, got {self.max_retries}")
         if self.on_error not in ("raise", "skip"):
             raise ValueError(f"judge: on_error must be 'raise' or 'skip', got {self.on_error!r}")
+        if self.timeout_s <= 0:
+            raise ValueError(f"judge: timeout_s must be > 0, got {self.timeout_s}")
 
 
 @dataclass
@@ -127,7 +145,7 @@ class Judgment:
     verdict: str  # as the judge saw the positions: "A", "B" or "TIE"
     preference: float  # for the policy: 1 win, 0.5 tie, 0 loss
     cached: bool
-    flag: str | None = None  # "unparsed": no verdict after every attempt, counted as a tie
+    flag: str | None = None
     reply: str = ""
 
 
@@ -137,7 +155,9 @@ class PromptJudgment:
     prompt: str
     length_diff: int  # characters, policy minus reference
     judgments: list[Judgment]
-    failed: int = 0  # judgments lost to errors (on_error="skip")
+    failed: int = 0  # judgments lost to errors
+    unparsed: int = 0  # judgments whose replies never held a verdict
+    errors: list[str] = field(default_factory=list)  # why, one line per lost judgment
 
     @property
     def score(self) -> float | None:
@@ -167,14 +187,14 @@ class WinRateResult:
     judge: str = ""
 
     def summary(self) -> dict[str, Any]:
-        """Everything but the per-prompt records, rounded for tables and JSON."""
+        """Everything but the per-prompt records, rounded for tables and JSON (NaN: None)."""
         out = {k: v for k, v in asdict(self).items() if k != "per_prompt"}
         return {k: _round(v) for k, v in out.items()}
 
 
 def _round(value: Any) -> Any:
     if isinstance(value, float):
-        return round(value, 4)
+        return round(value, 4) if math.isfinite(value) else None
     if isinstance(value, (tuple, list)):
         return [_round(v) for v in value]
     return value
@@ -191,6 +211,9 @@ def parse_verdict(text: str | None) -> str | None:
     """
     if not text:
         return None
+    json_verdict = _json_verdict(text)
+    if json_verdict is not None:
+        return json_verdict
     found = _VERDICT.findall(text)
     if found:
         token = re.sub(r"\s+", "", found[-1]).upper()
@@ -202,14 +225,34 @@ def parse_verdict(text: str | None) -> str | None:
     return _BARE.get(text.strip().strip(".*").upper())
 
 
-def build_messages(prompt: str, first: str, second: str) -> list[dict[str, str]]:
+def _json_verdict(text: str) -> str | None:
+    """The verdict of a JSON reply {"verdict": "A" | "B" | "TIE"}; None if it is not one."""
+    stripped = text.strip()
+    if not (stripped.startswith("{") and stripped.endswith("}")) or len(stripped) > 20_000:
+        return None
+    try:
+        data = json.loads(stripped)
+    except (ValueError, RecursionError):
+        return None
+    verdict = data.get("verdict") if isinstance(data, dict) else None
+    if not isinstance(verdict, str):
+        return None
+    token = re.sub(r"[\s\[\].*]", "", verdict).upper()
+    return _BARE.get(token)
+
+
+def build_messages(
+    prompt: str, first: str, second: str, json_mode: bool = False
+) -> list[dict[str, str]]:
     user = USER_TEMPLATE.format(prompt=prompt, first=first, second=second)
-    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+    system = SYSTEM_PROMPT + (JSON_INSTRUCTION if json_mode else "")
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
 
-def cache_key(model: str, prompt: str, first: str, second: str) -> str:
+def cache_key(model: str, prompt: str, first: str, second: str, json_mode: bool = False) -> str:
     """sha256 of the judge model, the template, the prompt and the answers in shown order."""
-    blob = json.dumps([model, TEMPLATE_ID, prompt, first, second], ensure_ascii=False)
+    template = JSON_TEMPLATE_ID if json_mode else TEMPLATE_ID
+    blob = json.dumps([model, template, prompt, first, second], ensure_ascii=False)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -244,74 +287,39 @@ class VerdictCache:
 # --- the client ------------------------------------------------------------------------------
 
 
+def _require_verdict(text: str) -> str:
+    verdict = parse_verdict(text)
+    if verdict is None:
+        raise ValueError("no verdict ([[A]], [[B]] or [[TIE]]) in the reply")
+    return verdict
+
+
 class _Judge:
-    """Sends one judgment with bounded retries; counts requests across threads."""
+    """Sends one judgment with bounded retries (the shared chat client); counts requests."""
 
     def __init__(self, config: JudgeConfig) -> None:
-        import openai  # optional dependency: pip install prefalign[llm]
-
-        api_key = "unused" if config.api_key_env is None else os.environ.get(config.api_key_env)
-        if not api_key:
-            raise ValueError(
-                f"judge: set the environment variable {config.api_key_env} to the API key "
-                "(or api_key_env=None for an endpoint without keys)"
-            )
-        self.oai = openai
-        # The client's own retries are off: ours are bounded and counted.
-        self.client = openai.OpenAI(
-            base_url=config.base_url, api_key=api_key, max_retries=0, timeout=config.timeout_s
-        )
+        self.client = ChatClient(
+            config.base_url, config.model, api_key=resolve_api_key(config.api_key_env, "judge"),
+            max_retries=config.max_retries, timeout_s=config.timeout_s,
+            backoff_s=config.backoff_s, max_backoff_s=config.max_backoff_s,
+            temperature=config.temperature, max_tokens=config.max_tokens,
+            json_mode=config.json_mode, max_reply_bytes=1 << 20, who="judge",
+        )  # fmt: skip
         self.config = config
-        self.requests = 0
-        self._lock = threading.Lock()
 
-    def verdict(self, messages: list[dict[str, str]]) -> tuple[str, str, str | None]:
-        """(verdict, reply, flag); raises JudgeError when every attempt failed."""
-        cfg, oai = self.config, self.oai
-        kwargs: dict[str, Any] = {"temperature": cfg.temperature}
-        if cfg.max_tokens is not None:
-            kwargs["max_tokens"] = cfg.max_tokens
-        error, reply, retry_after = "", "", 0.0
-        for attempt in range(cfg.max_retries + 1):
-            if attempt:
-                delay = max(cfg.backoff_s * 2 ** (attempt - 1), retry_after)
-                time.sleep(min(delay, cfg.max_backoff_s))
-            retry_after = 0.0
-            with self._lock:
-                self.requests += 1
-            try:
-                response = self.client.chat.completions.create(
-                    model=cfg.model, messages=messages, **kwargs  # type: ignore[arg-type]
-                )
-            except oai.APITimeoutError:
-                error = f"timed out after {cfg.timeout_s} s"
-                continue
-            except oai.APIConnectionError as e:
-                error = f"connection error: {e}"
-                continue
-            except oai.APIStatusError as e:
-                error = f"HTTP {e.status_code}: {' '.join(str(e.message).split())[:200]}"
-                if e.status_code in RETRY_STATUS:
-                    retry_after = _seconds(e.response.headers.get("retry-after"))
-                    continue
-                raise JudgeError(f"judge request failed ({error}), not retried") from e
-            choices = response.choices or []
-            reply = (choices[0].message.content if choices else None) or ""
-            verdict = parse_verdict(reply)
-            if verdict is not None:
-                return verdict, reply, None
-            error = "unparsed"
-        if error == "unparsed":
-            return "TIE", reply, "unparsed"
-        raise JudgeError(f"judge request failed after {cfg.max_retries + 1} attempts: {error}")
+    @property
+    def requests(self) -> int:
+        return self.client.requests
 
-
-def _seconds(value: str | None) -> float:
-    """A Retry-After header in seconds (0 when absent or an HTTP date)."""
-    try:
-        return max(0.0, float(value)) if value else 0.0
-    except ValueError:
-        return 0.0
+    def verdict(self, messages: list[dict[str, str]]) -> tuple[str | None, str, str | None]:
+        """(verdict or None, last reply, None or why there is no verdict: the error, or
+        "unparsed: ..." when replies came but none held a verdict)."""
+        reply = self.client.complete(messages, parse=_require_verdict, retry_unparsed=True)
+        if reply.ok:
+            return reply.value, reply.content or "", None
+        if reply.unparsed:
+            return None, reply.content or "", f"unparsed: {reply.error}"
+        return None, reply.content or "", reply.error
 
 
 # --- win rates -------------------------------------------------------------------------------
@@ -342,7 +350,7 @@ def judge_pairwise(
     for prompt, a, b in zip(prompts, answers_a, answers_b, strict=True):
         row = []
         for order, first, second in (("policy_first", a, b), ("reference_first", b, a)):
-            key = cache_key(config.model, prompt, first, second)
+            key = cache_key(config.model, prompt, first, second, config.json_mode)
             tasks.setdefault(key, (prompt, first, second))
             row.append((order, key))
         plan.append(row)
@@ -369,14 +377,22 @@ def judge_pairwise(
 
     per_prompt = []
     for i, (prompt, a, b, row) in enumerate(zip(prompts, answers_a, answers_b, plan, strict=True)):
-        judged, failed = [], 0
+        entry = PromptJudgment(i, prompt, len(a) - len(b), [])
         for order, key in row:
             if key not in verdicts:
-                failed += 1
+                why = errors.get(key, "not judged")
+                entry.errors.append(f"{order}: {why}")
+                if why.startswith("unparsed"):
+                    entry.unparsed += 1
+                else:
+                    entry.failed += 1
                 continue
             v = verdicts[key]
-            judged.append(Judgment(order, v["verdict"], _preference(order, v["verdict"]), v["cached"], v.get("flag"), v.get("reply", "")))
-        per_prompt.append(PromptJudgment(i, prompt, len(a) - len(b), judged, failed))
+            entry.judgments.append(Judgment(
+                order, v["verdict"], _preference(order, v["verdict"]), v["cached"],
+                v.get("flag"), v.get("reply", ""),
+            ))  # fmt: skip
+        per_prompt.append(entry)
     result = win_rates(per_prompt, n_bootstrap=config.n_bootstrap, seed=config.seed)
     result.cache_hits = sum(j.cached for p in per_prompt for j in p.judgments)
     result.requests = judge.requests if judge is not None else 0
@@ -396,11 +412,16 @@ def _run_pending(
     def one(key: str) -> None:
         prompt, first, second = tasks[key]
         try:
-            verdict, reply, flag = judge.verdict(build_messages(prompt, first, second))
-        except JudgeError as e:
-            errors[key] = str(e)
+            verdict, reply, why = judge.verdict(
+                build_messages(prompt, first, second, config.json_mode)
+            )
+        except Exception as e:  # noqa: BLE001 - one judgment's bug must not end the others
+            verdict, why = None, f"{type(e).__name__}: {e}"
+        if verdict is None:  # failures and unparsed replies are counted, never cached
+            errors[key] = why or "no verdict"
             return
-        record = {"verdict": verdict, "reply": reply, "flag": flag, "judge": config.model, "time": time.time()}
+        record = {"verdict": verdict, "reply": reply, "flag": None, "judge": config.model,
+                  "time": time.time()}  # fmt: skip
         cache.put(key, record)
         verdicts[key] = {**record, "cached": False}
 
@@ -422,8 +443,13 @@ def _preference(order: str, verdict: str) -> float:
 def win_rates(per_prompt: Sequence[PromptJudgment], n_bootstrap: int = 1000, seed: int = 0) -> WinRateResult:
     """Raw and length-controlled win rates with bootstrap intervals, from judged prompts."""
     judged = [p for p in per_prompt if p.judgments]
-    if not judged:
-        raise JudgeError("judge: every judgment failed; nothing to score")
+    if not judged:  # every judgment failed or never parsed: the counts say so
+        nan = float("nan")
+        return WinRateResult(
+            nan, (nan, nan), nan, (nan, nan), 0, 0, 0, 0, list(per_prompt), 0, 0,
+            unparsed=sum(p.unparsed for p in per_prompt),
+            failed=sum(p.failed for p in per_prompt),
+        )  # fmt: skip
     scores = np.array([p.score for p in judged], dtype=float)
     diffs = np.array([p.length_diff for p in judged], dtype=float)
     sigma = float(diffs.std())
@@ -458,7 +484,7 @@ def win_rates(per_prompt: Sequence[PromptJudgment], n_bootstrap: int = 1000, see
         per_prompt=list(per_prompt),
         cache_hits=0,
         requests=0,
-        unparsed=sum(j.flag == "unparsed" for p in judged for j in p.judgments),
+        unparsed=sum(p.unparsed for p in per_prompt),
         failed=sum(p.failed for p in per_prompt),
         position_consistency=(
             sum(p.judgments[0].preference == p.judgments[1].preference for p in consistent) / len(consistent)

@@ -1,0 +1,64 @@
+"""FSDP2 (PyTorch's per-parameter `fully_shard`) for the policy and a full-model reference.
+
+Every decoder layer is one FSDP unit and the model root another, so a process holds 1/N of
+the parameters, gradients and optimizer state and gathers one layer's weights at a time in
+forward and backward. A full-copy trust-region reference is sharded the same way, so its soft
+update `theta_ref <- alpha*theta + (1-alpha)*theta_ref` (or hard copy) runs on each process's
+local shards with no communication: policy and reference shards of one parameter cover the
+same slice on every process. A LoRA policy is sharded as it is (frozen base and adapters in
+the same units); its reference adapter lives on the same sharded modules.
+
+On CPU, accelerate's FSDP plugin does not engage (it falls back to data parallel), so the
+training command applies `fully_shard` itself once the gloo process group exists; on GPUs the
+same code runs on a CUDA mesh (see the README's "Multi-GPU" notes). Zhao et al., "PyTorch FSDP:
+Experiences on Scaling Fully Sharded Data Parallel" (2023) describe the scheme.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.fsdp import FSDPModule, fully_shard
+
+from prefalign.modeling import is_peft_model
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    return isinstance(model, FSDPModule)
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks of a Hugging Face model (its `_no_split_modules` classes)."""
+    inner = model.get_base_model() if is_peft_model(model) else model
+    names = set(getattr(inner, "_no_split_modules", None) or [])
+    layers = [m for m in inner.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(f"{type(inner).__name__} declares no decoder-layer class (_no_split_modules) to shard by")
+    return layers
+
+
+def shard(model: torch.nn.Module, mesh=None) -> torch.nn.Module:
+    """Shard `model` in place over `mesh` (default: every process of the default group)."""
+    if not torch.distributed.is_initialized():
+        raise RuntimeError("FSDP2 needs a process group: launch with torchrun (or accelerate launch)")
+    if mesh is None:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        mesh = init_device_mesh(device, (torch.distributed.get_world_size(),))
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def local_norm_to_float(norm: torch.Tensor) -> float:
+    """A gradient norm as a float; a DTensor norm (sharded gradients) is reduced first."""
+    full = getattr(norm, "full_tensor", None)
+    return float(full() if full is not None else norm)
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer gathered in full on CPU; a collective: call on every process."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

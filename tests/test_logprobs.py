@@ -1,0 +1,139 @@
+"""The response-only, chunked head equals the full-logits log-probs, values and gradients, on
+several architectures, tied embeddings, LoRA, and LoRA on the head itself."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import VOCAB_SIZE, tiny_llama_config
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from prefalign import logprobs
+from prefalign.logprobs import (
+    causal_lm_parts,
+    collate_prompt_response,
+    full_logits_sequence_logps,
+    sequence_logps,
+)
+from prefalign.modeling import LoraSpec, add_lora
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def tiny_model(arch: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if arch == "llama":
+        return LlamaForCausalLM(tiny_llama_config())
+    if arch == "llama-tied":
+        return LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=True))
+    if arch == "gpt2":  # learned positions, tied embeddings, Conv1D layers
+        return GPT2LMHeadModel(
+            GPT2Config(
+                vocab_size=VOCAB_SIZE,
+                n_embd=32,
+                n_layer=2,
+                n_head=4,
+                n_positions=64,
+                resid_pdrop=0.0,
+                embd_pdrop=0.0,
+                attn_pdrop=0.0,
+                bos_token_id=1,
+                eos_token_id=2,
+            )
+        )
+    if arch == "qwen2":  # biased q/k/v projections, grouped-query attention
+        return Qwen2ForCausalLM(
+            Qwen2Config(
+                vocab_size=VOCAB_SIZE,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=64,
+                tie_word_embeddings=False,
+            )
+        )
+    raise ValueError(arch)
+
+
+def random_ids(g: torch.Generator, lo: int, hi: int) -> list[int]:
+    """A random token list of length in [lo, hi), special tokens excluded."""
+    length = int(torch.randint(lo, hi, (1,), generator=g))
+    return torch.randint(4, VOCAB_SIZE, (length,), generator=g).tolist()
+
+
+def random_batch(seed: int = 0, n: int = 5) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    prompts = [random_ids(g, 2, 9) for _ in range(n)]
+    return collate_prompt_response(prompts, [random_ids(g, 1, 12) for _ in range(n)], pad_id=0)
+
+
+def logps_and_grads(model, fn, batch, weights):
+    model.zero_grad(set_to_none=True)
+    out = fn(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+    (out.sum * weights).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama-tied", "gpt2", "qwen2"])
+@pytest.mark.parametrize("lora", [None, "all-linear", "with-head"])
+@pytest.mark.parametrize("chunks", ["one", "many"])
+def test_response_only_head_equals_full_logits(arch, lora, chunks, monkeypatch):
+    if chunks == "many":  # 3 positions a chunk: every batch spans several checkpointed chunks
+        monkeypatch.setattr(logprobs, "HEAD_CHUNK_ELEMENTS", 3 * VOCAB_SIZE)
+    model = tiny_model(arch)
+    if lora == "all-linear":
+        model = add_lora(model, LoraSpec(r=4, target_modules="all-linear"))
+    elif lora == "with-head":
+        targets = ["c_attn", "lm_head"] if arch == "gpt2" else ["q_proj", "v_proj", "lm_head"]
+        model = add_lora(model, LoraSpec(r=4, target_modules=targets))
+        head = causal_lm_parts(model).head
+        assert hasattr(head, "lora_A"), "the head must carry the adapter"
+        with torch.no_grad():  # peft zero-initialises B: make the head's adapter matter
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.5)
+    assert causal_lm_parts(model) is not None
+    batch = random_batch()
+    weights = torch.linspace(-1.0, 2.0, batch["input_ids"].shape[0])
+    fast, fast_grads = logps_and_grads(model, sequence_logps, batch, weights)
+    plain, plain_grads = logps_and_grads(model, full_logits_sequence_logps, batch, weights)
+    torch.testing.assert_close(fast.sum, plain.sum, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast.n_tokens, plain.n_tokens)
+    assert fast_grads.keys() == plain_grads.keys() and fast_grads
+    if lora == "with-head":
+        assert any("lm_head" in n and "lora" in n for n in fast_grads)
+    for name in plain_grads:
+        torch.testing.assert_close(
+            fast_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6, msg=name
+        )
+
+
+def test_response_only_head_under_no_grad_and_bf16_autocast(monkeypatch):
+    monkeypatch.setattr(logprobs, "HEAD_CHUNK_ELEMENTS", 3 * VOCAB_SIZE)
+    model = tiny_model("llama")
+    batch = random_batch(1)
+    args = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            sequence_logps(model, *args).sum, full_logits_sequence_logps(model, *args).sum
+        )
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fast = sequence_logps(model, *args).sum
+            plain = full_logits_sequence_logps(model, *args).sum
+    assert fast.dtype == torch.float32  # log-probs stay fp32 under autocast
+    torch.testing.assert_close(fast, plain, rtol=2e-2, atol=2e-2)
+
+
+def test_models_that_transform_logits_take_the_full_logits_path():
+    model = tiny_model("llama")
+    model.config.final_logit_softcapping = 30.0  # as Gemma 2 does after its head
+    assert causal_lm_parts(model) is None

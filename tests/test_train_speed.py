@@ -1,0 +1,102 @@
+"""Preference training with the exact speed-ups on (shared-prompt rows, cached frozen-reference
+log-probs) trains the same policy as the plain computation; the cache is reused across runs
+and resumes, and a change of truncation makes a new one."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import save_tiny_review_model
+from safetensors.torch import load_file
+
+from prefalign.config import load_config
+from prefalign.toy.corpus import review
+from prefalign.training.preference import PreferenceConfig, run_preference
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+PLAIN = ("speed.shared_prompt=off", "speed.reference_cache=off")
+
+
+@pytest.fixture
+def tiny(tmp_path) -> dict[str, Path]:
+    rng = random.Random(0)
+    save_tiny_review_model(tmp_path / "model", rng)
+    pairs = []
+    while len(pairs) < 24:
+        prompt, good = review(rng)
+        _, bad = review(rng)
+        if good != bad:
+            pairs.append({"prompt": prompt, "chosen": good, "rejected": bad})
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    return {"model": tmp_path / "model", "pairs": tmp_path / "pairs.jsonl"}
+
+
+def train(tiny, out: Path, *extra: str, resume: bool = False) -> tuple[list[str], list[dict]]:
+    config = load_config(PreferenceConfig, None, [
+        f"model.name_or_path={tiny['model']}", f"data.path={tiny['pairs']}", f"trainer.out_dir={out}",
+        "trainer.batch_size=4", "trainer.max_steps=6", "trainer.lr=1e-3", "trainer.log_every=1",
+        "trainer.schedule=constant", "trainer.progress=false", "objective.params={beta: 0.5}", *extra,
+    ])
+    lines: list[str] = []
+    result = run_preference(config, resume=resume, log=lambda *a: lines.append(" ".join(map(str, a))))
+    return lines, result.history
+
+
+def assert_same_training(a: Path, b: Path, history_a, history_b) -> None:
+    for x, y in zip(history_a, history_b, strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4, abs=1e-5)
+    wa, wb = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def cache_files(tiny) -> list[Path]:
+    return sorted((tiny["pairs"].parent / "pairs.jsonl.refcache").glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("objective", ["dpo", "ipo"])
+def test_speedups_train_the_same_policy_as_the_plain_computation(tiny, tmp_path, objective):
+    logs, fast = train(tiny, tmp_path / "fast", f"objective.name={objective}")
+    assert "shared-prompt forward: on" in logs
+    assert any("reference log-probs: computed for 24 pairs" in line for line in logs)
+    plain_logs, plain = train(tiny, tmp_path / "plain", f"objective.name={objective}", *PLAIN)
+    assert "shared-prompt forward: off" in plain_logs
+    assert not any("reference log-probs" in line for line in plain_logs)
+    assert_same_training(tmp_path / "fast", tmp_path / "plain", fast, plain)
+    # Each speed-up on its own as well.
+    _, shared_only = train(tiny, tmp_path / "shared", f"objective.name={objective}", PLAIN[1])
+    _, cache_only = train(tiny, tmp_path / "cache", f"objective.name={objective}", PLAIN[0])
+    assert_same_training(tmp_path / "shared", tmp_path / "plain", shared_only, plain)
+    assert_same_training(tmp_path / "cache", tmp_path / "plain", cache_only, plain)
+
+
+def test_reference_cache_is_reused_across_runs_and_resume(tiny, tmp_path):
+    train(tiny, tmp_path / "a")
+    (first,) = cache_files(tiny)
+    stamp = first.stat().st_mtime_ns
+    logs, straight = train(tiny, tmp_path / "b", "trainer.max_steps=8", "objective.params={beta: 0.2}")
+    assert any(f"read from {first}" in line for line in logs)  # a beta sweep computes it once
+    assert cache_files(tiny) == [first] and first.stat().st_mtime_ns == stamp
+    # Stop at step 4, resume to 8: the resumed run reads the same table and trains identically.
+    train(tiny, tmp_path / "c", "trainer.max_steps=4", "objective.params={beta: 0.2}")
+    logs, _ = train(tiny, tmp_path / "c", "trainer.max_steps=8", "objective.params={beta: 0.2}", resume=True)
+    assert any(f"read from {first}" in line for line in logs)
+    wb = load_file(tmp_path / "b" / "final" / "model.safetensors")
+    wc = load_file(tmp_path / "c" / "final" / "model.safetensors")
+    for name in wb:
+        torch.testing.assert_close(wc[name], wb[name], rtol=1e-4, atol=1e-5, msg=name)
+    # Other truncation, other tokens: a second table, the first one left as it was.
+    logs, _ = train(tiny, tmp_path / "d", "data.max_length=24")
+    assert any("computed for" in line for line in logs)
+    assert len(cache_files(tiny)) == 2 and first.stat().st_mtime_ns == stamp
+
+
+def test_trust_region_references_are_scored_live(tiny, tmp_path):
+    logs, _ = train(tiny, tmp_path / "soft", "reference.mode=soft")
+    assert "shared-prompt forward: on" in logs
+    assert not any("reference log-probs" in line for line in logs)
+    assert cache_files(tiny) == []
