@@ -330,7 +330,7 @@ def best_of_n(setup: Setup, proxy_dir: Path, n_max: int = 16) -> list[dict]:
     from prefalign.evaluation.core import mean_and_se
     from prefalign.generation import SamplingParams, generate
     from prefalign.modeling import load_model, load_tokenizer
-    from prefalign.rest.reward_model import RewardModel
+    from prefalign.reward_models import RewardModel
     from prefalign.toy.rewards import coherent_sentiment_reward, sentiment_reward
     from prefalign.toy.world import ToyWorld
 
@@ -369,7 +369,7 @@ def prepare_data(world, out: Path, n_pairs: int, log) -> tuple[Path, Path, Path,
     """The first `n_pairs` training pairs; a reward model trained on all the world's training
     pairs; the same pairs relabelled by it (chosen = the higher proxy score)."""
     from prefalign.config import load_config
-    from prefalign.rest.reward_model import RewardModel, RewardModelConfig, train_reward_model
+    from prefalign.reward_models import RewardModel, RewardModelConfig, train_reward_model
 
     rows = [json.loads(line) for line in world.file("pairs.jsonl").read_text().splitlines()]
     pairs = out / "pairs.jsonl"

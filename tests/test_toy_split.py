@@ -2,32 +2,30 @@
 
 from __future__ import annotations
 
-import json
 import random
 
 import pytest
 
+from prefalign.io import read_jsonl
+from prefalign.tasks import Task, resolve_task
 from prefalign.toy import corpus
-from prefalign.toy.world import ToyConfig, ToyWorld
+from prefalign.toy.tasks import TOY_TASKS, toy_task
+from prefalign.toy.world import ToyConfig
 from prefalign.toy.world import corpus as world_corpus
 
 
-def training_prompts(world: ToyWorld) -> set[str]:
+def file_prompts(task: Task, name: str) -> set[str]:
+    return {row["prompt"] for row in read_jsonl(task.files(name))}
+
+
+def training_prompts(task: Task) -> set[str]:
     """Every prompt a method trains on: SFT texts, pairs, KTO data and the online prompts."""
-    prompts = set()
-    for name in ("sft.jsonl", "pairs.jsonl", "unpaired.jsonl", "prompts_train.jsonl"):
-        prompts |= {
-            json.loads(line)["prompt"] for line in world.file(name).read_text().splitlines()
-        }
-    return prompts
+    files = ("sft", "pairs", "unpaired")
+    return set(task.prompts("train")).union(*(file_prompts(task, f) for f in files))
 
 
-def held_out_prompts(world: ToyWorld) -> set[str]:
-    return {
-        json.loads(line)["prompt"]
-        for name in ("prompts_eval.jsonl", "pairs_eval.jsonl")
-        for line in world.file(name).read_text().splitlines()
-    }
+def held_out_prompts(task: Task) -> set[str]:
+    return set(task.prompts("eval")) | file_prompts(task, "pairs_eval")
 
 
 @pytest.mark.parametrize("task", ["sentiment", "arith"])
@@ -41,13 +39,14 @@ def test_default_worlds_hold_out_distinct_prompts_no_training_text_uses(task):
     assert len(set(texts.train_prompts)) > 100  # the online methods still see many prompts
 
 
-@pytest.mark.parametrize("task", ["sentiment", "arith"])
-def test_built_worlds_train_and_evaluate_on_disjoint_prompts(mini_worlds, task):
-    world = mini_worlds[task]
-    held_out = held_out_prompts(world)
-    assert held_out and len(training_prompts(world)) > len(held_out)
-    assert not training_prompts(world) & held_out
-    assert world.file("pairs_eval.jsonl").read_text()  # held-out pairs exist, on held-out prompts
+@pytest.mark.parametrize("name", sorted(TOY_TASKS))
+def test_every_toy_task_trains_and_evaluates_on_disjoint_prompts(mini_worlds, name):
+    world_name = TOY_TASKS[name][0]
+    task = toy_task(name, mini_worlds[world_name])  # the registry's task, on the mini world
+    assert resolve_task(f"toy:{name}").name == task.name
+    held_out = held_out_prompts(task)
+    assert held_out and len(training_prompts(task)) > len(held_out)
+    assert not training_prompts(task) & held_out
 
 
 def test_opening_split_is_disjoint_and_covers_the_grammar():
