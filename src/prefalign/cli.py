@@ -160,7 +160,7 @@ def run_rest(args: argparse.Namespace) -> int:
 
 
 def run_rm_train(args: argparse.Namespace) -> int:
-    from prefalign.rest.cli import run_rm_train_cli
+    from prefalign.reward_models.cli import run_rm_train_cli
 
     return int(run_rm_train_cli(args) or 0)
 
