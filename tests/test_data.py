@@ -163,7 +163,7 @@ def test_jsonl_names_lines_and_skips_blank_ones(tmp_path: Path) -> None:
     assert result.summary() == f"{path}: 2 records"
 
 
-def test_hub_id_is_routed_to_load_dataset_and_local_paths_never_are(
+def test_only_an_hf_id_is_routed_to_load_dataset(
     monkeypatch, tmp_path: Path
 ) -> None:
     import datasets
@@ -175,14 +175,19 @@ def test_hub_id_is_routed_to_load_dataset_and_local_paths_never_are(
         return datasets.Dataset.from_list(PAIRS)
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    result = load_preference_data("someone/prefs", split="test")
+    result = load_preference_data("hf:someone/prefs", split="test")
     assert calls == [("someone/prefs", "test")]
-    assert result.records[0].source == "someone/prefs[test]"
+    assert result.records[0].source == "hf:someone/prefs[test]"
     assert len(result.records) == len(PAIRS)
     with pytest.raises(DataError, match="no such file"):
         load_preference_data(tmp_path / "missing.jsonl")
     with pytest.raises(DataError, match="no such file"):
         load_preference_data("./relative/name")
+    # A bare name is never sent to the hub unasked: a typo must not reach the network.
+    for bare in ("mydataset", "someone/prefs"):
+        with pytest.raises(DataError, match=rf"^{bare}: no such file or directory "
+                           rf"\(a Hugging Face Hub dataset\? write hf:{bare}\)$"):
+            load_preference_data(bare)
     assert len(calls) == 1
 
 

@@ -25,6 +25,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from prefalign.config import bounded
 from prefalign.errors import UserError
 from prefalign.io import append_jsonl, atomic_write, flatten
 from prefalign.training.checkpoint import (
@@ -47,24 +48,24 @@ LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict[str, Metric]
 @dataclass
 class TrainerConfig:
     out_dir: str = "runs/train"
-    batch_size: int = 8  # examples per process per micro-batch
-    grad_accum: int = 1
-    max_steps: int = 0  # optimizer steps; 0 means run `epochs` epochs
-    epochs: float = 1.0
-    lr: float = 1e-5
-    weight_decay: float = 0.0
+    batch_size: int = bounded(8, min=1)  # examples per process per micro-batch
+    grad_accum: int = bounded(1, min=1)
+    max_steps: int = bounded(0, min=0)  # optimizer steps; 0 means run `epochs` epochs
+    epochs: float = bounded(1.0, gt=0)
+    lr: float = bounded(1e-5, gt=0)
+    weight_decay: float = bounded(0.0, min=0)
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    warmup_ratio: float = 0.0
+    adam_epsilon: float = bounded(1e-8, gt=0)
+    warmup_ratio: float = bounded(0.0, min=0)
     schedule: Literal["constant", "linear", "cosine"] = "linear"
-    max_grad_norm: float = 1.0  # 0 disables clipping
+    max_grad_norm: float = bounded(1.0, min=0)  # 0 disables clipping
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     seed: int = 0
-    log_every: int = 10
-    save_every: int = 0  # 0: a checkpoint only at the end
-    keep_checkpoints: int = 2
-    eval_every: int = 0  # 0: evaluate only at the end (when an evaluator is given)
+    log_every: int = bounded(10, min=1)
+    save_every: int = bounded(0, min=0)  # 0: a checkpoint only at the end
+    keep_checkpoints: int = bounded(2, min=1)
+    eval_every: int = bounded(0, min=0)  # 0: evaluate only at the end (when an evaluator is given)
     report_to: list[str] = field(default_factory=list)  # tensorboard, wandb, mlflow
     progress: bool = True
     # Zero every dropout probability for the whole run (TRL's DPO/KTO default); the model is in
