@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from prefalign.config import bounded
+from prefalign.config import ConfigError, bounded
 from prefalign.data.records import (
     DataError,
     PreferenceRecord,
@@ -128,9 +128,9 @@ class _Budget:
     ) -> None:
         problem = TruncationSettings(max_length, max_prompt_length, truncation).bounds_problem()
         if problem is not None:
-            raise ValueError(f"{problem[0]} {problem[1]}")
+            raise ConfigError(f"{problem[0]} {problem[1]}")
         if add_eos and tokenizer.eos_token_id is None:
-            raise ValueError("the tokenizer has no EOS token; set one or pass add_eos=False")
+            raise ConfigError("the tokenizer has no EOS token; set one or pass add_eos=False")
         self.tokenizer, self.truncation = tokenizer, truncation
         self.max_length, self.max_prompt_length = max_length, max_prompt_length
         self.bos = bos_to_add(tokenizer)
