@@ -48,20 +48,10 @@ class TruncationSettings:
             "truncation": self.truncation,
         }
 
-    def config_problem(self) -> tuple[str, str] | None:
-        """(key, what is wrong), or None: the bounds, and a prompt budget that leaves room."""
-        problem = self.bounds_problem()
-        if problem is None and None not in (self.max_length, self.max_prompt_length) and (
-            self.max_prompt_length >= self.max_length
-        ):
-            return (
-                "max_prompt_length",
-                f"{self.max_prompt_length} leaves no room for a response within "
-                f"max_length={self.max_length}; make it smaller than max_length",
-            )
-        return problem
-
     def bounds_problem(self) -> tuple[str, str] | None:
+        """(setting, what is wrong) or None; configs check the same bounds on load. A prompt
+        budget that fills max_length is allowed: a prompt too long for it is a located row
+        error, and lowering max_length alone must not need max_prompt_length too."""
         if self.truncation not in ("keep_end", "keep_start"):
             return "truncation", f"must be 'keep_end' or 'keep_start', got {self.truncation!r}"
         if self.max_length is not None and self.max_length < 2:
