@@ -21,6 +21,7 @@ from prefalign.discovery.llm import LLMProposer
 from prefalign.discovery.loop import run_discovery
 from prefalign.discovery.offline import OfflineProposer, baseline_codes
 from prefalign.discovery.sandbox import SandboxLimits
+from prefalign.manifest import write_manifest
 from prefalign.tasks import Task, resolve_task
 
 
@@ -139,6 +140,7 @@ def run_discover(
 ) -> Archive:
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    write_manifest(out_dir, "discover")
     if config.proxy.task == "synthetic":
         def raw(c: Candidate) -> FitnessResult:
             return synthetic_fitness(c, kl_penalty=config.proxy.fitness.kl_penalty, seed=config.proxy.seed)

@@ -17,6 +17,7 @@ import torch
 from prefalign import objectives
 from prefalign.data.tokenize import TruncationSettings
 from prefalign.logprobs import SequenceLogps, sequence_logps
+from prefalign.manifest import write_manifest
 from prefalign.modeling import ModelSpec, load_model, load_tokenizer
 from prefalign.reference import ReferencePolicy, ReferenceSpec, make_reference
 from prefalign.shared_prompt import pair_logps
@@ -131,8 +132,7 @@ def unpaired_loss_fn(objective: objectives.Resolved, reference: ReferencePolicy,
         kl_ref = reference.logps(*kl_inputs).sum
         z0 = objectives.kto_kl_reference_point(kl_policy, kl_ref)
         z0 = accelerator.reduce(z0.detach().reshape(1), reduction="mean")[0]
-        zero = torch.zeros(1, device=z0.device)
-        losses = objective.loss(policy, ref, batch["labels"], z0.expand(1), zero)
+        losses = objective.loss(policy, ref, batch["labels"], z0)
         beta = objective.reward_scale
         labels = batch["labels"]
         rewards = beta * (policy - ref).detach()
@@ -172,6 +172,7 @@ def run_preference(
         raise ValueError("config key 'data.path' is required")
     if objective.needs_reference and config.reference.mode == "none":
         raise ValueError(f"objective '{objective.name}' needs a reference policy; reference.mode 'none' is for reference-free objectives")
+    write_manifest(config.trainer.out_dir, "train")
     tokenizer = load_tokenizer(config.model.name_or_path)
     trunc = dict(**config.data.limits(), skip_invalid=config.data.skip_invalid)
     unpaired = objective.kind == "unpaired"
