@@ -233,6 +233,7 @@ def test_real_proxy_training_runs_confined_and_catches_a_reversal(
     from openai_server import ScriptedOpenAIServer
 
     from prefalign.discovery.recipe import DiscoverConfig, ProposerSpec, ProxySpec, run_discover
+    from prefalign.toy.tasks import world_task
 
     with ScriptedOpenAIServer() as server:
         for name, code in (("sly_reverse", hostile("reverse")), ("plain", named(DPO, "plain"))):
@@ -244,7 +245,8 @@ def test_real_proxy_training_runs_confined_and_catches_a_reversal(
                                   api_key_env="NONE"),
             proxy=ProxySpec(steps=3, batch_size=24, n_eval_prompts=4, samples_per_prompt=1),
         )  # fmt: skip
-        archive = run_discover(config, log=lambda *_: None, world=mini_worlds["sentiment"])
+        task = world_task(mini_worlds["sentiment"])
+        archive = run_discover(config, log=lambda *_: None, task=task)
     reverse, plain = archive.load()
     assert not reverse["valid"] and "reverses the training direction" in reverse["reason"]
     assert "reverses_in_training" in reverse["flags"]

@@ -79,19 +79,12 @@ def write_prompts(path: Path, rows: list[dict]) -> Path:
 
 
 def test_user_task_from_a_prompts_file_and_a_reward_file(tmp_path):
-    prompts = write_prompts(
-        tmp_path / "prompts.jsonl",
-        [
-            {"prompt": "a", "split": "train"},
-            {"prompt": "b", "split": "eval"},
-            {"prompt": "c"},
-        ],
-    )
+    prompts = write_prompts(tmp_path / "prompts.jsonl", [{"prompt": "a"}, {"prompt": "b"}])
     (tmp_path / "score.py").write_text(
         "def loud(prompt, response):\n    return response.count('!')\n"
     )
     task = resolve_task(f"user:{prompts}:{tmp_path / 'score.py'}:loud")
-    assert task.prompts("train") == ["a", "c"] and task.prompts("eval") == ["b", "c"]
+    assert task.prompts("train") == task.prompts("eval") == ["a", "b"]
     assert task.gold_reward(["a", "b"], ["hi!!", "no"]) == [2.0, 0.0]
     assert resolve_task(f"user:{prompts}:{tmp_path / 'score.py'}:loud") is task  # imported once
 
@@ -176,6 +169,6 @@ def test_a_bad_prompt_row_names_file_and_line(tmp_path):
     path.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
     task = resolve_task(f"user:{path}:operator:ne")
     with pytest.raises(
-        UserError, match=rf"{path}:2: expected a JSON object with a string 'prompt'"
+        UserError, match=rf"{path}:2: expected an object with a string field 'prompt'"
     ):
         task.prompts("eval")

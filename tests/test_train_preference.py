@@ -247,6 +247,6 @@ def test_missing_data_file_is_a_one_line_cli_error(tiny, tmp_path):
 def test_logged_rewards_use_the_objectives_own_scale():
     # DPO-style objectives scale implicit rewards by beta; the ARM objective by beta_r.
     assert reward_beta(objectives.get("dpo"), {"beta": 0.3}) == 0.3
-    assert reward_beta(objectives.get("dpo"), {}) == objectives.get("dpo").defaults["beta"]
+    assert reward_beta(objectives.get("dpo"), {}) == objectives.get("dpo").params()["beta"]
     assert reward_beta(objectives.get("genarm"), {"beta_r": 0.02}) == 0.02
-    assert reward_beta(objectives.get("genarm"), {}) == objectives.get("genarm").defaults["beta_r"]
+    assert reward_beta(objectives.get("genarm"), {}) == objectives.get("genarm").params()["beta_r"]

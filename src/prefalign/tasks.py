@@ -9,8 +9,9 @@ Tasks are named `provider:name` and looked up with `resolve_task`:
 
     toy:sentiment, toy:arith, toy:brevity   the embedded toy world (prefalign.toy.tasks)
     sentiment, arith, brevity                short aliases of the toy tasks
-    user:PROMPTS.jsonl:REWARD                a prompts file and a `fn(prompt, response) -> float`
-                                             (REWARD is `module:function` or `file.py:function`)
+    user:PROMPTS.jsonl:REWARD                one prompts file for every split and a gold reward
+                                             `fn(prompt, response) -> float` (REWARD is
+                                             `module:function` or `path/file.py:function`)
     user:TASK.yaml                           a task spec file (see `load_task_file`)
 
 Registration is lazy so this module imports no provider: a provider is a module that calls
@@ -24,17 +25,21 @@ prompts, policy or files are first read. Add a provider with `register_provider(
 from __future__ import annotations
 
 import importlib
-import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from prefalign.errors import UserError
+from prefalign.io import read_prompts
 
 BatchFn = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
 PairFn = Callable[[str, str], float]
 SPLITS = ("train", "eval")
+
+
+class TaskError(UserError, ValueError):
+    """A bad task name, task file or user reward; one line for the user."""
 
 
 @dataclass(frozen=True)
@@ -57,7 +62,7 @@ class Task:
 
     def prompts(self, split: str) -> list[str]:
         if split not in self.splits:
-            raise UserError(
+            raise TaskError(
                 f"task {self.name}: no split {split!r}, allowed: {', '.join(self.splits)}"
             )
         return list(self.load_prompts(split))
@@ -69,7 +74,7 @@ class Task:
             )
         scores = [float(s) for s in self.reward(prompts, responses)]
         if len(scores) != len(prompts):
-            raise UserError(
+            raise TaskError(
                 f"task {self.name}: the gold reward returned {len(scores)} scores "
                 f"for {len(prompts)} samples"
             )
@@ -86,13 +91,13 @@ class Task:
     def policy_path(self) -> str:
         """The task's default policy (what a run starts from and measures KL against)."""
         if self.policy is None:
-            raise UserError(f"task {self.name} has no default policy: give a model path")
+            raise TaskError(f"task {self.name} has no default policy: give a model path")
         return str(self.policy())
 
     def file(self, name: str) -> Path:
         """A named data file of the task (e.g. "pairs", "pairs_eval", "unpaired", "sft")."""
         if self.files is None:
-            raise UserError(f"task {self.name} provides no data files (asked for {name!r})")
+            raise TaskError(f"task {self.name} provides no data files (asked for {name!r})")
         return Path(self.files(name))
 
 
@@ -110,7 +115,7 @@ def per_sample(fn: PairFn) -> BatchFn:
 
 _TASKS: dict[str, Task] = {}
 # prefix -> the module that registers that prefix's tasks when imported (by name: no import here)
-_PROVIDERS: dict[str, str] = {"toy": "prefalign.toy.tasks"}
+_PROVIDERS: dict[str, str] = {"toy": "prefalign.toy.tasks", "smol": "prefalign.smol.tasks"}
 _ALIASES: dict[str, str] = {
     "sentiment": "toy:sentiment",
     "arith": "toy:arith",
@@ -164,7 +169,7 @@ def resolve_task(spec: str | Task) -> Task:
     if isinstance(spec, Task):
         return spec
     if not isinstance(spec, str) or not spec:
-        raise UserError(
+        raise TaskError(
             f"a task name is required (one of {', '.join(task_names())}, or user:PROMPTS:REWARD)"
         )
     name = _ALIASES.get(spec, spec)
@@ -177,7 +182,7 @@ def resolve_task(spec: str | Task) -> Task:
         _load_provider(prefix)
         if name in _TASKS:
             return _TASKS[name]
-    raise UserError(
+    raise TaskError(
         f"unknown task {spec!r}; known: {', '.join(task_names())}, "
         "or user:PROMPTS.jsonl:module:function"
     )
@@ -196,7 +201,7 @@ def user_task(spec: str, name: str | None = None) -> Task:
         return load_task_file(spec, name)
     parts = spec.rsplit(":", 2)
     if len(parts) != 3 or not all(parts):
-        raise UserError(
+        raise TaskError(
             f"task {name!r}: expected user:PROMPTS.jsonl:module:function "
             "(or user:path/reward.py:function after the prompts file), or user:TASK.yaml"
         )
@@ -213,14 +218,14 @@ def prompt_file_task(
     policy: str | None = None,
     description: str = "",
 ) -> Task:
-    """A task reading each split's prompts from a JSONL file of {"prompt": ...} rows. Rows may
-    carry "split"; a file whose rows do name splits gives each split only its own rows."""
+    """A task reading each split's prompts from a file (`prefalign.io.read_prompts`: JSONL of
+    {"prompt": ...} rows, or one prompt a line)."""
     for split, path in prompt_files.items():
         if not Path(path).is_file():
-            raise UserError(f"task {name}: prompts file of split {split!r} not found: {path}")
+            raise TaskError(f"task {name}: prompts file of split {split!r} not found: {path}")
 
     def load(split: str) -> list[str]:
-        return read_prompt_file(prompt_files[split], split)
+        return read_prompts(prompt_files[split], label=f"task {name}: prompts file")
 
     return Task(
         name=name,
@@ -233,48 +238,28 @@ def prompt_file_task(
     )
 
 
-def read_prompt_file(path: str | Path, split: str | None = None) -> list[str]:
-    """Prompts of a JSONL file of {"prompt": str, "split"?: str} rows (a row without "split" is in
-    every split); errors name the file and line."""
-    prompts = []
-    for k, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path}:{k}: not valid JSON ({err.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-            raise UserError(f"{path}:{k}: expected a JSON object with a string 'prompt'")
-        if split is None or row.get("split", split) == split:
-            prompts.append(row["prompt"])
-    if not prompts:
-        raise UserError(f"{path}: holds no prompts" + (f" of split {split!r}" if split else ""))
-    return prompts
-
-
 def load_function(spec: str, label: str) -> Callable[..., Any]:
     """Import `module:function` or `path/to/file.py:function` (the file runs as ordinary Python)."""
     from prefalign.userfiles import import_python_file
 
     target, sep, name = spec.rpartition(":")  # rpartition: Windows paths contain ':'
     if not sep or not target or not name:
-        raise UserError(
+        raise TaskError(
             f"{label} must be 'module:function' or 'path/to/file.py:function', got {spec!r}"
         )
     if target.endswith(".py") or "/" in target:
         try:
             module = import_python_file(target, f"{label}:", "_prefalign_user")
         except ValueError as err:
-            raise UserError(str(err)) from None
+            raise TaskError(str(err)) from None
     else:
         try:
             module = importlib.import_module(target)
         except ImportError as err:
-            raise UserError(f"{label}: cannot import module {target!r} ({err})") from None
+            raise TaskError(f"{label}: cannot import module {target!r} ({err})") from None
     fn = getattr(module, name, None)
     if not callable(fn):
-        raise UserError(f"{label}: {target} has no callable {name!r}")
+        raise TaskError(f"{label}: {target} has no callable {name!r}")
     return fn
 
 
@@ -294,22 +279,22 @@ def load_task_file(path_text: str, name: str | None = None) -> Task:
 
     path = Path(path_text)
     if not path.is_file():
-        raise UserError(f"task file not found: {path_text}")
+        raise TaskError(f"task file not found: {path_text}")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
-        raise UserError(f"{path}{f':{mark.line + 1}' if mark else ''}: not valid YAML") from None
+        raise TaskError(f"{path}{f':{mark.line + 1}' if mark else ''}: not valid YAML") from None
     if not isinstance(raw, dict):
-        raise UserError(
+        raise TaskError(
             f"{path}: a task file must be a mapping with keys {', '.join(TASK_FILE_KEYS)}"
         )
     unknown = sorted(set(raw) - set(TASK_FILE_KEYS))
     if unknown:
-        raise UserError(f"{path}: unknown key {unknown[0]!r}, allowed: {', '.join(TASK_FILE_KEYS)}")
+        raise TaskError(f"{path}: unknown key {unknown[0]!r}, allowed: {', '.join(TASK_FILE_KEYS)}")
     for key in ("prompts", "reward"):
         if not raw.get(key):
-            raise UserError(f"{path}: key {key!r} is required")
+            raise TaskError(f"{path}: key {key!r} is required")
     here = path.parent
 
     def local(text: str) -> str:
@@ -325,10 +310,10 @@ def load_task_file(path_text: str, name: str | None = None) -> Task:
     elif isinstance(prompts, dict) and all(isinstance(v, str) for v in prompts.values()):
         files = {str(s): here / p for s, p in prompts.items()}
     else:
-        raise UserError(f"{path}: key 'prompts' must be a file or a mapping of split to file")
+        raise TaskError(f"{path}: key 'prompts' must be a file or a mapping of split to file")
     metrics = raw.get("metrics") or {}
     if not isinstance(metrics, dict):
-        raise UserError(f"{path}: key 'metrics' must map metric names to module:function")
+        raise TaskError(f"{path}: key 'metrics' must map metric names to module:function")
     reward = per_sample(load_function(local(str(raw["reward"])), f"{path}: reward"))
     metric_fns = {
         str(k): per_sample(load_function(local(str(v)), f"{path}: metrics.{k}"))

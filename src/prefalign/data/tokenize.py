@@ -236,6 +236,15 @@ def tokenize_preference(
         prompt, cut_p = budget.cut_prompt(prompt, record)
         chosen, cut_c = budget.cut_response(prompt, chosen, record, "chosen")
         rejected, cut_r = budget.cut_response(prompt, rejected, record, "rejected")
+        if (cut_c or cut_r) and chosen == rejected:  # they differed only past the budget
+            raise DataError(
+                record.source,
+                record.line,
+                f"identical to 'chosen' once cut to max_length={budget.max_length} "
+                f"({len(prompt)} prompt + {len(chosen)} response tokens); raise max_length",
+                field="rejected",
+                reason="identical_after_truncation",
+            )
         return TokenizedPair(prompt, chosen, rejected, truncated=cut_p or cut_c or cut_r)
 
     return _check_rows(records, rows, skip_invalid, build)

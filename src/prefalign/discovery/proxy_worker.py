@@ -136,6 +136,7 @@ def toy_proxy(settings: dict[str, Any]) -> Callable[[GuardedObjective], tuple[fl
     from prefalign.discovery.fitness import score
     from prefalign.evaluation.core import evaluate_policy
     from prefalign.modeling import load_model, load_tokenizer
+    from prefalign.tasks import resolve_task
     from prefalign.training.preference import PreferenceConfig, run_preference
 
     proxy = settings["proxy"]
@@ -144,6 +145,7 @@ def toy_proxy(settings: dict[str, Any]) -> Callable[[GuardedObjective], tuple[fl
     tokenizer = load_tokenizer(policy_path)
     sft = load_model(policy_path, device="cpu")
     prompts = list(settings["prompts"])
+    task = resolve_task(settings["task"])  # its gold reward; prompts and policy are given
 
     def run(objective: GuardedObjective, key: str) -> tuple[float, dict]:
         name = f"candidate_{key}"
@@ -160,10 +162,11 @@ def toy_proxy(settings: dict[str, Any]) -> Callable[[GuardedObjective], tuple[fl
         # Candidates without a beta parameter take none; those with one get the proxy's.
         if registered.accepts("beta"):
             config.objective.params = {"beta": proxy["beta"]}
-        run_preference(config, log=lambda *_: None)
+        resolved = registered.resolve(config.objective.params)
+        run_preference(config, log=lambda *_: None, objective=resolved)
         policy = load_model(run_dir / "final", device="cpu")
         result = evaluate_policy(
-            policy, tokenizer, "sentiment", prompts, reference=sft,
+            policy, tokenizer, task, prompts, reference=sft,
             samples_per_prompt=proxy["samples_per_prompt"], seed=proxy["seed"],
         )  # fmt: skip
         fit = proxy["fitness"]

@@ -23,7 +23,7 @@ from prefalign.discovery.loop import run_discovery
 from prefalign.discovery.offline import OfflineProposer, baseline_codes
 from prefalign.discovery.proxy import ConfinedFitness, TrainingLimits
 from prefalign.discovery.sandbox import SandboxLimits
-from prefalign.toy.world import ToyWorld
+from prefalign.tasks import Task, resolve_task
 
 
 @dataclass
@@ -95,25 +95,26 @@ def make_proposer(spec: ProposerSpec, call_params: dict | None = None, log=print
 
 
 def proxy_settings(
-    config: DiscoverConfig, out_dir: Path, log=print, world: ToyWorld | None = None
+    config: DiscoverConfig, out_dir: Path, log=print, task: Task | None = None
 ) -> tuple[str, dict]:
     """(kind, settings) of the confined proxy training (`ConfinedFitness`). The toy proxy
-    trains the sentiment SFT policy; `world` defaults to the cached sentiment world."""
+    trains the task's policy on its preference pairs; `task` defaults to toy:<proxy.task>.
+    The worker resolves the task's gold reward by its name."""
     proxy = config.proxy
     if proxy.task == "synthetic":
         settings = {"kl_penalty": proxy.fitness.kl_penalty, "seed": proxy.seed, "threads": 1}
         return "synthetic", settings
-    from prefalign.toy.world import get_world
-
-    world = world or get_world("sentiment", log=log)
+    task = task or resolve_task(f"toy:{proxy.task}")
     return "toy", {
-        "proxy": asdict(proxy), "policy_path": str(world.policy_path),
-        "pairs_path": str(world.file("pairs.jsonl")),
-        "prompts": world.prompts("eval")[: proxy.n_eval_prompts], "out_dir": str(out_dir.resolve()),
+        "proxy": asdict(proxy), "task": task.name, "policy_path": str(task.policy_path()),
+        "pairs_path": str(task.file("pairs")),
+        "prompts": task.prompts("eval")[: proxy.n_eval_prompts], "out_dir": str(out_dir.resolve()),
     }
 
 
-def run_discover(config: DiscoverConfig, resume: bool = False, log=print, world: ToyWorld | None = None) -> Archive:
+def run_discover(
+    config: DiscoverConfig, resume: bool = False, log=print, task: Task | None = None
+) -> Archive:
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # The proposer first: a bad proposer config fails before any world is built or trained.
@@ -126,7 +127,7 @@ def run_discover(config: DiscoverConfig, resume: bool = False, log=print, world:
     training = TrainingLimits(
         timeout_s=box.train_timeout_s, cpu_s=box.train_cpu_s, memory_mb=box.train_memory_mb
     )
-    kind, settings = proxy_settings(config, out_dir, log=log, world=world)
+    kind, settings = proxy_settings(config, out_dir, log=log, task=task)
     # Every candidate trains in a confined worker, never in this process.
     with ConfinedFitness(kind, settings, training, cwd=out_dir) as raw:  # type: ignore[arg-type]
         fitness = FitnessCache(out_dir / "fitness_cache.json").wrap(raw, asdict(config.proxy))

@@ -7,13 +7,18 @@ after the model has loaded, with a message that names no config key.
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from prefalign.errors import UserError
-from prefalign.objectives.registry import Objective
+
+if TYPE_CHECKING:  # the registry calls check_params when it resolves an objective
+    from prefalign.objectives.registry import Objective
 
 
-def check_params(objective: Objective, params: dict[str, Any], key: str = "objective.params") -> dict[str, Any]:
+def check_params(
+    objective: Objective, params: Mapping[str, Any], key: str = "objective.params"
+) -> dict[str, Any]:
     """`params` checked against `objective`'s signature and defaults; returns them with numbers
     given as strings (YAML 1.1 reads `1e-3` as one) made floats. Raises a `UserError` naming
     `key.name` for an unknown name or a value whose kind does not match its default."""
