@@ -23,6 +23,7 @@ from prefalign.discovery.loop import run_discovery
 from prefalign.discovery.offline import OfflineProposer, baseline_codes
 from prefalign.discovery.proxy import ConfinedFitness, TrainingLimits
 from prefalign.discovery.sandbox import SandboxLimits
+from prefalign.manifest import write_manifest
 from prefalign.tasks import Task, resolve_task
 
 
@@ -117,6 +118,7 @@ def run_discover(
 ) -> Archive:
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    write_manifest(out_dir, "discover")
     # The proposer first: a bad proposer config fails before any world is built or trained.
     # How the fitness calls a candidate: the toy proxy passes its beta to those that take one;
     # the synthetic proxy uses the candidate's defaults.

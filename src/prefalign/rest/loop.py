@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from prefalign import tasks
+from prefalign.manifest import write_manifest
 from prefalign.modeling import ModelSpec, load_model, load_tokenizer, resolve_device
 from prefalign.rest.evaluate import EvalSpec, HeldOutEval
 from prefalign.rest.filtering import normalized_scores, select, threshold_list
@@ -88,6 +89,7 @@ def run_rest(config: RestConfig, resume: bool = False, log=print, on_record: Cal
     n_improve = spec.steps_per_grow
     thresholds = threshold_list(n_improve * (config.grow_steps if spec.schedule_scope == "run" else 1), spec.thresholds, spec.schedule)
     state = RunState.open(out, asdict(config), resume, log)
+    write_manifest(out, "rest")
     base = resolve_model_path(config.model.name_or_path)
     device = str(resolve_device(config.model.device))
     tokenizer = load_tokenizer(base)

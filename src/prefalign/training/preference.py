@@ -17,6 +17,7 @@ import torch
 from prefalign import objectives
 from prefalign.data.tokenize import TruncationSettings
 from prefalign.logprobs import SequenceLogps, sequence_logps
+from prefalign.manifest import write_manifest
 from prefalign.modeling import ModelSpec, load_model, load_tokenizer
 from prefalign.reference import ReferencePolicy, ReferenceSpec, make_reference
 from prefalign.shared_prompt import pair_logps
@@ -171,6 +172,7 @@ def run_preference(
         raise ValueError("config key 'data.path' is required")
     if objective.needs_reference and config.reference.mode == "none":
         raise ValueError(f"objective '{objective.name}' needs a reference policy; reference.mode 'none' is for reference-free objectives")
+    write_manifest(config.trainer.out_dir, "train")
     tokenizer = load_tokenizer(config.model.name_or_path)
     trunc = dict(**config.data.limits(), skip_invalid=config.data.skip_invalid)
     unpaired = objective.kind == "unpaired"

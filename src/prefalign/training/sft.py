@@ -10,6 +10,7 @@ from transformers import PreTrainedTokenizerBase
 
 from prefalign.data.tokenize import TruncationSettings
 from prefalign.logprobs import collate_prompt_response, nll_loss
+from prefalign.manifest import write_manifest
 from prefalign.modeling import ModelSpec, load_model, load_tokenizer
 from prefalign.training.loop import Trainer, TrainerConfig, TrainResult
 
@@ -62,6 +63,7 @@ def run_sft(config: SFTConfig, resume: bool = False) -> TrainResult:
     """`prefalign sft`: load model, tokenizer and data from the config and train."""
     from prefalign.data import load_sft_data, tokenize_sft
 
+    write_manifest(config.trainer.out_dir, "sft")
     tokenizer = load_tokenizer(config.model.name_or_path)
     model = load_model(
         config.model.name_or_path,
