@@ -58,6 +58,8 @@ from prefalign.rest.improve import (
 )
 from prefalign.rest.rewards import RewardSpec, gold_reward, load_reward
 from prefalign.rest.state import RunState
+from prefalign.training.checkpoint import keep_final
+from prefalign.training.loop import seed_everything
 
 
 @dataclass
@@ -156,7 +158,9 @@ def run_rest(config: RestConfig, resume: bool = False, log=print, on_record: Cal
             record["eval"] = evaluate(load_policy(record["model"]))
             record["seconds_eval"] = round(time.perf_counter() - t0, 3)
             finish(record)
-            # The step is recorded: its optimizer checkpoints are no longer needed, final/ stays.
+            # The step is recorded: its optimizer checkpoints are no longer needed, final/ stays
+            # (moved out of the newest checkpoint it links to).
+            keep_final(step_dir)
             shutil.rmtree(step_dir / "checkpoints", ignore_errors=True)
             policy_path, policy_name = record["model"], f"g{g}.i{i}"
 
@@ -193,6 +197,7 @@ def improve_step(
     if len(data) < (2 if data.kind == "unpaired" else 1):
         log(f"[rest] improve {g}.{i}: nothing to train on at threshold {threshold}; the policy stays {start}")
         return {**record, "model": start, "skipped": True, "train_steps": 0}
+    seed_everything(seed)  # the step's seed decides a fresh LoRA adapter's init
     model = load_model(start, dtype=config.model.dtype, device="cpu", lora=config.model.lora,
                        gradient_checkpointing=config.model.gradient_checkpointing)  # the Trainer places it
     trainer_config = replace(spec.trainer, out_dir=str(step_dir), seed=seed, lr=lr)
