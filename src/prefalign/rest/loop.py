@@ -7,9 +7,11 @@ Read it top to bottom:
         sample N responses per prompt from the current policy,
         score them, write grown/grow_GGG.jsonl                   -> record "grow-g"
         for each Improve step i (threshold rising):
-            keep the pool's samples above threshold_i (raw or percentile scores, capped per prompt)
-            fine-tune with bc | reward_weighted | any objective, from the current policy
-            (or from the base model: ReST-EM), into improve/gGGG_iII/final
+            keep the pool's samples above threshold_i (raw, [0, 1]-scaled or percentile
+            scores, above an optional raw floor, capped per prompt)
+            fine-tune with bc | reward_weighted | any objective (+ the original SFT data), at
+            lr * lr_decay**i, from the current policy (or from the base model: ReST-EM),
+            into improve/gGGG_iII/final
             evaluate on held-out prompts: gold reward, training reward, KL to the initial policy
                                                                  -> record "improve-g-i"
     plot the records over the steps                              -> steps.png
@@ -58,6 +60,8 @@ from prefalign.rest.improve import (
 )
 from prefalign.rest.rewards import RewardSpec, gold_reward, load_reward
 from prefalign.rest.state import RunState
+from prefalign.training.checkpoint import keep_final
+from prefalign.training.loop import seed_everything
 
 
 @dataclass
@@ -156,7 +160,9 @@ def run_rest(config: RestConfig, resume: bool = False, log=print, on_record: Cal
             record["eval"] = evaluate(load_policy(record["model"]))
             record["seconds_eval"] = round(time.perf_counter() - t0, 3)
             finish(record)
-            # The step is recorded: its optimizer checkpoints are no longer needed, final/ stays.
+            # The step is recorded: its optimizer checkpoints are no longer needed, final/ stays
+            # (moved out of the newest checkpoint it links to).
+            keep_final(step_dir)
             shutil.rmtree(step_dir / "checkpoints", ignore_errors=True)
             policy_path, policy_name = record["model"], f"g{g}.i{i}"
 
@@ -182,7 +188,8 @@ def improve_step(
     dedup = [tuple(s.response_ids) for s in pool] if spec.dedup else None
     kept = select(scores, groups, threshold, spec.max_per_prompt, seed=seed, dedup_keys=dedup,
                   rewards=[s.reward for s in pool], min_reward=spec.min_reward)
-    data = build_data(loss, pool, kept, scores, threshold, spec.max_per_prompt, seed=seed)
+    data = build_data(loss, pool, kept, scores, threshold, spec.max_per_prompt, seed=seed,
+                      min_reward=spec.min_reward)
     data = with_original(data, original)
     record = {
         "kind": "improve", "grow": g, "improve": i, "threshold": threshold, "normalize": spec.normalize,
@@ -193,6 +200,7 @@ def improve_step(
     if len(data) < (2 if data.kind == "unpaired" else 1):
         log(f"[rest] improve {g}.{i}: nothing to train on at threshold {threshold}; the policy stays {start}")
         return {**record, "model": start, "skipped": True, "train_steps": 0}
+    seed_everything(seed)  # the step's seed decides a fresh LoRA adapter's init
     model = load_model(start, dtype=config.model.dtype, device="cpu", lora=config.model.lora,
                        gradient_checkpointing=config.model.gradient_checkpointing)  # the Trainer places it
     trainer_config = replace(spec.trainer, out_dir=str(step_dir), seed=seed, lr=lr)

@@ -182,7 +182,7 @@ def train_reward_model(config: RewardModelConfig, resume: bool = False, log=prin
     trainer = Trainer(
         model,
         config.trainer,
-        n_examples=len(train_pairs),
+        [p.length for p in train_pairs],
         run_config=asdict(config),
         tokenizer=tokenizer,
     )
@@ -200,7 +200,6 @@ def train_reward_model(config: RewardModelConfig, resume: bool = False, log=prin
         )
 
     result = trainer.fit(
-        [p.length for p in train_pairs],
         lambda idx: collate_pairs([train_pairs[i] for i in idx], pad),
         bt_loss_fn,
         evaluate=evaluate,
