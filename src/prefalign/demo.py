@@ -143,24 +143,44 @@ def methods_for(task: str, quick: bool = False) -> dict[str, MethodFn]:
 
 
 def run_demo(
-    out_dir: Path, quick: bool = False, tasks: list[str] | None = None, log=print, worlds: dict[str, ToyWorld] | None = None
+    out_dir: Path, quick: bool = False, tasks: list[str] | None = None, log=print, worlds: dict[str, ToyWorld] | None = None,
+    world: str = "toy", full_finetune: bool = False,
 ) -> dict:
-    """Run every row of every task; `worlds` replaces the default cached toy worlds (tests use mini ones)."""
+    """Run every row of every task; `worlds` replaces the default cached toy worlds (tests use mini ones).
+
+    `world="smollm2"` runs the rows on SmolLM2-135M-Instruct (prefalign.smol.demo), LoRA by
+    default or every weight with `full_finetune`; the results have the same shape.
+    """
     started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
-    settings = DemoSettings.make(quick, out_dir)
-    results: dict = {"seconds": 0.0, "quick": quick, "tasks": {}}
+    if world == "smollm2":
+        from prefalign.smol import demo as smol_demo
+        from prefalign.smol.world import get_smol_world
+
+        settings = smol_demo.SmolDemoSettings.make(quick, out_dir, full_finetune=full_finetune)
+        get, rows_for = get_smol_world, smol_demo.methods_for
+    elif world == "toy":
+        settings, get, rows_for = DemoSettings.make(quick, out_dir), get_world, methods_for
+    else:
+        raise ValueError(f"unknown demo world {world!r}, allowed: toy, smollm2")
+    results: dict = {"seconds": 0.0, "quick": quick, "world": world, "tasks": {}}
     for task in tasks or ["sentiment", "arith"]:
-        world = (worlds or {}).get(task) or get_world(task, log=log)
+        t0 = time.perf_counter()
+        task_world = (worlds or {}).get(task) or get(task, log=log)
         task_rows: dict[str, dict] = {}
-        results["tasks"][task] = {"world": str(world.root), "build": world.info()["figures"], "methods": task_rows}
-        for name, method in methods_for(task, quick).items():
+        results["tasks"][task] = {
+            "world": str(task_world.root), "build": task_world.info()["figures"], "methods": task_rows,
+            "world_seconds": round(time.perf_counter() - t0, 1),  # building it, or finding it cached
+        }
+        for name, method in rows_for(task, quick).items():
             t0 = time.perf_counter()
             log(f"[{task}] {name} ...")
-            row = method(world, settings)
+            row = method(task_world, settings)
             row["seconds"] = round(time.perf_counter() - t0, 1)
             task_rows[name] = row
-            log(f"[{task}] {name}: " + format_row(row))
+            log(f"[{task}] {name}: " + format_row(row) + f" ({row['seconds']:.0f}s)")
+            # Kept row by row: an interrupted long run still leaves every finished row.
+            (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     results["seconds"] = round(time.perf_counter() - started, 1)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     from prefalign.evaluation.report import write_demo_report
