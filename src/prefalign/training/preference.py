@@ -131,8 +131,7 @@ def unpaired_loss_fn(objective: objectives.Resolved, reference: ReferencePolicy,
         kl_ref = reference.logps(*kl_inputs).sum
         z0 = objectives.kto_kl_reference_point(kl_policy, kl_ref)
         z0 = accelerator.reduce(z0.detach().reshape(1), reduction="mean")[0]
-        zero = torch.zeros(1, device=z0.device)
-        losses = objective.loss(policy, ref, batch["labels"], z0.expand(1), zero)
+        losses = objective.loss(policy, ref, batch["labels"], z0)
         beta = objective.reward_scale
         labels = batch["labels"]
         rewards = beta * (policy - ref).detach()
