@@ -175,6 +175,19 @@ def test_rest_paper_options(files, tiny_llama_dir, tmp_path):
         run_rest(config(files, tiny_llama_dir, tmp_path / "bad", "improve.lr_decay=0"))
 
 
+def test_a_user_loss_file_is_imported_once_per_run(files, tiny_llama_dir, tmp_path):
+    loss = tmp_path / "counted.py"
+    loss.write_text(
+        f"open({str(tmp_path / 'imports')!r}, 'a').write('x')\n\n"
+        "def margin(pc, pr, rc, rr, beta=0.5):\n"
+        "    return (1 - beta * ((pc - rc) - (pr - rr))).clamp(min=0)\n"
+    )
+    extra = ("grow_steps=2", f"improve.loss={loss}:margin", "improve.thresholds=[0.0, 0.3]")
+    run_rest(config(files, tiny_llama_dir, tmp_path / "out", *extra), log=lambda *_: None)
+    # 14 imports before objectives were resolved once per run (check, data, reference, loss).
+    assert (tmp_path / "imports").read_text() == "x"
+
+
 @pytest.mark.parametrize(
     "extra,error,match",
     [(["improve.loss=dpoo"], ValueError, "improve.loss"), (["improve.thresholds=[0.1]"], ValueError, "one per step"),

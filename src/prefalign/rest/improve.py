@@ -240,16 +240,16 @@ def improve(
     `spec.objective_params`); `resume` continues from the step's own checkpoint."""
     loss = resolve_loss(spec.loss if loss is None else loss, spec.objective_params)
     trainer_config = fit_batch(trainer_config, len(data), data.kind)
-    trainer = Trainer(model, trainer_config, n_examples=len(data), run_config=run_config, tokenizer=tokenizer)
+    trainer = Trainer(model, trainer_config, data.lengths, run_config=run_config, tokenizer=tokenizer)
     # Built after prepare() so a full-copy reference lands on the training device.
     reference = make_reference(trainer.model, reference_spec(loss, spec.reference))
+    trainer.extra_state = reference
     loss_fn = make_loss_fn(loss, reference, trainer.accelerator)
     if resume:
-        trainer.resume(extra_state=reference)
+        trainer.resume()
     pad = tokenizer.pad_token_id
     result = trainer.fit(
-        data.lengths, lambda idx: data.collate(idx, pad), loss_fn,
-        after_step=reference.after_optimizer_step, extra_state=reference,
+        lambda idx: data.collate(idx, pad), loss_fn, after_step=reference.after_optimizer_step,
         group_by_length=data.kind != "unpaired",  # KTO's KL point uses the batch's own mismatched pairs
     )
     trainer.end()

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from prefalign import tasks
+from prefalign.manifest import write_manifest
 from prefalign.modeling import ModelSpec, load_model, load_tokenizer, resolve_device
 from prefalign.rest.evaluate import EvalSpec, HeldOutEval
 from prefalign.rest.filtering import normalized_scores, select, threshold_list
@@ -57,6 +58,8 @@ from prefalign.rest.improve import (
 )
 from prefalign.rest.rewards import RewardSpec, gold_reward, load_reward
 from prefalign.rest.state import RunState
+from prefalign.training.checkpoint import keep_final
+from prefalign.training.loop import seed_everything
 
 
 @dataclass
@@ -88,6 +91,7 @@ def run_rest(config: RestConfig, resume: bool = False, log=print, on_record: Cal
     n_improve = spec.steps_per_grow
     thresholds = threshold_list(n_improve * (config.grow_steps if spec.schedule_scope == "run" else 1), spec.thresholds, spec.schedule)
     state = RunState.open(out, asdict(config), resume, log)
+    write_manifest(out, "rest")
     base = resolve_model_path(config.model.name_or_path)
     device = str(resolve_device(config.model.device))
     tokenizer = load_tokenizer(base)
@@ -154,7 +158,9 @@ def run_rest(config: RestConfig, resume: bool = False, log=print, on_record: Cal
             record["eval"] = evaluate(load_policy(record["model"]))
             record["seconds_eval"] = round(time.perf_counter() - t0, 3)
             finish(record)
-            # The step is recorded: its optimizer checkpoints are no longer needed, final/ stays.
+            # The step is recorded: its optimizer checkpoints are no longer needed, final/ stays
+            # (moved out of the newest checkpoint it links to).
+            keep_final(step_dir)
             shutil.rmtree(step_dir / "checkpoints", ignore_errors=True)
             policy_path, policy_name = record["model"], f"g{g}.i{i}"
 
@@ -191,6 +197,7 @@ def improve_step(
     if len(data) < (2 if data.kind == "unpaired" else 1):
         log(f"[rest] improve {g}.{i}: nothing to train on at threshold {threshold}; the policy stays {start}")
         return {**record, "model": start, "skipped": True, "train_steps": 0}
+    seed_everything(seed)  # the step's seed decides a fresh LoRA adapter's init
     model = load_model(start, dtype=config.model.dtype, device="cpu", lora=config.model.lora,
                        gradient_checkpointing=config.model.gradient_checkpointing)  # the Trainer places it
     trainer_config = replace(spec.trainer, out_dir=str(step_dir), seed=seed, lr=lr)

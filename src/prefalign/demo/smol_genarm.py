@@ -38,9 +38,9 @@ def fit_lora_arm(world, settings, pairs: Path, eval_pairs: Path | None, out: Pat
 
 
 def method_genarm(world, settings, log=print) -> dict:
+    from prefalign.demo.genarm import accuracy_change, frozen, measure, run_args, run_best_of_n
     from prefalign.genarm.arm import concise_pairs
     from prefalign.genarm.decoding import Arm, SampledLogps, guided_generate
-    from prefalign.genarm.demo import accuracy_change, frozen, measure, run_args, run_best_of_n
     from prefalign.modeling import load_model, load_tokenizer
     from prefalign.reward_models.reader import load_reward_model
     from prefalign.reward_models.train import RewardModelConfig, train_reward_model

