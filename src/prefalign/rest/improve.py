@@ -125,9 +125,10 @@ class ImproveData:
 def build_data(
     loss: Loss, pool: Sequence[GrownSample], kept: Sequence[int], scores: Sequence[float],
     threshold: float,
-    max_per_prompt: int = 0, seed: int = 0,
+    max_per_prompt: int = 0, seed: int = 0, min_reward: float | None = None,
 ) -> ImproveData:
-    """The training set of one Improve step from the grown pool and the indices it keeps."""
+    """The training set of one Improve step from the grown pool and the indices it keeps.
+    KTO's undesirable samples are those that failed: at or below the threshold or the floor."""
     objective = resolve_loss(loss)
     if isinstance(objective, str):
         weights = [1.0] * len(kept)
@@ -140,7 +141,10 @@ def build_data(
     for i, s in enumerate(pool):
         by_prompt[s.prompt_index].append(i)
     if objective.kind == "unpaired":
-        return ImproveData("unpaired", unpaired_examples(pool, kept, scores, threshold, by_prompt, max_per_prompt, rng))
+        failed = [s <= threshold or (min_reward is not None and p.reward <= min_reward)
+                  for s, p in zip(scores, pool, strict=True)]
+        rows = unpaired_examples(pool, kept, failed, by_prompt, max_per_prompt, rng)
+        return ImproveData("unpaired", rows)
     return ImproveData("pairs", better_worse_pairs(pool, kept, by_prompt, rng))
 
 
@@ -179,12 +183,14 @@ def better_worse_pairs(pool, kept, by_prompt, rng: random.Random) -> list[Tokeni
     return pairs
 
 
-def unpaired_examples(pool, kept, scores, threshold, by_prompt, max_per_prompt, rng) -> list[TokenizedUnpaired]:
-    """Kept samples as desirable; samples at or below the threshold as undesirable, at most as many
-    per prompt as the cap allows (the prompt's number of samples when there is no cap)."""
+def unpaired_examples(
+    pool, kept, failed, by_prompt, max_per_prompt, rng
+) -> list[TokenizedUnpaired]:
+    """Kept samples as desirable; failed samples as undesirable, at most as many per prompt as
+    the cap allows (the prompt's number of samples when there is no cap)."""
     rows = [TokenizedUnpaired(pool[i].prompt_ids, pool[i].response_ids, True) for i in kept]
     for members in by_prompt.values():
-        below = [j for j in members if scores[j] <= threshold]
+        below = [j for j in members if failed[j]]
         rng.shuffle(below)
         rows += [TokenizedUnpaired(pool[j].prompt_ids, pool[j].response_ids, False) for j in below[: max_per_prompt or len(below)]]
     rng.shuffle(rows)  # KTO's KL point is estimated inside each batch: mix the labels
