@@ -426,6 +426,12 @@ def _soft_adapter_config(config, spec: ReferenceSpec):
     return config
 
 
+def _is_sharded(tensor: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
 def _lora_factors(model: torch.nn.Module, adapter: str) -> list[tuple[torch.Tensor, ...]]:
     """(A_ref, B_ref, A, B) weights of every LoRA linear layer, the reference's scale set to the
     policy's exactly (peft would recompute it from the config as alpha / r)."""
@@ -434,6 +440,11 @@ def _lora_factors(model: torch.nn.Module, adapter: str) -> list[tuple[torch.Tens
         if adapter in getattr(module, "lora_embedding_A", {}):
             raise NotImplementedError("reference.mode 'soft' does not support LoRA on embeddings yet")
         module.scaling[REFERENCE_ADAPTER] = module.scaling[adapter]
+        if any(_is_sharded(w) for w in (module.lora_A[adapter].weight, module.lora_B[adapter].weight)):
+            raise NotImplementedError(
+                "reference.mode 'soft' mixes whole LoRA factors (QR and SVD); under FSDP they are "
+                "sharded: use mode 'hard' or 'frozen', or data parallel for a LoRA policy"
+            )
         groups.append((
             module.lora_A[REFERENCE_ADAPTER].weight, module.lora_B[REFERENCE_ADAPTER].weight,
             module.lora_A[adapter].weight, module.lora_B[adapter].weight,
