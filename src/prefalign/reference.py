@@ -4,13 +4,15 @@ Two storage layouts:
 
 - Full model: the reference is a deep copy of the policy (eval mode, no grads).
 - LoRA (the policy is a peft model): the reference is a second adapter named "reference" on the
-  same frozen base, so it costs adapter-sized memory. A frozen LoRA reference is the base model
-  itself: the forward pass runs with adapters disabled and nothing is stored.
+  same frozen base, so it costs adapter-sized memory. A frozen LoRA reference is the initial
+  policy: the base model with adapters disabled while the starting adapter is still the
+  identity (B = 0), a copy of the starting adapter when training starts from a trained one.
 
 Updates (`theta_ref <- alpha*theta + (1-alpha)*theta_ref` every `period` steps, or
 `theta_ref <- theta` every `tau` steps) run as one fused `torch._foreach_*` call per
 (device, dtype) group over tensor lists built once at construction: no Python loop over
-parameters on the hot path.
+parameters on the hot path. A LoRA soft update mixes the adapters' weight updates B@A, not
+their factors (`prefalign.lora_mix`): one batched QR and SVD per layer shape.
 
 Build the reference after the policy is on its final device and dtype: the reference keeps
 handles to the policy's parameters and the full copy is made where the policy lives.
