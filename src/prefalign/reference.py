@@ -71,6 +71,9 @@ class _TensorPairs:
     def __init__(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         groups: dict[tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         for ref, pol in pairs:
+            # Sharded (DTensor) parameters: update this process's shards in place, a purely
+            # local operation, as policy and reference are sharded alike.
+            ref, pol = _local(ref), _local(pol)
             if ref.shape != pol.shape or ref.dtype != pol.dtype or ref.device != pol.device:
                 raise ValueError(
                     f"reference/policy tensor mismatch: {tuple(ref.shape)} {ref.dtype} {ref.device} "
@@ -92,6 +95,11 @@ class _TensorPairs:
     def copy_(self) -> None:
         for refs, pols in self.groups:
             torch._foreach_copy_(refs, pols)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a DTensor (a view of its storage); a plain tensor as it is."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 @contextlib.contextmanager
@@ -137,6 +145,10 @@ class ReferencePolicy:
             self._pairs().copy_()
             return True
         return False
+
+    def rebind(self, policy: torch.nn.Module) -> None:
+        """Pair the reference with the policy's parameters again after both were replaced in
+        place (sharded by FSDP2): updates then run on the new (local-shard) tensors."""
 
     def state_dict(self) -> dict:
         """Checkpoint state; tensors are live views (save or clone before training on)."""
@@ -198,6 +210,10 @@ class FullReference(ReferencePolicy):
         if spec.mode in ("soft", "hard"):
             self._tensor_pairs = _TensorPairs(_full_pairs(self.model, policy))
 
+    def rebind(self, policy: torch.nn.Module) -> None:
+        if self._tensor_pairs is not None:
+            self._tensor_pairs = _TensorPairs(_full_pairs(self.model, unwrap(policy)))
+
     def _score(self, fn):
         return fn(self.model)
 
@@ -238,15 +254,22 @@ class LoraReference(ReferencePolicy):
             raise ValueError(f"the policy already has an adapter named {REFERENCE_ADAPTER!r}")
         config = copy.deepcopy(self.model.peft_config[self.policy_adapter])
         self.model.add_adapter(REFERENCE_ADAPTER, config)
+        self._bind()
+        self._tensor_pairs.copy_()
+
+    def _bind(self) -> None:
         pairs = _adapter_pairs(self.model, self.policy_adapter)
         self._ref_names = [name for name, _ in pairs]
         self._ref_params = [ref for _, (ref, _) in pairs]
         for p in self._ref_params:
             p.requires_grad_(False)
         self._tensor_pairs = _TensorPairs([pair for _, pair in pairs])
-        self._tensor_pairs.copy_()
         # Flags to put back after peft's set_adapter, which flips requires_grad between adapters.
         self._adapter_params = self._ref_params + [pol for _, (_, pol) in pairs]
+
+    def rebind(self, policy: torch.nn.Module) -> None:
+        if self._tensor_pairs is not None:
+            self._bind()
 
     def _score(self, fn):
         with _eval_mode(self.model):

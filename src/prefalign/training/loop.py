@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from prefalign.io import append_jsonl, atomic_write, flatten
+from prefalign.training.fsdp import full_state_dict, is_sharded, local_norm_to_float
 
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
@@ -53,6 +54,9 @@ class TrainerConfig:
     keep_checkpoints: int = 2
     eval_every: int = 0  # 0: evaluate only at the end (when an evaluator is given)
     report_to: list[str] = field(default_factory=list)  # tensorboard, wandb, mlflow
+    # Shard parameters, gradients and optimizer state over the processes (FSDP2) instead of
+    # replicating them (DDP); the caller shards the model (prefalign.training.fsdp.shard).
+    fsdp: bool = False
     progress: bool = True
 
 
@@ -117,14 +121,18 @@ class Trainer:
             )
         self.total_steps = config.max_steps or max(1, math.ceil(per_epoch * config.epochs))
         params = [p for p in model.parameters() if p.requires_grad]
+        self.sharded = is_sharded(model)
         optimizer = torch.optim.AdamW(
             params, lr=config.lr, weight_decay=config.weight_decay,
             betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
             # One kernel over all parameters (transformers' default optimizer too) where the
             # device has it; the multi-tensor foreach path otherwise.
-            fused=True if fused_adamw_supported(params) else None,
+            fused=True if fused_adamw_supported(params) and not self.sharded else None,
         )
-        self.model, self.optimizer = acc.prepare(model, optimizer)
+        if self.sharded:  # FSDP2 already distributes the model: no DDP wrapper on top
+            self.model, self.optimizer = model, optimizer
+        else:
+            self.model, self.optimizer = acc.prepare(model, optimizer)
         name = {"constant": "constant_with_warmup"}.get(config.schedule, config.schedule)
         from transformers import get_scheduler  # 4 s of imports: not paid by a config error
 
@@ -193,7 +201,7 @@ class Trainer:
                 after_step(self.step)
             record = self._reduce(sums)
             if grad_norm is not None:
-                record["grad_norm"] = float(grad_norm)
+                record["grad_norm"] = local_norm_to_float(grad_norm)
             record["lr"] = self.scheduler.get_last_lr()[0]
             record["examples_per_s"] = seen / (time.perf_counter() - start)
             bar.update(1)
@@ -235,18 +243,23 @@ class Trainer:
         root = self.out_dir / "checkpoints"
         final = root / f"step-{self.step}"
         tmp = root / f".tmp-step-{self.step}"
+        # Sharded weights are gathered by every process together; only the main one keeps them.
+        state = full_state_dict(self.model) if self.sharded else None
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             model = self.unwrapped
-            model.save_pretrained(tmp / "model", safe_serialization=True)
+            model.save_pretrained(tmp / "model", safe_serialization=True, state_dict=state)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(tmp / "model")
-            trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+            trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+            source = {n: state[n] for n, _ in trained} if state is not None else dict(trained)
+            trainable = {n: t.detach().cpu().contiguous() for n, t in source.items()}
             save_file(trainable, tmp / "trainable.safetensors")
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            if not self.sharded:  # sharded optimizer and reference states: not saved (no resume)
+                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
-            if extra_state is not None:
+            if extra_state is not None and not self.sharded:
                 torch.save(extra_state.state_dict(), tmp / "extra_state.pt")
             (tmp / "state.json").write_text(json.dumps({"step": self.step, "num_processes": acc.num_processes}))
         acc.wait_for_everyone()
@@ -268,6 +281,11 @@ class Trainer:
         if not found:
             return False
         step, path = found[-1]
+        if self.sharded:
+            raise NotImplementedError(
+                f"resuming an FSDP2 run is not implemented ({path}): its sharded optimizer and "
+                "reference states are not checkpointed; start a new run from the saved model"
+            )
         state = json.loads((path / "state.json").read_text())
         if state["num_processes"] != self.accelerator.num_processes:
             raise ValueError(

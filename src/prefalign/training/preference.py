@@ -26,7 +26,7 @@ from prefalign.training.forward import (
     pair_collator,
     use_shared_prompt,
 )
-from prefalign.training.loop import Trainer, TrainerConfig, TrainResult
+from prefalign.training.loop import Trainer, TrainerConfig, TrainResult, make_accelerator
 
 
 @dataclass
@@ -183,10 +183,22 @@ def run_preference(config: PreferenceConfig, resume: bool = False, log=print) ->
         config.model.name_or_path, dtype=config.model.dtype, device="cpu",
         lora=config.model.lora, gradient_checkpointing=config.model.gradient_checkpointing,
     )
-    trainer = Trainer(model, config.trainer, n_examples=len(examples), run_config=asdict(config), tokenizer=tokenizer)
-    # Built after prepare() so a full-copy reference lands on the training device.
     ref_spec = config.reference if objective.needs_reference else ReferenceSpec(mode="none")
-    reference = make_reference(trainer.model, ref_spec)
+    run = dict(n_examples=len(examples), run_config=asdict(config), tokenizer=tokenizer)
+    if config.trainer.fsdp:
+        from prefalign.training.fsdp import local_fraction, shard_with_reference
+
+        accelerator = make_accelerator(config.trainer)  # the process group sharding needs
+        # Made before sharding, so its copy (or adapter) is sharded like the policy.
+        reference = make_reference(model, ref_spec)
+        shard_with_reference(model, reference)
+        local, total = local_fraction(model)
+        log(f"FSDP2: {local} of {total} parameter elements on process {accelerator.process_index}")
+        trainer = Trainer(model, config.trainer, accelerator=accelerator, **run)
+    else:
+        trainer = Trainer(model, config.trainer, **run)
+        # Built after prepare() so a full-copy reference lands on the training device.
+        reference = make_reference(trainer.model, ref_spec)
     params = dict(config.objective.params)
     pad = tokenizer.pad_token_id
     if unpaired:
