@@ -78,6 +78,10 @@ class Case:
     tokenizer: str | None = "plain"
     stage: str = "load"  # "tokenize": the rows load, tokenization rejects one
     options: dict = field(default_factory=dict)
+    # The same problem through the command line, where `options` must make a valid config:
+    # overrides for it, and the message expected then (default: `expected`).
+    cli: tuple[str, ...] = ()
+    cli_expected: str | None = None
 
     def file_content(self) -> bytes:
         if self.content is not None:
@@ -261,6 +265,50 @@ CASES = {
         stage="tokenize",
         bad=row(prompt="one two three four five six seven", chosen="a", rejected="b"),
         options={"max_length": 5, "max_prompt_length": 5},
+        cli=("data.max_length=5", "data.max_prompt_length=null"),
+        cli_expected="data.jsonl:2: field 'prompt': 8 prompt tokens leave no room for the "
+        "response within max_length=5",
+    ),
+    "identical_after_truncation": Case(
+        "data.jsonl:2: field 'rejected': identical to 'chosen' once cut to max_length=4 "
+        "(2 prompt + 2 response tokens); raise max_length",
+        "identical_after_truncation",
+        stage="tokenize",
+        bad=row(prompt="one", chosen="two three four", rejected="two three five"),
+        options={"max_length": 4, "max_prompt_length": 2},
+        cli=("data.max_length=4", "data.max_prompt_length=2"),
+    ),
+    "unknown_role": Case(
+        "data.jsonl:2: field 'prompt[0]': unknown role 'human'; allowed: system, developer, "
+        "user, assistant, tool (ShareGPT's 'human' is 'user')",
+        "bad_role",
+        tokenizer="chat",
+        bad=row(
+            prompt=[{"role": "human", "content": "hi"}],
+            chosen=ASSISTANT,
+            rejected=[{"role": "assistant", "content": "no"}],
+        ),
+    ),
+    "lone_surrogate": Case(
+        "data.jsonl:2: string holds a lone UTF-16 surrogate (\\ud800), which is not text",
+        "bad_string",
+        bad='{"prompt": "p", "chosen": "a\\ud800", "rejected": "b"}',
+    ),
+    "lone_surrogate_json_file": Case(
+        "data.json:row 2: string holds a lone UTF-16 surrogate (\\udfff)",
+        "bad_string",
+        file="data.json",
+        content='[' + PAIR + ', {"prompt": "p", "chosen": "\\udfff", "rejected": "b"}]',
+    ),
+    "deeply_nested_line": Case(
+        "data.jsonl:2: JSON nested deeper than 64 levels",
+        "too_deep",
+        bad='{"prompt": ' + "[" * 50_000 + "]" * 50_000 + ', "chosen": "a", "rejected": "b"}',
+    ),
+    "five_thousand_digit_number": Case(
+        "data.jsonl:2: number too long to read (Exceeds the limit (4300 digits)",
+        "bad_number",
+        bad='{"prompt": "p", "chosen": ' + "7" * 5000 + ', "rejected": "b"}',
     ),
     # --- whole-file problems: nothing to skip, so skip_invalid still raises
     "empty_file": Case("data.jsonl: empty file: no records", None, content=""),
@@ -310,6 +358,12 @@ CASES = {
         kind="unpaired",
         file="data.csv",
         content="prompt,completion\np,a\n",
+    ),
+    "deeply_nested_json_file": Case(
+        "data.json: JSON nested deeper than 64 levels",
+        None,
+        file="data.json",
+        content="[" * 100_000 + "]" * 100_000,
     ),
     "unknown_file_type": Case(
         "data.txt: unknown file type '.txt'", None, file="data.txt", content=PAIR

@@ -3,13 +3,20 @@ traceback. Every case fails before a model is built or a step is trained."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
+from conftest import tiny_llama_config
+from test_bad_inputs import CASES as DATA_CASES
+from test_bad_inputs import TOKENIZERS
+from transformers import LlamaForCausalLM
 
 from prefalign.cli import main
 
@@ -140,3 +147,309 @@ def test_console_script_unknown_key_exits_2_with_one_line(tmp_path):
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("prefalign sft: error: unknown config key 'trainer.lrr', allowed keys in trainer: ")
+
+
+# --- the catalogue: bad inputs through the whole command --------------------------------------
+# Every case runs `prefalign train` (or `sft`) in-process against a real tiny model and must end
+# with exit code 2, one line on stderr naming the file (and line and field) or the config key,
+# no traceback, and nothing trained: no checkpoint, no final model, no metrics.
+
+ALIAS_BOMB = """objective:
+  params:
+    a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]
+    b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]
+    c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]
+    d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]
+    e: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]
+    f: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]
+"""
+OVERRIDE_BOMB = "[&a [1,1,1,1,1,1,1,1,1,1], &b [*a,*a,*a,*a,*a,*a,*a,*a,*a,*a], " + (
+    "&c [*b,*b,*b,*b,*b,*b,*b,*b,*b,*b], &d [*c,*c,*c,*c,*c,*c,*c,*c,*c,*c], *d, *d]"
+)
+
+
+@dataclass
+class ConfigCase:
+    """`yaml` (text or bytes) is written to config.yaml and passed with --config; `expected`
+    is a substring of the error line, `{config}` standing for that file's path."""
+
+    expected: str
+    overrides: tuple[str, ...] = ()
+    yaml: str | bytes | None = None
+    command: tuple[str, ...] = ("train",)
+
+
+CONFIG_CASES = {
+    # --- the YAML file itself
+    "unknown_key_in_file": ConfigCase(
+        "unknown config key 'trainer.lrr', allowed keys in trainer:", yaml="trainer:\n  lrr: 1\n"
+    ),
+    "duplicate_top_level_key": ConfigCase(
+        "{config}:3: key 'trainer' given twice (first on line 1)",
+        yaml="trainer:\n  lr: 1.0e-5\ntrainer:\n  batch_size: 2\n",
+    ),
+    "duplicate_nested_key": ConfigCase(
+        "{config}:3: key 'lr' given twice (first on line 2)",
+        yaml="trainer:\n  lr: 1.0e-5\n  lr: 2.0e-5\n",
+    ),
+    "duplicate_key_in_flow_mapping": ConfigCase(
+        "{config}:1: key 'batch_size' given twice", yaml="trainer: {batch_size: 2, batch_size: 4}\n"
+    ),
+    "alias_bomb": ConfigCase(
+        "{config}:7: aliases expand to more than 10000 values", yaml=ALIAS_BOMB
+    ),
+    "alias_that_contains_itself": ConfigCase(
+        "{config}:3: an alias refers to the value that contains it",
+        yaml="objective:\n  params:\n    loop: &x [1, *x]\n",
+    ),
+    "deeply_nested_yaml": ConfigCase(
+        "{config}: nested deeper than 64 levels", yaml="a: " + "[" * 5000 + "]" * 5000 + "\n"
+    ),
+    "nested_past_the_bound": ConfigCase(
+        "{config}:3: nested deeper than 64 levels",
+        yaml="objective:\n  params:\n    x: " + "[" * 100 + "]" * 100 + "\n",
+    ),
+    "invalid_yaml": ConfigCase("{config}:4: not valid YAML (", yaml="model:\n  a: 1\ntrainer: [1, 2\n"),
+    "config_not_a_mapping": ConfigCase(
+        "{config}: a config must be a mapping of keys to values", yaml="- a\n- b\n"
+    ),
+    "config_not_utf8": ConfigCase(
+        "{config}: not UTF-8 text", yaml=b"trainer:\n  out_dir: caf\xe9\n"
+    ),
+    # --- trainer bounds
+    "max_steps_negative": ConfigCase(
+        "config key 'trainer.max_steps': must be at least 0, got -5", ("trainer.max_steps=-5",)
+    ),
+    "batch_size_zero": ConfigCase(
+        "config key 'trainer.batch_size': must be at least 1, got 0", ("trainer.batch_size=0",)
+    ),
+    "batch_size_negative": ConfigCase(
+        "config key 'trainer.batch_size': must be at least 1, got -1", ("trainer.batch_size=-1",)
+    ),
+    "grad_accum_zero": ConfigCase(
+        "config key 'trainer.grad_accum': must be at least 1, got 0", ("trainer.grad_accum=0",)
+    ),
+    "lr_negative": ConfigCase(
+        "config key 'trainer.lr': must be greater than 0, got -1.0", ("trainer.lr=-1",)
+    ),
+    "lr_zero": ConfigCase("config key 'trainer.lr': must be greater than 0", ("trainer.lr=0",)),
+    "lr_nan": ConfigCase("config key 'trainer.lr': must be greater than 0, got nan", ("trainer.lr=.nan",)),
+    "epochs_zero": ConfigCase("config key 'trainer.epochs': must be greater than 0", ("trainer.epochs=0",)),
+    "warmup_negative": ConfigCase(
+        "config key 'trainer.warmup_ratio': must be at least 0", ("trainer.warmup_ratio=-0.1",)
+    ),
+    "log_every_zero": ConfigCase(
+        "config key 'trainer.log_every': must be at least 1", ("trainer.log_every=0",)
+    ),
+    "batch_size_a_word": ConfigCase(
+        "config key 'trainer.batch_size': expected an integer, got 'eight'",
+        ("trainer.batch_size=eight",),
+    ),
+    "max_steps_a_fraction": ConfigCase(
+        "config key 'trainer.max_steps': expected an integer, got 1.5", ("trainer.max_steps=1.5",)
+    ),
+    "schedule_misspelt": ConfigCase(
+        "config key 'trainer.schedule': got 'cosin', allowed:", ("trainer.schedule=cosin",)
+    ),
+    # --- data settings
+    "truncation_unknown": ConfigCase(
+        "config key 'data.truncation': got 'middle', allowed:", ("data.truncation=middle",)
+    ),
+    "max_length_one": ConfigCase(
+        "config key 'data.max_length': must be at least 2, got 1", ("data.max_length=1",)
+    ),
+    "prompt_budget_fills_max_length": ConfigCase(
+        "config key 'data.max_prompt_length': 64 leaves no room for a response within "
+        "max_length=64",
+        ("data.max_length=64", "data.max_prompt_length=64"),
+    ),
+    "skip_invalid_not_a_bool": ConfigCase(
+        "config key 'data.skip_invalid': expected true or false, got 'maybe'",
+        ("data.skip_invalid=maybe",),
+    ),
+    "data_path_looks_like_a_hub_id": ConfigCase(
+        "mydataset: no such file or directory (a Hugging Face Hub dataset? write hf:mydataset)",
+        ("data.path=mydataset",),
+    ),
+    "data_path_missing": ConfigCase(
+        "missing.jsonl: no such file or directory", ("data.path={tmp}/missing.jsonl",)
+    ),
+    "data_path_empty": ConfigCase("config key 'data.path': expected a string, got None", ("data.path=",)),
+    "eval_path_missing": ConfigCase(
+        "missing_eval.jsonl: no such file or directory", ("data.eval_path={tmp}/missing_eval.jsonl",)
+    ),
+    # --- model, objective, reference
+    "model_directory_missing": ConfigCase(
+        "model {tmp}/no_model: no such directory", ("model.name_or_path={tmp}/no_model",)
+    ),
+    "model_dtype_unknown": ConfigCase(
+        "config key 'model.dtype': got 'float8', allowed:", ("model.dtype=float8",)
+    ),
+    "objective_unknown": ConfigCase(
+        "config key 'objective.name': unknown objective 'nope'; known:", ("objective.name=nope",)
+    ),
+    "objective_param_a_word": ConfigCase(
+        "config key 'objective.params.beta': expected a number (default 0.1), got 'high'",
+        ("objective.params.beta=high",),
+    ),
+    "objective_param_unknown": ConfigCase(
+        "config key 'objective.params.bogus': objective 'dpo' has no parameter 'bogus'",
+        ("objective.params.bogus=1",),
+    ),
+    "objective_param_infinite": ConfigCase(
+        "config key 'objective.params.beta': expected a finite number", ("objective.params.beta=.inf",)
+    ),
+    "objective_code_missing": ConfigCase(
+        "user objective file not found: {tmp}/nope.py", ("objective.code={tmp}/nope.py:loss",)
+    ),
+    "reference_mode_unknown": ConfigCase(
+        "config key 'reference.mode': got 'sometimes', allowed:", ("reference.mode=sometimes",)
+    ),
+    "reference_needed_but_none": ConfigCase(
+        "objective 'dpo' needs a reference policy; reference.mode 'none'", ("reference.mode=none",)
+    ),
+    # --- the command line
+    "override_without_equals": ConfigCase(
+        "override 'trainer.lr' must look like key=value", ("trainer.lr",)
+    ),
+    "override_alias_bomb": ConfigCase(
+        "override objective.params.x: aliases expand to more than 10000 values",
+        (f"objective.params.x={OVERRIDE_BOMB}",),
+    ),
+    "override_unknown_section": ConfigCase(
+        "unknown config key 'no_such_section', allowed keys:", ("no_such_section.key=1",)
+    ),
+    "sft_batch_size_zero": ConfigCase(
+        "config key 'trainer.batch_size': must be at least 1, got 0",
+        ("trainer.batch_size=0",),
+        command=("sft",),
+    ),
+    "sft_data_hub_looking_name": ConfigCase(
+        "mydataset: no such file or directory (a Hugging Face Hub dataset? write hf:mydataset)",
+        ("data.path=mydataset",),
+        command=("sft",),
+    ),
+}
+
+DATA_COMMANDS = {"preference": ("train",), "unpaired": ("train", "objective.name=kto"), "sft": ("sft",)}
+CLI_DATA_CASES = {k: c for k, c in DATA_CASES.items() if c.tokenizer is not None}
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny random Llama saved beside each tokenizer of the data catalogue."""
+    dirs = {}
+    for name, tokenizer in TOKENIZERS.items():
+        out = tmp_path_factory.mktemp(f"model_{name}")
+        torch.manual_seed(0)
+        config = tiny_llama_config(
+            vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        )
+        LlamaForCausalLM(config).save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        dirs[name] = out
+    return dirs
+
+
+@pytest.fixture
+def good_pairs(tmp_path: Path) -> Path:
+    path = tmp_path / "good.jsonl"
+    path.write_text(
+        "".join(
+            json.dumps({"prompt": "one two", "chosen": f"three {w}", "rejected": "four"}) + "\n"
+            for w in ("five", "six", "seven", "one")
+        )
+    )
+    return path
+
+
+def assert_refused(capsys, argv: list[str], out_dir: Path) -> str:
+    """Exit 2, one stderr line, no traceback, nothing trained; returns the line."""
+    code = main(argv)
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err + captured.out
+    lines = captured.err.splitlines()
+    assert code == 2 and len(lines) == 1, captured
+    assert lines[0].startswith(f"prefalign {argv[0]}: error: ")
+    for trained in ("checkpoints", "final", "metrics.jsonl"):
+        assert not (out_dir / trained).exists(), trained
+    return lines[0]
+
+
+def base_overrides(model: Path, data: Path, out_dir: Path) -> list[str]:
+    return [
+        f"model.name_or_path={model}", f"data.path={data}", f"trainer.out_dir={out_dir}",
+        "trainer.batch_size=2", "trainer.max_steps=1", "trainer.progress=false",
+    ]
+
+
+@pytest.mark.parametrize("name", list(CONFIG_CASES))
+def test_bad_config_is_refused_before_training(
+    tmp_path: Path, capsys, monkeypatch, model_dirs, good_pairs, name: str
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    case = CONFIG_CASES[name]
+    out_dir = tmp_path / "run"
+    data = good_pairs
+    if case.command == ("sft",):
+        data = tmp_path / "sft.jsonl"
+        data.write_text(json.dumps({"prompt": "one", "completion": "two"}) + "\n")
+    argv = [*case.command]
+    config = tmp_path / "config.yaml"
+    if case.yaml is not None:
+        config.write_bytes(case.yaml if isinstance(case.yaml, bytes) else case.yaml.encode())
+        argv += ["--config", str(config)]
+    argv += base_overrides(model_dirs["plain"], data, out_dir)
+    argv += [o.replace("{tmp}", str(tmp_path)) for o in case.overrides]
+    line = assert_refused(capsys, argv, out_dir)
+    expected = case.expected.replace("{config}", str(config)).replace("{tmp}", str(tmp_path))
+    assert expected in line, line
+
+
+@pytest.mark.parametrize("name", list(CLI_DATA_CASES))
+def test_bad_data_is_refused_before_training(
+    tmp_path: Path, capsys, monkeypatch, model_dirs, name: str
+) -> None:
+    """The data catalogue of test_bad_inputs.py, through `prefalign train` / `sft`."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    case = CLI_DATA_CASES[name]
+    path = tmp_path / case.file
+    path.write_bytes(case.file_content())
+    out_dir = tmp_path / "run"
+    command = DATA_COMMANDS[case.kind]
+    argv = [command[0], *base_overrides(model_dirs[case.tokenizer], path, out_dir), *command[1:]]
+    line = assert_refused(capsys, [*argv, *case.cli], out_dir)
+    assert f"error: {tmp_path}/" in line  # the file, by its full path
+    assert (case.cli_expected or case.expected) in line, line
+
+
+def test_the_catalogue_tries_enough_bad_inputs() -> None:
+    assert len(CONFIG_CASES) + len(CLI_DATA_CASES) >= 40
+
+
+@pytest.mark.slow  # three fresh interpreters import torch: about 15 s
+@pytest.mark.parametrize(
+    ("yaml", "overrides", "expected"),
+    [
+        (ALIAS_BOMB, (), "aliases expand to more than 10000 values"),
+        (None, ("trainer.max_steps=-5",), "config key 'trainer.max_steps': must be at least 0"),
+        (None, ("data.path={bad}",), "bad.jsonl:1: string holds a lone UTF-16 surrogate"),
+    ],
+)
+def test_console_script_refuses_bad_inputs_in_one_line(
+    tmp_path: Path, model_dirs, good_pairs, yaml, overrides, expected
+) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "p", "chosen": "\\ud800", "rejected": "b"}\n')
+    out_dir = tmp_path / "run"
+    argv = ["train", *base_overrides(model_dirs["plain"], good_pairs, out_dir)]
+    if yaml is not None:
+        argv += ["--config", str(write(tmp_path, yaml))]
+    argv += [o.replace("{bad}", str(bad)) for o in overrides]
+    result = run_console_script(*argv, cwd=tmp_path)
+    assert result.returncode == 2, result
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and expected in lines[0], result.stderr
+    assert not (out_dir / "checkpoints").exists() and not (out_dir / "final").exists()

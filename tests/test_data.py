@@ -23,9 +23,7 @@ from prefalign.data import (
     TokenizedUnpaired,
     UnpairedRecord,
     collate_pairs,
-    collate_sft,
     collate_unpaired,
-    length_grouped_batches,
     load_preference_data,
     load_sft_data,
     load_unpaired_data,
@@ -35,6 +33,7 @@ from prefalign.data import (
     tokenize_unpaired,
 )
 from prefalign.logprobs import split_pairs
+from prefalign.training.loop import batch_plan
 
 CORPUS = [
     "one two three four five six seven eight nine ten",
@@ -163,7 +162,7 @@ def test_jsonl_names_lines_and_skips_blank_ones(tmp_path: Path) -> None:
     assert result.summary() == f"{path}: 2 records"
 
 
-def test_hub_id_is_routed_to_load_dataset_and_local_paths_never_are(
+def test_only_an_hf_id_is_routed_to_load_dataset(
     monkeypatch, tmp_path: Path
 ) -> None:
     import datasets
@@ -175,14 +174,19 @@ def test_hub_id_is_routed_to_load_dataset_and_local_paths_never_are(
         return datasets.Dataset.from_list(PAIRS)
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    result = load_preference_data("someone/prefs", split="test")
+    result = load_preference_data("hf:someone/prefs", split="test")
     assert calls == [("someone/prefs", "test")]
-    assert result.records[0].source == "someone/prefs[test]"
+    assert result.records[0].source == "hf:someone/prefs[test]"
     assert len(result.records) == len(PAIRS)
     with pytest.raises(DataError, match="no such file"):
         load_preference_data(tmp_path / "missing.jsonl")
     with pytest.raises(DataError, match="no such file"):
         load_preference_data("./relative/name")
+    # A bare name is never sent to the hub unasked: a typo must not reach the network.
+    for bare in ("mydataset", "someone/prefs"):
+        with pytest.raises(DataError, match=rf"^{bare}: no such file or directory "
+                           rf"\(a Hugging Face Hub dataset\? write hf:{bare}\)$"):
+            load_preference_data(bare)
     assert len(calls) == 1
 
 
@@ -444,42 +448,26 @@ def test_collate_unpaired_builds_the_rotated_kl_batch() -> None:
         collate_unpaired(examples[:1], pad_id=0)
 
 
-def test_collate_sft() -> None:
-    batch = collate_sft([TokenizedExample([1, 2], [3]), TokenizedExample([4], [5])], pad_id=9)
-    assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 5, 9]]
-    assert batch["loss_mask"].int().tolist() == [[0, 0, 1], [0, 1, 0]]
-
-
 def padding(lengths: list[int], batches: list[list[int]]) -> int:
     return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
 
 
-def test_length_grouped_batches_cover_every_index_once_and_cut_padding() -> None:
+def test_the_trainers_batch_plan_covers_each_index_once_and_cuts_padding() -> None:
+    """The one batcher: `batch_plan` of the Trainer, used by every training method."""
     gen = torch.Generator().manual_seed(0)
-    lengths = torch.randint(1, 500, (1000,), generator=gen).tolist()
-    batches = length_grouped_batches(lengths, batch_size=8, seed=3)
-    assert sorted(i for b in batches for i in b) == list(range(1000))
+    lengths = torch.randint(1, 500, (1003,), generator=gen).tolist()
+    batches = batch_plan(lengths, 8, seed=3, epoch=0, group_by_length=True)
+    seen = [i for b in batches for i in b]
+    assert len(seen) == len(set(seen)) == 1000  # the last partial batch is dropped
     assert all(len(b) == 8 for b in batches)
-    assert batches == length_grouped_batches(lengths, batch_size=8, seed=3)  # deterministic
-    assert batches != length_grouped_batches(lengths, batch_size=8, seed=4)
-    assert max(lengths[i] for i in batches[0]) == max(lengths)  # the longest batch first
-    order = torch.randperm(1000, generator=gen).tolist()
-    random_batches = [order[s : s + 8] for s in range(0, 1000, 8)]
+    assert batches == batch_plan(lengths, 8, seed=3, epoch=0, group_by_length=True)
+    assert batches != batch_plan(lengths, 8, seed=4, epoch=0, group_by_length=True)
+    assert batches != batch_plan(lengths, 8, seed=3, epoch=1, group_by_length=True)
+    random_batches = batch_plan(lengths, 8, seed=3, epoch=0, group_by_length=False)
     assert padding(lengths, batches) < 0.2 * padding(lengths, random_batches)
     # the order of batches stays random: not sorted by length
-    maxima = [max(lengths[i] for i in b) for b in batches[1:]]
+    maxima = [max(lengths[i] for i in b) for b in batches]
     assert maxima != sorted(maxima) and maxima != sorted(maxima, reverse=True)
-
-
-def test_length_grouped_batches_without_shuffle_and_drop_last() -> None:
-    lengths = [5, 1, 9, 3, 7]
-    assert length_grouped_batches(lengths, batch_size=2, seed=0, shuffle=False) == [
-        [2, 4],
-        [0, 3],
-        [1],
-    ]
-    batches = length_grouped_batches(lengths, batch_size=2, seed=0, drop_last=True)
-    assert len(batches) == 2 and all(len(b) == 2 for b in batches)
 
 
 def test_skip_invalid_counts_each_reason(tmp_path: Path) -> None:
@@ -514,9 +502,9 @@ def test_batches_feed_a_dataloader(tok) -> None:
         for i in range(1, 11)
     ]
     pairs, _ = tokenize_preference(records, tok, max_length=32, max_prompt_length=16)
-    batches = length_grouped_batches([p.length for p in pairs], batch_size=4, seed=0)
+    batches = batch_plan([p.length for p in pairs], 4, seed=0, epoch=0, group_by_length=True)
     loader = torch.utils.data.DataLoader(
         pairs, batch_sampler=batches, collate_fn=lambda b: collate_pairs(b, tok.pad_token_id)
     )
     seen = sum(batch["input_ids"].shape[0] for batch in loader)
-    assert seen == 2 * len(pairs)
+    assert seen == 2 * (len(pairs) // 4 * 4)

@@ -16,6 +16,7 @@ from prefalign.errors import UserError
 from prefalign.genarm import Arm, guided_generate, load_arm
 from prefalign.genarm.arm import (
     ArmConfig,
+    arm_beta,
     arm_pair_accuracy,
     check_arm_config,
     concise_pairs,
@@ -172,3 +173,19 @@ def test_generate_cli_errors(toy, tmp_path):
         run_generate_cli(generate_args(toy, tmp_path, bad))
     with pytest.raises(ValueError, match="top-p"):
         run_generate_cli(generate_args(toy, tmp_path, prompts, top_p=0.0))
+
+
+def test_arm_trains_a_user_objective_at_its_own_scale(toy, tmp_path):
+    """`objective.code` is an ARM objective (no reference); its `beta_r` default is its scale."""
+    code = tmp_path / "arm_loss.py"
+    code.write_text(
+        "import torch.nn.functional as F\n\n"
+        "def arm_sharp(pc, pr, rc, rr, beta_r=0.5):\n"
+        "    return -F.logsigmoid(beta_r * (pc - pr))\n"
+    )
+    user = f"objective.code={code}:arm_sharp"
+    overrides = arm_overrides(toy, tmp_path / "arm", user, "trainer.max_steps=4")
+    config = load_config(ArmConfig, None, overrides)
+    assert arm_beta(config) == 0.5
+    result = train_arm(config, log=lambda *_: None)
+    assert result.train.steps == 4 and result.pair_accuracy is not None

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from prefalign import objectives
+from prefalign.errors import UserError
 from prefalign.objectives import registry
 
 PAIRWISE = ["dpo", "robust", "ipo", "hinge", "discopop", "padll", "cell", "pfl", "genarm"]
@@ -124,7 +125,7 @@ def test_genarm_values_ignore_reference(pairs):
     assert_values(objectives.compute_loss("genarm", pc, pr, None, None, beta_r=2.0), expected)
     objective = objectives.get("genarm")
     assert not objective.needs_reference
-    assert objective.defaults == {"beta_r": 1.0}
+    assert objective.params() == {"beta_r": 1.0} and objective.reward_scale == "beta_r"
 
 
 def test_kto_values():
@@ -244,8 +245,25 @@ def test_builtin_names_and_kinds():
     assert objectives.names() == sorted(objectives.names())
     assert objectives.get("kto").kind == "unpaired"
     assert all(objectives.get(n).kind == "pairwise" for n in PAIRWISE)
-    assert objectives.get("discopop").defaults == {"beta": 0.05, "tau": 0.05}
+    # Defaults live in the functions' signatures only: the registry repeats none of them.
+    assert all(objectives.get(n).defaults == {} for n in objectives.names())
+    assert objectives.get("discopop").params() == {"beta": 0.05, "tau": 0.05}
     assert objectives.get("dpo").params() == {"beta": 0.1, "label_smoothing": 0.0}
+
+
+def test_resolve_decides_every_parameter_once(tmp_path):
+    run = objectives.resolve("dpo", params={"beta": 0.3})
+    assert dict(run.params) == {"beta": 0.3, "label_smoothing": 0.0} and run.reward_scale == 0.3
+    assert objectives.resolve("genarm").reward_scale == 1.0
+    path = tmp_path / "sharp.py"
+    path.write_text("def sharp(pc, pr, rc, rr, beta=0.5):\n    return beta * (pr - pc)\n")
+    assert objectives.resolve(code=f"{path}:sharp").reward_scale == 0.5
+    path.write_text("def plain(pc, pr, rc, rr, margin=1.0):\n    return (pr - pc + margin).abs()\n")
+    assert objectives.resolve(code=f"{path}:plain").reward_scale == 1.0  # no scale: unscaled
+    with pytest.raises(UserError, match="config key 'objective.params.gamma'"):
+        objectives.resolve("dpo", params={"gamma": 1.0})
+    with pytest.raises(ValueError, match="config key 'objective.name'.*nope"):
+        objectives.resolve("nope")
 
 
 def test_get_unknown_name_lists_known_names():

@@ -19,6 +19,7 @@ from prefalign.rest.improve import (
     improve,
     make_loss_fn,
     objective_value,
+    resolve_loss,
     reward_weights,
 )
 from prefalign.training.loop import TrainerConfig
@@ -75,7 +76,7 @@ def test_each_improve_loss_lowers_its_own_objective_on_a_fixed_set(policy, tiny_
     assert len(data) >= 8
     # The objective is measured against the policy the step starts from (a frozen copy).
     reference = make_reference(copy.deepcopy(policy), ReferenceSpec(mode="frozen"))
-    measure = make_loss_fn(loss, params, reference, NoReduce())
+    measure = make_loss_fn(resolve_loss(loss, params), reference, NoReduce())
     pad = tiny_tokenizer.pad_token_id
     torch.manual_seed(0)
     before = objective_value(policy, data, measure, pad, batch_size=8)

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 import prefalign.rest.loop as loop
 from prefalign.config import ConfigError, load_config
+from prefalign.errors import UserError
 from prefalign.rest.cli import run_rest_cli
 from prefalign.rest.loop import RestConfig, run_rest
 from prefalign.rest.state import step_key
@@ -145,7 +146,8 @@ def test_cli_run_and_restart_from_base(files, tiny_llama_dir, tmp_path, capsys):
     [(["improve.loss=dpoo"], ValueError, "improve.loss"), (["improve.thresholds=[0.1]"], ValueError, "one per step"),
      (["improve.normalize=rank"], ConfigError, "improve.normalize"), (["grow_steps=0"], ValueError, "grow_steps"),
      (["improve.loss=bc", "improve.objective_params={beta: 1}"], ValueError, "objective_params"),
-     (["improve.losses=[bc]"], ValueError, "one per step"), (["reward.kind=gold"], ValueError, "reward.task"), (["improve.loss=ipo", "improve.objective_params={tau: 1}"], ValueError, "tau"),
+     (["improve.losses=[bc]"], ValueError, "one per step"), (["reward.kind=gold"], ValueError, "reward.task"),
+     (["improve.loss=ipo", "improve.objective_params={tau: 1}"], UserError, "objective_params.tau"),
      (["improve.loss=dpo", "improve.reference.mode=none"], ValueError, "needs a reference")],
 )
 def test_bad_configs_fail_before_any_work(files, tmp_path, extra, error, match):
@@ -199,8 +201,11 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(files, tiny_llama_dir,
         assert (a[name] - b[name]).abs().max() < 1e-5, name
 
 
-def test_a_toy_model_fills_in_its_prompts_and_tasks():
-    config = loop.toy_defaults(load_config(RestConfig, None, ["model.name_or_path=toy:arith", "reward.kind=gold"]))
-    assert (config.grow.prompts, config.reward.task, config.eval.task) == ("toy:arith", "arith", "arith")
-    given = loop.toy_defaults(load_config(RestConfig, None, ["model.name_or_path=toy:arith", "grow.prompts=p.jsonl", "eval.task=sentiment"]))
+def test_a_task_as_the_model_fills_in_its_prompts_and_tasks():
+    toy = ["model.name_or_path=toy:arith"]
+    config = loop.task_defaults(load_config(RestConfig, None, [*toy, "reward.kind=gold"]))
+    assert (config.grow.prompts, config.reward.task, config.eval.task) == ("toy:arith",) * 3
+    given = loop.task_defaults(
+        load_config(RestConfig, None, [*toy, "grow.prompts=p.jsonl", "eval.task=sentiment"])
+    )
     assert (given.grow.prompts, given.eval.task) == ("p.jsonl", "sentiment")  # what the user set stays

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
@@ -19,7 +20,7 @@ from safetensors.torch import load_file
 from prefalign import objectives
 from prefalign.config import load_config
 from prefalign.toy.corpus import review
-from prefalign.training.loop import TrainingDiverged
+from prefalign.training.loop import TrainingDiverged, checkpoints
 from prefalign.training.preference import PreferenceConfig, reward_beta, run_preference
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,6 +131,25 @@ def test_nan_loss_stops_naming_the_step_and_keeps_last_checkpoint(tiny, tmp_path
     assert load_file(out / "checkpoints" / "step-2" / "trainable.safetensors")
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch: 4 s
+def test_a_huge_lr_stops_with_one_line_and_only_finite_checkpoints(tiny, tmp_path):
+    # lr 1e6: the loss stays finite at step 2 while the gradient norm is NaN.
+    out = tmp_path / "huge"
+    proc = cli_train(tiny, out, "trainer.lr=1e6", "trainer.save_every=1")
+    stderr = proc.communicate(timeout=200)[0]
+    assert proc.returncode == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert "Traceback" not in stderr and "error: gradient norm became nan at step 2" in lines[-1]
+    saved = sorted(checkpoints(out))
+    assert [step for step, _ in saved] == [1]
+    assert f"the last finite checkpoint is {saved[-1][1]}" in lines[-1]
+    for _, path in saved:
+        for name, tensor in load_file(path / "trainable.safetensors").items():
+            assert torch.isfinite(tensor).all(), name
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in metrics.jsonl"))
+
+
 def cli_train(tiny, out: Path, *extra: str, env=None) -> subprocess.Popen:
     return subprocess.Popen(
         [*PREFALIGN, "train", *overrides(tiny, out, *extra)],
@@ -183,6 +203,28 @@ def test_two_processes_match_one_process_with_double_batch(tiny, tmp_path):
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.slow
+def test_kto_with_two_processes_whose_batches_hold_different_labels(tiny, tmp_path):
+    # 3 of 4 examples desirable, 2 per process: at some steps one process holds no undesirable
+    # example, so the processes' metric sets differ unless the Trainer reduces a fixed key set.
+    rows = [json.loads(line) for line in tiny["unpaired"].read_text().splitlines()]
+    kept = [r for i, r in enumerate(rows) if r["label"] or i % 6 == 1]
+    data = tmp_path / "skewed.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+              "-m", "prefalign.cli"]
+    args = overrides(tiny, tmp_path / "two", "objective.name=kto", f"data.path={data}", "reference.mode=soft",
+                     "trainer.batch_size=2", "trainer.max_steps=12")
+    two = subprocess.run([*launch, "train", *args], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert two.returncode == 0, two.stdout + two.stderr
+    records = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 12
+    keys = {frozenset(r) for r in records}
+    assert len(keys) == 1 and {"rewards/chosen", "rewards/rejected", "kl"} <= next(iter(keys))
+    assert all(r["rewards/chosen"] is not None for r in records)  # every global batch has some
+    assert all(math.isfinite(r["loss"]) for r in records)
+
+
 def free_port() -> int:
     import socket
 
@@ -205,6 +247,6 @@ def test_missing_data_file_is_a_one_line_cli_error(tiny, tmp_path):
 def test_logged_rewards_use_the_objectives_own_scale():
     # DPO-style objectives scale implicit rewards by beta; the ARM objective by beta_r.
     assert reward_beta(objectives.get("dpo"), {"beta": 0.3}) == 0.3
-    assert reward_beta(objectives.get("dpo"), {}) == objectives.get("dpo").defaults["beta"]
+    assert reward_beta(objectives.get("dpo"), {}) == objectives.get("dpo").params()["beta"]
     assert reward_beta(objectives.get("genarm"), {"beta_r": 0.02}) == 0.02
-    assert reward_beta(objectives.get("genarm"), {}) == objectives.get("genarm").defaults["beta_r"]
+    assert reward_beta(objectives.get("genarm"), {}) == objectives.get("genarm").params()["beta_r"]

@@ -90,9 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = command("eval", run_eval, "gold reward (and accuracy) and KL to a reference on held-out prompts")
     ev.add_argument("--model", required=True, help="model directory or hub id")
-    ev.add_argument("--task", required=True, choices=["sentiment", "arith"])
-    ev.add_argument("--reference", help="reference model for KL (default: the toy world's SFT policy)")
-    ev.add_argument("--prompts", help="JSONL file of {prompt} (default: the toy world's held-out prompts)")
+    ev.add_argument("--task", required=True,
+                    help="a task: toy:sentiment (or sentiment), toy:arith, toy:brevity, "
+                         "user:PROMPTS.jsonl:module:function, user:TASK.yaml")
+    ev.add_argument("--reference", help="reference model for KL (default: the task's policy)")
+    ev.add_argument("--prompts", help="JSONL of {prompt} (default: the task's held-out prompts)")
     ev.add_argument("--samples-per-prompt", type=int, default=1)
     ev.add_argument("--max-new-tokens", type=int, default=24)
     ev.add_argument("--seed", type=int, default=0)
@@ -222,18 +224,10 @@ def run_train(args: argparse.Namespace) -> int:
 def run_eval(args: argparse.Namespace) -> int:
     from prefalign.evaluation.core import evaluate_policy
     from prefalign.modeling import load_model, load_tokenizer
-    from prefalign.toy.world import get_world
 
     if args.compare:
         return run_compare(args)
-    world = None
-    if args.reference is None or args.prompts is None:
-        world = get_world(args.task)
-    reference_path = args.reference or str(world.policy_path)
-    if args.prompts:
-        prompts = read_prompts(args.prompts, label="--prompts")
-    else:
-        prompts = world.prompts("eval")
+    reference_path, prompts = eval_inputs(args)
     tokenizer = load_tokenizer(args.model)
     policy = load_model(args.model)
     reference = load_model(reference_path)
@@ -249,15 +243,14 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def eval_inputs(args: argparse.Namespace) -> tuple[str, list[str]]:
-    """The reference model and prompts of `prefalign eval` (toy world defaults)."""
-    from prefalign.toy.world import get_world
+    """The reference model and prompts of `prefalign eval` (default: the task's own)."""
+    from prefalign.tasks import resolve_task
 
-    world = get_world(args.task) if args.reference is None or args.prompts is None else None
-    reference = args.reference or str(world.policy_path)
+    task = resolve_task(args.task)
+    reference = args.reference or task.policy_path()
     if args.prompts:
-        prompts = read_prompts(args.prompts, label="--prompts")
-    else:
-        prompts = world.prompts("eval")
+        return reference, read_prompts(args.prompts, label="--prompts")
+    prompts = task.prompts("eval")
     return reference, prompts
 
 

@@ -1,8 +1,13 @@
 """YAML configs checked against dataclass schemas, with `a.b=value` overrides from the command line.
 
-Every key is validated: an unknown key or a value of the wrong type is a `ConfigError` whose one
-line names the key and what is allowed, e.g.
+Every key is validated: an unknown key, a value of the wrong type or out of its bounds
+(`bounded(8, min=1)`) is a `ConfigError` whose one line names the key and what is allowed, e.g.
 `config key 'trainer.schedule': got 'cosin', allowed: 'constant', 'linear', 'cosine'`.
+A schema may add a cross-field check, `config_problem(self) -> (field, message) | None`.
+
+YAML is read strictly: a key given twice in one mapping, nesting deeper than `MAX_DEPTH`, or
+aliases that expand to more than `MAX_YAML_NODES` values (an "alias bomb": a few hundred bytes
+that expand to gigabytes) are refused at load time, naming the file and line.
 """
 
 from __future__ import annotations
@@ -17,12 +22,32 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 import yaml
 
 from prefalign.errors import UserError
+from prefalign.io import MAX_DEPTH
 
 T = TypeVar("T")
+
+# A real config has a few hundred values; the bound leaves room for long lists of them.
+MAX_YAML_NODES = 10_000
 
 
 class ConfigError(UserError, ValueError):
     """A bad config key or value; the message is one line meant for the user."""
+
+
+def bounded(default: Any, *, min: float | None = None, gt: float | None = None) -> Any:
+    """A dataclass field whose config value must be >= `min` or > `gt` (checked on load)."""
+    return dataclasses.field(default=default, metadata={"min": min, "gt": gt})
+
+
+def check_bounds(f: dataclasses.Field, value: Any, key: str) -> None:
+    low, above = f.metadata.get("min"), f.metadata.get("gt")
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return  # None for an optional field; the type check has run already
+    # `not (value >= low)` also refuses NaN
+    if low is not None and not value >= low:
+        raise ConfigError(f"config key '{key}': must be at least {low}, got {value!r}")
+    if above is not None and not value > above:
+        raise ConfigError(f"config key '{key}': must be greater than {above}, got {value!r}")
 
 
 def load_config(
@@ -38,11 +63,10 @@ def load_config(
         if not path.is_file():
             raise ConfigError(f"config file {path} is not a file")
         try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f":{mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not UTF-8 text; save the config as UTF-8") from None
+        loaded = read_yaml(text, str(path))
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: a config must be a mapping of keys to values")
         merge(raw, loaded or {})
@@ -50,8 +74,88 @@ def load_config(
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} must look like key=value (e.g. trainer.lr=1e-5)")
-        set_dotted(raw, key.lstrip("-"), yaml.safe_load(value) if value != "" else None)
+        key = key.lstrip("-")
+        set_dotted(raw, key, read_yaml(value, f"override {key}") if value != "" else None)
     return build(schema, raw, prefix="")
+
+
+class StrictYamlError(yaml.YAMLError):
+    def __init__(self, problem: str, node: yaml.Node) -> None:
+        super().__init__(problem)
+        self.problem, self.problem_mark = problem, node.start_mark
+
+
+class StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (YAML would keep the last
+    silently, dropping a whole block of a config)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: SafeLoader's own error names it
+                break
+            if first is not None:
+                raise StrictYamlError(f"key {key!r} given twice (first on line {first})", key_node)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(text: str, where: str) -> Any:
+    """Parse YAML strictly (see the module docstring); errors are `ConfigError`s naming `where`
+    (a file, or an override) and the line."""
+    loader = StrictLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        check_expansion(node)
+        return loader.construct_document(node)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark and not where.startswith("override") else ""
+        problem = getattr(err, "problem", None) or err
+        what = problem if isinstance(err, StrictYamlError) else f"not valid YAML ({problem})"
+        raise ConfigError(f"{where}{line}: {what}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: nested deeper than {MAX_DEPTH} levels") from None
+    finally:
+        loader.dispose()
+
+
+def check_expansion(root: yaml.Node) -> None:
+    """Refuse a document whose aliases expand beyond `MAX_YAML_NODES` values or `MAX_DEPTH`
+    levels, or refer to themselves. The parser shares aliased nodes, so the bomb only goes
+    off later (copying, saving config.json): count the values as if written out."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node: yaml.Node, depth: int) -> int:
+        if depth > MAX_DEPTH:
+            raise StrictYamlError(f"nested deeper than {MAX_DEPTH} levels", node)
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in active:
+            raise StrictYamlError("an alias refers to the value that contains it", node)
+        active.add(id(node))
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            total += sum(size(child, depth + 1) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total += sum(size(k, depth + 1) + size(v, depth + 1) for k, v in node.value)
+        active.discard(id(node))
+        if total > MAX_YAML_NODES:
+            raise StrictYamlError(
+                f"aliases expand to more than {MAX_YAML_NODES} values; write the values out", node
+            )
+        sizes[id(node)] = total
+        return total
+
+    size(root, 0)
 
 
 def merge(tree: dict[str, Any], update: dict[str, Any]) -> None:
@@ -105,9 +209,15 @@ def build(schema: type[T], raw: Any, prefix: str, base: Any = None) -> T:
         # objective is genarm, so `objective.params=...` must not fall back to ObjectiveSpec's dpo.
         default = getattr(base, name) if base is not None else field_default(fields[name])
         kwargs[name] = coerce(hints[name], value, f"{prefix}{name}", default)
+        check_bounds(fields[name], kwargs[name], f"{prefix}{name}")
     if base is not None:
         kwargs.update({name: copy.deepcopy(getattr(base, name)) for name in fields if name not in raw})
-    return schema(**kwargs)
+    config = schema(**kwargs)
+    problem = config.config_problem() if hasattr(config, "config_problem") else None
+    if problem is not None:
+        name, what = problem
+        raise ConfigError(f"config key '{prefix}{name}': {what}")
+    return config
 
 
 def field_default(f: dataclasses.Field) -> Any:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
+from prefalign.errors import UserError
 from prefalign.models import resolve_model_source
 
 if TYPE_CHECKING:  # the model classes import in seconds: not paid by a config error
@@ -33,7 +36,7 @@ class LoraSpec:
 @dataclass
 class ModelSpec:
     name_or_path: str = ""
-    dtype: str = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "auto"
     gradient_checkpointing: bool = False
     lora: LoraSpec | None = None
@@ -64,19 +67,35 @@ def load_tokenizer(name_or_path: str | Path, padding_side: str = "right") -> Pre
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     name_or_path = resolve_model_source(name_or_path)
-    if saved_generic_tokenizer(name_or_path):
-        # AutoTokenizer would pick the class from config.json's model_type for some architectures
-        # (transformers 5 does so for qwen2, phi3, ...) and rebuild a different tokenizer from the
-        # vocabulary; a custom tokenizer.json saved next to such a model must be loaded as it is.
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(name_or_path))
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+    with model_source_errors(name_or_path, "tokenizer"):
+        if saved_generic_tokenizer(name_or_path):
+            # AutoTokenizer would pick the class from config.json's model_type for some
+            # architectures (transformers 5 does so for qwen2, phi3, ...) and rebuild a different
+            # tokenizer from the vocabulary; a custom tokenizer.json must be loaded as it is.
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(str(name_or_path))
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ValueError(f"tokenizer at {name_or_path} has neither a pad nor an EOS token")
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = padding_side
     return tokenizer
+
+
+@contextlib.contextmanager
+def model_source_errors(name_or_path: str | Path, what: str) -> Iterator[None]:
+    """A model that is neither a local directory nor loadable is a one-line `UserError`
+    (transformers raises OSError with several lines of advice, or tries the hub)."""
+    path = Path(str(name_or_path))
+    if not path.exists() and str(name_or_path).startswith((".", "/", "~")):
+        raise UserError(f"model {name_or_path}: no such directory")
+    try:
+        yield
+    except OSError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        where = "" if path.exists() else ", not a local directory"
+        raise UserError(f"model {name_or_path}{where}: cannot load its {what} ({first})") from None
 
 
 def saved_generic_tokenizer(name_or_path: str | Path) -> bool:
@@ -117,9 +136,10 @@ def load_model(
     else:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(
-            str(name_or_path), dtype=torch_dtype, trust_remote_code=trust_remote_code
-        )
+        with model_source_errors(name_or_path, "weights"):
+            model = AutoModelForCausalLM.from_pretrained(
+                str(name_or_path), dtype=torch_dtype, trust_remote_code=trust_remote_code
+            )
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if lora is not None and not is_peft_model(model):

@@ -2,16 +2,13 @@
 
 result = load_preference_data("pairs.jsonl", tokenizer=tok)        # records + skipped
 pairs, _ = tokenize_preference(result.records, tok, max_length=512, max_prompt_length=256)
-batches = length_grouped_batches([p.length for p in pairs], batch_size=8, seed=0)
-batch = collate_pairs([pairs[i] for i in batches[0]], pad_id=tok.pad_token_id)
+batch = collate_pairs(pairs[:8], pad_id=tok.pad_token_id)
+
+Training plans its batches itself (`prefalign.training.loop.batch_plan`, length-grouped); a
+`Trainer.fit(lengths, collate, loss_fn)` caller gives it the lengths and a collate function.
 """
 
-from prefalign.data.collate import (
-    collate_pairs,
-    collate_sft,
-    collate_unpaired,
-    length_grouped_batches,
-)
+from prefalign.data.collate import collate_pairs, collate_unpaired
 from prefalign.data.loading import load_preference_data, load_sft_data, load_unpaired_data
 from prefalign.data.records import (
     DataError,
@@ -24,6 +21,7 @@ from prefalign.data.tokenize import (
     TokenizedExample,
     TokenizedPair,
     TokenizedUnpaired,
+    TruncationSettings,
     tokenize_preference,
     tokenize_sft,
     tokenize_unpaired,
@@ -38,11 +36,10 @@ __all__ = [
     "TokenizedExample",
     "TokenizedPair",
     "TokenizedUnpaired",
+    "TruncationSettings",
     "UnpairedRecord",
     "collate_pairs",
-    "collate_sft",
     "collate_unpaired",
-    "length_grouped_batches",
     "load_preference_data",
     "load_sft_data",
     "load_unpaired_data",

@@ -1,5 +1,8 @@
 """Read rows from JSONL, JSON, CSV/TSV, parquet, a saved `datasets` directory or a hub id.
 
+A hub dataset is named `hf:owner/name`: a bare name that is no local path is an error, never a
+download nobody asked for (a typo in a file name would otherwise reach the network).
+
 JSONL is read here line by line, so a bad line or undecodable bytes name their line number;
 every other format names a 1-based row index. Rows then go through `validation`, which turns
 each into a record or a located `DataError`.
@@ -39,6 +42,7 @@ from prefalign.io import JsonlError, JsonProblem, check_strings, iter_jsonl, par
 
 FILE_SUFFIXES = (*LINE_SUFFIXES, ".json", ".csv", ".tsv", ".parquet")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+HUB_PREFIX = "hf:"
 SAVED_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")
 
 
@@ -51,9 +55,17 @@ class Source:
 
 
 def open_source(path_or_id: str | Path, split: str = "train") -> Source:
-    """Route a path or hub id to its reader. Local paths never fall through to the hub."""
-    path = Path(path_or_id)
+    """Route a path or `hf:` hub id to its reader. Local paths never fall through to the hub."""
     name = str(path_or_id)
+    if name.startswith(HUB_PREFIX):
+        hub_id = name.removeprefix(HUB_PREFIX)
+        if not HUB_ID.match(hub_id):
+            raise DataError(
+                name, None, "not a hub dataset id (hf:owner/name)", reason="not_found",
+                row_level=False,
+            )
+        return _datasets_source(hub_id, split, local=False)
+    path = Path(path_or_id)
     suffix = path.suffix.lower()
     if path.is_dir():
         return _datasets_source(name, split, local=True)
@@ -73,11 +85,12 @@ def open_source(path_or_id: str | Path, split: str = "train") -> Source:
             reason="unknown_file_type",
             row_level=False,
         )
-    if suffix in FILE_SUFFIXES or name.startswith((".", "/", "~")) or not HUB_ID.match(name):
-        raise DataError(
-            name, None, "no such file or directory", reason="not_found", row_level=False
-        )
-    return _datasets_source(name, split, local=False)
+    hint = ""
+    if suffix not in FILE_SUFFIXES and not name.startswith((".", "/", "~")) and HUB_ID.match(name):
+        hint = f" (a Hugging Face Hub dataset? write {HUB_PREFIX}{name})"
+    raise DataError(
+        name, None, f"no such file or directory{hint}", reason="not_found", row_level=False
+    )
 
 
 def _jsonl_rows(path: Path, name: str) -> Iterator[tuple[int, Any]]:
@@ -191,7 +204,8 @@ def _datasets_source(name: str, split: str, *, local: bool) -> Source:
                 row_level=False,
             )
         ds = ds[split]
-    label = name if local or split == "train" else f"{name}[{split}]"
+    label = name if local else HUB_PREFIX + name
+    label = label if split == "train" else f"{label}[{split}]"
     return Source(label, enumerate(ds, start=1), columns=list(ds.column_names))
 
 

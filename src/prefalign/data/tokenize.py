@@ -9,7 +9,8 @@ Layout of every sequence: [BOS] prompt | response [EOS]
 Truncation: the prompt (BOS included) is cut to `max_prompt_length` first, `keep_end` keeping
 its last tokens (the question nearest the answer survives; BOS stays) or `keep_start` its first;
 then each response is cut to what `max_length` leaves, keeping its start. A prompt that leaves
-no room for a single response token is a DataError.
+no room for a single response token is a DataError. `TruncationSettings` holds the three
+settings; every data config (preference, KTO, SFT, reward model, ARM) is one.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from prefalign.config import bounded
 from prefalign.data.records import (
     DataError,
     PreferenceRecord,
@@ -27,6 +29,46 @@ from prefalign.data.records import (
 )
 
 Truncation = Literal["keep_end", "keep_start"]
+
+
+@dataclass
+class TruncationSettings:
+    """The length budget of tokenized examples. Data configs extend it, so their keys read
+    `data.max_length`, `data.max_prompt_length`, `data.truncation`; null means no limit."""
+
+    max_length: int | None = bounded(512, min=2)  # prompt + response tokens
+    max_prompt_length: int | None = bounded(256, min=1)  # the prompt is cut to this first
+    truncation: Truncation = "keep_end"  # which end of a long prompt survives
+
+    def limits(self) -> dict[str, Any]:
+        """The keyword arguments of `tokenize_preference` / `_unpaired` / `_sft`."""
+        return {
+            "max_length": self.max_length,
+            "max_prompt_length": self.max_prompt_length,
+            "truncation": self.truncation,
+        }
+
+    def config_problem(self) -> tuple[str, str] | None:
+        """(key, what is wrong), or None: the bounds, and a prompt budget that leaves room."""
+        problem = self.bounds_problem()
+        if problem is None and None not in (self.max_length, self.max_prompt_length) and (
+            self.max_prompt_length >= self.max_length
+        ):
+            return (
+                "max_prompt_length",
+                f"{self.max_prompt_length} leaves no room for a response within "
+                f"max_length={self.max_length}; make it smaller than max_length",
+            )
+        return problem
+
+    def bounds_problem(self) -> tuple[str, str] | None:
+        if self.truncation not in ("keep_end", "keep_start"):
+            return "truncation", f"must be 'keep_end' or 'keep_start', got {self.truncation!r}"
+        if self.max_length is not None and self.max_length < 2:
+            return "max_length", f"must be at least 2, got {self.max_length}"
+        if self.max_prompt_length is not None and self.max_prompt_length < 1:
+            return "max_prompt_length", f"must be at least 1, got {self.max_prompt_length}"
+        return None
 
 
 @dataclass
@@ -84,12 +126,9 @@ class _Budget:
         truncation: str,
         add_eos: bool,
     ) -> None:
-        if truncation not in ("keep_end", "keep_start"):
-            raise ValueError(f"truncation must be 'keep_end' or 'keep_start', got {truncation!r}")
-        if max_length is not None and max_length < 2:
-            raise ValueError(f"max_length must be at least 2, got {max_length}")
-        if max_prompt_length is not None and max_prompt_length < 1:
-            raise ValueError(f"max_prompt_length must be at least 1, got {max_prompt_length}")
+        problem = TruncationSettings(max_length, max_prompt_length, truncation).bounds_problem()
+        if problem is not None:
+            raise ValueError(f"{problem[0]} {problem[1]}")
         if add_eos and tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no EOS token; set one or pass add_eos=False")
         self.tokenizer, self.truncation = tokenizer, truncation
@@ -197,6 +236,15 @@ def tokenize_preference(
         prompt, cut_p = budget.cut_prompt(prompt, record)
         chosen, cut_c = budget.cut_response(prompt, chosen, record, "chosen")
         rejected, cut_r = budget.cut_response(prompt, rejected, record, "rejected")
+        if (cut_c or cut_r) and chosen == rejected:  # they differed only past the budget
+            raise DataError(
+                record.source,
+                record.line,
+                f"identical to 'chosen' once cut to max_length={budget.max_length} "
+                f"({len(prompt)} prompt + {len(chosen)} response tokens); raise max_length",
+                field="rejected",
+                reason="identical_after_truncation",
+            )
         return TokenizedPair(prompt, chosen, rejected, truncated=cut_p or cut_c or cut_r)
 
     return _check_rows(records, rows, skip_invalid, build)

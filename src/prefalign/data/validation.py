@@ -32,6 +32,11 @@ PREFERENCE_COLUMNS = (("prompt", "chosen", "rejected"), ("chosen", "rejected"))
 UNPAIRED_COLUMNS = (("prompt", "completion", "label"),)
 SFT_COLUMNS = (("prompt", "completion"), ("messages",))
 
+# Roles chat templates know; anything else is a typo or another dataset's dialect, which a
+# template would render wrongly or drop without a word.
+ROLES = ("system", "developer", "user", "assistant", "tool")
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}
+
 # CSV cells are untyped, so a label there is spelled out; typed formats must hold a real bool.
 CSV_TRUE = {"true", "1"}
 CSV_FALSE = {"false", "0"}
@@ -140,6 +145,14 @@ def check_messages(value: Any, name: str, row: Row, *, response: bool) -> list[d
                 raise row.error(
                     f"message needs a string '{key}', got {got}", field=at, reason="bad_message"
                 )
+        if message["role"] not in ROLES:
+            hint = SHAREGPT_ROLES.get(message["role"])
+            raise row.error(
+                f"unknown role {message['role']!r}; allowed: {', '.join(ROLES)}"
+                + (f" (ShareGPT's '{message['role']}' is '{hint}')" if hint else ""),
+                field=at,
+                reason="bad_role",
+            )
     if response and not any(m["content"].strip() for m in value):
         raise row.error("empty or whitespace-only response", field=name, reason="empty_response")
     return value

@@ -69,7 +69,7 @@ class Archive:
 
     def scored(self) -> list[dict[str, Any]]:
         """Valid records with a finite fitness."""
-        return [r for r in self.records if r.get("valid") and _finite(r.get("fitness"))]
+        return scored(self.records)
 
     def find(self, code_hash: str) -> dict[str, Any] | None:
         """The first record of the same (normalized) code, to reuse its verdict and fitness."""
@@ -103,6 +103,11 @@ class Archive:
         """The full record of the best-scoring proposed (not baseline) objective, if any."""
         ranked = [r for r in self.leaderboard(len(self.records)) if r.get("generation", 0) >= 0]
         return self.find(ranked[0]["code_hash"]) if ranked else None
+
+
+def scored(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The valid records with a finite fitness."""
+    return [r for r in records if r.get("valid") and _finite(r.get("fitness"))]
 
 
 def _finite(x: Any) -> bool:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from prefalign.discovery.archive import Archive
+from prefalign.discovery.static_check import MAX_CODE_CHARS, MAX_DEPTH, tree_depth
 
 
 @dataclass(frozen=True)
@@ -40,22 +41,36 @@ class ProposalError:
 
 
 class Proposer(Protocol):
-    """Anything that proposes `n` new objectives given the archive of earlier ones."""
+    """Anything that proposes `n` new objectives given the archive of earlier ones.
+
+    A proposer whose `propose` also takes keyword arguments `generation` and `slots` (the
+    archive indices it fills) is told them, so it can make each proposal a function of
+    (seed, generation, slot) and a resumed run proposes what an uninterrupted one did."""
 
     def propose(self, archive: Archive, n: int) -> list[Candidate | ProposalError]: ...
 
 
 def normalize_code(code: str) -> str:
-    """Code with comments, docstrings and formatting removed, so cosmetic edits hash alike."""
+    """Code with comments, docstrings and formatting removed, so cosmetic edits hash alike.
+
+    Code beyond the static check's size or depth bounds (which it will fail) is hashed as it
+    is: unparsing a deep tree recurses once per level."""
+    if len(code) > MAX_CODE_CHARS:
+        return code.strip()
     try:
         tree = ast.parse(code)
     except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return code.strip()
+    if tree_depth(tree) > MAX_DEPTH:
         return code.strip()
     for node in ast.walk(tree):
         body = getattr(node, "body", None)
         if isinstance(body, list) and body and _is_docstring(body[0]):
             node.body = body[1:] or [ast.Pass()]  # type: ignore[attr-defined]
-    return ast.unparse(tree)
+    try:
+        return ast.unparse(tree)
+    except RecursionError:
+        return code.strip()
 
 
 def code_hash(code: str) -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 from prefalign.discovery.archive import Archive
 from prefalign.discovery.export import function_name
 from prefalign.discovery.recipe import DiscoverConfig, run_discover
+from prefalign.toy.tasks import world_task
 from prefalign.toy.world import ToyWorld
 
 
@@ -31,7 +32,7 @@ def demo_discovery(world: ToyWorld, settings, log=print, config: DiscoverConfig 
     out_dir = Path(settings.out_dir) / "discovery"
     shutil.rmtree(out_dir, ignore_errors=True)  # a demo run starts fresh, like its other rows
     config = replace(config, out_dir=str(out_dir)) if config else discovery_config(out_dir)
-    archive = run_discover(config, log=lambda *_: None, world=world)
+    archive = run_discover(config, log=lambda *_: None, task=world_task(world))
     best = archive.best_proposed()
     if best is None:
         raise RuntimeError(f"the demo's discovery produced no valid candidate; see {out_dir / 'archive.jsonl'}")

@@ -12,6 +12,7 @@ Baselines (named code, e.g. the registry's objectives) are scored first as gener
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -19,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from prefalign.discovery.archive import Archive
-from prefalign.discovery.candidate import Candidate, ProposalError, Proposer
+from prefalign.discovery.candidate import Candidate, ProposalError, Proposer, code_hash
 from prefalign.discovery.fitness import FitnessResult
-from prefalign.discovery.sandbox import Sandbox, SandboxLimits
+from prefalign.discovery.sandbox import Sandbox, SandboxError, SandboxLimits
 
 BASELINE_GENERATION = -1
 
@@ -68,13 +69,33 @@ def run_discovery(
             if not missing:
                 continue
             log(f"generation {generation}: proposing {len(missing)} candidate(s)")
-            proposals = list(proposer.propose(archive, len(missing)))[: len(missing)]
-            while len(proposals) < len(missing):
-                proposals.append(ProposalError("the proposer returned too few candidates"))
+            proposals = _propose(proposer, archive, generation, missing)
             for index, proposal in zip(missing, proposals, strict=True):
                 evaluate(proposal, generation, index)
     log(format_leaderboard(archive))
     return archive
+
+
+def _propose(
+    proposer: Proposer, archive: Archive, generation: int, slots: list[int]
+) -> list[Candidate | ProposalError]:
+    """The proposals for `slots` of `generation`; a proposer that fails yields errors."""
+    try:
+        parameters = inspect.signature(proposer.propose).parameters
+        if "generation" in parameters and "slots" in parameters:
+            made = proposer.propose(  # type: ignore[call-arg]
+                archive, len(slots), generation=generation, slots=slots
+            )
+        else:
+            made = proposer.propose(archive, len(slots))
+        proposals = list(made)[: len(slots)]
+    except Exception as e:  # a proposer's bug costs its proposals, not the run
+        reason = f"the proposer failed: {type(e).__name__}: {e}"
+        return [ProposalError(reason[:2000], origin=getattr(proposer, "origin", "unknown"))
+                for _ in slots]  # fmt: skip
+    while len(proposals) < len(slots):
+        proposals.append(ProposalError("the proposer returned too few candidates"))
+    return proposals
 
 
 class _Evaluator:
@@ -97,8 +118,17 @@ class _Evaluator:
         start = time.time()
         if isinstance(proposal, ProposalError):
             record = _error_record(proposal)
+        elif not isinstance(proposal, Candidate):
+            what = type(proposal).__name__
+            record = _error_record(ProposalError(f"the proposer returned a {what}"))
         else:
-            record = self._candidate_record(proposal)
+            try:
+                record = self._candidate_record(proposal)
+            except SandboxError:
+                raise  # the sandbox itself is broken: every candidate would fail alike
+            except Exception as e:  # any failure of one candidate is that candidate's
+                why = f"evaluating the candidate failed: {type(e).__name__}: {e}"
+                record = _rejected_record(proposal, why)
         record.update(generation=generation, index=index, time=start, seconds=time.time() - start)
         self.archive.append(_jsonable(record))
         self.log(
@@ -144,6 +174,16 @@ class _Evaluator:
         else:
             record["fitness"] = float(result.fitness)
         return record
+
+
+def _rejected_record(candidate: Candidate, reason: str) -> dict[str, Any]:
+    code = candidate.code if isinstance(candidate.code, str) else repr(candidate.code)
+    return {
+        "name": str(candidate.name)[:200], "code": code, "code_hash": code_hash(code),
+        "thought": str(candidate.thought)[:2000], "origin": str(candidate.origin),
+        "valid": False, "reason": reason[:2000], "flags": ["evaluation_error"], "fitness": None,
+        "metrics": {},
+    }  # fmt: skip
 
 
 def _error_record(error: ProposalError) -> dict[str, Any]:

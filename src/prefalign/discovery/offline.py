@@ -8,9 +8,10 @@ and are emitted as code, so they pass through the same sandbox as an LLM's propo
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-from prefalign.discovery.archive import Archive
+from prefalign.discovery.archive import Archive, scored
 from prefalign.discovery.candidate import Candidate, ProposalError, code_hash
 from prefalign.discovery.export import compile_objective
 from prefalign.discovery.expressions import (
@@ -26,6 +27,27 @@ from prefalign.discovery.sandbox_worker import fingerprint
 MAX_TRIES = 200
 
 
+class _View:
+    """Some of an archive's records, with the archive's query methods."""
+
+    def __init__(self, records: list[dict[str, Any]]) -> None:
+        self.records = records
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.records)
+
+    def scored(self) -> list[dict[str, Any]]:
+        return scored(self.records)
+
+
+def _behaviour(code: str, call_params: dict[str, Any] | None) -> str | None:
+    """The fingerprint of our own grammar's code (None for code that no longer compiles)."""
+    try:
+        return fingerprint(compile_objective(code), call_params)
+    except ValueError:
+        return None
+
+
 def baseline_codes() -> dict[str, str]:
     """The registry's pairwise objectives (dpo, hinge, ipo, discopop, cell, padll) as code."""
     return {name: render(genome, name) for name, genome in registry_seeds().items()}
@@ -34,8 +56,10 @@ def baseline_codes() -> dict[str, str]:
 class OfflineProposer:
     """Evolutionary search; deterministic given `seed` and the archive's contents.
 
-    The random state is derived from (seed, number of archive records), so a resumed run
-    proposes what an uninterrupted run would have.
+    The proposal for slot s of generation g draws from a random stream of its own, seeded by
+    (seed, g, s), with parents from the records of earlier generations only, avoiding what
+    slots < s of generation g proposed: a run resumed inside a generation proposes exactly
+    what the uninterrupted run did.
     """
 
     origin = "offline"
@@ -51,12 +75,29 @@ class OfflineProposer:
         self.call_params = call_params
         self._seed_behaviours: set[str | None] | None = None  # computed on first use
 
-    def propose(self, archive: Archive, n: int) -> list[Candidate | ProposalError]:
-        rng = random.Random(f"{self.seed}:{len(archive)}")
-        pool = self._pool(archive)
-        seen = {r.get("code_hash") for r in archive} | self._behaviours(archive)
+    def propose(
+        self,
+        archive: Archive,
+        n: int,
+        *,
+        generation: int | None = None,
+        slots: Sequence[int] | None = None,
+    ) -> list[Candidate | ProposalError]:
+        if generation is None:  # called outside the loop: the next generation, slots 0..n-1
+            generation = 1 + max((r.get("generation", -1) for r in archive), default=-1)
+        slots = list(range(n)) if slots is None else list(slots)[:n]
+        earlier = _View([r for r in archive if r.get("generation", -1) < generation])
+        pool = self._pool(earlier)
+        seen = {r.get("code_hash") for r in earlier} | self._behaviours(earlier)
+        # What this generation's recorded slots proposed (a resumed run): avoided as before.
+        for r in archive:
+            mine = r.get("origin") == self.origin and r.get("code")
+            if mine and r.get("generation") == generation:
+                seen.add(r.get("code_hash"))
+                seen.add(_behaviour(r["code"], self.call_params))
         out: list[Candidate | ProposalError] = []
-        for _ in range(n):
+        for slot in slots:
+            rng = random.Random(f"{self.seed}:{generation}:{slot}")
             candidate = self._child(pool, seen, rng)
             if candidate is None:
                 out.append(ProposalError("no new expression found", origin=self.origin))
@@ -65,7 +106,7 @@ class OfflineProposer:
             out.append(candidate)
         return out
 
-    def _behaviours(self, archive: Archive) -> set[str]:
+    def _behaviours(self, archive: Archive | _View) -> set[str]:
         """Fingerprints of the archive's objectives and of the registry seeds."""
         if self._seed_behaviours is None:
             self._seed_behaviours = {
@@ -73,7 +114,7 @@ class OfflineProposer:
             }
         return ({r["behaviour"] for r in archive if r.get("behaviour")} | self._seed_behaviours) - {None}
 
-    def _pool(self, archive: Archive) -> list[tuple[str, Genome, float | None]]:
+    def _pool(self, archive: Archive | _View) -> list[tuple[str, Genome, float | None]]:
         """(name, genome, fitness or None) of the seeds and of every scored offline candidate."""
         fitness_by_hash = {r["code_hash"]: r["fitness"] for r in archive.scored()}
         pool = [
@@ -119,7 +160,7 @@ class OfflineProposer:
                 continue
             # Our own grammar's code, so it may run here: a new expression of a known loss
             # (a zero weight, a mixture of one term with itself) is not a new candidate.
-            behaviour = fingerprint(compile_objective(code), self.call_params)
+            behaviour = _behaviour(code, self.call_params)
             if behaviour is not None and behaviour in seen:
                 continue
             seen.add(behaviour)

@@ -21,7 +21,7 @@ from prefalign.discovery.llm import LLMProposer
 from prefalign.discovery.loop import run_discovery
 from prefalign.discovery.offline import OfflineProposer, baseline_codes
 from prefalign.discovery.sandbox import SandboxLimits
-from prefalign.toy.world import ToyWorld
+from prefalign.tasks import Task, resolve_task
 
 
 @dataclass
@@ -89,26 +89,26 @@ def make_proposer(spec: ProposerSpec, call_params: dict | None = None, log=print
     )
 
 
-def toy_proxy_fitness(proxy: ProxySpec, out_dir: Path, log=print, world: ToyWorld | None = None):
-    """fitness_fn(candidate): train the toy sentiment policy with the candidate, score gold vs KL.
-    `world` defaults to the cached sentiment world."""
+def toy_proxy_fitness(proxy: ProxySpec, out_dir: Path, log=print, task: Task | None = None):
+    """fitness_fn(candidate): train the task's policy on its preference pairs with the candidate,
+    score gold vs KL. `task` defaults to toy:sentiment (its cached world)."""
     from prefalign.config import load_config
     from prefalign.evaluation.core import evaluate_policy
     from prefalign.modeling import load_model, load_tokenizer
-    from prefalign.toy.world import get_world
     from prefalign.training.preference import PreferenceConfig, run_preference
 
-    world = world or get_world("sentiment", log=log)
-    tokenizer = load_tokenizer(world.policy_path)
-    sft = load_model(world.policy_path, device="cpu")
-    prompts = world.prompts("eval")[: proxy.n_eval_prompts]
+    task = task or resolve_task(f"toy:{proxy.task}")
+    policy_path = task.policy_path()
+    tokenizer = load_tokenizer(policy_path)
+    sft = load_model(policy_path, device="cpu")
+    prompts = task.prompts("eval")[: proxy.n_eval_prompts]
 
     def fitness(candidate: Candidate) -> FitnessResult:
         start = time.perf_counter()
         spec = save_objective(candidate, out_dir / "objectives" / f"{candidate.code_hash[:12]}.py")
         run_dir = out_dir / "proxy_runs" / candidate.code_hash[:12]
         config = load_config(PreferenceConfig, None, [
-            f"model.name_or_path={world.policy_path}", f"data.path={world.file('pairs.jsonl')}",
+            f"model.name_or_path={policy_path}", f"data.path={task.file('pairs')}",
             f"objective.code={spec}", f"reference.mode={proxy.reference}", "reference.period=4", "reference.tau=12",
             f"trainer.out_dir={run_dir}", f"trainer.batch_size={proxy.batch_size}", f"trainer.max_steps={proxy.steps}",
             f"trainer.lr={proxy.lr}", f"trainer.seed={proxy.seed}", "trainer.progress=false", "trainer.log_every=1000",
@@ -117,13 +117,14 @@ def toy_proxy_fitness(proxy: ProxySpec, out_dir: Path, log=print, world: ToyWorl
         # Candidates without a beta parameter take none; those with one get the proxy's.
         from prefalign import objectives
 
-        objective = objectives.load_user_objective(spec)
+        objective = objectives.load_user_objective(spec)  # imported once, passed down resolved
         if objective.accepts("beta"):
             config.objective.params = {"beta": proxy.beta}
-        run_preference(config, log=lambda *_: None)
+        resolved = objective.resolve(config.objective.params)
+        run_preference(config, log=lambda *_: None, objective=resolved)
         policy = load_model(run_dir / "final", device="cpu")
         result = evaluate_policy(
-            policy, tokenizer, "sentiment", prompts, reference=sft,
+            policy, tokenizer, task, prompts, reference=sft,
             samples_per_prompt=proxy.samples_per_prompt, seed=proxy.seed,
         )
         fit = proxy.fitness
@@ -133,14 +134,16 @@ def toy_proxy_fitness(proxy: ProxySpec, out_dir: Path, log=print, world: ToyWorl
     return fitness
 
 
-def run_discover(config: DiscoverConfig, resume: bool = False, log=print, world: ToyWorld | None = None) -> Archive:
+def run_discover(
+    config: DiscoverConfig, resume: bool = False, log=print, task: Task | None = None
+) -> Archive:
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if config.proxy.task == "synthetic":
         def raw(c: Candidate) -> FitnessResult:
             return synthetic_fitness(c, kl_penalty=config.proxy.fitness.kl_penalty, seed=config.proxy.seed)
     else:
-        raw = toy_proxy_fitness(config.proxy, out_dir, log=log, world=world)
+        raw = toy_proxy_fitness(config.proxy, out_dir, log=log, task=task)
     fitness = FitnessCache(out_dir / "fitness_cache.json").wrap(raw, asdict(config.proxy))
     limits = SandboxLimits(timeout_s=config.sandbox.timeout_s, memory_mb=config.sandbox.memory_mb, cpu_s=config.sandbox.cpu_s)
     # How the fitness calls a candidate: the toy proxy passes its beta to those that take one;

@@ -13,6 +13,7 @@ same restricted globals in training as in the sandbox.
 from __future__ import annotations
 
 import builtins
+import functools
 import hashlib
 import inspect
 import json
@@ -63,10 +64,23 @@ def restricted_globals(builtin_names: Iterable[str]) -> dict[str, Any]:
 
 
 def define_function(code: str, function: str, builtin_names: Iterable[str]) -> Callable[..., Any]:
-    """Execute statically checked `code` in restricted globals and return `function`."""
+    """Execute statically checked `code` in restricted globals and return `function`, wrapped
+    so that it receives copies of its tensor arguments: whatever it writes in place (through
+    an alias the static check cannot see) stays in the copy."""
     namespace = restricted_globals(builtin_names)
     exec(compile(code, "<candidate>", "exec"), namespace)
-    return namespace[function]
+    return with_copies(namespace[function])
+
+
+def with_copies(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn` called on clones of its tensor arguments (clone keeps the autograd graph)."""
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        copies = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+        return fn(*copies, **kwargs)
+
+    return call
 
 
 # ---------------------------------------------------------------- inputs

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 
 MAX_CODE_CHARS = 20_000
 MAX_NODES = 3_000
+# Syntax-tree levels: a DPO-like body needs about 12; compiling, unparsing and the checks
+# themselves recurse once per level (a 400-term sum is 400 levels deep).
+MAX_DEPTH = 100
 N_TENSOR_ARGS = 4
 
 # Elementwise and reduction math; no I/O, no serialization, no in-place (trailing "_") ops.
@@ -113,6 +116,12 @@ def check_static(code: str) -> StaticResult:
         return StaticResult(False, f"syntax error: {e.msg} (line {e.lineno})")
     except (ValueError, RecursionError, MemoryError) as e:  # null bytes, absurd nesting
         return StaticResult(False, f"code cannot be parsed: {type(e).__name__}")
+    depth = tree_depth(tree)
+    if depth > MAX_DEPTH:
+        return StaticResult(
+            False, f"code is nested too deeply ({depth} > {MAX_DEPTH} syntax levels; a long sum "
+            "or chain counts one level per term: use intermediate variables)"
+        )  # fmt: skip
     try:
         function = _check_module(tree)
     except _Rejected as e:
@@ -120,6 +129,16 @@ def check_static(code: str) -> StaticResult:
     except RecursionError:
         return StaticResult(False, "code is nested too deeply")
     return StaticResult(True, None, function)
+
+
+def tree_depth(tree: ast.AST) -> int:
+    """Depth of a syntax tree, computed without recursion."""
+    deepest, stack = 0, [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
+    return deepest
 
 
 def _check_module(tree: ast.Module) -> str:
@@ -241,6 +260,10 @@ class _Checker:
                     raise _Rejected(f"name '{node.id}' is not allowed")
         elif isinstance(node, ast.Attribute):
             self._check_attribute(node)
+        elif isinstance(node, ast.keyword) and node.arg == "out":
+            raise _Rejected(
+                "out= is not allowed (it writes into an existing tensor); use the returned value"
+            )
         elif isinstance(node, ast.Constant):
             if isinstance(node.value, bytes):
                 raise _Rejected("bytes literals are not allowed")
@@ -276,6 +299,11 @@ class _Checker:
     def _check_attribute(self, node: ast.Attribute) -> None:
         if node.attr.startswith("_"):
             raise _Rejected(f"dunder/private attribute '{node.attr}' is not allowed")
+        if node.attr.endswith("_"):
+            raise _Rejected(
+                f"in-place method '.{node.attr}' is not allowed (it modifies a tensor); use "
+                f"'.{node.attr.rstrip('_')}' and a new name"
+            )
         path = _dotted(node)
         if path is not None and path.split(".")[0] in MODULE_NAMES:
             inner_ok = path in _PATH_PREFIXES and id(node) in self.inner

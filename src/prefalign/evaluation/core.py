@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from prefalign.generation import Generation, SamplingParams, generate
 from prefalign.logprobs import collate_prompt_response, sequence_logps
-from prefalign.toy.rewards import arith_correct, brevity_reward, gold_reward_fn
+from prefalign.tasks import Task, resolve_task
 
 RewardFn = Callable[[str, str], float]
 
@@ -32,8 +32,8 @@ class EvalResult:
     kl_se: float
     mean_length: float  # response tokens
     seconds: float
-    accuracy: float | None = None  # arith: share of exact answers
-    extra_rewards: dict[str, float] = field(default_factory=dict)  # e.g. brevity on sentiment
+    accuracy: float | None = None  # the task's "accuracy" metric, if it has one
+    extra_rewards: dict[str, float] = field(default_factory=dict)  # its other metrics
     samples: list[dict] = field(default_factory=list)
 
     def summary(self) -> dict:
@@ -80,7 +80,7 @@ def sequence_kl(
 def evaluate_policy(
     policy: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
-    task: str,
+    task: str | Task,
     prompts: Sequence[str],
     reference: torch.nn.Module | None = None,
     samples_per_prompt: int = 1,
@@ -92,15 +92,23 @@ def evaluate_policy(
 ) -> EvalResult:
     """Sample the policy on `prompts`, score with the task's gold reward, estimate KL to `reference`.
 
+    `task` is a `Task` or a registered task name (`prefalign.tasks.resolve_task`); with a
+    `reward_fn`, a name is only a label and the task's extra metrics are skipped.
     `generations` may be given (e.g. from guided decoding); then KL is measured for those samples.
     """
     start = time.perf_counter()
-    reward_fn = reward_fn or gold_reward_fn(task)
+    task_name = task.name if isinstance(task, Task) else task
+    if reward_fn is None or isinstance(task, Task):
+        task = resolve_task(task)
     expanded = [p for p in prompts for _ in range(samples_per_prompt)]
     if generations is None:
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, seed=seed, batch_size=batch_size)
         generations = generate(policy, tokenizer, expanded, params)
-    rewards = [reward_fn(p, g.text) for p, g in zip(expanded, generations, strict=True)]
+    texts = [g.text for g in generations]
+    if reward_fn is None:
+        rewards = task.gold_reward(expanded, texts)
+    else:
+        rewards = [reward_fn(p, t) for p, t in zip(expanded, texts, strict=True)]
     gold, gold_se = mean_and_se(rewards)
     if reference is not None:
         kls = sequence_kl(policy, reference, generations, tokenizer.pad_token_id).tolist()
@@ -108,7 +116,7 @@ def evaluate_policy(
         kls = [0.0] * len(generations)
     kl, kl_se = mean_and_se(kls)
     result = EvalResult(
-        task=task,
+        task=task_name,
         n=len(generations),
         gold_reward=gold,
         gold_reward_se=gold_se,
@@ -117,10 +125,10 @@ def evaluate_policy(
         mean_length=sum(len(g.response_ids) for g in generations) / max(1, len(generations)),
         seconds=time.perf_counter() - start,
     )
-    if task == "arith":
-        result.accuracy = sum(arith_correct(p, g.text) for p, g in zip(expanded, generations, strict=True)) / len(expanded)
-    if task == "sentiment":
-        result.extra_rewards["brevity"] = mean_and_se([brevity_reward(p, g.text) for p, g in zip(expanded, generations, strict=True)])[0]
+    if isinstance(task, Task):
+        metrics = task.metrics(expanded, texts)
+        result.accuracy = metrics.pop("accuracy", None)  # the accuracy column of every table
+        result.extra_rewards.update(metrics)
     result.samples = [
         {"prompt": p, "response": g.text, "reward": r, "kl": k}
         for p, g, r, k in zip(expanded, generations, rewards, kls, strict=True)

@@ -13,8 +13,7 @@ def load_eval_pairs(tokenizer, path: str, data_config) -> list:
 
     loaded = load_preference_data(path, tokenizer=tokenizer, skip_invalid=True)
     pairs, _ = tokenize_preference(
-        loaded.records, tokenizer, max_length=data_config.max_length,
-        max_prompt_length=data_config.max_prompt_length, truncation=data_config.truncation, skip_invalid=True,
+        loaded.records, tokenizer, **data_config.limits(), skip_invalid=True,
     )
     return pairs
 

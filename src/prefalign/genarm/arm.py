@@ -20,12 +20,13 @@ from prefalign import objectives
 from prefalign.evaluation.pairs import pair_metrics
 from prefalign.io import read_jsonl, write_jsonl
 from prefalign.reference import ReferenceSpec
-from prefalign.toy.rewards import RewardFn
+from prefalign.tasks import PairFn as RewardFn
 from prefalign.training.loop import TrainerConfig, TrainResult
 from prefalign.training.preference import (
     ObjectiveSpec,
     PreferenceConfig,
     PreferenceData,
+    resolve_objective,
     run_preference,
 )
 
@@ -34,7 +35,7 @@ from prefalign.training.preference import (
 class ArmConfig(PreferenceConfig):
     """`prefalign arm train` config: a preference config whose objective defaults to genarm."""
 
-    objective: ObjectiveSpec = field(default_factory=lambda: ObjectiveSpec(name="genarm", params={"beta_r": 1.0}))
+    objective: ObjectiveSpec = field(default_factory=lambda: ObjectiveSpec(name="genarm"))
     reference: ReferenceSpec = field(default_factory=lambda: ReferenceSpec(mode="none"))
     trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(out_dir="runs/arm", lr=5e-6))
 
@@ -47,37 +48,47 @@ class ArmResult:
     initial_pair_accuracy: float | None  # the same for the initial model, for contrast
 
 
+def arm_objective(config: PreferenceConfig) -> objectives.Resolved:
+    """The ARM objective resolved once for the run. A user file (`objective.code`) is an ARM
+    loss, so it is loaded as one: reference-free, its reference arguments passed as zeros."""
+    spec = config.objective
+    if spec.code:
+        objective = objectives.load_user_objective(spec.code, needs_reference=False)
+        return objective.resolve(spec.params)
+    return resolve_objective(spec)
+
+
 def arm_beta(config: PreferenceConfig) -> float:
-    objective = objectives.get(config.objective.name) if not config.objective.code else None
-    defaults = objective.defaults if objective is not None else {}
-    return float(config.objective.params.get("beta_r", defaults.get("beta_r", 1.0)))
+    """The ARM's reward scale (`beta_r` for genarm), as the config's objective resolves it."""
+    return arm_objective(config).reward_scale
 
 
-def check_arm_config(config: PreferenceConfig) -> None:
-    """An ARM is trained without a reference policy: refuse configs that would need one."""
-    if config.objective.code is None:
-        objective = objectives.get(config.objective.name)
-        if objective.needs_reference or objective.kind != "pairwise":
-            raise ValueError(
-                f"config key 'objective.name': an ARM needs a pairwise objective with no reference "
-                f"policy (e.g. genarm), got '{objective.name}'"
-            )
+def check_arm_config(config: PreferenceConfig) -> objectives.Resolved:
+    """An ARM is trained without a reference policy: refuse configs that would need one.
+    Returns the objective, resolved once for the run (a user file is imported here)."""
+    objective = arm_objective(config)
+    if objective.needs_reference or objective.kind != "pairwise":
+        raise ValueError(
+            f"config key 'objective.name': an ARM needs a pairwise objective with no reference "
+            f"policy (e.g. genarm), got '{objective.name}'"
+        )
     if config.reference.mode != "none":
         raise ValueError(f"config key 'reference.mode': an ARM is trained with no reference, got '{config.reference.mode}'")
+    return objective
 
 
 def train_arm(config: ArmConfig, resume: bool = False, log=print) -> ArmResult:
     """Train an ARM with the preference trainer; measure held-out pair accuracy before and after."""
     from prefalign.modeling import load_model, load_tokenizer
 
-    check_arm_config(config)
-    beta_r = arm_beta(config)
+    objective = check_arm_config(config)
+    beta_r = objective.reward_scale
     eval_path = config.data.eval_path
     initial = None
     if eval_path and not resume:
         tokenizer = load_tokenizer(config.model.name_or_path)
         initial = arm_pair_accuracy(load_model(config.model.name_or_path, device="cpu"), tokenizer, eval_path, beta_r, config.data)
-    result = run_preference(config, resume=resume, log=log)
+    result = run_preference(config, resume=resume, log=log, objective=objective)
     final = Path(config.trainer.out_dir) / "final"
     accuracy = None
     if eval_path:

@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 from prefalign.generation import Generation, SamplingParams, StepFn, generate
 from prefalign.reward_models.reader import SequenceRewardModel
-from prefalign.toy.rewards import RewardFn
+from prefalign.tasks import PairFn as RewardFn
 
 
 class ArgsRewardTracker:

@@ -20,7 +20,9 @@ def run_arm_train_cli(args: argparse.Namespace) -> int:
     from prefalign.genarm.arm import ArmConfig, train_arm
 
     config = load_config(ArmConfig, args.config, list(getattr(args, "overrides", None) or []))
-    result = train_arm(config, resume=bool(getattr(args, "resume", False)))
+    # stdout carries the JSON result only: progress lines go to stderr.
+    resume = bool(getattr(args, "resume", False))
+    result = train_arm(config, resume=resume, log=lambda *a: print(*a, file=sys.stderr))
     last = result.train.history[-1] if result.train.history else {}
     print(json.dumps({
         "steps": result.train.steps,

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Literal
 
 from torch import Tensor
 
 from prefalign.objectives import kto, pairwise
+from prefalign.objectives.params import check_params
 from prefalign.userfiles import import_python_file
 
 Kind = Literal["pairwise", "unpaired"]
@@ -26,7 +28,10 @@ class Objective:
     `fn(policy_logps, reference_logps, labels, kl_policy_logps, kl_reference_logps, **params)`.
     `needs_reference=False`: the reference arguments are ignored and may be None.
     `length_normalized=True`: pass per-token MEAN log-probs instead of sums.
-    `defaults`: parameter values that override the function's own defaults.
+    `reward_scale`: the hyper-parameter that scales the implicit reward `log pi - log pi_ref`
+    (DPO's `beta`, GenARM's `beta_r`); None when the loss has none (rewards are logged unscaled).
+    `defaults`: overrides of the function's own defaults (empty for the built-ins, whose
+    defaults live in their signatures only).
     """
 
     name: str
@@ -35,6 +40,7 @@ class Objective:
     needs_reference: bool = True
     length_normalized: bool = False
     defaults: dict[str, Any] = field(default_factory=dict)
+    reward_scale: str | None = "beta"
 
     @property
     def param_names(self) -> tuple[str, ...] | None:
@@ -49,6 +55,51 @@ class Objective:
     def params(self) -> dict[str, Any]:
         """Effective default hyper-parameters: the function's defaults, then `defaults`."""
         return {**_hyperparameters(self.fn, self.kind)[1], **self.defaults}
+
+    def resolve(
+        self, params: Mapping[str, Any] | None = None, key: str = "objective.params"
+    ) -> Resolved:
+        """This objective with every hyper-parameter decided: its defaults, then `params`.
+
+        An unknown name or a value of the wrong kind raises a `UserError` naming `key.name`.
+        """
+        params = check_params(self, params or {}, key)
+        return Resolved(self, MappingProxyType({**self.params(), **params}))
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """An objective and the hyper-parameters of one run, resolved once and passed down."""
+
+    objective: Objective
+    params: Mapping[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.objective.name
+
+    @property
+    def kind(self) -> Kind:
+        return self.objective.kind
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.objective.needs_reference
+
+    @property
+    def length_normalized(self) -> bool:
+        return self.objective.length_normalized
+
+    @property
+    def reward_scale(self) -> float:
+        """The factor of the logged implicit rewards: the run's value of the objective's
+        `reward_scale` parameter, 1.0 when the objective has none."""
+        name = self.objective.reward_scale
+        return float(self.params[name]) if name is not None and name in self.params else 1.0
+
+    def loss(self, *inputs: Tensor | None) -> Tensor:
+        """Per-example loss [B] with the resolved hyper-parameters."""
+        return compute_loss(self.objective, *inputs, **self.params)
 
 
 _REGISTRY: dict[str, Objective] = {}
@@ -111,9 +162,14 @@ def register(
     needs_reference: bool = True,
     length_normalized: bool = False,
     defaults: dict[str, Any] | None = None,
+    reward_scale: str | None = "",
     overwrite: bool = False,
 ) -> Objective:
-    """Add `fn` to the registry under `name` and return its `Objective`."""
+    """Add `fn` to the registry under `name` and return its `Objective`.
+
+    `reward_scale` names the hyper-parameter that scales the implicit reward; left out, it is
+    `beta` or `beta_r`, whichever `fn` takes (None if neither).
+    """
     if not isinstance(name, str) or not name:
         raise ValueError(f"objective name must be a non-empty string, got {name!r}")
     if not callable(fn):
@@ -124,7 +180,8 @@ def register(
         )
     defaults = dict(defaults or {})
     _check_signature(name, fn, kind, defaults)
-    objective = Objective(name, fn, kind, needs_reference, length_normalized, defaults)
+    scale = _reward_scale(name, fn, kind, reward_scale)
+    objective = Objective(name, fn, kind, needs_reference, length_normalized, defaults, scale)
     _REGISTRY[name] = objective
     return objective
 
@@ -142,13 +199,27 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def compute_loss(objective: Objective | str, *inputs: Tensor | None, **params: Any) -> Tensor:
+def _check_params(objective: Objective, params: Mapping[str, Any], key: str) -> None:
+    allowed = objective.param_names
+    unknown = sorted(set(params) - set(allowed)) if allowed is not None else []
+    if unknown:
+        raise ValueError(
+            f"{key}: objective '{objective.name}' got unknown parameter(s) {', '.join(unknown)}; "
+            f"allowed: {', '.join(allowed) or '(none)'}"
+        )
+
+
+def compute_loss(
+    objective: Objective | Resolved | str, *inputs: Tensor | None, **params: Any
+) -> Tensor:
     """Per-example loss [B] of `objective` on its input tensors, `defaults` merged under `params`.
 
     Pairwise: `compute_loss(obj, pc, pr, rc, rr, beta=...)`; unpaired: `compute_loss(obj,
     policy_logps, reference_logps, labels, kl_policy_logps, kl_reference_logps, beta=...)`.
     Unknown parameter names raise a ValueError instead of being silently ignored.
     """
+    if isinstance(objective, Resolved):
+        objective, params = objective.objective, {**objective.params, **params}
     if isinstance(objective, str):
         objective = get(objective)
     n_inputs = N_INPUTS[objective.kind]
@@ -156,14 +227,7 @@ def compute_loss(objective: Objective | str, *inputs: Tensor | None, **params: A
         raise ValueError(
             f"objective '{objective.name}' ({objective.kind}) takes {n_inputs} input tensors, got {len(inputs)}"
         )
-    allowed = objective.param_names
-    if allowed is not None:
-        unknown = sorted(set(params) - set(allowed))
-        if unknown:
-            raise ValueError(
-                f"objective '{objective.name}' got unknown parameter(s) {', '.join(unknown)}; "
-                f"allowed: {', '.join(allowed) or '(none)'}"
-            )
+    _check_params(objective, params, "params")
     return objective.fn(*inputs, **{**objective.defaults, **params})
 
 
@@ -174,6 +238,7 @@ def load_user_objective(
     needs_reference: bool = True,
     length_normalized: bool = False,
     defaults: dict[str, Any] | None = None,
+    reward_scale: str | None = "",
 ) -> Objective:
     """Load `"path/to/file.py:function"` as an (unregistered) `Objective` named `spec`.
 
@@ -192,25 +257,48 @@ def load_user_objective(
         )
     defaults = dict(defaults or {})
     _check_signature(spec, fn, kind, defaults)
-    return Objective(spec, fn, kind, needs_reference, length_normalized, defaults)
+    scale = _reward_scale(spec, fn, kind, reward_scale)
+    return Objective(spec, fn, kind, needs_reference, length_normalized, defaults, scale)
+
+
+def _reward_scale(name: str, fn: Callable[..., Any], kind: str, given: str | None) -> str | None:
+    """The reward-scale parameter: `given` ("" means infer it: beta, else beta_r, else None)."""
+    accepted = _hyperparameters(fn, kind)[0]
+    if given == "":
+        if accepted is None:  # **kwargs: beta is passed through, as the built-ins name it
+            return "beta"
+        return next((p for p in ("beta", "beta_r") if p in accepted), None)
+    if given is not None and accepted is not None and given not in accepted:
+        raise ValueError(f"objective '{name}': reward_scale '{given}' is not one of its parameters")
+    return given
+
+
+def resolve(name: str = "dpo", code: str | None = None, params: Mapping[str, Any] | None = None,
+            key: str = "objective") -> Resolved:
+    """The objective of one run, resolved once: a registry `name` or a user file `code`
+    ("path/to/file.py:function"), with `params` over its defaults. Errors name config `key`."""
+    if code:
+        objective = load_user_objective(code)
+    else:
+        try:
+            objective = get(name)
+        except ValueError as e:
+            raise ValueError(f"config key '{key}.name': {e}") from None
+    return objective.resolve(params, key=f"{key}.params")
 
 
 def _register_builtins() -> None:
-    register("dpo", pairwise.dpo_loss, defaults={"beta": 0.1, "label_smoothing": 0.0})
-    register("robust", pairwise.robust_dpo_loss, defaults={"beta": 0.1, "label_smoothing": 0.0})
-    register("ipo", pairwise.ipo_loss, length_normalized=True, defaults={"beta": 0.1})
-    register("hinge", pairwise.hinge_loss, defaults={"beta": 0.1})
-    register("discopop", pairwise.discopop_loss, defaults={"beta": 0.05, "tau": 0.05})
-    register("padll", pairwise.padll_loss, defaults={"beta": 0.05})
-    register("cell", pairwise.cell_loss, defaults={"beta": 0.05})
-    register("pfl", pairwise.pfl_loss, defaults={"beta": 0.05})
-    register("genarm", pairwise.genarm_loss, needs_reference=False, defaults={"beta_r": 1.0})
-    register(
-        "kto",
-        kto.kto_loss,
-        kind="unpaired",
-        defaults={"beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.0},
-    )
+    # Hyper-parameter defaults are the functions' own (their signatures); nothing overrides them.
+    register("dpo", pairwise.dpo_loss)
+    register("robust", pairwise.robust_dpo_loss)
+    register("ipo", pairwise.ipo_loss, length_normalized=True)
+    register("hinge", pairwise.hinge_loss)
+    register("discopop", pairwise.discopop_loss)
+    register("padll", pairwise.padll_loss)
+    register("cell", pairwise.cell_loss)
+    register("pfl", pairwise.pfl_loss)
+    register("genarm", pairwise.genarm_loss, needs_reference=False)
+    register("kto", kto.kto_loss, kind="unpaired")
 
 
 _register_builtins()

@@ -16,12 +16,13 @@ from transformers import PreTrainedTokenizerBase
 from prefalign.evaluation.core import evaluate_policy, mean_and_se
 from prefalign.rest.grow import load_prompts
 from prefalign.rest.rewards import Reward
+from prefalign.tasks import resolve_task
 
 
 @dataclass
 class EvalSpec:
-    task: str | None = None  # sentiment | arith: gold reward (and accuracy on arith); None: no gold reward
-    prompts: str = ""  # JSONL of {"prompt": ...}; empty: the toy world's held-out prompts of `task`
+    task: str | None = None  # a task (prefalign.tasks): gold reward, its metrics; None: neither
+    prompts: str = ""  # JSONL of {"prompt": ...} or a task; empty: the held-out prompts of `task`
     n_prompts: int = 64
     samples_per_prompt: int = 1
     max_new_tokens: int = 0  # 0: grow.max_new_tokens
@@ -38,25 +39,24 @@ class HeldOutEval:
         self.spec, self.tokenizer, self.initial = spec, tokenizer, initial
         self.max_new_tokens = spec.max_new_tokens or max_new_tokens
         self.reward, self.reward_is_gold = reward, reward_is_gold
+        self.task = resolve_task(spec.task) if spec.task else None
         self.prompts: list[str] = []
         if spec.prompts:
-            self.prompts = load_prompts(spec.prompts, spec.n_prompts)
-        elif spec.task:
-            from prefalign.toy.world import get_world
-
-            self.prompts = get_world(spec.task).prompts("eval")[: spec.n_prompts]
+            self.prompts = load_prompts(spec.prompts, spec.n_prompts, "eval", key="eval.prompts")
+        elif self.task is not None:
+            self.prompts = self.task.prompts("eval")[: spec.n_prompts]
 
     def __call__(self, policy: torch.nn.Module) -> dict:
         if not self.prompts:
             return {}
         spec = self.spec
         result = evaluate_policy(
-            policy, self.tokenizer, spec.task or "custom", self.prompts, reference=self.initial,
+            policy, self.tokenizer, self.task or "custom", self.prompts, reference=self.initial,
             samples_per_prompt=spec.samples_per_prompt, max_new_tokens=self.max_new_tokens, seed=spec.seed,
-            reward_fn=None if spec.task else (lambda p, c: 0.0),
+            reward_fn=None if self.task else (lambda p, c: 0.0),
         )
         out = {"kl": result.kl, "kl_se": result.kl_se, "mean_length": result.mean_length}
-        if spec.task:
+        if self.task is not None:
             out.update(gold_reward=result.gold_reward, gold_reward_se=result.gold_reward_se)
             if result.accuracy is not None:
                 out["accuracy"] = result.accuracy

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from prefalign import tasks
 from prefalign.generation import SamplingParams, generate
 from prefalign.io import read_jsonl, read_prompts, write_jsonl
 from prefalign.rest.rewards import Reward
@@ -24,7 +25,7 @@ from prefalign.rest.rewards import Reward
 
 @dataclass
 class GrowSpec:
-    prompts: str = ""  # JSONL of {"prompt": ...} rows, or toy:sentiment / toy:arith (the toy world's training prompts)
+    prompts: str = ""  # JSONL of {"prompt": ...} rows, or a task (toy:sentiment): its train prompts
     n_prompts: int = 0  # use the first n prompts (0: all)
     samples_per_prompt: int = 8
     temperature: float = 1.0
@@ -57,19 +58,21 @@ class GrowTimings:
     score_seconds: float
 
 
-def load_prompts(spec: str, n: int = 0) -> list[str]:
-    """Prompts from a JSONL file of {"prompt": ...} rows, or `toy:<task>` (the world's training prompts)."""
+def load_prompts(
+    spec: str, n: int = 0, split: str = "train", key: str = "grow.prompts"
+) -> list[str]:
+    """Prompts from a JSONL file of {"prompt": ...} rows, or a task's prompts of `split` (a task
+    name such as toy:sentiment, see prefalign.tasks)."""
     if not spec:
-        raise ValueError("config key 'grow.prompts' is required: a JSONL file of {\"prompt\": ...} rows, or toy:sentiment / toy:arith")
-    if spec.startswith("toy:"):
-        from prefalign.toy.world import get_world
-
-        prompts = get_world(spec[4:]).prompts("train")
+        raise ValueError(f"config key '{key}' is required: a JSONL file of {{\"prompt\": ...}} "
+                         "rows, or a task such as toy:sentiment / toy:arith")
+    if tasks.is_task_spec(spec):
+        prompts = tasks.resolve_task(spec).prompts(split)
     else:
-        prompts = read_prompts(spec, label="config key 'grow.prompts':")
+        prompts = read_prompts(spec, label=f"config key '{key}':")
     prompts = prompts[:n] if n else prompts
     if not prompts:
-        raise ValueError(f"config key 'grow.prompts': {spec} holds no prompts")
+        raise ValueError(f"config key '{key}': {spec} holds no prompts")
     return prompts
 
 

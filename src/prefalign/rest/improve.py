@@ -52,17 +52,39 @@ class ImproveSpec:
     trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(lr=1e-5))  # out_dir and seed are set per step
 
 
-def resolve_objective(loss: str) -> objectives.Objective | None:
-    """None for the NLL losses; the registry or user objective otherwise."""
-    if loss in NLL_LOSSES:
-        return None
+# An Improve loss once resolved: an NLL loss by name, or an objective with its parameters.
+Loss = str | objectives.Resolved
+
+
+def resolve_loss(loss: Loss, params: dict[str, Any] | None = None) -> Loss:
+    """"bc" / "reward_weighted" stay names; a registry name or `path.py:function` becomes the
+    objective resolved with `params` (a user file is imported here, once per run)."""
+    if isinstance(loss, objectives.Resolved) or loss in NLL_LOSSES:
+        return loss
     if ":" in loss:
-        return objectives.load_user_objective(loss)
-    try:
-        return objectives.get(loss)
-    except ValueError:
-        raise ValueError(f"config key 'improve.loss': got {loss!r}, allowed: bc, reward_weighted, path.py:function, "
-                         + ", ".join(objectives.names())) from None
+        objective = objectives.load_user_objective(loss)
+    else:
+        try:
+            objective = objectives.get(loss)
+        except ValueError:
+            allowed = ", ".join(["bc", "reward_weighted", "path.py:function", *objectives.names()])
+            message = f"config key 'improve.loss': got {loss!r}, allowed: {allowed}"
+            raise ValueError(message) from None
+    return objective.resolve(params, key="improve.objective_params")
+
+
+def resolve_losses(spec: ImproveSpec) -> list[Loss]:
+    """The loss of each Improve step of a Grow step, each distinct one resolved once."""
+    names = spec.losses or [spec.loss] * spec.steps_per_grow
+    resolved: dict[str, Loss] = {}
+    for name in names:
+        if name not in resolved:
+            params = spec.objective_params if name not in NLL_LOSSES else None
+            resolved[name] = resolve_loss(name, params)
+    if spec.objective_params and all(name in NLL_LOSSES for name in names):
+        raise ValueError(f"config key 'improve.objective_params': loss {spec.loss!r} takes no "
+                         f"parameters, got {sorted(spec.objective_params)}")
+    return [resolved[name] for name in names]
 
 
 @dataclass
@@ -94,12 +116,13 @@ class ImproveData:
 
 
 def build_data(
-    loss: str, pool: Sequence[GrownSample], kept: Sequence[int], scores: Sequence[float], threshold: float,
+    loss: Loss, pool: Sequence[GrownSample], kept: Sequence[int], scores: Sequence[float],
+    threshold: float,
     max_per_prompt: int = 0, seed: int = 0,
 ) -> ImproveData:
     """The training set of one Improve step from the grown pool and the indices it keeps."""
-    objective = resolve_objective(loss)
-    if objective is None:
+    objective = resolve_loss(loss)
+    if isinstance(objective, str):
         weights = [1.0] * len(kept)
         if loss == "reward_weighted":
             weights = reward_weights([pool[i].reward for i in range(len(pool))], kept)
@@ -156,13 +179,13 @@ def weighted_nll_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor
     return loss, {"nll": (-logps.sum.sum() / logps.n_tokens.sum().clamp(min=1)).detach()}
 
 
-def make_loss_fn(loss: str, params: dict[str, Any], reference: ReferencePolicy, accelerator=None) -> LossFn:
-    objective = resolve_objective(loss)
-    if objective is None:
+def make_loss_fn(loss: Loss, reference: ReferencePolicy, accelerator=None) -> LossFn:
+    objective = resolve_loss(loss)
+    if isinstance(objective, str):
         return weighted_nll_loss  # objective_params belong to the objective steps of a mixed schedule
     if objective.kind == "unpaired":
-        return unpaired_loss_fn(objective, reference, params, accelerator)
-    return pairwise_loss_fn(objective, reference, params)
+        return unpaired_loss_fn(objective, reference, accelerator)
+    return pairwise_loss_fn(objective, reference)
 
 
 def loss_at(spec: ImproveSpec, i: int) -> str:
@@ -170,12 +193,13 @@ def loss_at(spec: ImproveSpec, i: int) -> str:
     return spec.losses[i] if spec.losses else spec.loss
 
 
-def reference_spec(loss: str, spec: ReferenceSpec) -> ReferenceSpec:
-    objective = resolve_objective(loss)
-    if objective is None or not objective.needs_reference:
+def reference_spec(loss: Loss, spec: ReferenceSpec) -> ReferenceSpec:
+    objective = resolve_loss(loss)
+    if isinstance(objective, str) or not objective.needs_reference:
         return ReferenceSpec(mode="none")
     if spec.mode == "none":
-        raise ValueError(f"config key 'improve.reference.mode': objective {loss!r} needs a reference (frozen, soft or hard)")
+        raise ValueError(f"config key 'improve.reference.mode': objective {objective.name!r} needs "
+                         "a reference (frozen, soft or hard)")
     return spec
 
 
@@ -190,14 +214,16 @@ def fit_batch(config: TrainerConfig, n_examples: int, kind: str) -> TrainerConfi
 
 def improve(
     model: torch.nn.Module, tokenizer, data: ImproveData, spec: ImproveSpec, trainer_config: TrainerConfig,
-    resume: bool = False, run_config: dict | None = None,
+    resume: bool = False, run_config: dict | None = None, loss: Loss | None = None,
 ) -> TrainResult:
-    """Train `model` on `data` with `spec.loss`; `resume` continues from the step's own checkpoint."""
+    """Train `model` on `data` with `loss` (the run's resolved loss; by default `spec.loss` with
+    `spec.objective_params`); `resume` continues from the step's own checkpoint."""
+    loss = resolve_loss(spec.loss if loss is None else loss, spec.objective_params)
     trainer_config = fit_batch(trainer_config, len(data), data.kind)
     trainer = Trainer(model, trainer_config, n_examples=len(data), run_config=run_config, tokenizer=tokenizer)
     # Built after prepare() so a full-copy reference lands on the training device.
-    reference = make_reference(trainer.model, reference_spec(spec.loss, spec.reference))
-    loss_fn = make_loss_fn(spec.loss, dict(spec.objective_params), reference, trainer.accelerator)
+    reference = make_reference(trainer.model, reference_spec(loss, spec.reference))
+    loss_fn = make_loss_fn(loss, reference, trainer.accelerator)
     if resume:
         trainer.resume(extra_state=reference)
     pad = tokenizer.pad_token_id

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from prefalign import tasks
 from prefalign.modeling import ModelSpec, load_model, load_tokenizer, resolve_device
 from prefalign.rest.evaluate import EvalSpec, HeldOutEval
 from prefalign.rest.filtering import normalized_scores, select, threshold_list
@@ -46,11 +47,12 @@ from prefalign.rest.grow import (
 )
 from prefalign.rest.improve import (
     ImproveSpec,
+    Loss,
     build_data,
     improve,
     loss_at,
     reference_spec,
-    resolve_objective,
+    resolve_losses,
 )
 from prefalign.rest.rewards import RewardSpec, gold_reward, load_reward
 from prefalign.rest.state import RunState
@@ -58,7 +60,7 @@ from prefalign.rest.state import RunState
 
 @dataclass
 class RestConfig:
-    model: ModelSpec = field(default_factory=ModelSpec)  # name_or_path may be toy:sentiment / toy:arith
+    model: ModelSpec = field(default_factory=ModelSpec)  # name_or_path may be a task: toy:arith
     reward: RewardSpec = field(default_factory=RewardSpec)
     grow: GrowSpec = field(default_factory=GrowSpec)
     improve: ImproveSpec = field(default_factory=ImproveSpec)
@@ -79,8 +81,8 @@ class RestResult:
 def run_rest(config: RestConfig, resume: bool = False, log=print, on_record: Callable[[dict], None] | None = None) -> RestResult:
     """Run (or, with `resume`, continue) G Grow steps each followed by I Improve steps."""
     started = time.perf_counter()
-    config = toy_defaults(config)
-    check(config)
+    config = task_defaults(config)
+    losses = check(config)  # each Improve step's loss, resolved once for the run
     spec, out = config.improve, Path(config.out_dir)
     n_improve = spec.steps_per_grow
     thresholds = threshold_list(n_improve * (config.grow_steps if spec.schedule_scope == "run" else 1), spec.thresholds, spec.schedule)
@@ -90,7 +92,9 @@ def run_rest(config: RestConfig, resume: bool = False, log=print, on_record: Cal
     tokenizer = load_tokenizer(base)
     reward = load_reward(config.reward, device)
     # Filter with one reward, judge with another: kept apart so reward hacking shows up.
-    reward_is_gold = config.reward.kind == "gold" and config.reward.task == config.eval.task
+    reward_is_gold = config.reward.kind == "gold" and same_task(
+        config.reward.task, config.eval.task
+    )
     gold = gold_reward(config.eval.task) if config.eval.task and not reward_is_gold else None
     prompts = load_prompts(config.grow.prompts, config.grow.n_prompts)
     initial = load_model(base, dtype=config.model.dtype, device=device)
@@ -138,7 +142,9 @@ def run_rest(config: RestConfig, resume: bool = False, log=print, on_record: Cal
             threshold = thresholds[i if spec.schedule_scope == "grow" else g * n_improve + i]
             start = base if (i == 0 and spec.restart_from_base) else policy_path
             step_dir = out / "improve" / f"g{g:03d}_i{i:02d}"
-            record = improve_step(config, pool, threshold, start, step_dir, tokenizer, g, i, log)
+            record = improve_step(
+                config, pool, threshold, start, step_dir, tokenizer, g, i, log, losses[i]
+            )
             t0 = time.perf_counter()
             record["eval"] = evaluate(load_policy(record["model"]))
             record["seconds_eval"] = round(time.perf_counter() - t0, 3)
@@ -159,6 +165,7 @@ def run_rest(config: RestConfig, resume: bool = False, log=print, on_record: Cal
 
 def improve_step(
     config: RestConfig, pool: list[GrownSample], threshold: float, start: str, step_dir: Path, tokenizer, g: int, i: int, log,
+    loss: Loss,
 ) -> dict:
     """Filter the pool at `threshold`, train from `start` into step_dir/final; returns the record."""
     spec = replace(config.improve, loss=loss_at(config.improve, i))
@@ -167,7 +174,7 @@ def improve_step(
     scores = normalized_scores([s.reward for s in pool], groups, spec.normalize)
     dedup = [tuple(s.response_ids) for s in pool] if spec.dedup else None
     kept = select(scores, groups, threshold, spec.max_per_prompt, seed=seed, dedup_keys=dedup)
-    data = build_data(spec.loss, pool, kept, scores, threshold, spec.max_per_prompt, seed=seed)
+    data = build_data(loss, pool, kept, scores, threshold, spec.max_per_prompt, seed=seed)
     record = {
         "kind": "improve", "grow": g, "improve": i, "threshold": threshold, "normalize": spec.normalize,
         "loss": spec.loss, "pool": len(pool), "kept": len(kept), "kept_fraction": round(len(kept) / max(1, len(pool)), 5),
@@ -181,7 +188,7 @@ def improve_step(
                        gradient_checkpointing=config.model.gradient_checkpointing)  # the Trainer places it
     trainer_config = replace(spec.trainer, out_dir=str(step_dir), seed=seed)
     t0 = time.perf_counter()
-    result = improve(model, tokenizer, data, spec, trainer_config, resume=True,
+    result = improve(model, tokenizer, data, spec, trainer_config, resume=True, loss=loss,
                      run_config={"rest": asdict(config), "grow_step": g, "improve_step": i, "threshold": threshold})
     losses = [h["loss"] for h in result.history if "loss" in h]
     return {
@@ -232,33 +239,38 @@ def format_record(r: dict) -> str:
     return line + (" | held-out " + ", ".join(parts) if parts else "")
 
 
-def toy_defaults(config: RestConfig) -> RestConfig:
-    """With model `toy:<task>`, unset prompts, reward task and evaluation task default to that task."""
+def task_defaults(config: RestConfig) -> RestConfig:
+    """With a task as the model (e.g. `toy:arith`: its default policy), unset prompts, reward task
+    and evaluation task default to that task."""
     name = config.model.name_or_path
-    if not name.startswith("toy:"):
+    if not name or not tasks.is_task_spec(name) or Path(name).exists():
         return config
-    task = name[4:]
     return replace(
         config,
         grow=replace(config.grow, prompts=config.grow.prompts or name),
-        reward=replace(config.reward, task=config.reward.task or task),
-        eval=replace(config.eval, task=config.eval.task or task),
+        reward=replace(config.reward, task=config.reward.task or name),
+        eval=replace(config.eval, task=config.eval.task or name),
     )
 
 
 def resolve_model_path(name: str) -> str:
-    """`toy:<task>` is the toy world's SFT policy; local paths become absolute (saved adapters name their base)."""
+    """A task name (e.g. `toy:arith`) is that task's default policy; local paths become absolute
+    (saved adapters name their base)."""
     if not name:
-        raise ValueError("config key 'model.name_or_path' is required (a model directory, hub id, or toy:sentiment / toy:arith)")
-    if name.startswith("toy:"):
-        from prefalign.toy.world import get_world
-
-        return str(get_world(name[4:]).policy_path)
+        raise ValueError("config key 'model.name_or_path' is required (a model directory, hub id, "
+                         "or a task such as toy:sentiment / toy:arith)")
+    if tasks.is_task_spec(name) and not Path(name).exists():
+        return tasks.resolve_task(name).policy_path()
     return str(Path(name).resolve()) if Path(name).exists() else name
 
 
-def check(config: RestConfig) -> None:
-    """Fail on a bad config before any sampling."""
+def same_task(a: str | None, b: str | None) -> bool:
+    """Whether two task names (aliases included) name one task."""
+    return bool(a and b) and tasks.resolve_task(a).name == tasks.resolve_task(b).name
+
+
+def check(config: RestConfig) -> list[Loss]:
+    """Fail on a bad config before any sampling; returns each Improve step's resolved loss."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Every process would grow and write the same files; Grow is not sharded across ranks yet.
         raise ValueError("prefalign rest runs in one process; start it without `accelerate launch`")
@@ -267,20 +279,14 @@ def check(config: RestConfig) -> None:
         if value < 1:
             raise ValueError(f"config key '{key}' must be at least 1, got {value}")
     if config.reward.kind == "gold" and not config.reward.task:
-        raise ValueError("config key 'reward.task' is required with reward.kind=gold (sentiment, arith, brevity)")
+        raise ValueError("config key 'reward.task' is required with reward.kind=gold (a task: "
+                         "toy:sentiment, toy:arith, toy:brevity, or user:PROMPTS.jsonl:module:fn)")
     if config.improve.max_per_prompt < 0:
         raise ValueError(f"config key 'improve.max_per_prompt' must be >= 0 (0: no cap), got {config.improve.max_per_prompt}")
     spec = config.improve
     if spec.losses and len(spec.losses) != spec.steps_per_grow:
         raise ValueError(f"config key 'improve.losses': {len(spec.losses)} losses for {spec.steps_per_grow} Improve steps; give one per step")
-    params = set(spec.objective_params)
-    objectives = [o for o in (resolve_objective(loss) for loss in spec.losses or [spec.loss]) if o is not None]
-    for loss in spec.losses or [spec.loss]:
+    losses = resolve_losses(spec)
+    for loss in losses:
         reference_spec(loss, spec.reference)
-    if params and not objectives:
-        raise ValueError(f"config key 'improve.objective_params': loss {spec.loss!r} takes no parameters, got {sorted(params)}")
-    for objective in objectives:
-        allowed = objective.param_names
-        if allowed is not None and params - set(allowed):
-            raise ValueError(f"config key 'improve.objective_params': objective {objective.name!r} takes no parameter "
-                             f"{', '.join(sorted(params - set(allowed)))}; allowed: {', '.join(allowed) or '(none)'}")
+    return losses

@@ -1,4 +1,4 @@
-"""Pluggable rewards for ReST's Grow step: a toy task's gold reward, a Python function, or a
+"""Pluggable rewards for ReST's Grow step: a task's gold reward, a Python function, or a
 learned reward model. Every reward scores a batch: `reward.score(prompts, responses) -> floats`.
 
 The reward used to filter grown samples and the gold reward used to evaluate the policy are
@@ -8,14 +8,11 @@ training reward that rises while the gold reward does not.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from prefalign.toy.rewards import GOLD_REWARDS, gold_reward_fn
-from prefalign.userfiles import import_python_file
+from prefalign import tasks
 
 PairFn = Callable[[str, str], float]
 
@@ -23,7 +20,7 @@ PairFn = Callable[[str, str], float]
 @dataclass
 class RewardSpec:
     kind: Literal["gold", "function", "model"] = "gold"
-    task: str = ""  # kind gold: sentiment | arith | brevity (default with a toy:<task> model: that task)
+    task: str = ""  # kind gold: a task (prefalign.tasks); default: the model's, if it is a task
     function: str = ""  # kind function: "package.module:function" or "path/to/file.py:function"
     model_path: str = ""  # kind model: a directory written by `prefalign rm train` (its final/)
     batch_size: int = 64  # kind model: sequences per forward pass
@@ -47,34 +44,36 @@ class FunctionReward:
 
 def load_function(spec: str) -> PairFn:
     """Import `module:function` or `path/to/file.py:function` (the file runs as ordinary Python)."""
-    target, sep, name = spec.rpartition(":")  # rpartition: Windows paths contain ':'
-    if not sep or not target or not name:
-        raise ValueError(f"reward.function must be 'module:function' or 'path/to/file.py:function', got {spec!r}")
-    if target.endswith(".py") or "/" in target:
-        module = import_python_file(target, "reward.function:", "_prefalign_reward")
-    else:
-        try:
-            module = importlib.import_module(target)
-        except ImportError as err:
-            raise ValueError(f"reward.function: cannot import module {target!r} ({err})") from None
-    fn = getattr(module, name, None)
-    if not callable(fn):
-        raise ValueError(f"reward.function: {target} has no callable {name!r}")
-    return fn
+    return tasks.load_function(spec, "reward.function")
 
 
-def gold_reward(task: str) -> FunctionReward:
-    return FunctionReward(gold_reward_fn(task), f"gold:{task}")
+class TaskReward:
+    """A task's gold reward (`prefalign.tasks`), scoring whole batches."""
+
+    def __init__(self, task: tasks.Task):
+        self.task, self.name = task, f"gold:{task.name}"
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+        return self.task.gold_reward(prompts, responses)
+
+
+def gold_reward(task: str, key: str = "eval.task") -> TaskReward:
+    """The gold reward of the task named `task`; errors name the config `key`."""
+    try:
+        return TaskReward(tasks.resolve_task(task))
+    except tasks.TaskError as err:
+        raise tasks.TaskError(f"config key '{key}': {err}") from None
 
 
 def load_reward(spec: RewardSpec, device: str = "cpu") -> Reward:
     """The reward a ReST run filters with."""
     if spec.kind == "gold":
         if not spec.task:
-            raise ValueError(f"config key 'reward.task' is required with reward.kind=gold ({', '.join(GOLD_REWARDS)})")
-        if spec.task not in GOLD_REWARDS:
-            raise ValueError(f"config key 'reward.task': got {spec.task!r}, allowed: {', '.join(GOLD_REWARDS)}")
-        return gold_reward(spec.task)
+            raise tasks.TaskError(
+                "config key 'reward.task' is required with reward.kind=gold "
+                f"({', '.join(tasks.task_names())}, or user:PROMPTS.jsonl:module:function)"
+            )
+        return gold_reward(spec.task, "reward.task")
     if spec.kind == "function":
         if not spec.function:
             raise ValueError("config key 'reward.function' is required with reward.kind=function")

@@ -153,12 +153,7 @@ def train_reward_model(config: RewardModelConfig, resume: bool = False, log=prin
             "config key 'model.lora': LoRA reward models are not supported; train the full model"
         )
     tokenizer = load_tokenizer(config.model.name_or_path)
-    trunc = dict(
-        max_length=config.data.max_length,
-        max_prompt_length=config.data.max_prompt_length,
-        truncation=config.data.truncation,
-        skip_invalid=config.data.skip_invalid,
-    )
+    trunc = dict(**config.data.limits(), skip_invalid=config.data.skip_invalid)
 
     def load_pairs(path: str) -> list[TokenizedPair]:
         loaded = load_preference_data(

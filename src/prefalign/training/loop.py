@@ -26,42 +26,54 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from prefalign.config import bounded
+from prefalign.errors import UserError
 from prefalign.io import append_jsonl, atomic_write, flatten
 from prefalign.training.fsdp import full_state_dict, is_sharded, local_norm_to_float
 
-LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+# A metric is a batch mean (a scalar tensor) or a (sum, count) pair: pairs are summed over
+# micro-batches and processes before dividing, so a metric that only some examples have (KTO's
+# rewards/chosen) averages over exactly those examples, and is null where none had it.
+Metric = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict[str, Metric]]]
 
 
 @dataclass
 class TrainerConfig:
     out_dir: str = "runs/train"
-    batch_size: int = 8  # examples per process per micro-batch
-    grad_accum: int = 1
-    max_steps: int = 0  # optimizer steps; 0 means run `epochs` epochs
-    epochs: float = 1.0
-    lr: float = 1e-5
-    weight_decay: float = 0.0
+    batch_size: int = bounded(8, min=1)  # examples per process per micro-batch
+    grad_accum: int = bounded(1, min=1)
+    max_steps: int = bounded(0, min=0)  # optimizer steps; 0 means run `epochs` epochs
+    epochs: float = bounded(1.0, gt=0)
+    lr: float = bounded(1e-5, gt=0)
+    weight_decay: float = bounded(0.0, min=0)
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    warmup_ratio: float = 0.0
+    adam_epsilon: float = bounded(1e-8, gt=0)
+    warmup_ratio: float = bounded(0.0, min=0)
     schedule: Literal["constant", "linear", "cosine"] = "linear"
-    max_grad_norm: float = 1.0  # 0 disables clipping
+    max_grad_norm: float = bounded(1.0, min=0)  # 0 disables clipping
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     seed: int = 0
-    log_every: int = 10
-    save_every: int = 0  # 0: a checkpoint only at the end
-    keep_checkpoints: int = 2
-    eval_every: int = 0  # 0: evaluate only at the end (when an evaluator is given)
+    log_every: int = bounded(10, min=1)
+    save_every: int = bounded(0, min=0)  # 0: a checkpoint only at the end
+    keep_checkpoints: int = bounded(2, min=1)
+    eval_every: int = bounded(0, min=0)  # 0: evaluate only at the end (when an evaluator is given)
     report_to: list[str] = field(default_factory=list)  # tensorboard, wandb, mlflow
     # Shard parameters, gradients and optimizer state over the processes (FSDP2) instead of
     # replicating them (DDP); the caller shards the model (prefalign.training.fsdp.shard).
     fsdp: bool = False
     progress: bool = True
+    # Zero every dropout probability for the whole run (TRL's DPO/KTO default); the model is in
+    # train mode from the first step to the last either way.
+    disable_dropout: bool = False
 
 
-class TrainingDiverged(RuntimeError):
-    """A non-finite loss; the message names the step. Checkpoints written before stay intact."""
+class TrainingDiverged(UserError):
+    """A non-finite loss, gradient norm or parameter: nothing of that step was applied or saved.
+
+    The message names the step and the last finite checkpoint (or says there is none).
+    """
 
 
 @dataclass
@@ -129,6 +141,8 @@ class Trainer:
             # device has it; the multi-tensor foreach path otherwise.
             fused=True if fused_adamw_supported(params) and not self.sharded else None,
         )
+        if config.disable_dropout:
+            disable_dropout(model)
         if self.sharded:  # FSDP2 already distributes the model: no DDP wrapper on top
             self.model, self.optimizer = model, optimizer
         else:
@@ -169,39 +183,40 @@ class Trainer:
         steps_per_epoch = len(lengths) // self.global_micro_batch // cfg.grad_accum
         rank = acc.process_index
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (cfg.progress and acc.is_main_process), desc="train")
-        start, seen = time.perf_counter(), 0
+        start, seen, start_step = time.perf_counter(), 0, self.step
         plan, plan_epoch = [], None
+        self.model.train()
         while self.step < self.total_steps:
             epoch, within = divmod(self.step, steps_per_epoch)
             if epoch != plan_epoch:  # one plan per epoch: building it is O(n log n)
                 plan, plan_epoch = batch_plan(lengths, self.global_micro_batch, cfg.seed, epoch, group_by_length), epoch
             micro = plan[within * cfg.grad_accum : (within + 1) * cfg.grad_accum]
-            sums: dict[str, torch.Tensor] = {}
+            totals = MetricTotals()
             for m, indices in enumerate(micro):
                 mine = indices[rank * cfg.batch_size : (rank + 1) * cfg.batch_size]
                 batch = {k: v.to(acc.device) if torch.is_tensor(v) else v for k, v in collate(mine).items()}
                 sync = m == len(micro) - 1
                 with acc.no_sync(self.model) if not sync else nullcontext(), acc.autocast():
                     loss, metrics = loss_fn(self.model, batch)
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(
-                        f"loss became {loss.item()} at step {self.step + 1}; the last good checkpoint in "
-                        f"{self.out_dir / 'checkpoints'} is intact (lower the lr or check the objective)"
-                    )
                 acc.backward(loss / cfg.grad_accum)
-                for k, v in {"loss": loss, **metrics}.items():
-                    sums[k] = sums.get(k, 0) + v.detach().float() / len(micro)
+                totals.add({"loss": loss, **metrics})
                 seen += len(indices)
-            grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+            # Reduced before the optimizer step: a non-finite loss on any process reaches every
+            # process through the mean, so all of them stop at the same step, with nothing applied.
+            record = totals.reduce(acc, check_keys=self.step == start_step)
+            # Clipping at infinity still measures the norm (and unscales fp16 gradients).
+            grad_norm = local_norm_to_float(
+                acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm or math.inf)
+            )
+            # fp16's loss scaler expects overflows: it skips those steps and lowers the scale.
+            self._check_finite(record["loss"], grad_norm if acc.scaler is None else 0.0)
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             if after_step is not None:
                 after_step(self.step)
-            record = self._reduce(sums)
-            if grad_norm is not None:
-                record["grad_norm"] = local_norm_to_float(grad_norm)
+            record["grad_norm"] = grad_norm
             record["lr"] = self.scheduler.get_last_lr()[0]
             record["examples_per_s"] = seen / (time.perf_counter() - start)
             bar.update(1)
@@ -211,6 +226,7 @@ class Trainer:
                 if acc.is_main_process:
                     record.update({f"eval/{k}": v for k, v in evaluate(self.step).items()})
                 acc.wait_for_everyone()
+                self.model.train()  # evaluators run in eval mode; training never does
             if self.step % cfg.log_every == 0 or is_last or any(k.startswith("eval/") for k in record):
                 self._log(record)
             if (cfg.save_every and self.step % cfg.save_every == 0) or is_last:
@@ -219,26 +235,39 @@ class Trainer:
         elapsed = time.perf_counter() - start
         return TrainResult(self.step, elapsed, seen / max(elapsed, 1e-9), self.history, self.out_dir)
 
-    def _reduce(self, sums: dict[str, torch.Tensor]) -> dict[str, float]:
-        if not sums:
-            return {}
-        keys = sorted(sums)
-        stacked = torch.stack([torch.as_tensor(sums[k], device=self.accelerator.device) for k in keys])
-        stacked = self.accelerator.reduce(stacked, reduction="mean")
-        return {k: float(v) for k, v in zip(keys, stacked, strict=True)}
+    def _check_finite(self, loss: float | None, grad_norm: float) -> None:
+        """Raise before the optimizer step if this step's loss or gradient norm is not finite."""
+        step = self.step + 1
+        if loss is None or not math.isfinite(loss):
+            raise self._diverged(f"loss became {loss} at step {step}")
+        if not math.isfinite(grad_norm):
+            raise self._diverged(f"gradient norm became {grad_norm} at step {step} (the loss was {loss:.4g})")
 
-    def _log(self, record: dict[str, float]) -> None:
-        record = {"step": self.step, **record}
+    def _check_parameters(self) -> None:
+        """Raise if a trained parameter is not finite: such weights are never written."""
+        params = [p.detach() for p in self.model.parameters() if p.requires_grad]
+        finite = torch.stack([torch.isfinite(p).all() for p in params]).all() if params else True
+        if not bool(finite):
+            raise self._diverged(f"parameters became non-finite by step {self.step}", "they were not saved")
+
+    def _diverged(self, what: str, done: str = "nothing of it was applied or saved") -> TrainingDiverged:
+        found = sorted(checkpoints(self.out_dir))
+        last = f"the last finite checkpoint is {found[-1][1]}" if found else "no checkpoint was written"
+        return TrainingDiverged(f"{what}; {done}, {last} (lower the lr or check the objective)")
+
+    def _log(self, record: dict[str, float | None]) -> None:
+        record = {"step": self.step, **{k: finite_or_none(v) for k, v in record.items()}}
         self.history.append(record)
         if self.accelerator.is_main_process:
-            append_jsonl(self.out_dir / "metrics.jsonl", record)
+            append_jsonl(self.out_dir / "metrics.jsonl", record)  # strict JSON: NaN as null
         if self.config.report_to:
-            self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=self.step)
+            self.accelerator.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=self.step)
 
     # --- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self, extra_state: Any = None) -> Path:
         """Write checkpoints/step-N atomically (a temp dir renamed at the end), then prune old ones."""
         acc = self.accelerator
+        self._check_parameters()
         acc.wait_for_everyone()
         root = self.out_dir / "checkpoints"
         final = root / f"step-{self.step}"
@@ -315,6 +344,55 @@ class Trainer:
     def end(self) -> None:
         if self.config.report_to:
             self.accelerator.end_training()
+
+
+class MetricTotals:
+    """Sums and counts of one optimizer step's metrics, reduced across processes in one call."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, torch.Tensor] = {}
+
+    def add(self, metrics: dict[str, Metric]) -> None:
+        for key, value in metrics.items():
+            total, count = value if isinstance(value, tuple) else (value, 1)
+            total = torch.as_tensor(total).detach().float().reshape(())
+            count = torch.as_tensor(count, device=total.device).detach().float().reshape(())
+            self.sums[key] = self.sums.get(key, 0) + total
+            self.counts[key] = self.counts.get(key, 0) + count
+
+    def reduce(self, accelerator: Accelerator, check_keys: bool = False) -> dict[str, float | None]:
+        """Global means (None where no example had the metric). Every process must give the same
+        keys: a different set would hang the all-reduce, so `check_keys` compares them first."""
+        keys = sorted(self.sums)
+        if check_keys and accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            seen = gather_object([keys])
+            if any(k != keys for k in seen):
+                raise RuntimeError(f"processes logged different metric keys: {seen}; a loss_fn must return a fixed key set")
+        if not keys:
+            return {}
+        device = accelerator.device
+        stacked = torch.stack([self.sums[k].to(device) for k in keys] + [self.counts[k].to(device) for k in keys])
+        stacked = accelerator.reduce(stacked, reduction="sum").tolist()
+        sums, counts = stacked[: len(keys)], stacked[len(keys) :]
+        return {k: (s / c if c else None) for k, s, c in zip(keys, sums, counts, strict=True)}
+
+
+def finite_or_none(value: Any) -> Any:
+    """JSON has no NaN or infinity: such values are logged as null."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Zero every dropout probability: nn.Dropout modules, and the `attention_dropout` floats
+    that Llama-family attention passes to its kernel directly."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
 
 
 def checkpoints(out_dir: Path) -> list[tuple[int, Path]]:

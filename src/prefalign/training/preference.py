@@ -10,11 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from prefalign import objectives
+from prefalign.data.tokenize import TruncationSettings
 from prefalign.logprobs import SequenceLogps, sequence_logps
 from prefalign.modeling import ModelSpec, load_model, load_tokenizer
 from prefalign.reference import ReferencePolicy, ReferenceSpec, make_reference
@@ -37,18 +38,15 @@ class ObjectiveSpec:
 
 
 @dataclass
-class PreferenceData:
+class PreferenceData(TruncationSettings):
     path: str = ""
     eval_path: str | None = None  # held-out pairs: reward accuracy and margin
-    max_length: int = 512
-    max_prompt_length: int = 256
-    truncation: Literal["keep_end", "keep_start"] = "keep_end"
     skip_invalid: bool = False
 
 
 @dataclass
 class ToyEval:
-    task: str | None = None  # sentiment | arith: gold reward and KL to the initial policy
+    task: str | None = None  # a task (toy:sentiment, ...): gold reward and KL to the initial policy
     n_prompts: int = 64
     samples_per_prompt: int = 1
     max_new_tokens: int = 24
@@ -62,34 +60,37 @@ class PreferenceConfig:
     data: PreferenceData = field(default_factory=PreferenceData)
     eval: ToyEval = field(default_factory=ToyEval)
     speed: SpeedSpec = field(default_factory=SpeedSpec)
-    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(out_dir="runs/train", lr=5e-6))
+    # Dropout off, as in TRL's DPO and KTO trainers: policy and reference log-probs of the same
+    # pair then differ only by the weights (`trainer.disable_dropout=false` keeps it).
+    trainer: TrainerConfig = field(
+        default_factory=lambda: TrainerConfig(out_dir="runs/train", lr=5e-6, disable_dropout=True)
+    )
 
 
-def resolve_objective(spec: ObjectiveSpec) -> objectives.Objective:
-    if spec.code:
-        return objectives.load_user_objective(spec.code)
-    return objectives.get(spec.name)
+def resolve_objective(spec: ObjectiveSpec) -> objectives.Resolved:
+    """The run's objective with its parameters, resolved once (a user file is imported once)."""
+    return objectives.resolve(spec.name, spec.code, spec.params)
 
 
-def reward_beta(objective: objectives.Objective, params: dict[str, Any]) -> float:
-    """The scale of the implicit rewards in the logged metrics: `beta`, or the ARM objective's
-    `beta_r`, from the run's params or the objective's defaults (0.1 if it has neither)."""
-    for key in ("beta", "beta_r"):
-        if key in params or key in objective.defaults:
-            return float(params.get(key, objective.defaults.get(key)))
-    return 0.1
+def reward_beta(
+    objective: objectives.Objective | objectives.Resolved, params: dict[str, Any]
+) -> float:
+    """The scale of the logged implicit rewards: the objective's reward-scale parameter
+    (`beta`, GenARM's `beta_r`) as `params` over the objective's defaults resolve it."""
+    if isinstance(objective, objectives.Resolved):
+        return objective.objective.resolve({**objective.params, **params}).reward_scale
+    return objective.resolve(params).reward_scale
 
 
 def pairwise_loss_fn(
-    objective: objectives.Objective,
+    objective: objectives.Resolved,
     reference: ReferencePolicy,
-    params: dict[str, Any],
     reference_logps: Callable[[dict], PairLogps] | None = None,
 ):
     """Loss of one preference batch (stacked [chosen; rejected] rows or shared-prompt packed
     rows), with TRL-style reward metrics. `reference_logps(batch)` replaces the reference's
     forward pass (a cache of a frozen reference)."""
-    beta = reward_beta(objective, params)
+    beta = objective.reward_scale
     reference_logps = reference_logps or live_reference_logps(reference)
 
     def loss_fn(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
@@ -100,9 +101,7 @@ def pairwise_loss_fn(
             zeros = SequenceLogps(torch.zeros_like(chosen.sum), chosen.n_tokens)
             ref_chosen, ref_rejected = zeros, zeros
         pick = (lambda s: s.mean) if objective.length_normalized else (lambda s: s.sum)
-        losses = objectives.compute_loss(
-            objective, pick(chosen), pick(rejected), pick(ref_chosen), pick(ref_rejected), **params
-        )
+        losses = objective.loss(pick(chosen), pick(rejected), pick(ref_chosen), pick(ref_rejected))
         reward_chosen = beta * (chosen.sum - ref_chosen.sum).detach()
         reward_rejected = beta * (rejected.sum - ref_rejected.sum).detach()
         metrics = {
@@ -118,7 +117,7 @@ def pairwise_loss_fn(
     return loss_fn
 
 
-def unpaired_loss_fn(objective: objectives.Objective, reference: ReferencePolicy, params: dict[str, Any], accelerator):
+def unpaired_loss_fn(objective: objectives.Resolved, reference: ReferencePolicy, accelerator):
     """KTO: per-example loss against the batch's KL reference point, averaged across processes
     before clamping (as TRL does), so N processes see the same z0 as one process with N x batch."""
 
@@ -132,24 +131,31 @@ def unpaired_loss_fn(objective: objectives.Objective, reference: ReferencePolicy
         kl_ref = reference.logps(*kl_inputs).sum
         z0 = objectives.kto_kl_reference_point(kl_policy, kl_ref)
         z0 = accelerator.reduce(z0.detach().reshape(1), reduction="mean")[0]
-        losses = objectives.compute_loss(
-            objective, policy, ref, batch["labels"], z0.expand(1), torch.zeros(1, device=z0.device), **params
-        )
-        beta = reward_beta(objective, params)
+        zero = torch.zeros(1, device=z0.device)
+        losses = objective.loss(policy, ref, batch["labels"], z0.expand(1), zero)
+        beta = objective.reward_scale
         labels = batch["labels"]
         rewards = beta * (policy - ref).detach()
-        metrics = {"kl": z0.clamp(min=0)}
-        if labels.any():
-            metrics["rewards/chosen"] = rewards[labels].mean()
-        if (~labels).any():
-            metrics["rewards/rejected"] = rewards[~labels].mean()
+        # The same keys on every process whatever its labels: (sum, count) pairs, which the
+        # Trainer sums across processes before dividing.
+        metrics = {
+            "kl": z0.clamp(min=0),
+            "rewards/chosen": (rewards[labels].sum(), labels.sum()),
+            "rewards/rejected": (rewards[~labels].sum(), (~labels).sum()),
+        }
         return losses.mean(), metrics
 
     return loss_fn
 
 
-def run_preference(config: PreferenceConfig, resume: bool = False, log=print) -> TrainResult:
-    """Train a policy with any registry or user objective and any reference mode."""
+def run_preference(
+    config: PreferenceConfig,
+    resume: bool = False,
+    log=print,
+    objective: objectives.Resolved | None = None,
+) -> TrainResult:
+    """Train a policy with any registry or user objective and any reference mode; `objective`
+    is `config.objective` already resolved by a caller that needed it first."""
     from prefalign.data import (
         collate_unpaired,
         load_preference_data,
@@ -158,7 +164,8 @@ def run_preference(config: PreferenceConfig, resume: bool = False, log=print) ->
         tokenize_unpaired,
     )
 
-    objective = resolve_objective(config.objective)
+    # Resolving checks the params by config key (names, kinds) before anything is loaded.
+    objective = objective or resolve_objective(config.objective)
     if not config.model.name_or_path:
         raise ValueError("config key 'model.name_or_path' is required (a model directory or hub id)")
     if not config.data.path:
@@ -166,10 +173,7 @@ def run_preference(config: PreferenceConfig, resume: bool = False, log=print) ->
     if objective.needs_reference and config.reference.mode == "none":
         raise ValueError(f"objective '{objective.name}' needs a reference policy; reference.mode 'none' is for reference-free objectives")
     tokenizer = load_tokenizer(config.model.name_or_path)
-    trunc = dict(
-        max_length=config.data.max_length, max_prompt_length=config.data.max_prompt_length,
-        truncation=config.data.truncation, skip_invalid=config.data.skip_invalid,
-    )
+    trunc = dict(**config.data.limits(), skip_invalid=config.data.skip_invalid)
     unpaired = objective.kind == "unpaired"
     loader, tokenize = (load_unpaired_data, tokenize_unpaired) if unpaired else (load_preference_data, tokenize_preference)
     loaded = loader(config.data.path, tokenizer=tokenizer, skip_invalid=config.data.skip_invalid)
@@ -199,10 +203,9 @@ def run_preference(config: PreferenceConfig, resume: bool = False, log=print) ->
         trainer = Trainer(model, config.trainer, **run)
         # Built after prepare() so a full-copy reference lands on the training device.
         reference = make_reference(trainer.model, ref_spec)
-    params = dict(config.objective.params)
     pad = tokenizer.pad_token_id
     if unpaired:
-        loss_fn = unpaired_loss_fn(objective, reference, params, trainer.accelerator)
+        loss_fn = unpaired_loss_fn(objective, reference, trainer.accelerator)
 
         def collate(indices: list[int]) -> dict:
             return collate_unpaired([examples[i] for i in indices], pad, max_length=config.data.max_length)
@@ -211,7 +214,9 @@ def run_preference(config: PreferenceConfig, resume: bool = False, log=print) ->
         log(f"shared-prompt forward: {'on' if shared else 'off'}")
         collate = pair_collator(examples, pad, shared)
 
-    evaluate = make_evaluator(config, tokenizer, trainer, reference) if (config.eval.task or config.data.eval_path) else None
+    evaluate = None
+    if config.eval.task or config.data.eval_path:
+        evaluate = make_evaluator(config, tokenizer, trainer, reference, objective)
     if resume:
         trainer.resume(extra_state=reference)
     if not unpaired:  # after resume: a resumed reference is the one the cache must fingerprint
@@ -228,7 +233,7 @@ def run_preference(config: PreferenceConfig, resume: bool = False, log=print) ->
                 reference, examples, collate, config.data.path, trainer.accelerator,
                 config.trainer.batch_size, settings, log=log,
             )
-        loss_fn = pairwise_loss_fn(objective, reference, params, reference_logps=cached)
+        loss_fn = pairwise_loss_fn(objective, reference, reference_logps=cached)
     result = trainer.fit(
         [e.length for e in examples], collate, loss_fn,
         after_step=reference.after_optimizer_step, evaluate=evaluate, extra_state=reference,
@@ -239,20 +244,26 @@ def run_preference(config: PreferenceConfig, resume: bool = False, log=print) ->
     return result
 
 
-def make_evaluator(config: PreferenceConfig, tokenizer, trainer: Trainer, reference: ReferencePolicy):
-    """Periodic evaluation: gold reward + KL to the INITIAL policy on a toy task, and reward
+def make_evaluator(
+    config: PreferenceConfig,
+    tokenizer,
+    trainer: Trainer,
+    reference: ReferencePolicy,
+    objective: objectives.Resolved,
+):
+    """Periodic evaluation: gold reward + KL to the INITIAL policy on a task, and reward
     accuracy/margin on held-out pairs."""
     from prefalign.evaluation.core import evaluate_policy
     from prefalign.evaluation.pairs import load_eval_pairs, pair_metrics
 
     initial = None
     if config.eval.task:
-        from prefalign.toy.world import get_world
+        from prefalign.tasks import resolve_task
 
-        world = get_world(config.eval.task)
-        prompts = world.prompts("eval")[: config.eval.n_prompts]
+        task = resolve_task(config.eval.task)
+        prompts = task.prompts("eval")[: config.eval.n_prompts]
         initial = load_model(config.model.name_or_path, device=str(trainer.accelerator.device))
-    beta = reward_beta(resolve_objective(config.objective), config.objective.params)
+    beta = objective.reward_scale
     eval_pairs = load_eval_pairs(tokenizer, config.data.eval_path, config.data) if config.data.eval_path else None
 
     def evaluate(step: int) -> dict[str, float]:
@@ -260,7 +271,7 @@ def make_evaluator(config: PreferenceConfig, tokenizer, trainer: Trainer, refere
         out: dict[str, float] = {}
         if initial is not None:
             result = evaluate_policy(
-                model, tokenizer, config.eval.task, prompts, reference=initial,
+                model, tokenizer, task, prompts, reference=initial,
                 samples_per_prompt=config.eval.samples_per_prompt, max_new_tokens=config.eval.max_new_tokens,
             )
             out.update({"gold_reward": result.gold_reward, "kl": result.kl})

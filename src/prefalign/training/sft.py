@@ -4,22 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Literal
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from prefalign.data.tokenize import TruncationSettings
 from prefalign.logprobs import collate_prompt_response, nll_loss
 from prefalign.modeling import ModelSpec, load_model, load_tokenizer
 from prefalign.training.loop import Trainer, TrainerConfig, TrainResult
 
 
 @dataclass
-class SFTData:
+class SFTData(TruncationSettings):
     path: str = ""
-    max_length: int = 512
-    max_prompt_length: int = 256
-    truncation: Literal["keep_end", "keep_start"] = "keep_end"
     skip_invalid: bool = False
     loss_on_prompt: bool = False  # True trains on every token (plain language-model pretraining)
 
@@ -77,9 +74,7 @@ def run_sft(config: SFTConfig, resume: bool = False) -> TrainResult:
     examples, skipped = tokenize_sft(
         loaded.records,
         tokenizer,
-        max_length=config.data.max_length,
-        max_prompt_length=config.data.max_prompt_length,
-        truncation=config.data.truncation,
+        **config.data.limits(),
         skip_invalid=config.data.skip_invalid,
     )
     total_skipped = sum(loaded.skipped.values()) + sum(skipped.values())

@@ -1,0 +1,162 @@
+"""The shared Trainer: metric reduction, divergence checks, train mode and dropout, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from prefalign.errors import UserError
+from prefalign.logprobs import collate_prompt_response, nll_loss
+from prefalign.training.loop import Trainer, TrainerConfig, TrainingDiverged
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+VOCAB = 48
+
+
+def gpt2(dropout: float = 0.0) -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=32,
+        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout, bos_token_id=1, eos_token_id=1,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def rows(n: int = 16) -> tuple[list[list[int]], list[list[int]]]:
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(1, VOCAB, (3,), generator=g).tolist() for _ in range(n)]
+    responses = [torch.randint(1, VOCAB, (4,), generator=g).tolist() for _ in range(n)]
+    return prompts, responses
+
+
+def collate_fn(prompts, responses):
+    def collate(indices: list[int]) -> dict:
+        batch = collate_prompt_response([prompts[i] for i in indices], [responses[i] for i in indices], 0)
+        batch["index"] = torch.tensor(indices)
+        return batch
+
+    return collate
+
+
+def config(tmp_path, **kw) -> TrainerConfig:
+    base = dict(out_dir=str(tmp_path / "run"), batch_size=4, max_steps=2, lr=1e-3, log_every=1, progress=False)
+    return TrainerConfig(**{**base, **kw})
+
+
+def metrics_lines(tmp_path) -> list[str]:
+    return (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+
+
+def test_metrics_given_as_sums_and_counts_average_over_the_examples_that_have_them(tmp_path):
+    # Two micro-batches per step; only the second holds "rejected" examples. A per-micro-batch
+    # mean would halve that metric (or drop it); a (sum, count) pair averages the right rows.
+    prompts, responses = rows(8)
+    seen: list[torch.Tensor] = []
+
+    def loss_fn(model, batch):
+        index = batch["index"].float()
+        rejected = index >= 100  # never true: the metric has no rows in this run
+        chosen = torch.ones_like(index, dtype=torch.bool)
+        seen.append(index)
+        return nll_loss(model, batch), {
+            "index/chosen": (index[chosen].sum(), chosen.sum()),
+            "index/rejected": (index[rejected].sum(), rejected.sum()),
+        }
+
+    trainer = Trainer(gpt2(), config(tmp_path, batch_size=2, grad_accum=2, max_steps=2), n_examples=8)
+    result = trainer.fit([7] * 8, collate_fn(prompts, responses), loss_fn)
+    for step, record in enumerate(result.history):
+        mine = torch.cat(seen[2 * step : 2 * step + 2])
+        assert record["index/chosen"] == pytest.approx(float(mine.mean()))
+        assert record["index/rejected"] is None  # no rows: null, not 0 and not NaN
+    for line in metrics_lines(tmp_path):
+        assert json.loads(line)["index/rejected"] is None
+
+
+def test_a_non_finite_gradient_stops_before_the_step_and_names_no_checkpoint(tmp_path):
+    prompts, responses = rows()
+    model = gpt2()
+
+    def loss_fn(model, batch):
+        loss = nll_loss(model, batch)
+        # Finite loss, NaN gradient: sqrt has an infinite slope at 0, times 0 is NaN.
+        return loss + 0.0 * torch.sqrt(torch.zeros(()) * loss), {}
+
+    trainer = Trainer(model, config(tmp_path, save_every=1), n_examples=16)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(TrainingDiverged, match="gradient norm") as err:
+        trainer.fit([7] * 16, collate_fn(prompts, responses), loss_fn)
+    assert isinstance(err.value, UserError)
+    assert "no checkpoint" in str(err.value)
+    assert "\n" not in str(err.value)
+    for n, p in model.named_parameters():  # the poisoned step was never applied
+        assert torch.equal(p, before[n]), n
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_divergence_names_the_last_finite_checkpoint_and_never_writes_nan(tmp_path):
+    prompts, responses = rows()
+    calls = [0]
+
+    def loss_fn(model, batch):
+        calls[0] += 1
+        loss = nll_loss(model, batch)
+        if calls[0] >= 3:  # step 3: a NaN gradient under a finite loss
+            loss = loss + 0.0 * torch.sqrt(torch.zeros(()) * loss)
+        return loss, {"odd": torch.tensor(float("nan"))}
+
+    trainer = Trainer(gpt2(), config(tmp_path, save_every=1, max_steps=4), n_examples=16)
+    with pytest.raises(TrainingDiverged, match="step 3") as err:
+        trainer.fit([7] * 16, collate_fn(prompts, responses), loss_fn)
+    root = tmp_path / "run" / "checkpoints"
+    assert str(root / "step-2") in str(err.value)
+    assert sorted(p.name for p in root.iterdir()) == ["step-1", "step-2"]
+    for line in metrics_lines(tmp_path):  # strict JSON: no bare NaN
+        record = json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in metrics.jsonl"))
+        assert record["odd"] is None
+
+
+@pytest.mark.parametrize("disable_dropout", [True, False])
+def test_train_mode_and_dropout_are_set_once_and_constant(tmp_path, disable_dropout):
+    # from_pretrained returns a model in eval mode; the Trainer must put it in train mode at the
+    # start, keep it there across evaluations, and apply `disable_dropout` for the whole run.
+    prompts, responses = rows()
+    model = gpt2(dropout=0.3).eval()
+    states: list[tuple[bool, bool]] = []
+
+    def loss_fn(model, batch):
+        dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+        states.append((model.training, any(m.p > 0 for m in dropouts)))
+        return nll_loss(model, batch), {}
+
+    def evaluate(step):
+        model.eval()  # evaluators switch to eval mode; the Trainer switches back
+        return {"x": 1.0}
+
+    cfg = config(tmp_path, max_steps=4, eval_every=1, disable_dropout=disable_dropout)
+    Trainer(model, cfg, n_examples=16).fit([7] * 16, collate_fn(prompts, responses), loss_fn, evaluate=evaluate)
+    assert states == [(True, not disable_dropout)] * 4
+
+
+def test_preference_training_disables_dropout_by_default():
+    from prefalign.training.preference import PreferenceConfig
+    from prefalign.training.sft import SFTConfig
+
+    assert PreferenceConfig().trainer.disable_dropout is True  # as TRL's DPO and KTO trainers
+    assert SFTConfig().trainer.disable_dropout is False
+
+
+def test_non_finite_values_are_written_as_null(tmp_path):
+    prompts, responses = rows()
+
+    def loss_fn(model, batch):
+        return nll_loss(model, batch), {"inf": torch.tensor(math.inf)}
+
+    Trainer(gpt2(), config(tmp_path), n_examples=16).fit([7] * 16, collate_fn(prompts, responses), loss_fn)
+    for line in metrics_lines(tmp_path):
+        assert json.loads(line, parse_constant=lambda c: pytest.fail(c))["inf"] is None
