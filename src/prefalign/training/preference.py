@@ -28,6 +28,7 @@ from prefalign.training.forward import (
     use_shared_prompt,
 )
 from prefalign.training.loop import Trainer, TrainerConfig, TrainResult, make_accelerator
+from prefalign.training.precision import precision_hint
 
 
 @dataclass
@@ -212,6 +213,8 @@ def run_preference(
     else:
         shared = use_shared_prompt(config.speed, trainer.unwrapped, examples)
         log(f"shared-prompt forward: {'on' if shared else 'off'}")
+        if hint := precision_hint(config.trainer.mixed_precision, torch.cuda.is_available()):
+            log(hint)
         collate = pair_collator(examples, pad, shared)
 
     evaluate = None
