@@ -29,8 +29,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassifi
 
 from prefalign.genarm.baselines import args_generate, best_of_n
 from prefalign.genarm.decoding import guided_generate
-from prefalign.genarm.reward_model import SequenceRewardModel
 from prefalign.generation import SamplingParams, generate
+from prefalign.reward_models import SequenceRewardModel
 from prefalign.toy.corpus import review
 from prefalign.toy.tokenizer import train_tokenizer
 

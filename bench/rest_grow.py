@@ -28,7 +28,7 @@ from prefalign.config import load_config
 from prefalign.generation import SamplingParams, generate
 from prefalign.modeling import load_model, load_tokenizer
 from prefalign.rest.loop import RestConfig, run_rest
-from prefalign.rest.reward_model import RewardModel, build_reward_model
+from prefalign.reward_models import RewardModel, build_reward_model
 from prefalign.toy.world import ToyWorld, get_world
 
 RESULTS = Path(__file__).parent / "results" / "rest_grow.json"

@@ -13,7 +13,13 @@ import gguf
 import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedModel
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 CORPUS = [
     "the movie was good and the story was great",
@@ -29,7 +35,7 @@ CHAT_TEMPLATE = (
 
 
 def byte_level_bpe(vocab_size: int = 320) -> Tokenizer:
-    """A byte-level BPE tokenizer trained on a few sentences (GPT-2's pre-tokenizer, no prefix space)."""
+    """A byte-level BPE tokenizer trained on a few sentences (GPT-2 pre-tokenizer, no prefix)."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -43,10 +49,31 @@ def byte_level_bpe(vocab_size: int = 320) -> Tokenizer:
     return tokenizer
 
 
+def tiny(kind: str, vocab_size: int, max_positions: int = 64) -> PreTrainedModel:
+    """A tiny random Llama (untied head) or Qwen2 (tied embeddings), seeded."""
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+    )
+    torch.manual_seed(0)
+    if kind == "llama":
+        return LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=False)).eval()
+    return Qwen2ForCausalLM(Qwen2Config(**common, tie_word_embeddings=True)).eval()
+
+
 def llama_cpp_permute(weight: torch.Tensor, n_head: int) -> torch.Tensor:
     """Query/key rows in llama.cpp's rotary order (interleaved halves per head)."""
     rows = weight.shape[0]
-    return weight.reshape(n_head, 2, rows // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    return (
+        weight.reshape(n_head, 2, rows // n_head // 2, *weight.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weight.shape)
+    )
 
 
 def write_gguf(model: PreTrainedModel, tokenizer: Tokenizer, path: Path) -> Path:

@@ -258,10 +258,9 @@ CONFIG_CASES = {
     "max_length_one": ConfigCase(
         "config key 'data.max_length': must be at least 2, got 1", ("data.max_length=1",)
     ),
-    "prompt_budget_fills_max_length": ConfigCase(
-        "config key 'data.max_prompt_length': 64 leaves no room for a response within "
-        "max_length=64",
-        ("data.max_length=64", "data.max_prompt_length=64"),
+    "max_prompt_length_zero": ConfigCase(
+        "config key 'data.max_prompt_length': must be at least 1, got 0",
+        ("data.max_prompt_length=0",),
     ),
     "skip_invalid_not_a_bool": ConfigCase(
         "config key 'data.skip_invalid': expected true or false, got 'maybe'",

@@ -9,7 +9,7 @@ import pytest
 
 from prefalign import objectives
 from prefalign.demo import DemoSettings
-from prefalign.discovery.demo import demo_discovery
+from prefalign.demo.discovery import demo_discovery
 from prefalign.discovery.recipe import DiscoverConfig, ProxySpec
 
 

@@ -150,3 +150,106 @@ def test_resume_inside_a_generation_proposes_what_the_uninterrupted_run_proposed
     resumed = [r["code_hash"] for r in run(path, resume=True).load()]
     assert resumed == straight
 
+
+
+# ---------------------------------------------------------------- 1: confined proxy training
+
+# Each passes the sandbox check (batches of 16 and 8) and misbehaves on the proxy's batches.
+IN_TRAINING = "    if policy_chosen_logps.numel() > 16:\n"
+HOSTILE = {
+    "hang": (IN_TRAINING + "        for i in range(10 ** 12):\n            k = i\n",
+             "CPU time limit exceeded"),
+    "allocate": (IN_TRAINING + "        rho = rho + 0 * torch.ones(10 ** 9).sum()\n",
+                 "memory limit"),
+    "nan": (IN_TRAINING + "        rho = rho * float('nan')\n", "non-finite loss in training"),
+    "reverse": (IN_TRAINING + "        rho = -rho\n", "reverses the training direction"),
+}  # fmt: skip
+
+
+def hostile(name: str) -> str:
+    trigger, _ = HOSTILE[name]
+    # A scale of its own: another loss than DPO's or the others', so each one is trained
+    # (a loss computed before is matched to that one's verdict instead).
+    scale = 1.1 + 0.1 * list(HOSTILE).index(name)
+    return named(SIG + RHO + trigger + f"    return -{scale:g} * F.logsigmoid(beta * rho)\n",
+                 f"sly_{name}")  # fmt: skip
+
+
+def test_candidates_that_misbehave_only_in_training_are_rejected_with_reasons(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    import psutil
+
+    from prefalign.discovery import baseline_codes
+    from prefalign.discovery.proxy import ConfinedFitness, TrainingLimits
+
+    for name in HOSTILE:
+        assert sandbox.check(hostile(name)).ok, name  # the check alone lets them through
+    proposer = ScriptedProposer([Candidate(f"sly_{n}", hostile(n)) for n in HOSTILE])
+    limits = TrainingLimits(timeout_s=60, cpu_s=3, memory_mb=512)
+    settings = {"kl_penalty": 0.05, "seed": 0, "threads": 1}
+    with ConfinedFitness("synthetic", settings, limits, cwd=tmp_path) as fitness:
+        archive = run_discovery(
+            proposer, fitness, generations=1, candidates_per_generation=len(HOSTILE),
+            archive_path=tmp_path / "a.jsonl", sandbox=sandbox, log=lambda s: None,
+            baselines=baseline_codes(),
+        )  # fmt: skip
+        worker = fitness._worker
+    records = {r["name"]: r for r in archive.load()}
+    for name in baseline_codes():  # real preference losses pass every training check
+        assert records[name]["valid"], records[name]["reason"]
+        assert records[name]["metrics"]["checked_calls"] == 50
+    for name, (_, reason) in HOSTILE.items():
+        record = records[f"sly_{name}"]
+        assert not record["valid"] and reason in record["reason"], (name, record["reason"])
+    assert worker is None or not worker.alive()
+    assert not [p for p in psutil.Process().children(recursive=True)
+                if "proxy_worker" in " ".join(p.cmdline())]  # fmt: skip
+
+
+def test_the_check_draws_new_inputs_every_time(sandbox: Sandbox) -> None:
+    # Behaves only on the inputs of seed 0 (the old fixed check): rejected now.
+    knows_inputs = SIG + RHO + (
+        "    if policy_chosen_logps[0].item() == " + repr(_first_input(0)) + ":\n"
+        "        return -F.logsigmoid(beta * rho)\n"
+        "    return -F.logsigmoid(-beta * rho)\n"
+    )
+    results = [sandbox.check(knows_inputs) for _ in range(3)]
+    assert not any(r.ok for r in results)
+
+
+def _first_input(seed: int) -> float:
+    from prefalign.discovery.sandbox_worker import random_inputs
+
+    return random_inputs(seed)[0][0].item()
+
+
+@pytest.mark.slow
+def test_real_proxy_training_runs_confined_and_catches_a_reversal(
+    tmp_path: Path, mini_worlds: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from openai_server import ScriptedOpenAIServer
+
+    from prefalign.discovery.recipe import DiscoverConfig, ProposerSpec, ProxySpec, run_discover
+    from prefalign.toy.tasks import world_task
+
+    with ScriptedOpenAIServer() as server:
+        for name, code in (("sly_reverse", hostile("reverse")), ("plain", named(DPO, "plain"))):
+            server.push_json({"thought": "t", "name": name, "code": code})
+        config = DiscoverConfig(
+            out_dir=str(tmp_path / "run"), generations=1, candidates_per_generation=2,
+            baselines=False,
+            proposer=ProposerSpec(kind="llm", base_url=server.base_url, model="m",
+                                  api_key_env="NONE"),
+            proxy=ProxySpec(steps=3, batch_size=24, n_eval_prompts=4, samples_per_prompt=1),
+        )  # fmt: skip
+        task = world_task(mini_worlds["sentiment"])
+        archive = run_discover(config, log=lambda *_: None, task=task)
+    reverse, plain = archive.load()
+    assert not reverse["valid"] and "reverses the training direction" in reverse["reason"]
+    assert "reverses_in_training" in reverse["flags"]
+    assert plain["valid"] and plain["metrics"]["checked_calls"] >= 3
+    json.loads((tmp_path / "run" / "fitness_cache.json").read_text())  # only the good one
+    assert len(json.loads((tmp_path / "run" / "fitness_cache.json").read_text())) == 1

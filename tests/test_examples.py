@@ -10,7 +10,7 @@ from prefalign.config import load_config
 from prefalign.discovery.recipe import DiscoverConfig
 from prefalign.genarm.arm import ArmConfig
 from prefalign.rest.loop import RestConfig
-from prefalign.rest.reward_model import RewardModelConfig
+from prefalign.reward_models import RewardModelConfig
 from prefalign.training.preference import PreferenceConfig
 from prefalign.training.sft import SFTConfig
 

@@ -17,11 +17,11 @@ from prefalign.genarm.baselines import (
     best_of_n,
     best_of_n_kl_bound,
 )
-from prefalign.genarm.reward_model import SequenceRewardModel, load_reward_model
 from prefalign.generation import SamplingParams, encode_prompt, generate, pad_left
 from prefalign.logprobs import collate_prompt_response
 from prefalign.modeling import ModelSpec
-from prefalign.rest.reward_model import RewardModelConfig, RMData, rewards_of, train_reward_model
+from prefalign.reward_models import SequenceRewardModel, load_reward_model
+from prefalign.reward_models.train import RewardModelConfig, RMData, rewards_of, train_reward_model
 from prefalign.training.loop import TrainerConfig
 
 PROMPTS = ["the movie was", "i", "what is the answer ?", "two plus two equals"]

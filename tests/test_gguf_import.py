@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from gguf_files import CHAT_TEMPLATE, byte_level_bpe, write_gguf
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from gguf_files import CHAT_TEMPLATE, byte_level_bpe, tiny, write_gguf
 
 from prefalign.cli import main
 from prefalign.errors import UserError
@@ -13,17 +12,6 @@ from prefalign.modeling import load_model, load_tokenizer
 from prefalign.models import cached_import, import_gguf
 
 TEXT = "what is two plus three? the movie was good"
-
-
-def tiny(kind: str, vocab_size: int):
-    common = dict(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    if kind == "llama":
-        return LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=False)).eval()
-    return Qwen2ForCausalLM(Qwen2Config(**common, tie_word_embeddings=True)).eval()
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +61,10 @@ def test_gguf_sources_are_cached_by_file_hash(tmp_path, bpe, monkeypatch):
 def test_bf16_import(tmp_path, bpe):
     gguf_file = write_gguf(tiny("llama", bpe.get_vocab_size()), bpe, tmp_path / "m.gguf")
     out = import_gguf(gguf_file, tmp_path / "bf16", dtype="bfloat16")
-    assert load_model(out, dtype="bfloat16", device="cpu").model.embed_tokens.weight.dtype == torch.bfloat16
+    assert (
+        load_model(out, dtype="bfloat16", device="cpu").model.embed_tokens.weight.dtype
+        == torch.bfloat16
+    )
     assert "bfloat16" in (out / "config.json").read_text()
 
 
@@ -92,11 +83,17 @@ def test_truncated_and_foreign_files_give_one_line_errors(tmp_path, bpe, capsys)
     foreign.write_text("just some text, not a model\n")
     header_only = tmp_path / "header.gguf"
     header_only.write_bytes(gguf_file.read_bytes()[:100])
-    for bad, words in [(truncated, "truncated"), (foreign, "not a GGUF file"), (header_only, "truncated")]:
+    for bad, words in [
+        (truncated, "truncated"),
+        (foreign, "not a GGUF file"),
+        (header_only, "truncated"),
+    ]:
         with pytest.raises(UserError, match=words):
             import_gguf(bad, tmp_path / "never")
         assert main(["model", "import", f"gguf:{bad}", "--out", str(tmp_path / "never")]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and str(bad) in err and words in err
-    assert main(["model", "import", str(tmp_path / "missing.gguf"), "--out", str(tmp_path / "x")]) == 2
+    assert (
+        main(["model", "import", str(tmp_path / "missing.gguf"), "--out", str(tmp_path / "x")]) == 2
+    )
     assert "no such GGUF file" in capsys.readouterr().err

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from prefalign.evaluation.html_report import (
+from prefalign.report import (
     classify,
     demo_curves,
     merge_reports,

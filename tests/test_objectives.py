@@ -134,8 +134,9 @@ def test_kto_values():
     labels = torch.tensor([True, True, False, False])
     kl_policy = torch.tensor([-1.0, -1.0])
     kl_reference = torch.tensor([-1.5, -1.5])  # z0 = 0.5
+    z0 = objectives.kto_kl_reference_point(kl_policy, kl_reference)
     loss = objectives.compute_loss(
-        "kto", policy, reference, labels, kl_policy, kl_reference, beta=1.0, desirable_weight=2.0
+        "kto", policy, reference, labels, z0, beta=1.0, desirable_weight=2.0
     )
     expected = [2 * (1 - sigmoid(0.5)), 2 * (1 - sigmoid(-0.5)), 1 - sigmoid(1.5), 1 - sigmoid(2.5)]
     assert_values(loss, expected)
@@ -147,7 +148,8 @@ def test_kto_reference_point_is_clamped_and_detached():
     kl_policy = torch.tensor([-3.0, -1.0], requires_grad=True)
     kl_reference = torch.tensor([-1.0, -1.0])  # mean difference -1 -> clamped to 0
     assert objectives.kto_kl_reference_point(kl_policy, kl_reference).item() == -1.0
-    loss = objectives.kto_loss(policy, torch.zeros(2), labels, kl_policy, kl_reference, beta=1.0)
+    z0 = objectives.kto_kl_reference_point(kl_policy, kl_reference)
+    loss = objectives.kto_loss(policy, torch.zeros(2), labels, z0, beta=1.0)
     assert_values(loss.detach(), [0.5, 0.5])
     loss.sum().backward()
     assert kl_policy.grad is None  # z0 carries no gradient
@@ -155,12 +157,13 @@ def test_kto_reference_point_is_clamped_and_detached():
 
 
 def test_kto_accepts_an_all_reduced_reference_point():
-    # A multi-process trainer passes the averaged scalar as kl_policy_logps and 0 as the reference.
+    # A multi-process trainer all-reduces the batch estimate and passes it as its own argument.
     policy, reference = torch.tensor([0.0]), torch.tensor([0.0])
     labels = torch.tensor([True])
     kl_local = objectives.kto_kl_reference_point(torch.tensor([1.0, 2.0]), torch.zeros(2))
-    loss = objectives.kto_loss(policy, reference, labels, kl_local, torch.zeros(()), beta=1.0)
+    loss = objectives.kto_loss(policy, reference, labels, reference_point=kl_local, beta=1.0)
     assert_values(loss, [1 - sigmoid(-1.5)])
+    assert objectives.get("kto").param_names == ("beta", "desirable_weight", "undesirable_weight")
 
 
 # --- properties -----------------------------------------------------------------------------
@@ -210,8 +213,9 @@ def test_kto_gradients_finite():
         policy,
         -30 * torch.rand(6, generator=g),
         torch.tensor([True, False, True, False, True, True]),
-        -30 * torch.rand(6, generator=g),
-        -30 * torch.rand(6, generator=g),
+        objectives.kto_kl_reference_point(
+            -30 * torch.rand(6, generator=g), -30 * torch.rand(6, generator=g)
+        ),
     )
     loss.mean().backward()
     assert torch.isfinite(policy.grad).all()
@@ -228,11 +232,9 @@ def test_batch_of_one_in_bfloat16(name):
 
 def test_kto_batch_of_one_in_bfloat16():
     args = [torch.tensor([-4.0]), torch.tensor([-5.0]), torch.tensor([False])]
-    kl = [torch.tensor([-3.0]), torch.tensor([-3.5])]
-    ref = objectives.kto_loss(*args, *kl)
-    low = objectives.kto_loss(
-        args[0].bfloat16(), args[1].bfloat16(), args[2], *[t.bfloat16() for t in kl]
-    )
+    z0 = torch.tensor(0.5)
+    ref = objectives.kto_loss(*args, z0)
+    low = objectives.kto_loss(args[0].bfloat16(), args[1].bfloat16(), args[2], z0.bfloat16())
     assert low.dtype == torch.bfloat16 and low.shape == (1,)
     torch.testing.assert_close(low.float(), ref, rtol=2e-2, atol=2e-2)
 
@@ -281,8 +283,10 @@ def test_compute_loss_rejects_unknown_param(pairs):
 
 
 def test_compute_loss_checks_input_count(pairs):
-    with pytest.raises(ValueError, match="takes 5 input tensors"):
-        objectives.compute_loss("kto", *pairs)
+    with pytest.raises(ValueError, match="takes 4 input tensors"):
+        objectives.compute_loss("kto", *pairs[:3])
+    with pytest.raises(ValueError, match="takes 4 input tensors"):
+        objectives.compute_loss("dpo", *pairs, pairs[0])
 
 
 def test_compute_loss_uses_registry_defaults(pairs):
@@ -315,8 +319,8 @@ def test_register_validates_signature_and_defaults(isolated_registry):
         objectives.register("too_few", lambda pc, pr: pc - pr)
     with pytest.raises(ValueError, match="kind"):
         objectives.register("bad_kind", square_loss, kind="listwise")
-    with pytest.raises(ValueError, match="5 positional"):
-        objectives.register("kto_like", lambda p, r, labels, kp: p - r, kind="unpaired")
+    with pytest.raises(ValueError, match="4 positional"):
+        objectives.register("kto_like", lambda p, r, labels: p - r, kind="unpaired")
     with pytest.raises(ValueError, match="not callable"):
         objectives.register("not_fn", 3)
 

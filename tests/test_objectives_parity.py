@@ -250,9 +250,8 @@ def test_objective_parity_with_trl_kto(kl_shift, tmp_path):
     trl_loss = trainer._compute_loss(stub, inputs, False)
     (trl_grad,) = torch.autograd.grad(trl_loss, [policy])
 
-    loss = objectives.compute_loss(
-        "kto", policy, reference, labels, kl_policy, kl_reference, **KTO_PARAMS
-    ).mean()
+    z0 = objectives.kto_kl_reference_point(kl_policy, kl_reference)
+    loss = objectives.compute_loss("kto", policy, reference, labels, z0, **KTO_PARAMS).mean()
     (grad,) = torch.autograd.grad(loss, [policy])
     torch.testing.assert_close(loss, trl_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad, trl_grad, rtol=1e-5, atol=1e-7)
@@ -324,8 +323,9 @@ def test_model_parity_with_trl_kto(tmp_path):
         kl_reference = sequence_logps(ref_model, *kl_args).sum
     # These seeds give a positive KL estimate, so the reference point z0 is active (not clamped).
     assert objectives.kto_kl_reference_point(kl_policy, kl_reference) > 0
+    z0 = objectives.kto_kl_reference_point(kl_policy, kl_reference)
     loss = objectives.compute_loss(
-        "kto", policy, reference, batch["label"], kl_policy, kl_reference, **KTO_PARAMS
+        "kto", policy, reference, batch["label"], z0, **KTO_PARAMS
     ).mean()
     loss.backward()
 

@@ -107,7 +107,26 @@ def differs(a: dict, b: dict) -> bool:
     return any(not torch.equal(a[n], b[n]) for n in a)
 
 
-@pytest.mark.parametrize("kind", list(BUILDERS))
+def lora_updates(model: torch.nn.Module, adapter: str) -> dict[str, torch.Tensor]:
+    """The weight update s * B @ A that `adapter` adds to every LoRA layer, in double precision."""
+    out = {}
+    for name, module in model.named_modules():
+        if adapter in getattr(module, "lora_A", {}):
+            a, b = module.lora_A[adapter].weight.double(), module.lora_B[adapter].weight.double()
+            out[name] = module.scaling[adapter] * b @ a
+    return out
+
+
+def randomize_adapter(model: torch.nn.Module, seed: int = 7) -> None:
+    """A trained-looking adapter: B non-zero, so the adapter changes the model's output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+@pytest.mark.parametrize("kind", [k for k in BUILDERS if "lora" not in k])
 @pytest.mark.parametrize("period", [1, 3])
 def test_soft_reference_matches_closed_form_mixture(kind: str, period: int) -> None:
     alpha, steps = 0.6, 7
@@ -127,6 +146,84 @@ def test_soft_reference_matches_closed_form_mixture(kind: str, period: int) -> N
     got = ref_tracked(ref, model)
     assert differs(got, snapshots[-1])  # a real mixture, not a copy of the policy
     assert_same(got, expected, exact=False)
+
+
+@pytest.mark.parametrize("period", [1, 3])
+def test_lora_soft_reference_mixes_the_weight_updates_exactly(period: int) -> None:
+    # theta_ref <- a*theta + (1-a)*theta_ref for the adapted weights W0 + s*B@A is the same
+    # recursion on the updates s*B@A; rank 32 is the layers' full rank, so nothing is truncated.
+    alpha, steps = 0.6, 7
+    model = lora(llama())
+    randomize_adapter(model)
+    ref = make_reference(model, ReferenceSpec(mode="soft", alpha=alpha, period=period, lora_rank=32))
+    history = [lora_updates(model, "default")]
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for step in range(1, steps + 1):
+        opt.zero_grad()
+        nll_loss(model, make_batch(step)).backward()
+        opt.step()
+        history.append(lora_updates(model, "default"))
+        assert ref.after_optimizer_step(step) == (step % period == 0)
+    expected = history[0]
+    for step in range(1, steps + 1):
+        if step % period == 0:
+            expected = {n: alpha * history[step][n] + (1 - alpha) * expected[n] for n in expected}
+    got = lora_updates(model, "reference")
+    assert got.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert ref.truncation_error < 1e-6
+
+
+def test_lora_soft_update_of_a_sign_flipped_adapter_keeps_the_function() -> None:
+    # (-A, -B) is the same function as (A, B): mixing them must keep it, not mix the factors
+    # to zero (the bare base model).
+    model = lora(llama())
+    randomize_adapter(model)
+    ref = make_reference(model, ReferenceSpec(mode="soft", alpha=0.5))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name and ".default." in name:
+                p.neg_()
+    assert ref.after_optimizer_step(1)
+    batch = make_batch()
+    with torch.no_grad():
+        policy = sequence_logps(model.eval(), **batch).sum
+        with model.disable_adapter():
+            base = sequence_logps(model, **batch).sum
+    assert not torch.allclose(policy, base)
+    torch.testing.assert_close(ref.logps(**batch).sum, policy, rtol=1e-5, atol=1e-5)
+
+
+def test_mixing_beyond_the_rank_keeps_the_best_approximation_and_reports_its_error() -> None:
+    from prefalign.lora_mix import mix_factors_
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4, 32, generator=g), torch.randn(48, 4, generator=g)
+    a_ref, b_ref = torch.randn(4, 32, generator=g), torch.randn(48, 4, generator=g)
+    exact = 0.6 * b.double() @ a.double() + 0.4 * b_ref.double() @ a_ref.double()  # rank 8
+    error = mix_factors_(a_ref, b_ref, a, b, 0.6)
+    u, sigma, vh = torch.linalg.svd(exact)
+    best = (u[:, :4] * sigma[:4]) @ vh[:4]  # Eckart-Young: the best rank-4 approximation
+    torch.testing.assert_close((b_ref.double() @ a_ref.double()), best, rtol=1e-5, atol=1e-5)
+    assert error == pytest.approx(float(sigma[4:].norm() / sigma.norm()), rel=1e-4)
+    assert 0 < error < 1
+
+
+def test_frozen_lora_reference_of_a_trained_adapter_is_the_initial_policy() -> None:
+    model = lora(llama())
+    randomize_adapter(model)  # the policy starts from a trained adapter (e.g. LoRA SFT)
+    ref = make_reference(model, ReferenceSpec(mode="frozen"))
+    batch = make_batch()
+    with torch.no_grad():
+        initial = sequence_logps(model.eval(), **batch).sum
+    torch.testing.assert_close(ref.logps(**batch).sum, initial, rtol=0, atol=0)
+    model.train()
+    _, updated = train(model, ref, 2, lr=0.05)
+    assert not any(updated)
+    torch.testing.assert_close(ref.logps(**batch).sum, initial, rtol=0, atol=0)
+    with torch.no_grad():
+        assert not torch.allclose(sequence_logps(model, **batch).sum, initial)
 
 
 @pytest.mark.parametrize("kind", ["llama", "llama-lora"])
@@ -217,14 +314,16 @@ def test_lora_reference_keeps_the_policy_adapter_trainable() -> None:
     assert all(m.training for m in model.modules())
 
 
-def test_lora_soft_reference_is_adapter_sized() -> None:
+@pytest.mark.parametrize("lora_rank,times", [(0, 4), (8, 1)])
+def test_lora_soft_reference_is_adapter_sized(lora_rank: int, times: int) -> None:
     base = llama(hidden=256)
     n_base = sum(p.numel() for p in base.parameters())
     model = add_lora(base, LoraSpec(r=8))
     before = sum(p.numel() for p in model.parameters())
-    make_reference(model, ReferenceSpec(mode="soft"))
+    adapter = before - n_base
+    make_reference(model, ReferenceSpec(mode="soft", lora_rank=lora_rank))
     added = sum(p.numel() for p in model.parameters()) - before
-    assert 0 < added < 0.1 * n_base
+    assert added == times * adapter  # rank 4x the policy's by default
 
 
 def test_tied_embeddings_stay_tied() -> None:

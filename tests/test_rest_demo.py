@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from prefalign.demo import DemoSettings
-from prefalign.rest.demo import demo_rest
+from prefalign.demo.rest import demo_rest
 from prefalign.toy.world import ToyConfig, ToyModelSize, get_world
 
 

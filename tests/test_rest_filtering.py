@@ -58,10 +58,33 @@ def test_cap_breaks_ties_by_seed_and_dedup_counts_identical_responses_once():
     assert sorted(keys[i] for i in kept) == ["a", "b", "c"]
 
 
-def test_percentiles_are_mid_ranks_with_shared_ties():
+def test_percentiles_are_mid_ranks_and_the_lowest_value_scores_zero():
     assert percentiles([3.0, 1.0, 2.0]) == [1.0, 0.0, 0.5]
-    assert percentiles([0.0, 1.0, 1.0, 0.0, 1.0]) == [0.125, 0.75, 0.75, 0.125, 0.75]
-    assert percentiles([7.0]) == [0.5]
+    # Ties share the mean rank of their block, except the block at the minimum: it beats no one.
+    assert percentiles([0.0, 1.0, 1.0, 0.0, 1.0]) == [0.0, 0.75, 0.75, 0.0, 0.75]
+    assert percentiles([2.0, 2.0, 2.0]) == [0.0, 0.0, 0.0]
+    assert percentiles([7.0]) == [0.0]
+
+
+def test_ties_do_not_make_failures_pass_per_prompt():
+    """A prompt whose samples all failed alike keeps none of them (they scored 0.5 each and
+    passed a threshold of 0.4); a prompt's tied successes above its failures still pass."""
+    rewards = [0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0]
+    groups = [0, 0, 0, 0, 1, 1, 1, 1]
+    scores = normalized_scores(rewards, groups, "per_prompt_percentile")
+    assert select(scores, groups, 0.4) == [5, 6, 7]
+
+
+def test_a_prompt_with_nothing_above_the_absolute_floor_keeps_nothing():
+    rewards = [0.1, 0.2, 0.3, 0.6, 0.7, 0.9]  # prompt 0 failed everywhere (floor 0.5)
+    groups = [0, 0, 0, 1, 1, 1]
+    scores = normalized_scores(rewards, groups, "per_prompt_percentile")
+    assert select(scores, groups, 0.4) == [1, 2, 4, 5]  # percentiles alone keep prompt 0's best
+    assert select(scores, groups, 0.4, rewards=rewards, min_reward=0.5) == [4, 5]
+    # The floor holds whatever the normalization: a raw reward at the floor is not above it.
+    assert select(rewards, groups, 0.0, rewards=rewards, min_reward=0.6) == [4, 5]
+    with pytest.raises(ValueError, match="min_reward"):
+        select(scores, groups, 0.4, min_reward=0.5)  # the floor needs the raw rewards
 
 
 def test_per_prompt_percentile_ranks_within_each_prompt():
@@ -70,6 +93,8 @@ def test_per_prompt_percentile_ranks_within_each_prompt():
     assert normalized_scores(rewards, groups, "per_prompt_percentile") == [0.0, 0.5, 1.0, 0.0, 0.5, 1.0]
     assert normalized_scores(rewards, groups, "global_percentile") == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
     assert normalized_scores(rewards, groups, "none") == rewards
+    scaled = [0.0, 0.1 / 6.9, 0.2 / 6.9, 4.9 / 6.9, 5.9 / 6.9, 1.0]
+    assert normalized_scores(rewards, groups, "min_max") == pytest.approx(scaled)
     # On per-prompt percentiles a hard prompt's best sample is kept although an easy one's worst beats it.
     kept = select(normalized_scores(rewards, groups, "per_prompt_percentile"), groups, 0.7)
     assert kept == [2, 5]

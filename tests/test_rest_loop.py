@@ -141,6 +141,53 @@ def test_cli_run_and_restart_from_base(files, tiny_llama_dir, tmp_path, capsys):
         run_rest_cli(args)  # the same out_dir again, without --resume
 
 
+def test_rest_paper_options(files, tiny_llama_dir, tmp_path):
+    """ReST's own choices as config keys: the original SFT rows join each Improve step's mixture,
+    rewards are min-max scaled to [0, 1] before thresholding, and later steps train at a lower
+    learning rate; a raw-reward floor keeps failures out whatever their scaled score."""
+    sft = tmp_path / "sft.jsonl"
+    rows = [{"prompt": p, "completion": " yes ."} for p in ["hi", "what is", "ok"]]
+    sft.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = run_rest(config(
+        files, tiny_llama_dir, tmp_path / "out", "grow_steps=1", "improve.normalize=min_max",
+        "improve.thresholds=[0.0, 0.5]", "improve.max_per_prompt=0", f"improve.original_data={sft}",
+        "improve.lr_decay=0.5", "improve.min_reward=0.34",
+    ), log=lambda *_: None)
+    grown_file = tmp_path / "out" / "grown" / "grow_000.jsonl"
+    grown = [json.loads(line) for line in grown_file.read_text().splitlines()]
+    rewards = [g["reward"] for g in grown]
+    lo, hi = min(rewards), max(rewards)
+    steps = [r for r in result.records if r["kind"] == "improve"]
+    for step in steps:
+        expected = sum(1 for r in rewards if (r - lo) / (hi - lo) > step["threshold"] and r > 0.34)
+        assert step["kept"] == expected and step["original_examples"] == 3
+        assert step["examples"] == step["kept"] + 3
+    assert [s["lr"] for s in steps] == pytest.approx([1e-3, 5e-4])
+    for step in steps:  # the step's trainer ran at its own rate
+        metrics = Path(step["model"]).parent / "metrics.jsonl"
+        logged = [json.loads(line) for line in metrics.read_text().splitlines()]
+        assert max(r["lr"] for r in logged if "lr" in r) <= step["lr"] + 1e-12
+    with pytest.raises(ValueError, match="original_data"):
+        bad = config(files, tiny_llama_dir, tmp_path / "bad", f"improve.original_data={sft}",
+                     "improve.loss=dpo")
+        run_rest(bad)
+    with pytest.raises(ValueError, match="lr_decay"):
+        run_rest(config(files, tiny_llama_dir, tmp_path / "bad", "improve.lr_decay=0"))
+
+
+def test_a_user_loss_file_is_imported_once_per_run(files, tiny_llama_dir, tmp_path):
+    loss = tmp_path / "counted.py"
+    loss.write_text(
+        f"open({str(tmp_path / 'imports')!r}, 'a').write('x')\n\n"
+        "def margin(pc, pr, rc, rr, beta=0.5):\n"
+        "    return (1 - beta * ((pc - rc) - (pr - rr))).clamp(min=0)\n"
+    )
+    extra = ("grow_steps=2", f"improve.loss={loss}:margin", "improve.thresholds=[0.0, 0.3]")
+    run_rest(config(files, tiny_llama_dir, tmp_path / "out", *extra), log=lambda *_: None)
+    # 14 imports before objectives were resolved once per run (check, data, reference, loss).
+    assert (tmp_path / "imports").read_text() == "x"
+
+
 @pytest.mark.parametrize(
     "extra,error,match",
     [(["improve.loss=dpoo"], ValueError, "improve.loss"), (["improve.thresholds=[0.1]"], ValueError, "one per step"),

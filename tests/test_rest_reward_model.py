@@ -13,19 +13,16 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from prefalign.rest.cli import run_rm_train_cli
-from prefalign.rest.reward_model import RewardModel
 from prefalign.rest.rewards import RewardSpec, load_reward
+from prefalign.reward_models import RewardModel
+from prefalign.reward_models.cli import run_rm_train_cli
 from prefalign.toy import corpus
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 
 def toy_words() -> list[str]:
-    words = set(corpus.POSITIVE + corpus.NEGATIVE + corpus.NEUTRAL + corpus.VERBS_POS + corpus.VERBS_NEG + corpus.VERBS_NEU)
-    for phrase in corpus.SUBJECTS + corpus.FILMS + list(corpus.INTENSIFIERS):
-        words.update(phrase.split())
-    return sorted(words | {"was", "is", "felt", "and", "but", ",", ".", "i"})
+    return corpus.grammar_words()
 
 
 def word_tokenizer() -> PreTrainedTokenizerFast:
@@ -87,7 +84,7 @@ def test_untrained_reward_model_is_near_chance(rm_setup, tmp_path):
     """The accuracy above is learned, not an artefact of the pair layout."""
     from prefalign.data import load_preference_data, tokenize_preference
     from prefalign.modeling import load_tokenizer
-    from prefalign.rest.reward_model import build_reward_model, pair_accuracy
+    from prefalign.reward_models.train import build_reward_model, pair_accuracy
 
     tokenizer = load_tokenizer(rm_setup["policy"])
     model = build_reward_model(rm_setup["policy"], tokenizer.pad_token_id)

@@ -60,3 +60,11 @@ def test_user_objective_logs_rewards_at_its_signature_scale(tiny, tmp_path):
         for key in keys:
             if key in b:
                 assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), key
+
+
+def test_a_user_objective_file_is_imported_once_per_run(tiny, tmp_path):
+    """Resolved once and passed down: training and its periodic evaluation share one import."""
+    counted = tmp_path / "counted.py"
+    counted.write_text(f"open({str(tmp_path / 'imports')!r}, 'a').write('x')\n" + SHARP)
+    history(tiny, tmp_path / "run", f"objective.code={counted}:sharp")
+    assert (tmp_path / "imports").read_text() == "x"  # 2 before: the run, then its evaluator

@@ -128,7 +128,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_last_checkpoint(tiny, tmp_path
         train(tiny, out, f"objective.code={code}:late_nan", "trainer.save_every=1")
     saved = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert saved == ["step-1", "step-2"]
-    assert load_file(out / "checkpoints" / "step-2" / "trainable.safetensors")
+    assert load_file(out / "checkpoints" / "step-2" / "model" / "model.safetensors")
 
 
 @pytest.mark.slow  # a fresh interpreter imports torch: 4 s
@@ -144,10 +144,77 @@ def test_a_huge_lr_stops_with_one_line_and_only_finite_checkpoints(tiny, tmp_pat
     assert [step for step, _ in saved] == [1]
     assert f"the last finite checkpoint is {saved[-1][1]}" in lines[-1]
     for _, path in saved:
-        for name, tensor in load_file(path / "trainable.safetensors").items():
+        for name, tensor in load_file(path / "model" / "model.safetensors").items():
             assert torch.isfinite(tensor).all(), name
     for line in (out / "metrics.jsonl").read_text().splitlines():
         json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in metrics.jsonl"))
+
+
+@pytest.mark.parametrize("mode", ["soft", "frozen"])
+def test_held_out_pair_accuracy_is_measured_against_the_initial_policy(tiny, tmp_path, mode):
+    from prefalign.evaluation.pairs import pair_metrics
+    from prefalign.modeling import load_model, load_tokenizer
+    from prefalign.reference import ModelReference
+
+    out = tmp_path / mode
+    result = train(tiny, out, f"reference.mode={mode}", f"data.eval_path={tiny['pairs']}", "trainer.max_steps=4")
+    last = result.history[-1]
+    tokenizer = load_tokenizer(out / "final")
+    config = load_config(PreferenceConfig, None, overrides(tiny, out))
+    initial = ModelReference(load_model(tiny["model"]))
+    expected = pair_metrics(load_model(out / "final"), initial, tokenizer, str(tiny["pairs"]), 0.5, config.data)
+    assert last["eval/pair_margin"] == pytest.approx(expected["pair_margin"], rel=1e-4)
+    assert last["eval/pair_accuracy"] == pytest.approx(expected["pair_accuracy"])
+    if mode == "soft":  # labelled apart: the moving reference gives another margin
+        assert abs(last["eval/pair_margin_vs_reference"] - last["eval/pair_margin"]) > 1e-3
+    else:
+        assert "eval/pair_margin_vs_reference" not in last
+
+
+LAYOUTS = {"full": (), "lora": ("model.lora={r: 4, alpha: 8}", "trainer.lr=1e-2")}
+WEIGHT_FILES = {"full": "model.safetensors", "lora": "adapter_model.safetensors"}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_a_checkpoint_writes_the_weights_once_and_final_is_the_last_one(tiny, tmp_path, layout):
+    out = tmp_path / layout
+    train(tiny, out, *LAYOUTS[layout], "trainer.max_steps=4", "trainer.save_every=2", "trainer.keep_checkpoints=3")
+    for step in (2, 4):
+        ckpt = out / "checkpoints" / f"step-{step}"
+        weights = sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*.safetensors"))
+        assert weights == [f"model/{WEIGHT_FILES[layout]}"], weights
+    final = out / "final"
+    assert final.is_symlink() and final.resolve() == (out / "checkpoints" / "step-4" / "model").resolve()
+    assert not os.path.isabs(os.readlink(final))  # the run directory can move
+    assert preference_margin(final, tiny) > preference_margin(tiny["model"], tiny) + 0.1
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_resume_from_a_checkpoint_is_bit_exact(tiny, tmp_path, layout):
+    common = (*LAYOUTS[layout], "trainer.schedule=constant", "reference.mode=soft", "trainer.save_every=2")
+    train(tiny, tmp_path / "straight", *common, "trainer.max_steps=4")
+    train(tiny, tmp_path / "resumed", *common, "trainer.max_steps=2")
+    config = load_config(PreferenceConfig, None, overrides(tiny, tmp_path / "resumed", *common, "trainer.max_steps=4"))
+    result = run_preference(config, resume=True, log=lambda *_: None)
+    assert result.steps == 4
+    a = load_file(tmp_path / "straight" / "final" / WEIGHT_FILES[layout])
+    b = load_file(tmp_path / "resumed" / "final" / WEIGHT_FILES[layout])
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_the_trainer_seed_decides_the_lora_adapters_init(tiny, tmp_path):
+    def adapter(name: str, seed: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(1234 + len(name))  # the global RNG state before a run must not matter
+        train(tiny, tmp_path / name, "model.lora={r: 4, alpha: 8}", f"trainer.seed={seed}", "trainer.max_steps=1",
+              "trainer.lr=1e-9")
+        return load_file(tmp_path / name / "final" / "adapter_model.safetensors")
+
+    a, again, other = adapter("a", 0), adapter("again", 0), adapter("other", 1)
+    lora_a = [n for n in a if "lora_A" in n]
+    assert lora_a and all(torch.equal(a[n], again[n]) for n in a)
+    assert all(not torch.equal(a[n], other[n]) for n in lora_a)
 
 
 def cli_train(tiny, out: Path, *extra: str, env=None) -> subprocess.Popen:

@@ -68,8 +68,8 @@ def test_metrics_given_as_sums_and_counts_average_over_the_examples_that_have_th
             "index/rejected": (index[rejected].sum(), rejected.sum()),
         }
 
-    trainer = Trainer(gpt2(), config(tmp_path, batch_size=2, grad_accum=2, max_steps=2), n_examples=8)
-    result = trainer.fit([7] * 8, collate_fn(prompts, responses), loss_fn)
+    trainer = Trainer(gpt2(), config(tmp_path, batch_size=2, grad_accum=2, max_steps=2), [7] * 8)
+    result = trainer.fit(collate_fn(prompts, responses), loss_fn)
     for step, record in enumerate(result.history):
         mine = torch.cat(seen[2 * step : 2 * step + 2])
         assert record["index/chosen"] == pytest.approx(float(mine.mean()))
@@ -87,10 +87,10 @@ def test_a_non_finite_gradient_stops_before_the_step_and_names_no_checkpoint(tmp
         # Finite loss, NaN gradient: sqrt has an infinite slope at 0, times 0 is NaN.
         return loss + 0.0 * torch.sqrt(torch.zeros(()) * loss), {}
 
-    trainer = Trainer(model, config(tmp_path, save_every=1), n_examples=16)
+    trainer = Trainer(model, config(tmp_path, save_every=1), [7] * 16)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     with pytest.raises(TrainingDiverged, match="gradient norm") as err:
-        trainer.fit([7] * 16, collate_fn(prompts, responses), loss_fn)
+        trainer.fit(collate_fn(prompts, responses), loss_fn)
     assert isinstance(err.value, UserError)
     assert "no checkpoint" in str(err.value)
     assert "\n" not in str(err.value)
@@ -110,9 +110,9 @@ def test_divergence_names_the_last_finite_checkpoint_and_never_writes_nan(tmp_pa
             loss = loss + 0.0 * torch.sqrt(torch.zeros(()) * loss)
         return loss, {"odd": torch.tensor(float("nan"))}
 
-    trainer = Trainer(gpt2(), config(tmp_path, save_every=1, max_steps=4), n_examples=16)
+    trainer = Trainer(gpt2(), config(tmp_path, save_every=1, max_steps=4), [7] * 16)
     with pytest.raises(TrainingDiverged, match="step 3") as err:
-        trainer.fit([7] * 16, collate_fn(prompts, responses), loss_fn)
+        trainer.fit(collate_fn(prompts, responses), loss_fn)
     root = tmp_path / "run" / "checkpoints"
     assert str(root / "step-2") in str(err.value)
     assert sorted(p.name for p in root.iterdir()) == ["step-1", "step-2"]
@@ -139,7 +139,7 @@ def test_train_mode_and_dropout_are_set_once_and_constant(tmp_path, disable_drop
         return {"x": 1.0}
 
     cfg = config(tmp_path, max_steps=4, eval_every=1, disable_dropout=disable_dropout)
-    Trainer(model, cfg, n_examples=16).fit([7] * 16, collate_fn(prompts, responses), loss_fn, evaluate=evaluate)
+    Trainer(model, cfg, [7] * 16).fit(collate_fn(prompts, responses), loss_fn, evaluate=evaluate)
     assert states == [(True, not disable_dropout)] * 4
 
 
@@ -157,6 +157,6 @@ def test_non_finite_values_are_written_as_null(tmp_path):
     def loss_fn(model, batch):
         return nll_loss(model, batch), {"inf": torch.tensor(math.inf)}
 
-    Trainer(gpt2(), config(tmp_path), n_examples=16).fit([7] * 16, collate_fn(prompts, responses), loss_fn)
+    Trainer(gpt2(), config(tmp_path), [7] * 16).fit(collate_fn(prompts, responses), loss_fn)
     for line in metrics_lines(tmp_path):
         assert json.loads(line, parse_constant=lambda c: pytest.fail(c))["inf"] is None

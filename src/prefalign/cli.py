@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -66,10 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of out_dir")
         return p
 
-    demo = command("demo", run_demo, "run every method on the embedded toy world and write a report")
+    demo = command("demo", run_demo, "run every method on a world (default: the embedded toy world) and write a report")
     demo.add_argument("--quick", action="store_true", help="fewer prompts and steps (about 3 minutes)")
     demo.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
-    demo.add_argument("--tasks", default="sentiment,arith", help="comma-separated toy tasks")
+    demo.add_argument("--world", default="toy", help="the world family the rows run on (default: toy)")
+    demo.add_argument("--tasks", help="comma-separated tasks of the world (default: all of them)")
 
     toy = sub.add_parser("toy", help="the embedded toy world").add_subparsers(dest="toy_command")
     build = toy.add_parser("build", help="build (or reuse) a toy world: corpus, tokenizer, SFT policy, data")
@@ -160,7 +162,7 @@ def run_rest(args: argparse.Namespace) -> int:
 
 
 def run_rm_train(args: argparse.Namespace) -> int:
-    from prefalign.rest.cli import run_rm_train_cli
+    from prefalign.reward_models.cli import run_rm_train_cli
 
     return int(run_rm_train_cli(args) or 0)
 
@@ -185,15 +187,6 @@ def run_model_import(args: argparse.Namespace) -> int:
 
     out = import_gguf(args.source, args.out, dtype=args.dtype)
     print(f"imported {args.source} into {out}")
-    return 0
-
-
-def run_toy_build(args: argparse.Namespace) -> int:
-    from prefalign.toy.world import ToyConfig, get_world
-
-    config = load_config(ToyConfig, None, args.overrides, base=ToyConfig.for_task(args.task))
-    world = get_world(config.task, config, out=args.out)
-    print(json.dumps({"task": world.task, "path": str(world.root), **world.info()["figures"]}, indent=2))
     return 0
 
 
@@ -290,25 +283,32 @@ def run_discover(args: argparse.Namespace) -> int:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from prefalign.evaluation.html_report import report_cli
+    from prefalign.report import report_cli
 
     return int(report_cli(args) or 0)
 
 
 def write_reports(run_dir: str | Path) -> None:
     """report.md + self-contained report.html in a run directory, from its saved files."""
-    from prefalign.evaluation.html_report import write_run_report
+    from prefalign.report import write_run_report
 
     md, html = write_run_report(Path(run_dir))
     print(f"report: {html}")
 
 
-def run_demo(args: argparse.Namespace) -> int:
-    from prefalign.demo import run_demo as demo
+def lazy(target: str) -> Callable[[argparse.Namespace], int]:
+    """The command handler `module:function`, imported when the command runs: the CLI sits
+    above every package, and names the worlds and the demo only by these strings."""
 
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    demo(out_dir=Path(args.out), quick=args.quick, tasks=tasks)
-    return 0
+    def run(args: argparse.Namespace) -> int:
+        module, _, name = target.partition(":")
+        return int(getattr(importlib.import_module(module), name)(args) or 0)
+
+    return run
+
+
+run_demo = lazy("prefalign.demo.cli:run_demo_cli")
+run_toy_build = lazy("prefalign.toy.cli:run_toy_build_cli")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@
 Every key is validated: an unknown key, a value of the wrong type or out of its bounds
 (`bounded(8, min=1)`) is a `ConfigError` whose one line names the key and what is allowed, e.g.
 `config key 'trainer.schedule': got 'cosin', allowed: 'constant', 'linear', 'cosine'`.
-A schema may add a cross-field check, `config_problem(self) -> (field, message) | None`.
 
 YAML is read strictly: a key given twice in one mapping, nesting deeper than `MAX_DEPTH`, or
 aliases that expand to more than `MAX_YAML_NODES` values (an "alias bomb": a few hundred bytes
@@ -212,12 +211,7 @@ def build(schema: type[T], raw: Any, prefix: str, base: Any = None) -> T:
         check_bounds(fields[name], kwargs[name], f"{prefix}{name}")
     if base is not None:
         kwargs.update({name: copy.deepcopy(getattr(base, name)) for name in fields if name not in raw})
-    config = schema(**kwargs)
-    problem = config.config_problem() if hasattr(config, "config_problem") else None
-    if problem is not None:
-        name, what = problem
-        raise ConfigError(f"config key '{prefix}{name}': {what}")
-    return config
+    return schema(**kwargs)
 
 
 def field_default(f: dataclasses.Field) -> Any:

@@ -58,12 +58,12 @@ class CachedModel:
     def __init__(self, model: torch.nn.Module, use_cache: bool = True):
         self.model = model
         self.use_cache = use_cache
-        self.past = None
+        self.cache = None  # a transformers Cache, returned by the first forward
         self.ids: torch.Tensor | None = None  # the whole sequence so far (uncached path only)
 
     @torch.no_grad()
     def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        self.past = None
+        self.cache = None
         self.ids = None
         return self._forward(input_ids, attention_mask)
 
@@ -81,11 +81,11 @@ class CachedModel:
             input_ids=ids,
             attention_mask=attention_mask,
             position_ids=positions,
-            past_key_values=self.past,
+            cache=self.cache,
             use_cache=self.use_cache,
         )
         if self.use_cache:
-            self.past = out.past_key_values
+            self.cache = out.cache
         return torch.log_softmax(out.logits[:, -1].float(), dim=-1)
 
 
@@ -144,18 +144,22 @@ def generate_batch(
     logps = base.start(ids, mask)
     guide_logps = [g.start(ids, mask) for g in guides]
     done = torch.zeros(len(prompt_ids), dtype=torch.bool, device=device)
+    stopped = [False] * len(prompt_ids)  # `done` on the host, kept from the tokens
     out: list[list[int]] = [[] for _ in prompt_ids]
     for _ in range(params.max_new_tokens):
         scores = score_fn(logps, guide_logps) if score_fn else logps
         next_ids = pick_tokens(scores, params, generator).masked_fill(done, pad_id)
-        active = torch.nonzero(~done).flatten().tolist()
+        tokens = next_ids.tolist()  # the step's one device-to-host copy
+        active = [i for i, s in enumerate(stopped) if not s]
         for i in active:
-            out[i].append(int(next_ids[i]))
+            out[i].append(tokens[i])
         if on_step is not None:
-            on_step(active, [out[i][-1] for i in active], scores[active])
+            on_step(active, [tokens[i] for i in active], scores[active])
         if params.stop_at_eos:
             done |= next_ids == eos_id
-        if bool(done.all()):
+            for i in active:
+                stopped[i] = tokens[i] == eos_id
+        if all(stopped):
             break
         # Finished rows keep decoding pad tokens (discarded); their mask stays 1 so shapes agree.
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)

@@ -31,6 +31,7 @@ from typing import Literal, TypeVar
 import torch
 
 from prefalign.logprobs import SequenceLogps, sequence_logps
+from prefalign.lora_mix import copy_factors_, mix_factors_
 from prefalign.modeling import is_peft_model
 
 REFERENCE_ADAPTER = "reference"
@@ -50,12 +51,17 @@ class ReferenceSpec:
     alpha: float = 0.6  # soft: theta_ref <- alpha*theta + (1-alpha)*theta_ref
     period: int = 1  # soft: mix every `period` optimizer steps
     tau: int = 512  # hard: theta_ref <- theta every `tau` optimizer steps
+    # soft with a LoRA policy: the rank of the reference adapter that holds the mixed weight
+    # updates (0: 4x the policy's rank); the mixture is exact up to this rank, truncated beyond.
+    lora_rank: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in ("frozen", "soft", "hard", "none"):
             raise ValueError(f"reference mode must be frozen, soft, hard or none, got {self.mode!r}")
         if not 0.0 < self.alpha <= 1.0:
             raise ValueError(f"reference alpha must be in (0, 1], got {self.alpha}")
+        if self.lora_rank < 0:
+            raise ValueError(f"reference lora_rank must be >= 0 (0: 4x the policy's rank), got {self.lora_rank}")
         if self.period < 1 or self.tau < 1:
             raise ValueError(f"reference period and tau must be >= 1, got {self.period}, {self.tau}")
 
@@ -150,6 +156,10 @@ class ReferencePolicy:
         """Pair the reference with the policy's parameters again after both were replaced in
         place (sharded by FSDP2): updates then run on the new (local-shard) tensors."""
 
+    def update_metrics(self) -> dict[str, float]:
+        """What to log about the last update (the LoRA soft mixture's truncation error)."""
+        return {}
+
     def state_dict(self) -> dict:
         """Checkpoint state; tensors are live views (save or clone before training on)."""
         return {"spec": asdict(self.spec), "weights": self._weights()}
@@ -193,6 +203,19 @@ class NoReference(ReferencePolicy):
 
     def save_pretrained(self, path: str | Path) -> None:
         raise RuntimeError("reference mode is 'none': there is no reference model to save")
+
+
+class ModelReference(ReferencePolicy):
+    """A given model as a frozen reference, used as it is (no copy): the initial policy loaded
+    from disk to score a trust-region run against, for example."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__(ReferenceSpec(mode="frozen"))
+        self.model = model.eval().requires_grad_(False)
+
+    def _score(self, fn):
+        with _eval_mode(self.model):
+            return fn(self.model)
 
 
 class FullReference(ReferencePolicy):
@@ -241,39 +264,81 @@ def _full_pairs(ref: torch.nn.Module, policy: torch.nn.Module) -> list[tuple[tor
 
 
 class LoraReference(ReferencePolicy):
-    """LoRA policy: the reference is a second adapter, or the bare base model when frozen."""
+    """LoRA policy: the reference is a second adapter on the shared frozen base.
+
+    frozen: a copy of the initial adapter, or, when that adapter does not change the output yet
+    (a fresh LoRA's B is zero), the bare base model with nothing stored. hard: an adapter of
+    the policy's shape, copied exactly every `tau` steps. soft: an adapter of rank
+    `spec.lora_rank` holding the mixture of the weight updates (see `prefalign.lora_mix`).
+    """
 
     def __init__(self, policy: torch.nn.Module, spec: ReferenceSpec) -> None:
         super().__init__(spec)
         self.model = unwrap(policy)
         self.policy_adapter = self.model.active_adapter
         self._tensor_pairs = None
-        if spec.mode == "frozen":
+        self._factors: list[tuple[torch.Tensor, ...]] = []  # soft: (A_ref, B_ref, A, B) per layer
+        self.truncation_error = 0.0  # soft: the largest dropped share of a mixture, last update
+        self.uses_base = spec.mode == "frozen" and not adapter_changes_output(self.model, self.policy_adapter)
+        if self.uses_base:
             return
         if REFERENCE_ADAPTER in self.model.peft_config:
             raise ValueError(f"the policy already has an adapter named {REFERENCE_ADAPTER!r}")
         config = copy.deepcopy(self.model.peft_config[self.policy_adapter])
+        if spec.mode == "soft":
+            config = _soft_adapter_config(config, spec)
         self.model.add_adapter(REFERENCE_ADAPTER, config)
         self._bind()
-        self._tensor_pairs.copy_()
+        self._sync()
 
     def _bind(self) -> None:
-        pairs = _adapter_pairs(self.model, self.policy_adapter)
+        pairs = all_pairs = _adapter_pairs(self.model, self.policy_adapter)
         self._ref_names = [name for name, _ in pairs]
         self._ref_params = [ref for _, (ref, _) in pairs]
         for p in self._ref_params:
             p.requires_grad_(False)
+        if self.spec.mode == "soft":
+            self._factors = _lora_factors(self.model, self.policy_adapter)
+            factor_ids = {id(t) for group in self._factors for t in group}
+            pairs = [pair for pair in pairs if id(pair[1][0]) not in factor_ids]  # e.g. modules_to_save
         self._tensor_pairs = _TensorPairs([pair for _, pair in pairs])
         # Flags to put back after peft's set_adapter, which flips requires_grad between adapters.
-        self._adapter_params = self._ref_params + [pol for _, (_, pol) in pairs]
+        self._adapter_params = self._ref_params + [pol for _, (_, pol) in all_pairs]
+
+    def after_optimizer_step(self, step: int) -> bool:
+        if self.spec.mode == "soft" and step % self.spec.period == 0:
+            # Whole weights (modules_to_save) mix linearly; LoRA layers mix their products.
+            self._tensor_pairs.lerp_(self.spec.alpha)
+            errors = [mix_factors_(*group, self.spec.alpha) for group in self._factors]
+            self.truncation_error = max(errors, default=0.0)
+            return True
+        if self.spec.mode == "hard" and step % self.spec.tau == 0:
+            self._sync()
+            return True
+        return False
+
+    def update_metrics(self) -> dict[str, float]:
+        return {"reference/truncation_error": self.truncation_error} if self._factors else {}
+
+    def _sync(self) -> None:
+        """The reference becomes the policy, exactly."""
+        self._tensor_pairs.copy_()
+        for group in self._factors:
+            copy_factors_(*group)
 
     def rebind(self, policy: torch.nn.Module) -> None:
+        if self._factors:
+            raise NotImplementedError(
+                "a soft LoRA reference mixes whole factor products (an SVD per layer), which sharded "
+                "factors do not allow; under trainer.fsdp use reference.mode hard or frozen, or a "
+                "full-model policy"
+            )
         if self._tensor_pairs is not None:
             self._bind()
 
     def _score(self, fn):
         with _eval_mode(self.model):
-            if self.spec.mode == "frozen":
+            if self.uses_base:
                 with self.model.disable_adapter():
                     return fn(self.model)
             with self._reference_adapter():
@@ -294,14 +359,16 @@ class LoraReference(ReferencePolicy):
         return self._tensor_pairs
 
     def _weights(self) -> dict[str, torch.Tensor]:
-        if self._tensor_pairs is None:
-            return {}  # frozen: the base model, which training never changes
+        if self.uses_base:
+            return {}  # the base model, which training never changes
         return {name: p.detach() for name, p in zip(self._ref_names, self._ref_params, strict=True)}
 
     def _load_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        if self._tensor_pairs is None:
+        if self.uses_base:
             return super()._load_weights(weights)
-        if set(weights) != set(self._ref_names):
+        if set(weights) != set(self._ref_names) or any(
+            weights[n].shape != p.shape for n, p in zip(self._ref_names, self._ref_params, strict=True)
+        ):
             raise ValueError("checkpoint reference adapter does not match this model's adapter layout")
         with torch.no_grad():
             sources = [weights[name].to(p.device) for name, p in zip(self._ref_names, self._ref_params, strict=True)]
@@ -310,7 +377,7 @@ class LoraReference(ReferencePolicy):
     def save_pretrained(self, path: str | Path) -> None:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        if self.spec.mode == "frozen":
+        if self.uses_base:
             self._save_base(path)
             return
         # peft writes non-default adapters into a subfolder named after the adapter; lift it to `path`.
@@ -349,6 +416,59 @@ def _adapter_pairs(
             stacklevel=3,
         )
     return pairs
+
+
+def _lora_layers(model: torch.nn.Module, adapter: str) -> list[torch.nn.Module]:
+    """peft's LoRA layers that carry `adapter` (Linear layers: lora_A / lora_B submodules)."""
+    layers = []
+    for module in model.modules():
+        if adapter in getattr(module, "lora_A", {}) and adapter in getattr(module, "lora_B", {}):
+            layers.append(module)
+        elif adapter in getattr(module, "lora_embedding_A", {}):
+            layers.append(module)
+    return layers
+
+
+def adapter_changes_output(model: torch.nn.Module, adapter: str) -> bool:
+    """Whether `adapter` adds anything to the base model: a LoRA update B @ A is zero when either
+    factor is (peft initializes B to zero), and modules_to_save copies start equal to the base."""
+    for module in _lora_layers(model, adapter):
+        if adapter in getattr(module, "lora_embedding_A", {}):
+            factors = (module.lora_embedding_A[adapter], module.lora_embedding_B[adapter])
+        else:
+            factors = (module.lora_A[adapter].weight, module.lora_B[adapter].weight)
+        if all(bool(f.detach().abs().sum() > 0) for f in factors):
+            return True
+    trained_copies = [n for n, _ in model.named_parameters() if f"modules_to_save.{adapter}." in n]
+    return bool(trained_copies)  # a trained copy may differ from the base: keep it exactly
+
+
+def _soft_adapter_config(config, spec: ReferenceSpec):
+    """The soft reference adapter: rank `spec.lora_rank` (4x the policy's by default)."""
+    if getattr(config, "use_dora", False) or getattr(config, "rank_pattern", None) or getattr(config, "alpha_pattern", None):
+        raise NotImplementedError(
+            "reference.mode 'soft' mixes LoRA weight updates B@A at one rank and scale; DoRA and "
+            "per-module rank or alpha patterns are not supported (use mode 'hard' or 'frozen')"
+        )
+    rank = spec.lora_rank or 4 * config.r
+    scale = config.lora_alpha / (config.r**0.5 if config.use_rslora else config.r)
+    config.r, config.lora_alpha, config.use_rslora = rank, scale * rank, False
+    return config
+
+
+def _lora_factors(model: torch.nn.Module, adapter: str) -> list[tuple[torch.Tensor, ...]]:
+    """(A_ref, B_ref, A, B) weights of every LoRA linear layer, the reference's scale set to the
+    policy's exactly (peft would recompute it from the config as alpha / r)."""
+    groups = []
+    for module in _lora_layers(model, adapter):
+        if adapter in getattr(module, "lora_embedding_A", {}):
+            raise NotImplementedError("reference.mode 'soft' does not support LoRA on embeddings yet")
+        module.scaling[REFERENCE_ADAPTER] = module.scaling[adapter]
+        groups.append((
+            module.lora_A[REFERENCE_ADAPTER].weight, module.lora_B[REFERENCE_ADAPTER].weight,
+            module.lora_A[adapter].weight, module.lora_B[adapter].weight,
+        ))
+    return groups
 
 
 def make_reference(policy: torch.nn.Module, spec: ReferenceSpec) -> ReferencePolicy:

@@ -115,7 +115,7 @@ def per_sample(fn: PairFn) -> BatchFn:
 
 _TASKS: dict[str, Task] = {}
 # prefix -> the module that registers that prefix's tasks when imported (by name: no import here)
-_PROVIDERS: dict[str, str] = {"toy": "prefalign.toy.tasks"}
+_PROVIDERS: dict[str, str] = {"toy": "prefalign.toy.tasks", "smol": "prefalign.smol.tasks"}
 _ALIASES: dict[str, str] = {
     "sentiment": "toy:sentiment",
     "arith": "toy:arith",

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
+from prefalign.config import ConfigError
 from prefalign.data.tokenize import TokenizedPair, TokenizedUnpaired
 from prefalign.logprobs import collate_prompt_response
 
@@ -33,7 +34,7 @@ def collate_unpaired(
     The rotation needs B > 1. `max_length` cuts a borrowed completion that no longer fits.
     """
     if len(examples) < 2:
-        raise ValueError(
+        raise ConfigError(
             f"an unpaired (KTO) batch needs at least 2 examples to build its KL batch, got {len(examples)}; "
             "raise the batch size or drop the last partial batch"
         )

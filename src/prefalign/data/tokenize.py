@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from prefalign.config import bounded
+from prefalign.config import ConfigError, bounded
 from prefalign.data.records import (
     DataError,
     PreferenceRecord,
@@ -48,20 +48,10 @@ class TruncationSettings:
             "truncation": self.truncation,
         }
 
-    def config_problem(self) -> tuple[str, str] | None:
-        """(key, what is wrong), or None: the bounds, and a prompt budget that leaves room."""
-        problem = self.bounds_problem()
-        if problem is None and None not in (self.max_length, self.max_prompt_length) and (
-            self.max_prompt_length >= self.max_length
-        ):
-            return (
-                "max_prompt_length",
-                f"{self.max_prompt_length} leaves no room for a response within "
-                f"max_length={self.max_length}; make it smaller than max_length",
-            )
-        return problem
-
     def bounds_problem(self) -> tuple[str, str] | None:
+        """(setting, what is wrong) or None; configs check the same bounds on load. A prompt
+        budget that fills max_length is allowed: a prompt too long for it is a located row
+        error, and lowering max_length alone must not need max_prompt_length too."""
         if self.truncation not in ("keep_end", "keep_start"):
             return "truncation", f"must be 'keep_end' or 'keep_start', got {self.truncation!r}"
         if self.max_length is not None and self.max_length < 2:
@@ -128,9 +118,9 @@ class _Budget:
     ) -> None:
         problem = TruncationSettings(max_length, max_prompt_length, truncation).bounds_problem()
         if problem is not None:
-            raise ValueError(f"{problem[0]} {problem[1]}")
+            raise ConfigError(f"{problem[0]} {problem[1]}")
         if add_eos and tokenizer.eos_token_id is None:
-            raise ValueError("the tokenizer has no EOS token; set one or pass add_eos=False")
+            raise ConfigError("the tokenizer has no EOS token; set one or pass add_eos=False")
         self.tokenizer, self.truncation = tokenizer, truncation
         self.max_length, self.max_prompt_length = max_length, max_prompt_length
         self.bos = bos_to_add(tokenizer)

@@ -28,6 +28,15 @@ INFEASIBLE = -1e6
 FitnessFn = Callable[[Candidate], "FitnessResult"]
 
 
+class CandidateRejected(Exception):
+    """A fitness evaluation refused the candidate (it misbehaved in training, or ran past a
+    limit); `reason` goes into the archive, `flag` tags it."""
+
+    def __init__(self, reason: str, flag: str = "training") -> None:
+        super().__init__(reason)
+        self.reason, self.flag = reason, flag
+
+
 @dataclass(frozen=True)
 class FitnessResult:
     """`fitness`: higher is better; `metrics`: what it was computed from (gold, kl, ...)."""
@@ -115,7 +124,23 @@ def synthetic_fitness(
     gold = mean over pairs of tanh(margin gain / 4), signed by the TRUE preference;
     kl = mean squared log-ratio drift; fitness = score(gold, kl, "penalty", kl_penalty).
     """
-    fn = compile_objective(candidate.code)
+    return optimize_synthetic(
+        compile_objective(candidate.code), n_pairs=n_pairs, steps=steps, lr=lr,
+        label_noise=label_noise, kl_penalty=kl_penalty, seed=seed,
+    )  # fmt: skip
+
+
+def optimize_synthetic(
+    fn: Callable[..., torch.Tensor],
+    *,
+    n_pairs: int = 256,
+    steps: int = 50,
+    lr: float = 0.1,
+    label_noise: float = 0.2,
+    kl_penalty: float = 0.05,
+    seed: int = 0,
+) -> FitnessResult:
+    """`synthetic_fitness` of an already compiled objective function."""
     # Tiny tensors: intra-op threads only add wake-up latency (F.logsigmoid on 256 values takes
     # milliseconds with 2 threads on a busy machine, microseconds with 1).
     threads = torch.get_num_threads()

@@ -21,7 +21,7 @@ from typing import Any
 
 from prefalign.discovery.archive import Archive
 from prefalign.discovery.candidate import Candidate, ProposalError, Proposer, code_hash
-from prefalign.discovery.fitness import FitnessResult
+from prefalign.discovery.fitness import CandidateRejected, FitnessResult
 from prefalign.discovery.sandbox import Sandbox, SandboxError, SandboxLimits
 
 BASELINE_GENERATION = -1
@@ -165,6 +165,9 @@ class _Evaluator:
             return record
         try:
             result = self.fitness_fn(candidate)
+        except CandidateRejected as e:  # misbehaved in training, or ran past a limit
+            record.update(valid=False, reason=e.reason, flags=[*record["flags"], e.flag])
+            return record
         except Exception as e:  # a candidate that breaks training is a failed candidate
             record.update(valid=False, reason=f"fitness evaluation failed: {type(e).__name__}: {e}")
             return record

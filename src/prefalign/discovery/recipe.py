@@ -2,13 +2,14 @@
 
 The proxy trains the toy sentiment SFT policy with the candidate objective for a few dozen
 seeded steps and scores gold reward on held-out prompts under a KL budget (or with a KL
-penalty); the registry's objectives are scored the same way as baselines. Results are cached
-by code hash, so a resumed or repeated run trains nothing twice.
+penalty); the registry's objectives are scored the same way as baselines. Each candidate
+trains in a confined worker process (discovery.proxy: CPU, memory and wall-clock limits,
+restricted globals, behaviour checks on every batch). Results are cached by code hash, so a
+resumed or repeated run trains nothing twice.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -16,11 +17,13 @@ from typing import Literal
 from prefalign.discovery.archive import Archive
 from prefalign.discovery.candidate import Candidate
 from prefalign.discovery.export import save_objective
-from prefalign.discovery.fitness import FitnessCache, FitnessResult, score, synthetic_fitness
+from prefalign.discovery.fitness import FitnessCache
 from prefalign.discovery.llm import LLMProposer
 from prefalign.discovery.loop import run_discovery
 from prefalign.discovery.offline import OfflineProposer, baseline_codes
+from prefalign.discovery.proxy import ConfinedFitness, TrainingLimits
 from prefalign.discovery.sandbox import SandboxLimits
+from prefalign.manifest import write_manifest
 from prefalign.tasks import Task, resolve_task
 
 
@@ -63,9 +66,12 @@ class ProxySpec:
 
 @dataclass
 class SandboxSpec:
-    timeout_s: float = 10.0
+    timeout_s: float = 10.0  # the check of one candidate
     cpu_s: float = 5.0
     memory_mb: int = 1024
+    train_timeout_s: float = 900.0  # the proxy training of one candidate, in its own worker
+    train_cpu_s: float = 600.0
+    train_memory_mb: int = 4096
 
 
 @dataclass
@@ -89,49 +95,22 @@ def make_proposer(spec: ProposerSpec, call_params: dict | None = None, log=print
     )
 
 
-def toy_proxy_fitness(proxy: ProxySpec, out_dir: Path, log=print, task: Task | None = None):
-    """fitness_fn(candidate): train the task's policy on its preference pairs with the candidate,
-    score gold vs KL. `task` defaults to toy:sentiment (its cached world)."""
-    from prefalign.config import load_config
-    from prefalign.evaluation.core import evaluate_policy
-    from prefalign.modeling import load_model, load_tokenizer
-    from prefalign.training.preference import PreferenceConfig, run_preference
-
+def proxy_settings(
+    config: DiscoverConfig, out_dir: Path, log=print, task: Task | None = None
+) -> tuple[str, dict]:
+    """(kind, settings) of the confined proxy training (`ConfinedFitness`). The toy proxy
+    trains the task's policy on its preference pairs; `task` defaults to toy:<proxy.task>.
+    The worker resolves the task's gold reward by its name."""
+    proxy = config.proxy
+    if proxy.task == "synthetic":
+        settings = {"kl_penalty": proxy.fitness.kl_penalty, "seed": proxy.seed, "threads": 1}
+        return "synthetic", settings
     task = task or resolve_task(f"toy:{proxy.task}")
-    policy_path = task.policy_path()
-    tokenizer = load_tokenizer(policy_path)
-    sft = load_model(policy_path, device="cpu")
-    prompts = task.prompts("eval")[: proxy.n_eval_prompts]
-
-    def fitness(candidate: Candidate) -> FitnessResult:
-        start = time.perf_counter()
-        spec = save_objective(candidate, out_dir / "objectives" / f"{candidate.code_hash[:12]}.py")
-        run_dir = out_dir / "proxy_runs" / candidate.code_hash[:12]
-        config = load_config(PreferenceConfig, None, [
-            f"model.name_or_path={policy_path}", f"data.path={task.file('pairs')}",
-            f"objective.code={spec}", f"reference.mode={proxy.reference}", "reference.period=4", "reference.tau=12",
-            f"trainer.out_dir={run_dir}", f"trainer.batch_size={proxy.batch_size}", f"trainer.max_steps={proxy.steps}",
-            f"trainer.lr={proxy.lr}", f"trainer.seed={proxy.seed}", "trainer.progress=false", "trainer.log_every=1000",
-            "data.max_length=64", "data.max_prompt_length=16",
-        ])
-        # Candidates without a beta parameter take none; those with one get the proxy's.
-        from prefalign import objectives
-
-        objective = objectives.load_user_objective(spec)  # imported once, passed down resolved
-        if objective.accepts("beta"):
-            config.objective.params = {"beta": proxy.beta}
-        resolved = objective.resolve(config.objective.params)
-        run_preference(config, log=lambda *_: None, objective=resolved)
-        policy = load_model(run_dir / "final", device="cpu")
-        result = evaluate_policy(
-            policy, tokenizer, task, prompts, reference=sft,
-            samples_per_prompt=proxy.samples_per_prompt, seed=proxy.seed,
-        )
-        fit = proxy.fitness
-        value = score(result.gold_reward, result.kl, fit.mode, fit.kl_budget, fit.kl_penalty)
-        return FitnessResult(value, {"gold": result.gold_reward, "kl": result.kl, "seconds": round(time.perf_counter() - start, 1)})
-
-    return fitness
+    return "toy", {
+        "proxy": asdict(proxy), "task": task.name, "policy_path": str(task.policy_path()),
+        "pairs_path": str(task.file("pairs")),
+        "prompts": task.prompts("eval")[: proxy.n_eval_prompts], "out_dir": str(out_dir.resolve()),
+    }
 
 
 def run_discover(
@@ -139,23 +118,28 @@ def run_discover(
 ) -> Archive:
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if config.proxy.task == "synthetic":
-        def raw(c: Candidate) -> FitnessResult:
-            return synthetic_fitness(c, kl_penalty=config.proxy.fitness.kl_penalty, seed=config.proxy.seed)
-    else:
-        raw = toy_proxy_fitness(config.proxy, out_dir, log=log, task=task)
-    fitness = FitnessCache(out_dir / "fitness_cache.json").wrap(raw, asdict(config.proxy))
-    limits = SandboxLimits(timeout_s=config.sandbox.timeout_s, memory_mb=config.sandbox.memory_mb, cpu_s=config.sandbox.cpu_s)
+    write_manifest(out_dir, "discover")
+    # The proposer first: a bad proposer config fails before any world is built or trained.
     # How the fitness calls a candidate: the toy proxy passes its beta to those that take one;
     # the synthetic proxy uses the candidate's defaults.
     call_params = None if config.proxy.task == "synthetic" else {"beta": config.proxy.beta}
-    archive = run_discovery(
-        make_proposer(config.proposer, call_params, log=log), fitness,
-        generations=config.generations, candidates_per_generation=config.candidates_per_generation,
-        archive_path=out_dir / "archive.jsonl", resume=resume,
-        baselines=baseline_codes() if config.baselines else None, limits=limits, log=log,
-        call_params=call_params,
+    proposer = make_proposer(config.proposer, call_params, log=log)
+    box = config.sandbox
+    limits = SandboxLimits(timeout_s=box.timeout_s, memory_mb=box.memory_mb, cpu_s=box.cpu_s)
+    training = TrainingLimits(
+        timeout_s=box.train_timeout_s, cpu_s=box.train_cpu_s, memory_mb=box.train_memory_mb
     )
+    kind, settings = proxy_settings(config, out_dir, log=log, task=task)
+    # Every candidate trains in a confined worker, never in this process.
+    with ConfinedFitness(kind, settings, training, cwd=out_dir) as raw:  # type: ignore[arg-type]
+        fitness = FitnessCache(out_dir / "fitness_cache.json").wrap(raw, asdict(config.proxy))
+        archive = run_discovery(
+            proposer, fitness, generations=config.generations,
+            candidates_per_generation=config.candidates_per_generation,
+            archive_path=out_dir / "archive.jsonl", resume=resume,
+            baselines=baseline_codes() if config.baselines else None, limits=limits, log=log,
+            call_params=call_params,
+        )
     record = archive.best_proposed()
     if record is not None:
         spec = save_objective(Candidate(record["name"], record["code"], record.get("thought", "")), out_dir / "best_objective.py")

@@ -13,22 +13,23 @@ where the address-space cap may not be enforced).
 
 from __future__ import annotations
 
-import json
 import os
-import resource
-import select
+import secrets
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
+from prefalign.discovery.confined import (
+    ConfinedProcess,
+    StartFailed,
+    WallClock,
+    WorkerGone,
+    describe_death,
+)
 from prefalign.discovery.static_check import SAFE_BUILTINS, check_static
 
 WORKER = Path(__file__).with_name("sandbox_worker.py")
@@ -64,23 +65,6 @@ class SandboxError(RuntimeError):
     """The sandbox itself failed (not the candidate): e.g. the worker could not start."""
 
 
-class _WorkerGone(Exception):
-    pass
-
-
-class _WallClock(Exception):
-    pass
-
-
-def _limit_child(address_space: int) -> None:
-    """preexec_fn: runs in the child between fork and exec; only setrlimit calls, no imports."""
-    cpu_hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
-    resource.setrlimit(resource.RLIMIT_CPU, (STARTUP_CPU_S, cpu_hard))
-    resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (MAX_FILE_BYTES, MAX_FILE_BYTES))
-
-
 class Sandbox:
     """A reusable checker; use as a context manager so the child and its directory go away.
 
@@ -93,9 +77,7 @@ class Sandbox:
         if workdir is not None:
             Path(workdir).mkdir(parents=True, exist_ok=True)
         self.root = Path(tempfile.mkdtemp(prefix="prefalign-sandbox-", dir=workdir))
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._stdout = b""
-        self._stderr = b""
+        self._worker: ConfinedProcess | None = None
 
     def __enter__(self) -> Sandbox:
         return self
@@ -117,34 +99,40 @@ class Sandbox:
 
     def close(self) -> None:
         """End the child and delete the sandbox directory."""
-        if self._proc is not None:
-            proc, self._proc = self._proc, None
-            _kill_group(proc)  # the worker keeps no state worth a polite shutdown
+        if self._worker is not None:
+            worker, self._worker = self._worker, None
+            worker.kill()  # the worker keeps no state worth a polite shutdown
         shutil.rmtree(self.root, ignore_errors=True)
 
     # ------------------------------------------------------------ child process
 
-    def _check_dynamic(self, code: str, function: str, call_params: dict[str, Any] | None) -> SandboxResult:
-        proc = self._worker()
-        request = {"code": code, "function": function, "cpu_s": self.limits.cpu_s, "call_params": call_params}
+    def _check_dynamic(
+        self, code: str, function: str, call_params: dict[str, Any] | None
+    ) -> SandboxResult:
+        worker = self._running_worker()
+        request = {"code": code, "function": function, "cpu_s": self.limits.cpu_s,
+                   "call_params": call_params, "seed": secrets.randbits(32)}  # fmt: skip
         try:
-            self._send(proc, request)
-            reply = json.loads(self._read_line(proc, self.limits.timeout_s))
-        except _WallClock:
-            self._discard(proc)
+            reply = worker.request(request, self.limits.timeout_s)
+        except WallClock:
+            self._discard()
             return SandboxResult(
                 False, f"wall-clock time limit exceeded ({self.limits.timeout_s:g} s)", ["timeout"]
             )
-        except _WorkerGone:
-            return self._death_result(self._discard(proc))
+        except (WorkerGone, ValueError):
+            tail = worker.stderr_tail()
+            reason, flag = describe_death(
+                self._discard(), self.limits.cpu_s, self.limits.memory_mb, tail
+            )
+            return SandboxResult(False, reason, [flag])
         return SandboxResult(
-            bool(reply["ok"]), reply.get("reason"), list(reply.get("flags", [])), reply.get("fingerprint")
-        )
+            bool(reply["ok"]), reply.get("reason"), list(reply.get("flags", [])),
+            reply.get("fingerprint"),
+        )  # fmt: skip
 
-    def _worker(self) -> subprocess.Popen[bytes]:
-        if self._proc is not None and self._proc.poll() is None:
-            return self._proc
-        cap = (self.limits.memory_mb + STARTUP_ADDRESS_SPACE_MB) * 2**20
+    def _running_worker(self) -> ConfinedProcess:
+        if self._worker is not None and self._worker.alive():
+            return self._worker
         env = {
             "PATH": os.defpath,
             "HOME": str(self.root),
@@ -153,105 +141,22 @@ class Sandbox:
             "MKL_NUM_THREADS": "1",
             "LC_ALL": "C.UTF-8",
         }
-        self._stdout, self._stderr = b"", b""
-        proc = subprocess.Popen(
-            [sys.executable, "-I", "-B", str(WORKER)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            cwd=self.root,
-            env=env,
-            start_new_session=True,  # its own process group: one killpg ends everything
-            preexec_fn=partial(_limit_child, cap),
-        )
-        config = {"builtins": sorted(SAFE_BUILTINS), "memory_mb": self.limits.memory_mb}
         try:
-            self._send(proc, config)
-            ready = json.loads(self._read_line(proc, self.limits.startup_timeout_s))
-        except (_WallClock, _WorkerGone, ValueError):
-            self._discard(proc)
-            raise SandboxError(
-                f"sandbox worker failed to start: {self._stderr_tail() or 'no output'}"
-            ) from None
-        if not ready.get("ready"):
-            self._discard(proc)
-            raise SandboxError(f"sandbox worker sent {ready!r} instead of ready")
-        self._proc = proc
-        return proc
+            self._worker = ConfinedProcess(
+                [sys.executable, "-I", "-B", str(WORKER)], cwd=self.root, env=env,
+                address_space_bytes=(self.limits.memory_mb + STARTUP_ADDRESS_SPACE_MB) * 2**20,
+                startup_cpu_s=STARTUP_CPU_S, max_file_bytes=MAX_FILE_BYTES,
+                config={"builtins": sorted(SAFE_BUILTINS), "memory_mb": self.limits.memory_mb},
+                startup_timeout_s=self.limits.startup_timeout_s,
+            )  # fmt: skip
+        except StartFailed as e:
+            raise SandboxError(f"sandbox worker failed to start: {e}") from None
+        return self._worker
 
-    def _send(self, proc: subprocess.Popen[bytes], message: dict) -> None:
-        assert proc.stdin is not None
-        try:
-            proc.stdin.write(json.dumps(message).encode() + b"\n")
-            proc.stdin.flush()
-        except OSError:
-            raise _WorkerGone from None
-
-    def _read_line(self, proc: subprocess.Popen[bytes], timeout_s: float) -> str:
-        """The child's next protocol line; drains stderr meanwhile so the child never blocks."""
-        assert proc.stdout is not None and proc.stderr is not None
-        out, err = proc.stdout.fileno(), proc.stderr.fileno()
-        open_fds = [out, err]
-        deadline = time.monotonic() + timeout_s
-        while b"\n" not in self._stdout:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise _WallClock
-            ready, _, _ = select.select(open_fds, [], [], remaining)
-            for fd in ready:
-                chunk = os.read(fd, 65536)
-                if fd == err:
-                    self._stderr = (self._stderr + chunk)[-4096:]
-                    if not chunk:
-                        open_fds.remove(err)
-                elif not chunk:
-                    raise _WorkerGone
-                else:
-                    self._stdout += chunk
-        line, _, self._stdout = self._stdout.partition(b"\n")
-        return line.decode()
-
-    def _discard(self, proc: subprocess.Popen[bytes]) -> int:
-        """Kill the child's process group; return its exit status."""
-        _kill_group(proc)
-        if proc is self._proc:
-            self._proc = None
-        return proc.returncode
-
-    def _death_result(self, returncode: int) -> SandboxResult:
-        if returncode == -signal.SIGXCPU:
-            return SandboxResult(
-                False, f"CPU time limit exceeded ({self.limits.cpu_s:g} s)", ["cpu_limit"]
-            )
-        if returncode < 0:
-            what = f"signal {signal.Signals(-returncode).name}"
-        else:
-            what = f"exit status {returncode}"
-        tail = self._stderr_tail()
-        return SandboxResult(
-            False,
-            f"sandbox process died ({what}; its memory limit is {self.limits.memory_mb} MB)"
-            + (f": {tail}" if tail else ""),
-            ["crashed"],
-        )
-
-    def _stderr_tail(self) -> str:
-        lines = self._stderr.decode(errors="replace").strip().splitlines()
-        return lines[-1][:300] if lines else ""
-
-
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    proc.wait()
-    for pipe in (proc.stdin, proc.stdout, proc.stderr):
-        if pipe is not None:
-            try:
-                pipe.close()
-            except OSError:
-                pass
+    def _discard(self) -> int:
+        """Kill the child; return its exit status."""
+        worker, self._worker = self._worker, None
+        return worker.kill() if worker is not None else 0
 
 
 def check_candidate(

@@ -6,8 +6,9 @@ the worker answers {"ready": true}; then for each {"code", "function", "cpu_s"} 
 answers {"ok", "reason", "flags"}. The parent enforces the wall clock and reads deaths by
 signal (SIGXCPU: the per-candidate CPU limit set here).
 
-The parent also imports `define_function` from here, so a validated candidate runs with the
-same restricted globals in training as in the sandbox.
+The parent also imports `define_function` from here, and so does the proxy-training worker
+(`proxy_worker.py`), so a validated candidate runs with the same restricted globals in
+training as in the sandbox.
 """
 
 from __future__ import annotations
@@ -144,9 +145,12 @@ def evaluate(
     return out.detach(), grads
 
 
-def run_checks(fn: Callable[..., Any]) -> list[str]:
-    """Raise CheckFailed on a broken objective; return informational flags otherwise."""
-    a_in, b_in = random_inputs(0), random_inputs(1)
+def run_checks(fn: Callable[..., Any], seed: int = 0) -> list[str]:
+    """Raise CheckFailed on a broken objective; return informational flags otherwise.
+
+    The random inputs come from `seed`, which the parent draws afresh for every check, so a
+    candidate cannot recognize the check by its inputs."""
+    a_in, b_in = random_inputs(seed), random_inputs(seed + 1)
     a, grads_a = evaluate(fn, a_in, "random")
     b, grads_b = evaluate(fn, b_in, "random")
     if torch.allclose(a, a[0].expand_as(a)) and torch.allclose(b, a[0].expand_as(b)):
@@ -242,7 +246,11 @@ def _rounded(value: float) -> str:
 
 
 def check(
-    code: str, function: str, builtin_names: Iterable[str], call_params: dict[str, Any] | None = None
+    code: str,
+    function: str,
+    builtin_names: Iterable[str],
+    call_params: dict[str, Any] | None = None,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Define and check one candidate; never raises (except on the limits' signals)."""
     try:
@@ -250,7 +258,7 @@ def check(
     except BaseException as e:  # any failure is the candidate's
         return _failure(f"defining the function failed: {_describe(e)}", "definition")
     try:
-        flags = run_checks(fn)
+        flags = run_checks(fn, seed)
         return {"ok": True, "reason": None, "flags": flags, "fingerprint": fingerprint(fn, call_params)}
     except CheckFailed as e:
         return _failure(str(e), e.flag)
@@ -314,7 +322,10 @@ def main() -> None:
     for line in sys.stdin:
         request = json.loads(line)
         _limit_cpu(float(request["cpu_s"]))
-        result = check(request["code"], request["function"], builtin_names, request.get("call_params"))
+        result = check(
+            request["code"], request["function"], builtin_names, request.get("call_params"),
+            int(request.get("seed", 0)),
+        )
         protocol.write(json.dumps(result) + "\n")
 
 

@@ -1,59 +1,6 @@
-"""Tables and plots of the demo's results: report.md, one reward-vs-KL plot per task."""
+"""Moved to `prefalign.report` (the demo's table: `prefalign.report.demo`); this name
+re-exports it for one release."""
 
-from __future__ import annotations
+from prefalign.report import COLUMNS, fmt, plot_reward_vs_kl, results_table, write_demo_report
 
-from pathlib import Path
-
-COLUMNS = ("gold_reward", "gold_reward_se", "kl", "kl_se", "accuracy", "mean_length", "seconds")
-
-
-def results_table(results: dict) -> str:
-    """A Markdown table with one row per (task, method)."""
-    lines = ["| task | method | " + " | ".join(COLUMNS) + " |", "|---|---|" + "---|" * len(COLUMNS)]
-    for task, block in results["tasks"].items():
-        for name, row in block["methods"].items():
-            cells = [fmt(row.get(c)) for c in COLUMNS]
-            lines.append(f"| {task} | {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def fmt(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.3f}"
-    return str(value)
-
-
-def plot_reward_vs_kl(results: dict, task: str, path: Path) -> Path:
-    """Gold reward against KL to the SFT policy, one point (or curve, for sweeps) per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from prefalign.evaluation.html_report import Curve, draw_frontier
-
-    curves = []
-    for name, row in results["tasks"][task]["methods"].items():
-        points = row.get("sweep") or [row]
-        se = None if row.get("sweep") else [row.get("gold_reward_se", 0.0)]
-        curves.append(Curve(name, [p["kl"] for p in points], [p["gold_reward"] for p in points], se))
-    fig, ax = plt.subplots(figsize=(6.5, 4.8))
-    draw_frontier(ax, curves)
-    ax.set_title(f"{task}: gold reward against drift from the SFT policy")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def write_demo_report(results: dict, out_dir: Path) -> str:
-    table = results_table(results)
-    lines = ["# prefalign demo", "", f"Total time: {results['seconds']:.0f} s" + (" (--quick)" if results.get("quick") else ""), "", table, ""]
-    for task, block in results["tasks"].items():
-        plot = plot_reward_vs_kl(results, task, out_dir / f"{task}_reward_vs_kl.png")
-        build = block.get("build", {})
-        lines += [f"## {task}", "", f"Toy world: {block.get('world')} ({build.get('parameters', '?')} parameters, built in {build.get('build_seconds', '?')} s)", "", f"![{task}]({plot.name})", ""]
-    (out_dir / "report.md").write_text("\n".join(lines))
-    return table
+__all__ = ["COLUMNS", "fmt", "plot_reward_vs_kl", "results_table", "write_demo_report"]

@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from prefalign import objectives
 from prefalign.evaluation.pairs import pair_metrics
 from prefalign.io import read_jsonl, write_jsonl
+from prefalign.manifest import write_manifest
 from prefalign.reference import ReferenceSpec
 from prefalign.tasks import PairFn as RewardFn
 from prefalign.training.loop import TrainerConfig, TrainResult
@@ -89,6 +90,7 @@ def train_arm(config: ArmConfig, resume: bool = False, log=print) -> ArmResult:
         tokenizer = load_tokenizer(config.model.name_or_path)
         initial = arm_pair_accuracy(load_model(config.model.name_or_path, device="cpu"), tokenizer, eval_path, beta_r, config.data)
     result = run_preference(config, resume=resume, log=log, objective=objective)
+    write_manifest(config.trainer.out_dir, "arm")
     final = Path(config.trainer.out_dir) / "final"
     accuracy = None
     if eval_path:

@@ -79,7 +79,7 @@ def cache_dir() -> Path:
 
 
 def cached_import(source: str | Path, dtype: str = "float32", log=None) -> Path:
-    """Import a GGUF source into the prefalign cache once; later calls return the saved directory."""
+    """Import a GGUF source into the prefalign cache once; later calls return that directory."""
     path = gguf_path(source).resolve()
     stat = path.stat()
     digest = file_digest(str(path), stat.st_size, stat.st_mtime_ns)
@@ -113,11 +113,13 @@ def file_digest(path: str, size: int, mtime_ns: int) -> str:
 
 
 def check_gguf_file(path: Path) -> None:
-    """One-line errors for files that are not GGUF or are cut short, before transformers reads them."""
+    """One-line errors for files that are not GGUF or are cut short, before transformers reads."""
     with open(path, "rb") as handle:
         head = handle.read(8)
     if len(head) < 8 or head[:4] != GGUF_MAGIC:
-        raise UserError(f"{path}: not a GGUF file (it starts with {head[:4]!r}, GGUF files with b'GGUF')")
+        raise UserError(
+            f"{path}: not a GGUF file (it starts with {head[:4]!r}, GGUF files with b'GGUF')"
+        )
     version = struct.unpack("<I", head[4:8])[0]
     if version not in (2, 3):
         raise UserError(f"{path}: GGUF version {version} is not supported (2 and 3 are)")
@@ -126,7 +128,9 @@ def check_gguf_file(path: Path) -> None:
     try:
         reader = GGUFReader(str(path))
     except Exception as err:  # the reader fails in many ways on a cut file (struct, numpy, index)
-        raise UserError(f"{path}: truncated or corrupt GGUF file ({type(err).__name__}: {err})") from None
+        raise UserError(
+            f"{path}: truncated or corrupt GGUF file ({type(err).__name__}: {err})"
+        ) from None
     size = path.stat().st_size
     for tensor in reader.tensors:
         end = tensor.data_offset + tensor.n_bytes

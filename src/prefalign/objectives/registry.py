@@ -17,7 +17,7 @@ from prefalign.userfiles import import_python_file
 Kind = Literal["pairwise", "unpaired"]
 
 # How many leading positional arguments are data tensors; the rest are hyper-parameters.
-N_INPUTS: dict[str, int] = {"pairwise": 4, "unpaired": 5}
+N_INPUTS: dict[str, int] = {"pairwise": 4, "unpaired": 4}
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,9 @@ class Objective:
     """A registered loss and what its caller must know to feed it.
 
     `kind="pairwise"`: `fn(pc, pr, rc, rr, **params) -> [B]`. `kind="unpaired"` (KTO):
-    `fn(policy_logps, reference_logps, labels, kl_policy_logps, kl_reference_logps, **params)`.
+    `fn(policy_logps, reference_logps, labels, reference_point, **params)`, the reference point
+    being the batch's KL estimate (`kto_kl_reference_point`), computed and all-reduced by the
+    caller.
     `needs_reference=False`: the reference arguments are ignored and may be None.
     `length_normalized=True`: pass per-token MEAN log-probs instead of sums.
     `reward_scale`: the hyper-parameter that scales the implicit reward `log pi - log pi_ref`
@@ -215,7 +217,7 @@ def compute_loss(
     """Per-example loss [B] of `objective` on its input tensors, `defaults` merged under `params`.
 
     Pairwise: `compute_loss(obj, pc, pr, rc, rr, beta=...)`; unpaired: `compute_loss(obj,
-    policy_logps, reference_logps, labels, kl_policy_logps, kl_reference_logps, beta=...)`.
+    policy_logps, reference_logps, labels, reference_point, beta=...)`.
     Unknown parameter names raise a ValueError instead of being silently ignored.
     """
     if isinstance(objective, Resolved):

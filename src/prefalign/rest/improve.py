@@ -26,7 +26,7 @@ from prefalign import objectives
 from prefalign.data import TokenizedPair, TokenizedUnpaired, collate_pairs, collate_unpaired
 from prefalign.logprobs import collate_prompt_response, sequence_logps
 from prefalign.reference import ReferencePolicy, ReferenceSpec, make_reference
-from prefalign.rest.filtering import Normalize, ThresholdSchedule
+from prefalign.rest.filtering import Normalize, ThresholdSchedule, min_max
 from prefalign.rest.grow import GrownSample
 from prefalign.training.loop import LossFn, Trainer, TrainerConfig, TrainResult
 from prefalign.training.preference import pairwise_loss_fn, unpaired_loss_fn
@@ -40,7 +40,8 @@ class ImproveSpec:
     thresholds: list[float] = field(default_factory=list)  # one per Improve step; empty: use `schedule`
     schedule: ThresholdSchedule = field(default_factory=ThresholdSchedule)
     schedule_scope: Literal["grow", "run"] = "grow"  # restart the schedule at each Grow step, or run it across all
-    normalize: Normalize = "none"
+    normalize: Normalize = "none"  # the ReST paper thresholds rewards scaled to [0, 1]: min_max
+    min_reward: float | None = None  # absolute floor: a raw reward not above it is never kept
     max_per_prompt: int = 0  # kept samples per prompt (0: no cap); ReST-EM keeps about 10
     dedup: bool = False  # a prompt keeps identical responses once
     data: Literal["latest", "all"] = "latest"  # filter the last Grow step's samples, or every Grow step's so far
@@ -49,6 +50,12 @@ class ImproveSpec:
     objective_params: dict[str, Any] = field(default_factory=dict)  # e.g. {beta: 0.1}; for objective losses only
     reference: ReferenceSpec = field(default_factory=ReferenceSpec)
     restart_from_base: bool = False  # ReST-EM: each Grow step's first Improve starts from the base model
+    # ReST (Gulcehre et al. 2023) keeps the original data in each Improve step's mixture: an SFT
+    # file (prompt, completion) trained on beside the kept samples (bc / reward_weighted only).
+    original_data: str = ""
+    # ReST lowers the learning rate in later Improve steps: step k trains at lr * lr_decay ** k
+    # (k counts within a Grow step, or across the run with schedule_scope=run, as thresholds do).
+    lr_decay: float = 1.0
     trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(lr=1e-5))  # out_dir and seed are set per step
 
 
@@ -137,10 +144,23 @@ def build_data(
     return ImproveData("pairs", better_worse_pairs(pool, kept, by_prompt, rng))
 
 
+def with_original(
+    data: ImproveData, original: Sequence[tuple[list[int], list[int]]]
+) -> ImproveData:
+    """`data` with the original (prompt, completion) rows appended at weight 1."""
+    if not original:
+        return data
+    if data.kind != "sequences":
+        raise ValueError("config key 'improve.original_data' mixes SFT rows into bc / "
+                         f"reward_weighted steps; this step's loss trains on {data.kind}")
+    weights = [*data.weights, *[1.0] * len(original)]
+    return ImproveData("sequences", [*data.examples, *original], weights)
+
+
 def reward_weights(rewards: Sequence[float], kept: Sequence[int]) -> list[float]:
     """Rewards min-max scaled over the pool, then scaled to mean 1 over the kept samples."""
-    lo, hi = min(rewards), max(rewards)
-    scaled = [(rewards[i] - lo) / (hi - lo) if hi > lo else 1.0 for i in kept]
+    pool = min_max(rewards) if max(rewards) > min(rewards) else [1.0] * len(rewards)
+    scaled = [pool[i] for i in kept]
     mean = sum(scaled) / len(scaled) if scaled else 1.0
     return [w / mean if mean > 0 else 1.0 for w in scaled]
 
@@ -220,16 +240,16 @@ def improve(
     `spec.objective_params`); `resume` continues from the step's own checkpoint."""
     loss = resolve_loss(spec.loss if loss is None else loss, spec.objective_params)
     trainer_config = fit_batch(trainer_config, len(data), data.kind)
-    trainer = Trainer(model, trainer_config, n_examples=len(data), run_config=run_config, tokenizer=tokenizer)
+    trainer = Trainer(model, trainer_config, data.lengths, run_config=run_config, tokenizer=tokenizer)
     # Built after prepare() so a full-copy reference lands on the training device.
     reference = make_reference(trainer.model, reference_spec(loss, spec.reference))
+    trainer.extra_state = reference
     loss_fn = make_loss_fn(loss, reference, trainer.accelerator)
     if resume:
-        trainer.resume(extra_state=reference)
+        trainer.resume()
     pad = tokenizer.pad_token_id
     result = trainer.fit(
-        data.lengths, lambda idx: data.collate(idx, pad), loss_fn,
-        after_step=reference.after_optimizer_step, extra_state=reference,
+        lambda idx: data.collate(idx, pad), loss_fn, after_step=reference.after_optimizer_step,
         group_by_length=data.kind != "unpaired",  # KTO's KL point uses the batch's own mismatched pairs
     )
     trainer.end()

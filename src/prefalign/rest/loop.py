@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from prefalign import tasks
+from prefalign.manifest import write_manifest
 from prefalign.modeling import ModelSpec, load_model, load_tokenizer, resolve_device
 from prefalign.rest.evaluate import EvalSpec, HeldOutEval
 from prefalign.rest.filtering import normalized_scores, select, threshold_list
@@ -53,9 +54,12 @@ from prefalign.rest.improve import (
     loss_at,
     reference_spec,
     resolve_losses,
+    with_original,
 )
 from prefalign.rest.rewards import RewardSpec, gold_reward, load_reward
 from prefalign.rest.state import RunState
+from prefalign.training.checkpoint import keep_final
+from prefalign.training.loop import seed_everything
 
 
 @dataclass
@@ -87,9 +91,11 @@ def run_rest(config: RestConfig, resume: bool = False, log=print, on_record: Cal
     n_improve = spec.steps_per_grow
     thresholds = threshold_list(n_improve * (config.grow_steps if spec.schedule_scope == "run" else 1), spec.thresholds, spec.schedule)
     state = RunState.open(out, asdict(config), resume, log)
+    write_manifest(out, "rest")
     base = resolve_model_path(config.model.name_or_path)
     device = str(resolve_device(config.model.device))
     tokenizer = load_tokenizer(base)
+    original = load_original(spec.original_data, tokenizer)
     reward = load_reward(config.reward, device)
     # Filter with one reward, judge with another: kept apart so reward hacking shows up.
     reward_is_gold = config.reward.kind == "gold" and same_task(
@@ -139,17 +145,22 @@ def run_rest(config: RestConfig, resume: bool = False, log=print, on_record: Cal
             if done := state.done(key):
                 policy_path, policy_name = done["model"], f"g{g}.i{i}"
                 continue
-            threshold = thresholds[i if spec.schedule_scope == "grow" else g * n_improve + i]
+            k = i if spec.schedule_scope == "grow" else g * n_improve + i  # the schedules' step
+            threshold = thresholds[k]
             start = base if (i == 0 and spec.restart_from_base) else policy_path
             step_dir = out / "improve" / f"g{g:03d}_i{i:02d}"
+            lr = spec.trainer.lr * spec.lr_decay**k
             record = improve_step(
-                config, pool, threshold, start, step_dir, tokenizer, g, i, log, losses[i]
+                config, pool, threshold, start, step_dir, tokenizer, g, i, log, losses[i], lr,
+                original,
             )
             t0 = time.perf_counter()
             record["eval"] = evaluate(load_policy(record["model"]))
             record["seconds_eval"] = round(time.perf_counter() - t0, 3)
             finish(record)
-            # The step is recorded: its optimizer checkpoints are no longer needed, final/ stays.
+            # The step is recorded: its optimizer checkpoints are no longer needed, final/ stays
+            # (moved out of the newest checkpoint it links to).
+            keep_final(step_dir)
             shutil.rmtree(step_dir / "checkpoints", ignore_errors=True)
             policy_path, policy_name = record["model"], f"g{g}.i{i}"
 
@@ -165,7 +176,7 @@ def run_rest(config: RestConfig, resume: bool = False, log=print, on_record: Cal
 
 def improve_step(
     config: RestConfig, pool: list[GrownSample], threshold: float, start: str, step_dir: Path, tokenizer, g: int, i: int, log,
-    loss: Loss,
+    loss: Loss, lr: float, original: list[tuple[list[int], list[int]]],
 ) -> dict:
     """Filter the pool at `threshold`, train from `start` into step_dir/final; returns the record."""
     spec = replace(config.improve, loss=loss_at(config.improve, i))
@@ -173,20 +184,23 @@ def improve_step(
     groups = [s.prompt_index for s in pool]
     scores = normalized_scores([s.reward for s in pool], groups, spec.normalize)
     dedup = [tuple(s.response_ids) for s in pool] if spec.dedup else None
-    kept = select(scores, groups, threshold, spec.max_per_prompt, seed=seed, dedup_keys=dedup)
+    kept = select(scores, groups, threshold, spec.max_per_prompt, seed=seed, dedup_keys=dedup,
+                  rewards=[s.reward for s in pool], min_reward=spec.min_reward)
     data = build_data(loss, pool, kept, scores, threshold, spec.max_per_prompt, seed=seed)
+    data = with_original(data, original)
     record = {
         "kind": "improve", "grow": g, "improve": i, "threshold": threshold, "normalize": spec.normalize,
         "loss": spec.loss, "pool": len(pool), "kept": len(kept), "kept_fraction": round(len(kept) / max(1, len(pool)), 5),
         "kept_prompts": len({pool[k].prompt_index for k in kept}), "kept_reward": reward_summary([pool[k].reward for k in kept]),
-        "examples": len(data), "start": start,
+        "examples": len(data), "original_examples": len(original), "lr": lr, "start": start,
     }
     if len(data) < (2 if data.kind == "unpaired" else 1):
         log(f"[rest] improve {g}.{i}: nothing to train on at threshold {threshold}; the policy stays {start}")
         return {**record, "model": start, "skipped": True, "train_steps": 0}
+    seed_everything(seed)  # the step's seed decides a fresh LoRA adapter's init
     model = load_model(start, dtype=config.model.dtype, device="cpu", lora=config.model.lora,
                        gradient_checkpointing=config.model.gradient_checkpointing)  # the Trainer places it
-    trainer_config = replace(spec.trainer, out_dir=str(step_dir), seed=seed)
+    trainer_config = replace(spec.trainer, out_dir=str(step_dir), seed=seed, lr=lr)
     t0 = time.perf_counter()
     result = improve(model, tokenizer, data, spec, trainer_config, resume=True, loss=loss,
                      run_config={"rest": asdict(config), "grow_step": g, "improve_step": i, "threshold": threshold})
@@ -196,6 +210,17 @@ def improve_step(
         "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
         "seconds_train": round(time.perf_counter() - t0, 3),
     }
+
+
+def load_original(path: str, tokenizer) -> list[tuple[list[int], list[int]]]:
+    """The original SFT rows (`improve.original_data`) as (prompt ids, completion ids)."""
+    if not path:
+        return []
+    from prefalign.data import load_sft_data, tokenize_sft
+
+    loaded = load_sft_data(path, tokenizer=tokenizer)
+    rows, _ = tokenize_sft(loaded.records, tokenizer, max_length=None, max_prompt_length=None)
+    return [(list(r.prompt_ids), list(r.completion_ids)) for r in rows]
 
 
 def grow_record(g: int, policy: str, samples: list[GrownSample], path: Path, out: Path, timings: GrowTimings | None) -> dict:
@@ -286,7 +311,13 @@ def check(config: RestConfig) -> list[Loss]:
     spec = config.improve
     if spec.losses and len(spec.losses) != spec.steps_per_grow:
         raise ValueError(f"config key 'improve.losses': {len(spec.losses)} losses for {spec.steps_per_grow} Improve steps; give one per step")
+    if not spec.lr_decay > 0:
+        raise ValueError(f"config key 'improve.lr_decay' must be > 0 (1: constant), "
+                         f"got {spec.lr_decay}")
     losses = resolve_losses(spec)
     for loss in losses:
         reference_spec(loss, spec.reference)
+    if spec.original_data and not all(isinstance(loss, str) for loss in losses):
+        raise ValueError("config key 'improve.original_data': original SFT rows mix into bc / "
+                         f"reward_weighted steps only, got losses {spec.losses or [spec.loss]}")
     return losses

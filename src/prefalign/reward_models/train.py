@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 from prefalign.data import TokenizedPair, collate_pairs, load_preference_data, tokenize_preference
+from prefalign.manifest import write_manifest
 from prefalign.modeling import ModelSpec, load_tokenizer, resolve_dtype
 from prefalign.reward_models.reader import (
     SequenceRewardModel,
@@ -152,6 +153,7 @@ def train_reward_model(config: RewardModelConfig, resume: bool = False, log=prin
         raise ValueError(
             "config key 'model.lora': LoRA reward models are not supported; train the full model"
         )
+    write_manifest(config.trainer.out_dir, "rm")
     tokenizer = load_tokenizer(config.model.name_or_path)
     trunc = dict(**config.data.limits(), skip_invalid=config.data.skip_invalid)
 
@@ -180,7 +182,7 @@ def train_reward_model(config: RewardModelConfig, resume: bool = False, log=prin
     trainer = Trainer(
         model,
         config.trainer,
-        n_examples=len(train_pairs),
+        [p.length for p in train_pairs],
         run_config=asdict(config),
         tokenizer=tokenizer,
     )
@@ -198,7 +200,6 @@ def train_reward_model(config: RewardModelConfig, resume: bool = False, log=prin
         )
 
     result = trainer.fit(
-        [p.length for p in train_pairs],
         lambda idx: collate_pairs([train_pairs[i] for i in idx], pad),
         bt_loss_fn,
         evaluate=evaluate,

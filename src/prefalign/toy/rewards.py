@@ -1,4 +1,5 @@
-"""Gold rewards of the toy tasks: VADER sentiment and brevity for reviews, checked sums for arithmetic."""
+"""Gold rewards of the toy tasks: VADER sentiment, coherence and brevity for reviews, checked sums
+for arithmetic."""
 
 from __future__ import annotations
 
@@ -19,6 +20,26 @@ def _vader():
 def sentiment_reward(prompt: str, completion: str) -> float:
     """VADER compound sentiment of the completion, in [-1, 1]: a scorer nobody here wrote."""
     return float(_vader().polarity_scores(completion)["compound"])
+
+
+def coherence(prompt: str, completion: str) -> float:
+    """Share of the reply's word bigrams (the first one joins it to the prompt's last word) that
+    the toy grammar can produce; 1 for a reply with no words. Text that drifts out of the toy
+    language scores low even where VADER likes it."""
+    from prefalign.toy.corpus import grammar_bigrams
+
+    words = prompt.split()[-1:] + completion.split()
+    bigrams = list(zip(words, words[1:], strict=False))
+    if not bigrams:
+        return 1.0
+    grammar = grammar_bigrams()
+    return sum(b in grammar for b in bigrams) / len(bigrams)
+
+
+def coherent_sentiment_reward(prompt: str, completion: str) -> float:
+    """VADER sentiment times coherence: the gold of the over-optimisation experiment, where VADER
+    alone labels the pairs and rewards degenerate positive text."""
+    return sentiment_reward(prompt, completion) * coherence(prompt, completion)
 
 
 def brevity_reward(prompt: str, completion: str, max_words: int = 24) -> float:
@@ -58,6 +79,7 @@ RewardFn = Callable[[str, str], float]
 GOLD_REWARDS: dict[str, RewardFn] = {
     "sentiment": sentiment_reward,
     "brevity": brevity_reward,
+    "coherent_sentiment": coherent_sentiment_reward,
     "arith": arith_reward,
 }
 

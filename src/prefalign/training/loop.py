@@ -23,12 +23,20 @@ from typing import Any, Literal
 
 import torch
 from accelerate import Accelerator
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from prefalign.config import bounded
 from prefalign.errors import UserError
 from prefalign.io import append_jsonl, atomic_write, flatten
+from prefalign.training.checkpoint import (
+    MODEL_DIR,
+    checkpoints,
+    load_trained_weights,
+    point_final,
+    rng_state,
+    save_model,
+    set_rng_state,
+)
 from prefalign.training.fsdp import full_state_dict, is_sharded, local_norm_to_float
 
 # A metric is a batch mean (a scalar tensor) or a (sum, count) pair: pairs are summed over
@@ -102,6 +110,13 @@ def batch_plan(lengths: Sequence[int], global_batch: int, seed: int, epoch: int,
     return batches
 
 
+def seed_everything(seed: int) -> None:
+    """Seed Python and torch: call before building the model, so the seed decides a LoRA
+    adapter's (or a reward head's) random init, whatever ran in the process before."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def fused_adamw_supported(params: Sequence[torch.Tensor]) -> bool:
     return all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
 
@@ -113,12 +128,16 @@ class Trainer:
         self,
         model: torch.nn.Module,
         config: TrainerConfig,
-        n_examples: int,
+        lengths: Sequence[int],
         accelerator: Accelerator | None = None,
         run_config: dict[str, Any] | None = None,
         tokenizer: Any = None,
     ):
+        """`lengths`: the token count of every training example (the epoch's batches are planned
+        from them). Seed with `seed_everything(config.seed)` before building the model."""
         self.config = config
+        self.lengths = list(lengths)
+        n_examples = len(self.lengths)
         self.tokenizer = tokenizer  # saved beside every checkpoint so each one loads on its own
         self.out_dir = Path(config.out_dir)
         self.accelerator = accelerator or make_accelerator(config)
@@ -154,6 +173,9 @@ class Trainer:
             name, self.optimizer, num_warmup_steps=int(config.warmup_ratio * self.total_steps), num_training_steps=self.total_steps
         )
         self.step = 0
+        # Set once by the caller (anything with state_dict/load_state_dict, e.g. a trust-region
+        # reference): saved with every checkpoint and restored by resume().
+        self.extra_state: Any = None
         self.history: list[dict[str, float]] = []
         if acc.is_main_process:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -168,18 +190,17 @@ class Trainer:
 
     def fit(
         self,
-        lengths: Sequence[int],
         collate: Callable[[list[int]], dict],
         loss_fn: LossFn,
         after_step: Callable[[int], Any] | None = None,
         evaluate: Callable[[int], dict[str, float]] | None = None,
-        extra_state: Any = None,
         group_by_length: bool = True,
     ) -> TrainResult:
-        """Train to `total_steps`. `collate(indices)` builds a batch; `after_step(step)` runs after
-        each optimizer step (reference updates); `extra_state` (state_dict/load_state_dict) is
-        checkpointed with the run (a trust-region reference's weights)."""
+        """Train to `total_steps` (from the resumed step, if `resume()` found a checkpoint).
+        `collate(indices)` builds a batch; `after_step(step)` runs after each optimizer step
+        (reference updates) and may return a dict of metrics to log with that step."""
         acc, cfg = self.accelerator, self.config
+        lengths = self.lengths
         steps_per_epoch = len(lengths) // self.global_micro_batch // cfg.grad_accum
         rank = acc.process_index
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (cfg.progress and acc.is_main_process), desc="train")
@@ -214,8 +235,9 @@ class Trainer:
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
-            if after_step is not None:
-                after_step(self.step)
+            hooked = after_step(self.step) if after_step is not None else None
+            if isinstance(hooked, dict):  # the hook's own metrics (a reference's update error)
+                record.update(hooked)
             record["grad_norm"] = grad_norm
             record["lr"] = self.scheduler.get_last_lr()[0]
             record["examples_per_s"] = seen / (time.perf_counter() - start)
@@ -230,7 +252,7 @@ class Trainer:
             if self.step % cfg.log_every == 0 or is_last or any(k.startswith("eval/") for k in record):
                 self._log(record)
             if (cfg.save_every and self.step % cfg.save_every == 0) or is_last:
-                self.save_checkpoint(extra_state)
+                self.save_checkpoint()
         bar.close()
         elapsed = time.perf_counter() - start
         return TrainResult(self.step, elapsed, seen / max(elapsed, 1e-9), self.history, self.out_dir)
@@ -264,47 +286,41 @@ class Trainer:
             self.accelerator.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=self.step)
 
     # --- checkpoints -------------------------------------------------------------------------
-    def save_checkpoint(self, extra_state: Any = None) -> Path:
-        """Write checkpoints/step-N atomically (a temp dir renamed at the end), then prune old ones."""
+    def save_checkpoint(self) -> Path:
+        """Write checkpoints/step-N atomically (a temp dir renamed at the end), point `final` at
+        it, then prune old ones. The weights are written once, in the checkpoint's model/."""
         acc = self.accelerator
         self._check_parameters()
         acc.wait_for_everyone()
         root = self.out_dir / "checkpoints"
-        final = root / f"step-{self.step}"
+        done = root / f"step-{self.step}"
         tmp = root / f".tmp-step-{self.step}"
         # Sharded weights are gathered by every process together; only the main one keeps them.
         state = full_state_dict(self.model) if self.sharded else None
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            model = self.unwrapped
-            model.save_pretrained(tmp / "model", safe_serialization=True, state_dict=state)
-            if self.tokenizer is not None:
-                self.tokenizer.save_pretrained(tmp / "model")
-            trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-            source = {n: state[n] for n, _ in trained} if state is not None else dict(trained)
-            trainable = {n: t.detach().cpu().contiguous() for n, t in source.items()}
-            save_file(trainable, tmp / "trainable.safetensors")
+            save_model(self.unwrapped, self.tokenizer, tmp / MODEL_DIR, state_dict=state)
             if not self.sharded:  # sharded optimizer and reference states: not saved (no resume)
                 torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
-            if extra_state is not None and not self.sharded:
-                torch.save(extra_state.state_dict(), tmp / "extra_state.pt")
+            if self.extra_state is not None and not self.sharded:
+                torch.save(self.extra_state.state_dict(), tmp / "extra_state.pt")
             (tmp / "state.json").write_text(json.dumps({"step": self.step, "num_processes": acc.num_processes}))
         acc.wait_for_everyone()
         # Each process saves its own RNG state (sampling in dropout and data differ per rank).
-        torch.save(_rng_state(), tmp / f"rng-{acc.process_index}.pt")
+        torch.save(rng_state(), tmp / f"rng-{acc.process_index}.pt")
         acc.wait_for_everyone()
         if acc.is_main_process:
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
+            shutil.rmtree(done, ignore_errors=True)
+            tmp.rename(done)
+            point_final(self.out_dir, done)  # before pruning: `final` never dangles
             for old in sorted(checkpoints(self.out_dir))[: -self.config.keep_checkpoints]:
                 shutil.rmtree(old[1], ignore_errors=True)
-            _save_final(final / "model", self.out_dir / "final")
         acc.wait_for_everyone()
-        return final
+        return done
 
-    def resume(self, extra_state: Any = None) -> bool:
+    def resume(self) -> bool:
         """Load the newest checkpoint of out_dir if there is one; returns whether it did."""
         found = sorted(checkpoints(self.out_dir))
         if not found:
@@ -320,22 +336,14 @@ class Trainer:
             raise ValueError(
                 f"checkpoint {path} was written by {state['num_processes']} processes; resume with the same number"
             )
-        trainable = load_file(path / "trainable.safetensors")
-        model = self.unwrapped
-        missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in trainable]
-        if missing:
-            raise ValueError(f"checkpoint {path} lacks trained weights {missing[:3]}")
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if n in trainable:
-                    p.copy_(trainable[n])
+        load_trained_weights(self.unwrapped, path / MODEL_DIR)
         self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-        if extra_state is not None:
-            extra_state.load_state_dict(torch.load(path / "extra_state.pt", weights_only=False))
+        if self.extra_state is not None:
+            self.extra_state.load_state_dict(torch.load(path / "extra_state.pt", weights_only=False))
         rng_file = path / f"rng-{self.accelerator.process_index}.pt"
         if rng_file.exists():
-            _set_rng_state(torch.load(rng_file, weights_only=False))
+            set_rng_state(torch.load(rng_file, weights_only=False))
         self.step = step
         if self.accelerator.is_main_process:
             print(f"resumed from {path} at step {step}")
@@ -395,13 +403,6 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.attention_dropout = 0.0
 
 
-def checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
-    root = Path(out_dir) / "checkpoints"
-    if not root.exists():
-        return []
-    return [(int(p.name.split("-")[1]), p) for p in root.iterdir() if p.name.startswith("step-")]
-
-
 def make_accelerator(config: TrainerConfig) -> Accelerator:
     return Accelerator(
         # On a machine without CUDA, `cpu=True` lets torchrun processes join one gloo group.
@@ -415,25 +416,3 @@ def make_accelerator(config: TrainerConfig) -> Accelerator:
 def flat_config(tree: dict[str, Any]) -> dict[str, Any]:
     """The run config as the flat scalar mapping experiment trackers take."""
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flatten(tree).items()}
-
-
-def _save_final(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    shutil.rmtree(dst, ignore_errors=True)
-    tmp.rename(dst)
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

@@ -17,8 +17,9 @@ import torch
 from prefalign import objectives
 from prefalign.data.tokenize import TruncationSettings
 from prefalign.logprobs import SequenceLogps, sequence_logps
+from prefalign.manifest import write_manifest
 from prefalign.modeling import ModelSpec, load_model, load_tokenizer
-from prefalign.reference import ReferencePolicy, ReferenceSpec, make_reference
+from prefalign.reference import ModelReference, ReferencePolicy, ReferenceSpec, make_reference
 from prefalign.shared_prompt import pair_logps
 from prefalign.training.forward import (
     PairLogps,
@@ -27,7 +28,13 @@ from prefalign.training.forward import (
     pair_collator,
     use_shared_prompt,
 )
-from prefalign.training.loop import Trainer, TrainerConfig, TrainResult, make_accelerator
+from prefalign.training.loop import (
+    Trainer,
+    TrainerConfig,
+    TrainResult,
+    make_accelerator,
+    seed_everything,
+)
 from prefalign.training.precision import precision_hint
 
 
@@ -132,8 +139,7 @@ def unpaired_loss_fn(objective: objectives.Resolved, reference: ReferencePolicy,
         kl_ref = reference.logps(*kl_inputs).sum
         z0 = objectives.kto_kl_reference_point(kl_policy, kl_ref)
         z0 = accelerator.reduce(z0.detach().reshape(1), reduction="mean")[0]
-        zero = torch.zeros(1, device=z0.device)
-        losses = objective.loss(policy, ref, batch["labels"], z0.expand(1), zero)
+        losses = objective.loss(policy, ref, batch["labels"], z0)
         beta = objective.reward_scale
         labels = batch["labels"]
         rewards = beta * (policy - ref).detach()
@@ -173,6 +179,7 @@ def run_preference(
         raise ValueError("config key 'data.path' is required")
     if objective.needs_reference and config.reference.mode == "none":
         raise ValueError(f"objective '{objective.name}' needs a reference policy; reference.mode 'none' is for reference-free objectives")
+    write_manifest(config.trainer.out_dir, "train")
     tokenizer = load_tokenizer(config.model.name_or_path)
     trunc = dict(**config.data.limits(), skip_invalid=config.data.skip_invalid)
     unpaired = objective.kind == "unpaired"
@@ -184,12 +191,13 @@ def run_preference(
         log(f"skipped {sum(skipped.values())} invalid rows of {config.data.path}: {dict(skipped)}")
 
     # After the data: a bad row is reported without waiting for the model to load.
+    seed_everything(config.trainer.seed)  # the seed decides a LoRA adapter's init
     model = load_model(
         config.model.name_or_path, dtype=config.model.dtype, device="cpu",
         lora=config.model.lora, gradient_checkpointing=config.model.gradient_checkpointing,
     )
     ref_spec = config.reference if objective.needs_reference else ReferenceSpec(mode="none")
-    run = dict(n_examples=len(examples), run_config=asdict(config), tokenizer=tokenizer)
+    run = dict(lengths=[e.length for e in examples], run_config=asdict(config), tokenizer=tokenizer)
     if config.trainer.fsdp:
         from prefalign.training.fsdp import local_fraction, shard_with_reference
 
@@ -204,6 +212,7 @@ def run_preference(
         trainer = Trainer(model, config.trainer, **run)
         # Built after prepare() so a full-copy reference lands on the training device.
         reference = make_reference(trainer.model, ref_spec)
+    trainer.extra_state = reference  # checkpointed with the run: a trust-region reference moves
     pad = tokenizer.pad_token_id
     if unpaired:
         loss_fn = unpaired_loss_fn(objective, reference, trainer.accelerator)
@@ -221,7 +230,7 @@ def run_preference(
     if config.eval.task or config.data.eval_path:
         evaluate = make_evaluator(config, tokenizer, trainer, reference, objective)
     if resume:
-        trainer.resume(extra_state=reference)
+        trainer.resume()
     if not unpaired:  # after resume: a resumed reference is the one the cache must fingerprint
         cached = None
         frozen = objective.needs_reference and ref_spec.mode == "frozen"
@@ -237,9 +246,12 @@ def run_preference(
                 config.trainer.batch_size, settings, log=log,
             )
         loss_fn = pairwise_loss_fn(objective, reference, reference_logps=cached)
+
+    def after_step(step: int) -> dict[str, float]:
+        return reference.update_metrics() if reference.after_optimizer_step(step) else {}
+
     result = trainer.fit(
-        [e.length for e in examples], collate, loss_fn,
-        after_step=reference.after_optimizer_step, evaluate=evaluate, extra_state=reference,
+        collate, loss_fn, after_step=after_step, evaluate=evaluate,
         # KTO's KL point uses the batch's own mismatched pairs: length-grouping would bias them.
         group_by_length=not unpaired,
     )
@@ -255,24 +267,32 @@ def make_evaluator(
     objective: objectives.Resolved,
 ):
     """Periodic evaluation: gold reward + KL to the INITIAL policy on a task, and reward
-    accuracy/margin on held-out pairs."""
+    accuracy/margin on held-out pairs.
+
+    `pair_accuracy` / `pair_margin` score the implicit reward against the initial policy, so
+    frozen and trust-region runs are comparable; a trust-region run also logs them against its
+    moving reference, as `pair_accuracy_vs_reference` / `pair_margin_vs_reference`."""
     from prefalign.evaluation.core import evaluate_policy
     from prefalign.evaluation.pairs import load_eval_pairs, pair_metrics
 
     initial = None
+    moving = reference.spec.mode in ("soft", "hard")
+    if config.eval.task or (moving and config.data.eval_path):
+        # From disk, not a copy of the policy: on resume the policy has moved already.
+        initial = load_model(config.model.name_or_path, dtype=config.model.dtype, device=str(trainer.accelerator.device))
     if config.eval.task:
         from prefalign.tasks import resolve_task
 
         task = resolve_task(config.eval.task)
         prompts = task.prompts("eval")[: config.eval.n_prompts]
-        initial = load_model(config.model.name_or_path, device=str(trainer.accelerator.device))
     beta = objective.reward_scale
     eval_pairs = load_eval_pairs(tokenizer, config.data.eval_path, config.data) if config.data.eval_path else None
+    initial_ref = ModelReference(initial) if initial is not None else None
 
     def evaluate(step: int) -> dict[str, float]:
         model = trainer.unwrapped
         out: dict[str, float] = {}
-        if initial is not None:
+        if config.eval.task:
             result = evaluate_policy(
                 model, tokenizer, task, prompts, reference=initial,
                 samples_per_prompt=config.eval.samples_per_prompt, max_new_tokens=config.eval.max_new_tokens,
@@ -281,7 +301,12 @@ def make_evaluator(
             if result.accuracy is not None:
                 out["accuracy"] = result.accuracy
         if config.data.eval_path:
-            out.update(pair_metrics(model, reference, tokenizer, config.data.eval_path, beta, config.data, pairs=eval_pairs))
+            held_out = (tokenizer, config.data.eval_path, beta, config.data)
+            scored = pair_metrics(model, initial_ref if moving else reference, *held_out, pairs=eval_pairs)
+            out.update(scored)
+            if moving:
+                scored = pair_metrics(model, reference, *held_out, pairs=eval_pairs)
+                out.update({f"{k}_vs_reference": v for k, v in scored.items()})
         model.train()
         return out
 

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from prefalign.data.tokenize import TokenizedPair
 from prefalign.logprobs import SequenceLogps
-from prefalign.reference import FullReference, LoraReference, ReferencePolicy
+from prefalign.reference import REFERENCE_ADAPTER, FullReference, LoraReference, ReferencePolicy
 from prefalign.training.forward import PairLogps, live_reference_logps
 from prefalign.training.fsdp import local_tensor
 
@@ -33,12 +33,12 @@ FIELDS = ("chosen_sum", "chosen_n", "rejected_sum", "rejected_n")
 
 def reference_tensors(reference: ReferencePolicy) -> Iterable[tuple[str, torch.Tensor]]:
     """The tensors a frozen reference's outputs depend on: the copy's state, or a LoRA policy's
-    base (its adapters are disabled when it acts as the reference)."""
+    base plus its reference adapter (none when the reference is the bare base)."""
     if isinstance(reference, FullReference):
         return sorted(reference.model.state_dict().items())
-    if isinstance(reference, LoraReference):
+    if isinstance(reference, LoraReference):  # the base, and the reference adapter if it has one
         state = reference.model.state_dict()
-        return sorted((k, v) for k, v in state.items() if "lora_" not in k)
+        return sorted((k, v) for k, v in state.items() if "lora_" not in k or REFERENCE_ADAPTER in k.split("."))
     raise TypeError(f"no cache for a {type(reference).__name__}")
 
 

@@ -10,8 +10,9 @@ from transformers import PreTrainedTokenizerBase
 
 from prefalign.data.tokenize import TruncationSettings
 from prefalign.logprobs import collate_prompt_response, nll_loss
+from prefalign.manifest import write_manifest
 from prefalign.modeling import ModelSpec, load_model, load_tokenizer
-from prefalign.training.loop import Trainer, TrainerConfig, TrainResult
+from prefalign.training.loop import Trainer, TrainerConfig, TrainResult, seed_everything
 
 
 @dataclass
@@ -50,10 +51,10 @@ def train_sft(
         loss = nll_loss(model, batch)
         return loss, {}
 
-    trainer = Trainer(model, config, n_examples=len(lengths), run_config=run_config, tokenizer=tokenizer)
+    trainer = Trainer(model, config, lengths, run_config=run_config, tokenizer=tokenizer)
     if resume:
         trainer.resume()
-    result = trainer.fit(lengths, collate, loss_fn)
+    result = trainer.fit(collate, loss_fn)
     trainer.end()
     return result
 
@@ -62,7 +63,9 @@ def run_sft(config: SFTConfig, resume: bool = False) -> TrainResult:
     """`prefalign sft`: load model, tokenizer and data from the config and train."""
     from prefalign.data import load_sft_data, tokenize_sft
 
+    write_manifest(config.trainer.out_dir, "sft")
     tokenizer = load_tokenizer(config.model.name_or_path)
+    seed_everything(config.trainer.seed)  # the seed decides a LoRA adapter's init
     model = load_model(
         config.model.name_or_path,
         dtype=config.model.dtype,

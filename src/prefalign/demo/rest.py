@@ -17,17 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from prefalign.config import load_config
+from prefalign.demo.settings import DemoSettings, evaluate_model
+from prefalign.demo.worlds import World
+from prefalign.modeling import load_model
 from prefalign.rest.loop import RestConfig, run_rest
 
 
-def demo_rest(world, settings) -> dict:
-    """Run ReST on `world` (a ToyWorld) and evaluate it like every other demo row.
-
-    `settings` is the demo's DemoSettings: quick, n_eval_prompts, samples_per_prompt, out_dir.
-    """
-    from prefalign.demo import evaluate_model
-    from prefalign.modeling import load_model
-
+def demo_rest(world: World, settings: DemoSettings) -> dict:
+    """Run ReST on `world` and evaluate it like every other demo row."""
     started = time.perf_counter()
     out = Path(settings.out_dir) / "runs" / world.task / "rest"
     shutil.rmtree(out, ignore_errors=True)  # a demo run starts fresh: quick and full runs differ

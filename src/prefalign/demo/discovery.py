@@ -13,11 +13,12 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+from prefalign.demo.preference import PreferenceRow, run_preference_row
+from prefalign.demo.settings import DemoSettings
+from prefalign.demo.worlds import World, get_world_family
 from prefalign.discovery.archive import Archive
 from prefalign.discovery.export import function_name
 from prefalign.discovery.recipe import DiscoverConfig, run_discover
-from prefalign.toy.tasks import world_task
-from prefalign.toy.world import ToyWorld
 
 
 def discovery_config(out_dir: Path) -> DiscoverConfig:
@@ -25,14 +26,14 @@ def discovery_config(out_dir: Path) -> DiscoverConfig:
     return DiscoverConfig(out_dir=str(out_dir), generations=3, candidates_per_generation=4)
 
 
-def demo_discovery(world: ToyWorld, settings, log=print, config: DiscoverConfig | None = None) -> dict:
+def demo_discovery(
+    world: World, settings: DemoSettings, log=print, config: DiscoverConfig | None = None
+) -> dict:
     """The row: discovery (`config`, default `discovery_config`), then its best candidate as a demo row."""
-    from prefalign.demo import PreferenceRow, run_preference_row
-
     out_dir = Path(settings.out_dir) / "discovery"
     shutil.rmtree(out_dir, ignore_errors=True)  # a demo run starts fresh, like its other rows
     config = replace(config, out_dir=str(out_dir)) if config else discovery_config(out_dir)
-    archive = run_discover(config, log=lambda *_: None, task=world_task(world))
+    archive = run_discover(config, log=lambda *_: None, task=get_world_family(settings.world).task_of(world))
     best = archive.best_proposed()
     if best is None:
         raise RuntimeError(f"the demo's discovery produced no valid candidate; see {out_dir / 'archive.jsonl'}")

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from prefalign.demo.settings import DemoSettings
+from prefalign.demo.worlds import World
 from prefalign.evaluation.core import mean_and_se, response_logps
 from prefalign.genarm.arm import ArmConfig, ArmResult, concise_pairs, train_arm
 from prefalign.genarm.baselines import args_generate, best_of_n, best_of_n_kl_bound
@@ -30,7 +32,7 @@ from prefalign.modeling import ModelSpec, count_parameters, load_model, load_tok
 from prefalign.reward_models.reader import SequenceRewardModel, load_reward_model
 from prefalign.reward_models.train import RewardModelConfig, RMData, train_reward_model
 from prefalign.toy.rewards import brevity_reward, sentiment_reward
-from prefalign.toy.world import ToyConfig, ToyModelSize, ToyWorld, get_world
+from prefalign.toy.world import ToyConfig, ToyModelSize, get_world
 from prefalign.training.loop import TrainerConfig
 from prefalign.training.preference import ObjectiveSpec, PreferenceData
 
@@ -79,7 +81,7 @@ class GenarmPlan:
         )
 
 
-def demo_genarm(world: ToyWorld, settings, log=print, plan: GenarmPlan | None = None) -> dict:
+def demo_genarm(world: World, settings: DemoSettings, log=print, plan: GenarmPlan | None = None) -> dict:
     """The `genarm` row: headline gold reward/KL at a fixed alpha plus sweep, trade-off, baselines."""
     if world.task != "sentiment":
         raise ValueError(f"the genarm demo runs on the sentiment world, got '{world.task}'")

@@ -1,0 +1,122 @@
+"""The SmolLM2 world's content (prompts, rewards, pairs, tasks), built on a tiny GGUF model.
+
+The real SmolLM2 runs in the slow test (test_smol_real.py); here the same build runs end to end
+on a tiny random Llama written as a GGUF file, so every step but the model's quality is real.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from gguf_files import byte_level_bpe, tiny, write_gguf
+
+from prefalign.smol import prompts as grammar
+from prefalign.smol.rewards import arith_correct, arith_reward, brevity_reward, final_number
+from prefalign.smol.world import SmolConfig, get_smol_world
+from prefalign.tasks import resolve_task
+
+
+def test_train_and_eval_films_are_disjoint():
+    train, held_out = grammar.split_titles(seed=0, n_eval=48)
+    assert len(held_out) == 48 and not set(train) & set(held_out)
+    requests = grammar.review_requests(held_out, 32, seed=2)
+    assert len(set(requests)) == 32
+    assert all(any(f'"{t}"' in r for t in held_out) for r in requests)
+    assert not any(f'"{t}"' in r for t in train for r in requests)
+
+
+def test_arith_problems_are_disjoint_and_checked():
+    train, held_out = grammar.arith_problems(2, 40, n_train=64, n_eval=32, seed=0)
+    assert not set(train) & set(held_out) and len(set(train)) == 64
+    prompt = "<|im_start|>user\nWhat is 23 + 45?<|im_end|>\n<|im_start|>assistant\n"
+    assert final_number("23 + 45 = 68. So the answer is 68.") == 68
+    assert final_number("The sum is 1,068") == 1068 and final_number("no idea") is None
+    assert arith_correct(prompt, "23 + 45 = 68") and arith_reward(prompt, "68!") == 1.0
+    assert arith_reward(prompt, "It is 68 or maybe 69") == 0.0  # the last number is the answer
+    with pytest.raises(ValueError, match="not an arithmetic prompt"):
+        arith_correct("Write a review", "5")
+
+
+def test_brevity_conflicts_with_length():
+    assert brevity_reward("", "") == 1.0
+    assert brevity_reward("", "great " * 30) == pytest.approx(0.5)
+    assert brevity_reward("", "great " * 90) == 0.0
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    bpe = byte_level_bpe()
+    model = tiny("llama", bpe.get_vocab_size(), max_positions=256)
+    return write_gguf(model, bpe, tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+
+
+def mini(task: str, model: str) -> SmolConfig:
+    return SmolConfig(
+        task=task,
+        model=model,
+        dtype="float32",
+        n_train_prompts=6,
+        n_eval_prompts=4,
+        n_pair_prompts=6,
+        n_eval_pair_prompts=2,
+        max_new_tokens=8,
+        batch_size=8,
+    )
+
+
+def test_sentiment_world_builds_pairs_from_the_models_own_samples(tmp_path, tiny_gguf, monkeypatch):
+    monkeypatch.setenv("PREFALIGN_CACHE", str(tmp_path / "cache"))
+    config = mini("sentiment", f"gguf:{tiny_gguf}")
+    world = get_smol_world(config=config, log=lambda *_: None)
+    assert get_smol_world(config=config, log=None).root == world.root  # cached, not rebuilt
+    prompts = {split: world.prompts(split) for split in ("train", "eval")}
+    assert len(prompts["train"]) == 6 and len(prompts["eval"]) == 4
+    assert all(
+        p.startswith("<|im_start|>system\n") and p.endswith("assistant\n") for p in prompts["eval"]
+    )
+    pairs = [json.loads(line) for line in world.file("pairs.jsonl").read_text().splitlines()]
+    held_out = [
+        json.loads(line) for line in world.file("pairs_eval.jsonl").read_text().splitlines()
+    ]
+    assert 0 < len(pairs) <= 6 * 2 and 0 < len(held_out) <= 2 * 2  # two pairs per prompt at most
+    assert all(p["chosen"] != p["rejected"] and "review" in p["prompt"] for p in pairs)
+    assert not {p["prompt"] for p in held_out} & {p["prompt"] for p in pairs}
+    assert not set(prompts["eval"]) & {p["prompt"] for p in pairs + held_out}
+    unpaired = [json.loads(line) for line in world.file("unpaired.jsonl").read_text().splitlines()]
+    assert unpaired and {type(u["label"]) for u in unpaired} == {bool}
+    figures = world.info()["figures"]
+    assert figures["pairs"] == len(pairs) and -1 <= figures["start_sample_reward"] <= 1
+    assert world.policy_path.parent == tmp_path / "cache" / "models"
+
+    task = resolve_task("smol:sentiment")  # registered through the task registry
+    assert task.name == "smol:sentiment"
+    from prefalign.smol.tasks import world_task
+
+    bound = world_task(world)
+    assert bound.prompts("eval") == prompts["eval"]
+    assert (
+        bound.gold_reward(["p", "p"], ["a wonderful, great film", "an awful, terrible mess"])[0]
+        > 0.5
+    )
+    assert set(bound.metrics(["p"], ["ok"])) == {"brevity"}
+
+
+def test_arith_world_measures_the_starting_accuracy(tmp_path, tiny_gguf, monkeypatch):
+    monkeypatch.setenv("PREFALIGN_CACHE", str(tmp_path / "cache"))
+    world = get_smol_world(config=mini("arith", f"gguf:{tiny_gguf}"), log=lambda *_: None)
+    figures = world.info()["figures"]
+    assert (
+        0 <= figures["start_accuracy_greedy"] <= 1 and 0 <= figures["start_accuracy_sampled"] <= 1
+    )
+    assert all("What is " in p for p in world.prompts("eval"))
+    assert not (world.root / "pairs.jsonl").exists()
+    from prefalign.smol.tasks import world_task
+
+    task = world_task(world)
+    right = task.prompts("eval")[0]
+    a, b = map(int, right.split("What is ")[1].split("?")[0].split(" + "))
+    assert task.gold_reward([right, right], [f"{a} + {b} = {a + b}", "7"]) == [
+        1.0,
+        float(a + b == 7),
+    ]
