@@ -524,6 +524,8 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                         help=f"comma-separated modes with + flags ({', '.join(FLAGS)}), e.g. frozen+bf16")
     parser.add_argument("--repeats", type=int, default=2, help="rounds of every variant")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps of every size (default: per size)")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up steps of every size (default: per size)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (see the docstring)")
     parser.add_argument("--fixed-mmap-threshold", action="store_true",
                         help="MALLOC_MMAP_THRESHOLD_=65536 in the workers: exact live memory peaks, slower steps")
@@ -556,6 +558,8 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     env = {"MALLOC_MMAP_THRESHOLD_": "65536"} if args.fixed_mmap_threshold else {}
     start = time.perf_counter()
+    for size in sizes:  # the pairs files hold exactly one epoch of these steps
+        SIZES[size] = {**SIZES[size], **{k: v for k, v in (("steps", args.steps), ("warmup", args.warmup)) if v}}
     workspace = build_workspace(workdir, sizes)
     peak_runs: dict[str, list[dict]] = {d: [] for d in dtypes}
 

@@ -1,6 +1,6 @@
 """FSDP2 on 2 CPU processes (torchrun, gloo): equal to 1 process at twice the batch, for a
-full-model soft and frozen reference and a LoRA policy with a hard one; the sharded reference's soft and hard
-updates touch only local shards."""
+full-model soft and frozen reference and a LoRA policy with a hard one; the sharded
+reference's soft and hard updates touch only local shards."""
 
 from __future__ import annotations
 
