@@ -124,6 +124,13 @@ def test_kto_labels_kept_samples_desirable_and_the_rest_undesirable(tiny_tokeniz
     data = build_data("kto", pool, kept, scores, 0.0, max_per_prompt=2)
     labels = [e.label for e in data.examples]
     assert labels.count(True) == len(kept) and labels.count(False) == 2 * len(PROMPTS)
+    # Below the raw-reward floor a sample failed, whatever its score: it is undesirable too.
+    floor = sorted(s.reward for s in pool)[len(pool) // 2]
+    rewards, groups = [s.reward for s in pool], [s.prompt_index for s in pool]
+    kept = select(scores, groups, -1e9, rewards=rewards, min_reward=floor)
+    data = build_data("kto", pool, kept, scores, -1e9, min_reward=floor)
+    failed = sum(s.reward <= floor for s in pool)
+    assert [e.label for e in data.examples].count(False) == failed > 0
 
 
 def test_unknown_loss_is_a_one_line_error_naming_the_choices():

@@ -30,8 +30,9 @@ from typing import Literal, TypeVar
 
 import torch
 
+from prefalign.config import bounded
 from prefalign.logprobs import SequenceLogps, sequence_logps
-from prefalign.lora_mix import copy_factors_, mix_factors_
+from prefalign.lora_mix import copy_factors_, mix_layers_
 from prefalign.modeling import is_peft_model
 
 REFERENCE_ADAPTER = "reference"
@@ -48,12 +49,12 @@ class ReferenceSpec:
     """
 
     mode: Mode = "frozen"
-    alpha: float = 0.6  # soft: theta_ref <- alpha*theta + (1-alpha)*theta_ref
-    period: int = 1  # soft: mix every `period` optimizer steps
-    tau: int = 512  # hard: theta_ref <- theta every `tau` optimizer steps
+    alpha: float = bounded(0.6, gt=0, max=1)  # soft: theta_ref <- alpha*theta + (1-alpha)*theta_ref
+    period: int = bounded(1, min=1)  # soft: mix every `period` optimizer steps
+    tau: int = bounded(512, min=1)  # hard: theta_ref <- theta every `tau` optimizer steps
     # soft with a LoRA policy: the rank of the reference adapter that holds the mixed weight
     # updates (0: 4x the policy's rank); the mixture is exact up to this rank, truncated beyond.
-    lora_rank: int = 0
+    lora_rank: int = bounded(0, min=0)
 
     def __post_init__(self) -> None:
         if self.mode not in ("frozen", "soft", "hard", "none"):
@@ -309,8 +310,7 @@ class LoraReference(ReferencePolicy):
         if self.spec.mode == "soft" and step % self.spec.period == 0:
             # Whole weights (modules_to_save) mix linearly; LoRA layers mix their products.
             self._tensor_pairs.lerp_(self.spec.alpha)
-            errors = [mix_factors_(*group, self.spec.alpha) for group in self._factors]
-            self.truncation_error = max(errors, default=0.0)
+            self.truncation_error = mix_layers_(self._factors, self.spec.alpha)
             return True
         if self.spec.mode == "hard" and step % self.spec.tau == 0:
             self._sync()

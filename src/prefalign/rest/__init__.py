@@ -9,6 +9,7 @@
 from prefalign.rest.evaluate import EvalSpec
 from prefalign.rest.filtering import (
     ThresholdSchedule,
+    min_max,
     normalized_scores,
     percentiles,
     select,
@@ -38,6 +39,7 @@ __all__ = [
     "grow",
     "improve",
     "load_reward",
+    "min_max",
     "normalized_scores",
     "percentiles",
     "read_samples",

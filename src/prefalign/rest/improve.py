@@ -23,6 +23,7 @@ from typing import Any, Literal
 import torch
 
 from prefalign import objectives
+from prefalign.config import bounded
 from prefalign.data import TokenizedPair, TokenizedUnpaired, collate_pairs, collate_unpaired
 from prefalign.logprobs import collate_prompt_response, sequence_logps
 from prefalign.reference import ReferencePolicy, ReferenceSpec, make_reference
@@ -36,13 +37,13 @@ NLL_LOSSES = ("bc", "reward_weighted")
 
 @dataclass
 class ImproveSpec:
-    steps_per_grow: int = 1
+    steps_per_grow: int = bounded(1, min=1)
     thresholds: list[float] = field(default_factory=list)  # one per Improve step; empty: use `schedule`
     schedule: ThresholdSchedule = field(default_factory=ThresholdSchedule)
     schedule_scope: Literal["grow", "run"] = "grow"  # restart the schedule at each Grow step, or run it across all
     normalize: Normalize = "none"  # the ReST paper thresholds rewards scaled to [0, 1]: min_max
     min_reward: float | None = None  # absolute floor: a raw reward not above it is never kept
-    max_per_prompt: int = 0  # kept samples per prompt (0: no cap); ReST-EM keeps about 10
+    max_per_prompt: int = bounded(0, min=0)  # kept samples per prompt (0: no cap); ReST-EM keeps about 10
     dedup: bool = False  # a prompt keeps identical responses once
     data: Literal["latest", "all"] = "latest"  # filter the last Grow step's samples, or every Grow step's so far
     loss: str = "bc"  # bc | reward_weighted | a registry objective (dpo, ipo, kto, ...) | path/to/file.py:function
@@ -55,7 +56,7 @@ class ImproveSpec:
     original_data: str = ""
     # ReST lowers the learning rate in later Improve steps: step k trains at lr * lr_decay ** k
     # (k counts within a Grow step, or across the run with schedule_scope=run, as thresholds do).
-    lr_decay: float = 1.0
+    lr_decay: float = bounded(1.0, gt=0)
     trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(lr=1e-5))  # out_dir and seed are set per step
 
 
@@ -125,9 +126,10 @@ class ImproveData:
 def build_data(
     loss: Loss, pool: Sequence[GrownSample], kept: Sequence[int], scores: Sequence[float],
     threshold: float,
-    max_per_prompt: int = 0, seed: int = 0,
+    max_per_prompt: int = 0, seed: int = 0, min_reward: float | None = None,
 ) -> ImproveData:
-    """The training set of one Improve step from the grown pool and the indices it keeps."""
+    """The training set of one Improve step from the grown pool and the indices it keeps.
+    KTO's undesirable samples are those that failed: at or below the threshold or the floor."""
     objective = resolve_loss(loss)
     if isinstance(objective, str):
         weights = [1.0] * len(kept)
@@ -140,7 +142,10 @@ def build_data(
     for i, s in enumerate(pool):
         by_prompt[s.prompt_index].append(i)
     if objective.kind == "unpaired":
-        return ImproveData("unpaired", unpaired_examples(pool, kept, scores, threshold, by_prompt, max_per_prompt, rng))
+        failed = [s <= threshold or (min_reward is not None and p.reward <= min_reward)
+                  for s, p in zip(scores, pool, strict=True)]
+        rows = unpaired_examples(pool, kept, failed, by_prompt, max_per_prompt, rng)
+        return ImproveData("unpaired", rows)
     return ImproveData("pairs", better_worse_pairs(pool, kept, by_prompt, rng))
 
 
@@ -179,12 +184,14 @@ def better_worse_pairs(pool, kept, by_prompt, rng: random.Random) -> list[Tokeni
     return pairs
 
 
-def unpaired_examples(pool, kept, scores, threshold, by_prompt, max_per_prompt, rng) -> list[TokenizedUnpaired]:
-    """Kept samples as desirable; samples at or below the threshold as undesirable, at most as many
-    per prompt as the cap allows (the prompt's number of samples when there is no cap)."""
+def unpaired_examples(
+    pool, kept, failed, by_prompt, max_per_prompt, rng
+) -> list[TokenizedUnpaired]:
+    """Kept samples as desirable; failed samples as undesirable, at most as many per prompt as
+    the cap allows (the prompt's number of samples when there is no cap)."""
     rows = [TokenizedUnpaired(pool[i].prompt_ids, pool[i].response_ids, True) for i in kept]
     for members in by_prompt.values():
-        below = [j for j in members if scores[j] <= threshold]
+        below = [j for j in members if failed[j]]
         rng.shuffle(below)
         rows += [TokenizedUnpaired(pool[j].prompt_ids, pool[j].response_ids, False) for j in below[: max_per_prompt or len(below)]]
     rng.shuffle(rows)  # KTO's KL point is estimated inside each batch: mix the labels

@@ -7,9 +7,11 @@ Read it top to bottom:
         sample N responses per prompt from the current policy,
         score them, write grown/grow_GGG.jsonl                   -> record "grow-g"
         for each Improve step i (threshold rising):
-            keep the pool's samples above threshold_i (raw or percentile scores, capped per prompt)
-            fine-tune with bc | reward_weighted | any objective, from the current policy
-            (or from the base model: ReST-EM), into improve/gGGG_iII/final
+            keep the pool's samples above threshold_i (raw, [0, 1]-scaled or percentile
+            scores, above an optional raw floor, capped per prompt)
+            fine-tune with bc | reward_weighted | any objective (+ the original SFT data), at
+            lr * lr_decay**i, from the current policy (or from the base model: ReST-EM),
+            into improve/gGGG_iII/final
             evaluate on held-out prompts: gold reward, training reward, KL to the initial policy
                                                                  -> record "improve-g-i"
     plot the records over the steps                              -> steps.png
@@ -186,7 +188,8 @@ def improve_step(
     dedup = [tuple(s.response_ids) for s in pool] if spec.dedup else None
     kept = select(scores, groups, threshold, spec.max_per_prompt, seed=seed, dedup_keys=dedup,
                   rewards=[s.reward for s in pool], min_reward=spec.min_reward)
-    data = build_data(loss, pool, kept, scores, threshold, spec.max_per_prompt, seed=seed)
+    data = build_data(loss, pool, kept, scores, threshold, spec.max_per_prompt, seed=seed,
+                      min_reward=spec.min_reward)
     data = with_original(data, original)
     record = {
         "kind": "improve", "grow": g, "improve": i, "threshold": threshold, "normalize": spec.normalize,

@@ -55,10 +55,10 @@ class TrainerConfig:
     epochs: float = bounded(1.0, gt=0)
     lr: float = bounded(1e-5, gt=0)
     weight_decay: float = bounded(0.0, min=0)
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
+    adam_beta1: float = bounded(0.9, min=0, lt=1)
+    adam_beta2: float = bounded(0.999, min=0, lt=1)
     adam_epsilon: float = bounded(1e-8, gt=0)
-    warmup_ratio: float = bounded(0.0, min=0)
+    warmup_ratio: float = bounded(0.0, min=0, max=1)
     schedule: Literal["constant", "linear", "cosine"] = "linear"
     max_grad_norm: float = bounded(1.0, min=0)  # 0 disables clipping
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
