@@ -323,6 +323,11 @@ def binned_gold(runs: list[dict], width: float = 1.0) -> list[dict[str, float]]:
 
 
 # --- best-of-N calibration ----------------------------------------------------------------------
+def best_of_n_kl(n: int) -> float:
+    """KL of best-of-N from the base policy (Stiennon et al. 2020; Gao et al. 2023)."""
+    return math.log(n) - (n - 1) / n
+
+
 def best_of_n(setup: Setup, proxy_dir: Path, n_max: int = 16) -> list[dict]:
     """Best-of-N on the SFT policy, picked by the proxy reward model and by VADER itself."""
     import torch
@@ -352,7 +357,7 @@ def best_of_n(setup: Setup, proxy_dir: Path, n_max: int = 16) -> list[dict]:
     rows = []
     n = 1
     while n <= n_max:
-        row = {"n": n, "kl": math.log(n) - (n - 1) / n}
+        row = {"n": n, "kl": best_of_n_kl(n)}
         for selector, score in scores.items():
             picks = []
             for k in range(len(prompts)):
