@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from prefalign.data import collate_pairs, load_preference_data, tokenize_preference
 from prefalign.logprobs import sequence_logps, split_pairs
-from prefalign.lora_mix import copy_factors_, mix_factors_
+from prefalign.lora_mix import copy_factors_, mix_layers_
 from prefalign.modeling import LoraSpec, load_model, load_tokenizer
 from prefalign.reference import ReferenceSpec, make_reference
 
@@ -58,12 +58,12 @@ class Shadow:
 
     @torch.no_grad()
     def update(self, layers) -> None:
+        if self.rank is not None:
+            mix_layers_([(*ref, a, b) for ref, (a, b, _) in zip(self.factors, layers, strict=True)], ALPHA)
+            return
         for (a_ref, b_ref), (a, b, _) in zip(self.factors, layers, strict=True):
-            if self.rank is None:
-                a_ref.lerp_(a, ALPHA)
-                b_ref.lerp_(b, ALPHA)
-            else:
-                mix_factors_(a_ref, b_ref, a, b, ALPHA)
+            a_ref.lerp_(a, ALPHA)
+            b_ref.lerp_(b, ALPHA)
 
     def updates(self, layers) -> list[torch.Tensor]:
         return [s * b_ref.double() @ a_ref.double() for (a_ref, b_ref), (_, _, s) in zip(self.factors, layers, strict=True)]
@@ -107,7 +107,9 @@ def main() -> None:
     errors: dict[str, list[float]] = {name: [] for name in shadows}
     errors["prefalign reference (default)"] = []
     model.train()
+    step_seconds = []
     for step in range(1, args.steps + 1):
+        t0 = time.perf_counter()
         start = (step - 1) * args.batch % (len(pairs) - args.batch)
         batch = collate_pairs(pairs[start : start + args.batch], tokenizer.pad_token_id)
         inputs = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
@@ -118,6 +120,7 @@ def main() -> None:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        step_seconds.append(time.perf_counter() - t0)
         reference.after_optimizer_step(step)
         for shadow in shadows.values():
             shadow.update(layers)
@@ -141,12 +144,15 @@ def main() -> None:
         "lora_layers": len(layers), "alpha": ALPHA, "updates": args.steps,
         "relative_error": {n: {"final": e[-1], "max": max(e), "after_1": e[0]} for n, e in errors.items()},
         "seconds_per_update": seconds,
+        "seconds_per_training_step": sorted(step_seconds)[len(step_seconds) // 2],  # median
+        "training_batch_pairs": args.batch,
     }
     print(f"{'scheme':34s} {'after 1':>10s} {'max':>10s} {'final':>10s}")
     for name, e in errors.items():
         print(f"{name:34s} {e[0]:10.2e} {max(e):10.2e} {e[-1]:10.2e}")
     for name, s in seconds.items():
         print(f"update time, {name}: {1000 * s:.1f} ms")
+    print(f"training step (median, {args.batch} pairs): {1000 * result['seconds_per_training_step']:.1f} ms")
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
 

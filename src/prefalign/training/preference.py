@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -290,7 +289,3 @@ def make_evaluator(
         return out
 
     return evaluate
-
-
-def save_reference(reference: ReferencePolicy, out_dir: str | Path) -> None:
-    reference.save_pretrained(Path(out_dir) / "reference")
