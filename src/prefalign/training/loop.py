@@ -1,7 +1,9 @@
 """The one training loop every method uses: SFT, preference objectives, ARM training, ReST's Improve.
 
 Read it top to bottom: plan the global batches, then for each optimizer step run the micro-batches,
-clip, step, let the caller react (trust-region reference update), log, evaluate, checkpoint.
+reduce their metrics, clip, check that loss and gradient norm are finite (a bad step is never
+applied), step, let the caller react (trust-region reference update), log, evaluate, checkpoint
+(`prefalign.training.checkpoint`: weights written once, never non-finite ones).
 A method supplies only `loss_fn(model, batch) -> (loss, metrics)` and the batches.
 
 Multi-process runs (`accelerate launch`) split every global batch by rank, so 2 processes with
