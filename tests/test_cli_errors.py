@@ -323,6 +323,24 @@ CONFIG_CASES = {
         ("trainer.batch_size=0",),
         command=("sft",),
     ),
+    "rm_train_data_hub_looking_name": ConfigCase(
+        "mydataset: no such file or directory (a Hugging Face Hub dataset? write hf:mydataset)",
+        ("data.path=mydataset",),
+        command=("rm", "train"),
+    ),
+    "rm_train_lr_negative": ConfigCase(
+        "config key 'trainer.lr': must be greater than 0", ("trainer.lr=-1",), command=("rm", "train")
+    ),
+    "arm_train_max_steps_negative": ConfigCase(
+        "config key 'trainer.max_steps': must be at least 0, got -1",
+        ("trainer.max_steps=-1",),
+        command=("arm", "train"),
+    ),
+    "arm_train_duplicate_key": ConfigCase(
+        "{config}:3: key 'data' given twice (first on line 1)",
+        yaml="data:\n  skip_invalid: true\ndata:\n  max_length: 64\n",
+        command=("arm", "train"),
+    ),
     "sft_data_hub_looking_name": ConfigCase(
         "mydataset: no such file or directory (a Hugging Face Hub dataset? write hf:mydataset)",
         ("data.path=mydataset",),
@@ -363,14 +381,14 @@ def good_pairs(tmp_path: Path) -> Path:
     return path
 
 
-def assert_refused(capsys, argv: list[str], out_dir: Path) -> str:
+def assert_refused(capsys, argv: list[str], out_dir: Path, command: str | None = None) -> str:
     """Exit 2, one stderr line, no traceback, nothing trained; returns the line."""
     code = main(argv)
     captured = capsys.readouterr()
     assert "Traceback" not in captured.err + captured.out
     lines = captured.err.splitlines()
     assert code == 2 and len(lines) == 1, captured
-    assert lines[0].startswith(f"prefalign {argv[0]}: error: ")
+    assert lines[0].startswith(f"prefalign {command or argv[0]}: error: ")
     for trained in ("checkpoints", "final", "metrics.jsonl"):
         assert not (out_dir / trained).exists(), trained
     return lines[0]
@@ -401,7 +419,7 @@ def test_bad_config_is_refused_before_training(
         argv += ["--config", str(config)]
     argv += base_overrides(model_dirs["plain"], data, out_dir)
     argv += [o.replace("{tmp}", str(tmp_path)) for o in case.overrides]
-    line = assert_refused(capsys, argv, out_dir)
+    line = assert_refused(capsys, argv, out_dir, " ".join(case.command))
     expected = case.expected.replace("{config}", str(config)).replace("{tmp}", str(tmp_path))
     assert expected in line, line
 
@@ -452,3 +470,29 @@ def test_console_script_refuses_bad_inputs_in_one_line(
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and expected in lines[0], result.stderr
     assert not (out_dir / "checkpoints").exists() and not (out_dir / "final").exists()
+
+
+@pytest.mark.parametrize("command", ["generate", "eval"])
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ('{"prompt": "one"}\n{"prompt": "two \\ud800"}\n', "prompts.jsonl:2: string holds a lone"),
+        ('{"prompt": "one"}\n{"text": "two"}\n', "prompts.jsonl:2: expected an object with a string"),
+        ('{"prompt": ' + "[" * 10_000 + "]" * 10_000 + "}\n", "prompts.jsonl:1: JSON nested deeper"),
+    ],
+)
+def test_bad_prompt_files_are_one_line_errors(
+    tmp_path: Path, capsys, model_dirs, command: str, content: str, expected: str
+) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(content)
+    model = str(model_dirs["plain"])
+    out = tmp_path / "out.jsonl"
+    if command == "generate":
+        argv = ["generate", "--model", model, "--prompts", str(prompts), "--out", str(out)]
+    else:
+        argv = ["eval", "--model", model, "--reference", model, "--task", "toy:sentiment",
+                "--prompts", str(prompts), "--out", str(out)]
+    line = assert_refused(capsys, argv, tmp_path / "run")
+    assert f"{tmp_path}/{expected}" in line, line
+    assert not out.exists()

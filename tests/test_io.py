@@ -121,3 +121,13 @@ def test_flatten_joins_keys_and_keeps_empty_mappings() -> None:
     tree = {"a": {"b": 1, "c": {"d": [1]}}, "e": {}, "f": None}
     assert flatten(tree) == {"a.b": 1, "a.c.d": [1], "e": {}, "f": None}
     assert flatten({"x": {"y": 2}}, sep="/") == {"x/y": 2}
+
+
+def test_nesting_is_bounded_below_the_parsers_own_limit(tmp_path: Path) -> None:
+    path = tmp_path / "rows.jsonl"
+    ok = "[" * MAX_DEPTH + "]" * MAX_DEPTH
+    path.write_text(ok + "\n" + '{"a": ' + "[" * MAX_DEPTH + "]" * MAX_DEPTH + "}\n")
+    with pytest.raises(JsonlError, match=rf"rows.jsonl:2: JSON nested deeper than {MAX_DEPTH}"):
+        read_jsonl(path, objects=False)
+    path.write_text(ok + "\n")
+    assert len(read_jsonl(path, objects=False)) == 1

@@ -202,7 +202,7 @@ def test_mixing_beyond_the_rank_keeps_the_best_approximation_and_reports_its_err
     a, b = torch.randn(4, 32, generator=g), torch.randn(48, 4, generator=g)
     a_ref, b_ref = torch.randn(4, 32, generator=g), torch.randn(48, 4, generator=g)
     exact = 0.6 * b.double() @ a.double() + 0.4 * b_ref.double() @ a_ref.double()  # rank 8
-    error = mix_factors_(a_ref, b_ref, a, b, 0.6)
+    error = float(mix_factors_(a_ref, b_ref, a, b, 0.6))
     u, sigma, vh = torch.linalg.svd(exact)
     best = (u[:, :4] * sigma[:4]) @ vh[:4]  # Eckart-Young: the best rank-4 approximation
     torch.testing.assert_close((b_ref.double() @ a_ref.double()), best, rtol=1e-5, atol=1e-5)

@@ -120,3 +120,23 @@ def test_arith_world_measures_the_starting_accuracy(tmp_path, tiny_gguf, monkeyp
         1.0,
         float(a + b == 7),
     ]
+
+
+def test_real_demo_writes_the_toy_demos_contract(tmp_path, tiny_gguf, monkeypatch):
+    from prefalign.demo import run_demo
+
+    monkeypatch.setenv("PREFALIGN_CACHE", str(tmp_path / "cache"))
+    world = get_smol_world(config=mini("arith", f"gguf:{tiny_gguf}"), log=lambda *_: None)
+    out = tmp_path / "demo"
+    results = run_demo(out, quick=True, tasks=["arith"], worlds={"arith": world}, world="smollm2",
+                       log=lambda *_: None)
+    assert results["world"] == "smollm2"
+    rows = results["tasks"]["arith"]["methods"]
+    assert list(rows) == ["sft", "rest"]
+    assert rows["sft"]["kl"] == 0.0 and rows["rest"]["reward_kind"] == "gold:smol:arith"
+    assert all(0 <= row["accuracy"] <= 1 for row in rows.values())
+    for name in ("results.json", "report.md", "report.html"):
+        assert (out / name).is_file()
+    assert json.loads((out / "results.json").read_text())["tasks"]["arith"]["methods"].keys() == rows.keys()
+    with pytest.raises(ValueError, match="unknown demo world"):
+        run_demo(out, world="mars")

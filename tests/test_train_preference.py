@@ -171,6 +171,17 @@ def test_held_out_pair_accuracy_is_measured_against_the_initial_policy(tiny, tmp
         assert "eval/pair_margin_vs_reference" not in last
 
 
+def test_dpo_from_a_trained_lora_adapter_starts_at_its_reference(tiny, tmp_path):
+    # Stage 1 trains an adapter; stage 2 starts DPO from it with a frozen reference, which must
+    # be that adapter (the initial policy), not the bare base: at step 1 policy == reference.
+    train(tiny, tmp_path / "stage1", "model.lora={r: 4, alpha: 8}", "trainer.lr=1e-2", "trainer.max_steps=4")
+    result = train(tiny, tmp_path / "stage2", f"model.name_or_path={tmp_path / 'stage1' / 'final'}",
+                   "reference.mode=frozen", "speed.reference_cache=off")
+    first = result.history[0]
+    assert first["rewards/chosen"] == 0.0 and first["rewards/rejected"] == 0.0
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
 LAYOUTS = {"full": (), "lora": ("model.lora={r: 4, alpha: 8}", "trainer.lr=1e-2")}
 WEIGHT_FILES = {"full": "model.safetensors", "lora": "adapter_model.safetensors"}
 

@@ -90,7 +90,7 @@ def test_reference_cache_is_reused_across_runs_and_resume(tiny, tmp_path):
     for name in wb:
         torch.testing.assert_close(wc[name], wb[name], rtol=1e-4, atol=1e-5, msg=name)
     # Other truncation, other tokens: a second table, the first one left as it was.
-    logs, _ = train(tiny, tmp_path / "d", "data.max_length=24")
+    logs, _ = train(tiny, tmp_path / "d", "data.max_length=24", "data.max_prompt_length=12")
     assert any("computed for" in line for line in logs)
     assert len(cache_files(tiny)) == 2 and first.stat().st_mtime_ns == stamp
 

@@ -122,76 +122,62 @@ def parse_json_line(raw: bytes, first: bool = False) -> Any:
         what = f"invalid UTF-8 (byte {exc.start + 1} of the line); save the file as UTF-8"
         raise JsonProblem("invalid_utf8", what) from None
     value = parse_json_text(text)
-    check_strings(value)
+    check_value(value)
     return value
 
 
 def parse_json_text(text: str) -> Any:
     """`json.loads` with every failure a `JsonProblem` instead of a crash or an unlocated
-    message. Strings are not checked here: see `check_strings`."""
-    if _nesting(text) > MAX_DEPTH:
-        raise JsonProblem("too_deep", f"JSON nested deeper than {MAX_DEPTH} levels")
+    message. The value is not checked here: see `check_value`."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         what = f"invalid JSON: {exc.msg} (column {exc.colno})"
         raise JsonProblem("bad_json", what, exc.lineno) from None
-    except RecursionError:  # a backstop: the depth check above comes first
+    except RecursionError:  # the decoder recurses once per level
         raise JsonProblem("too_deep", f"JSON nested deeper than {MAX_DEPTH} levels") from None
     except ValueError as exc:  # Python refuses to convert an integer of over 4300 digits
         first = str(exc).split(";")[0].split(":")[0]
         raise JsonProblem("bad_number", f"number too long to read ({first})") from None
 
 
-def check_strings(value: Any) -> None:
-    """Refuse a lone UTF-16 surrogate (`"\\ud800"` in JSON): valid JSON, but not text, and
-    every tokenizer and UTF-8 writer downstream fails on it."""
-    bad = _first_lone_surrogate(value)
-    if bad is not None:
-        what = f"string holds a lone UTF-16 surrogate (\\u{ord(bad):04x}), which is not text"
-        raise JsonProblem("bad_string", what)
-
-
-def _nesting(text: str) -> int:
-    """The deepest nesting of `[`/`{` outside strings, found before a recursive parser sees
-    the line. Lines with few brackets (almost all) skip the character scan."""
-    if text.count("[") + text.count("{") <= MAX_DEPTH:
-        return 0
-    depth = deepest = 0
-    in_string = escaped = False
-    for ch in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif ch in "]}":
-            depth -= 1
-    return deepest
-
-
-def _first_lone_surrogate(value: Any) -> str | None:
-    stack = [value]
+def check_value(value: Any) -> None:
+    """Refuse nesting deeper than `MAX_DEPTH` (recursive code downstream would crash on it) and
+    lone UTF-16 surrogates (`"\\ud800"` in JSON: valid JSON, but not text, and every
+    tokenizer and UTF-8 writer fails on it). One walk, without recursion; strings are checked
+    where they are met, as most of a row is strings."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
     while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            try:
-                item.encode("utf-8")
-            except UnicodeEncodeError as exc:
-                return item[exc.start]
-        elif isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-    return None
+        item, depth = stack.pop()
+        kind = type(item)
+        if kind is str:
+            _check_text(item)
+            continue
+        if kind is not dict and kind is not list:
+            continue
+        if depth >= MAX_DEPTH:
+            raise JsonProblem("too_deep", f"JSON nested deeper than {MAX_DEPTH} levels")
+        if kind is dict:
+            for key in item:
+                _check_text(key)
+            children = item.values()
+        else:
+            children = item
+        for child in children:
+            if type(child) is str:
+                _check_text(child)
+            elif type(child) is dict or type(child) is list:
+                stack.append((child, depth + 1))
+
+
+def _check_text(text: str) -> None:
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        what = f"string holds a lone UTF-16 surrogate (\\u{ord(text[exc.start]):04x}), "
+        raise JsonProblem("bad_string", what + "which is not text") from None
 
 
 def iter_jsonl(path: str | Path, *, errors: str = "raise") -> Iterator[tuple[int, Any]]:

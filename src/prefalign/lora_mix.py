@@ -23,27 +23,46 @@ import torch
 @torch.no_grad()
 def mix_factors_(
     a_ref: torch.Tensor, b_ref: torch.Tensor, a: torch.Tensor, b: torch.Tensor, weight: float
-) -> float:
-    """Set `b_ref @ a_ref` (shapes [out, R] and [R, in]) to the best rank-R approximation of
-    `weight * b @ a + (1 - weight) * b_ref @ a_ref`, in place. Returns the dropped share of the
-    mixture's Frobenius norm (0.0 when it is exact)."""
-    rank = a_ref.shape[0]
+) -> torch.Tensor:
+    """Set `b_ref @ a_ref` (shapes [..., out, R] and [..., R, in]: one layer, or a batch of
+    layers of one shape) to the best rank-R approximation of
+    `weight * b @ a + (1 - weight) * b_ref @ a_ref`, in place. Returns the dropped share of each
+    mixture's Frobenius norm (0 where it is exact), shape [...]."""
+    rank = a_ref.shape[-2]
     dtype = torch.float64  # the factors are small: recompress at double precision
-    b_stack = torch.cat([weight * b.to(dtype), (1 - weight) * b_ref.to(dtype)], dim=1)
-    a_stack = torch.cat([a.to(dtype), a_ref.to(dtype)], dim=0)
+    b_stack = torch.cat([weight * b.to(dtype), (1 - weight) * b_ref.to(dtype)], dim=-1)
+    a_stack = torch.cat([a.to(dtype), a_ref.to(dtype)], dim=-2)
     q_b, r_b = torch.linalg.qr(b_stack)  # [out, k], [k, r+R]
-    q_a, r_a = torch.linalg.qr(a_stack.T)  # [in, k'], [k', r+R]
-    u, sigma, vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)  # the mixture is q_b @ core @ q_a.T
-    keep = min(rank, sigma.shape[0])
-    root = sigma[:keep].sqrt()  # split the singular values evenly between the factors
+    q_a, r_a = torch.linalg.qr(a_stack.mT)  # [in, k'], [k', r+R]
+    u, sigma, vh = torch.linalg.svd(r_b @ r_a.mT, full_matrices=False)  # mixture: q_b core q_a^T
+    keep = min(rank, sigma.shape[-1])
+    root = sigma[..., :keep].sqrt()  # split the singular values evenly between the factors
     new_b = torch.zeros_like(b_ref, dtype=dtype)
     new_a = torch.zeros_like(a_ref, dtype=dtype)
-    new_b[:, :keep] = (q_b @ u[:, :keep]) * root
-    new_a[:keep] = root[:, None] * (vh[:keep] @ q_a.T)
+    new_b[..., :keep] = (q_b @ u[..., :keep]) * root[..., None, :]
+    new_a[..., :keep, :] = root[..., :, None] * (vh[..., :keep, :] @ q_a.mT)
     b_ref.copy_(new_b)
     a_ref.copy_(new_a)
-    total = float(sigma.square().sum())
-    return (float(sigma[keep:].square().sum()) / total) ** 0.5 if total > 0 else 0.0
+    total = sigma.square().sum(-1)
+    dropped = sigma[..., keep:].square().sum(-1)
+    return torch.where(total > 0, dropped / total.clamp(min=1e-300), 0.0).sqrt()
+
+
+@torch.no_grad()
+def mix_layers_(layers: list[tuple[torch.Tensor, ...]], weight: float) -> float:
+    """`mix_factors_` over many layers, each (A_ref, B_ref, A, B), batched by shape: one QR and
+    one SVD call per shape instead of per layer. Returns the largest dropped share."""
+    groups: dict[tuple, list[tuple[torch.Tensor, ...]]] = {}
+    for layer in layers:
+        groups.setdefault(tuple((t.shape, t.dtype, t.device) for t in layer), []).append(layer)
+    worst = 0.0
+    for members in groups.values():
+        a_ref, b_ref, a, b = (torch.stack(tensors) for tensors in zip(*members, strict=True))
+        dropped = mix_factors_(a_ref, b_ref, a, b, weight)
+        torch._foreach_copy_([m[0] for m in members], list(a_ref.unbind(0)))
+        torch._foreach_copy_([m[1] for m in members], list(b_ref.unbind(0)))
+        worst = max(worst, float(dropped.max()))
+    return worst
 
 
 @torch.no_grad()

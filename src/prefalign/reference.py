@@ -31,7 +31,7 @@ from typing import Literal, TypeVar
 import torch
 
 from prefalign.logprobs import SequenceLogps, sequence_logps
-from prefalign.lora_mix import copy_factors_, mix_factors_
+from prefalign.lora_mix import copy_factors_, mix_layers_
 from prefalign.modeling import is_peft_model
 
 REFERENCE_ADAPTER = "reference"
@@ -290,8 +290,7 @@ class LoraReference(ReferencePolicy):
         if self.spec.mode == "soft" and step % self.spec.period == 0:
             # Whole weights (modules_to_save) mix linearly; LoRA layers mix their products.
             self._tensor_pairs.lerp_(self.spec.alpha)
-            errors = [mix_factors_(*group, self.spec.alpha) for group in self._factors]
-            self.truncation_error = max(errors, default=0.0)
+            self.truncation_error = mix_layers_(self._factors, self.spec.alpha)
             return True
         if self.spec.mode == "hard" and step % self.spec.tau == 0:
             self._sync()

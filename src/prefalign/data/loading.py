@@ -38,7 +38,7 @@ from prefalign.data.validation import (
     type_name,
     unpaired_record,
 )
-from prefalign.io import JsonlError, JsonProblem, check_strings, iter_jsonl, parse_json_text
+from prefalign.io import JsonlError, JsonProblem, check_value, iter_jsonl, parse_json_text
 
 FILE_SUFFIXES = (*LINE_SUFFIXES, ".json", ".csv", ".tsv", ".parquet")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -142,7 +142,7 @@ def _json_source(path: Path, name: str) -> Source:
 def _checked_rows(name: str, data: list) -> Iterator[tuple[int, Any]]:
     for n, value in enumerate(data, start=1):
         try:
-            check_strings(value)
+            check_value(value)
         except JsonProblem as exc:
             value = DataError(name, n, exc.what, reason=exc.reason)
         yield n, value

@@ -14,7 +14,7 @@ sample was drawn from.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -241,10 +241,13 @@ def measure(
     tokenizer,
     seconds: float,
     kl_bound: float | None = None,
+    rewards: tuple[Callable, Callable] = (sentiment_reward, brevity_reward),
 ) -> dict:
-    """Gold reward, brevity and KL(decoding || base) of samples (or a given KL bound)."""
-    golds = [sentiment_reward(p, g.text) for p, g in zip(prompts, gens, strict=True)]
-    brevity = [brevity_reward(p, g.text) for p, g in zip(prompts, gens, strict=True)]
+    """Gold reward, brevity and KL(decoding || base) of samples (or a given KL bound);
+    `rewards` are the (gold, brevity) functions of the world (the toy's by default)."""
+    gold_fn, brevity_fn = rewards
+    golds = [gold_fn(p, g.text) for p, g in zip(prompts, gens, strict=True)]
+    brevity = [brevity_fn(p, g.text) for p, g in zip(prompts, gens, strict=True)]
     gold, gold_se = mean_and_se(golds)
     if kl_bound is None:
         base_logps = response_logps(base, gens, tokenizer.pad_token_id)
@@ -262,18 +265,21 @@ def measure(
     }
 
 
-def run_args(base, rm: SequenceRewardModel, tokenizer, expanded: list[str], params: SamplingParams, k: int, weight: float) -> dict:
+def run_args(base, rm: SequenceRewardModel, tokenizer, expanded: list[str], params: SamplingParams, k: int, weight: float,
+             rewards: tuple[Callable, Callable] = (sentiment_reward, brevity_reward)) -> dict:
     recorder = SampledLogps(len(expanded))
     t0 = time.perf_counter()
     gens = args_generate(base, rm, tokenizer, expanded, params, k=k, weight=weight, on_step=recorder)
-    point = measure(expanded, gens, recorder.logps, base, tokenizer, time.perf_counter() - t0)
+    point = measure(expanded, gens, recorder.logps, base, tokenizer, time.perf_counter() - t0, rewards=rewards)
     return {"name": f"ARGS k={k}", "k": k, "weight": weight, "model_steps_per_token": 1 + k, **point}
 
 
-def run_best_of_n(base, rm: SequenceRewardModel, tokenizer, expanded: list[str], params: SamplingParams, n: int) -> dict:
+def run_best_of_n(base, rm: SequenceRewardModel, tokenizer, expanded: list[str], params: SamplingParams, n: int,
+                  rewards: tuple[Callable, Callable] = (sentiment_reward, brevity_reward)) -> dict:
     t0 = time.perf_counter()
     gens, _ = best_of_n(base, tokenizer, expanded, params, n=n, rm=rm)
-    point = measure(expanded, gens, None, base, tokenizer, time.perf_counter() - t0, kl_bound=best_of_n_kl_bound(n))
+    point = measure(expanded, gens, None, base, tokenizer, time.perf_counter() - t0, kl_bound=best_of_n_kl_bound(n),
+                    rewards=rewards)
     return {"name": f"best-of-{n}", "n": n, "kl_is_upper_bound": True, "model_steps_per_token": n, **point}
 
 

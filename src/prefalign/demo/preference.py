@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from prefalign.demo.seeds import with_seed_band
 from prefalign.demo.settings import DemoSettings, evaluate_model
 from prefalign.demo.worlds import MethodFn, World
 from prefalign.modeling import load_model
@@ -24,8 +25,10 @@ class PreferenceRow:
     sweep_betas: tuple[float, ...] = ()  # extra betas for the reward/KL frontier (full demo only)
     code: str | None = None  # `file.py:function` of a user (or discovered) objective
 
-    def config(self, world: World, out_dir: Path, beta: float, quick: bool) -> PreferenceConfig:
-        """The training config of this row at `beta`."""
+    def config(
+        self, world: World, out_dir: Path, beta: float, quick: bool, seed: int = 0
+    ) -> PreferenceConfig:
+        """The training config of this row at `beta`, with `seed` (batch order)."""
         base = PreferenceConfig()
         return replace(
             base,
@@ -50,6 +53,7 @@ class PreferenceRow:
                 warmup_ratio=0.1,
                 log_every=8,
                 progress=False,
+                seed=seed,
             ),
         )
 
@@ -74,16 +78,21 @@ PREFERENCE_ROWS: dict[str, PreferenceRow] = {
 
 
 def run_preference_row(world: World, settings: DemoSettings, name: str, row: PreferenceRow) -> dict:
-    """Train the row (and its beta sweep in the full demo) from the SFT policy; evaluate each run."""
+    """Train the row (and its beta sweep in the full demo) from the SFT policy once per seed of
+    the settings; each point is the mean over seeds with its seed band."""
     reference = load_model(world.policy_path, device="cpu")
     betas = [row.beta] + ([] if settings.quick else list(row.sweep_betas))
     sweep = []
     for beta in betas:
-        out = settings.out_dir / "runs" / world.task / f"{name}-beta{beta}"
-        trained = run_preference(row.config(world, out, beta, settings.quick), log=lambda *_: None)
-        point = evaluate_model(world, settings, out / "final", reference=reference)
-        point.update(beta=beta, train_seconds=round(trained.seconds, 1))
-        sweep.append(point)
+        runs = []
+        for seed in settings.seeds:
+            out = settings.out_dir / "runs" / world.task / f"{name}-beta{beta}-seed{seed}"
+            config = row.config(world, out, beta, settings.quick, seed=seed)
+            trained = run_preference(config, log=lambda *_: None)
+            point = evaluate_model(world, settings, out / "final", reference=reference, seed=seed)
+            point.update(beta=beta, train_seconds=round(trained.seconds, 1))
+            runs.append(point)
+        sweep.append(with_seed_band(runs, settings.seeds))
     result = dict(sweep[0])
     if len(sweep) > 1:
         result["sweep"] = sorted(sweep, key=lambda p: p["kl"])

@@ -9,9 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from prefalign.demo.seeds import with_seed_band
 from prefalign.demo.worlds import MethodFn, World, get_world_family
 from prefalign.evaluation.core import evaluate_policy
 from prefalign.modeling import load_model, load_tokenizer
+from prefalign.report.demo import format_band
 
 __all__ = ["DemoSettings", "MethodFn", "World", "evaluate_model", "format_row", "method_sft"]
 
@@ -23,6 +25,9 @@ class DemoSettings:
     samples_per_prompt: int
     out_dir: Path
     world: str = "toy"  # the demo world family (prefalign.demo.worlds)
+    # Seeds of the rows that report a seed band (offline objectives and sft): training batch
+    # order and evaluation samples; the full demo runs 3, --quick one.
+    seeds: tuple[int, ...] = (0,)
 
     @classmethod
     def make(cls, quick: bool, out_dir: Path, world: str = "toy") -> DemoSettings:
@@ -32,14 +37,15 @@ class DemoSettings:
             samples_per_prompt=2 if quick else 4,
             out_dir=out_dir,
             world=world,
+            seeds=(0,) if quick else (0, 1, 2),
         )
 
 
 def evaluate_model(
-    world: World, settings: DemoSettings, model_path: str | Path, reference=None
+    world: World, settings: DemoSettings, model_path: str | Path, reference=None, seed: int = 0
 ) -> dict:
     """Gold reward, KL to the SFT policy (and the task's metrics) of a saved model on the
-    world's held-out prompts."""
+    world's held-out prompts, sampled with `seed`."""
     tokenizer = load_tokenizer(model_path)
     policy = load_model(model_path, device="cpu")
     reference = reference if reference is not None else load_model(world.policy_path, device="cpu")
@@ -52,6 +58,7 @@ def evaluate_model(
         reference=reference,
         samples_per_prompt=settings.samples_per_prompt,
         max_new_tokens=world.info()["config"]["max_new_tokens"],
+        seed=seed,
     )
     summary = result.summary()
     summary["task"] = world.task  # the table's name, not the registry's
@@ -59,11 +66,15 @@ def evaluate_model(
 
 
 def method_sft(world: World, settings: DemoSettings) -> dict:
-    return evaluate_model(world, settings, world.policy_path)
+    """The SFT policy; its band is the evaluation's sampling noise alone."""
+    runs = [evaluate_model(world, settings, world.policy_path, seed=s) for s in settings.seeds]
+    return with_seed_band(runs, settings.seeds)
 
 
 def format_row(row: dict) -> str:
     parts = [f"gold_reward={row['gold_reward']:.3f}", f"kl={row['kl']:.3f}"]
     if row.get("accuracy") is not None:
         parts.append(f"accuracy={row['accuracy']:.3f}")
+    if format_band(row, "gold_reward"):
+        parts.append(f"band gold {format_band(row, 'gold_reward')}, kl {format_band(row, 'kl')}")
     return " ".join(parts)

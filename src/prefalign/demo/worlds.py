@@ -23,7 +23,11 @@ from prefalign.errors import UserError
 from prefalign.tasks import Task
 
 # family name -> the module that registers it when imported
-FAMILY_MODULES: dict[str, str] = {"toy": "prefalign.demo.toy"}
+FAMILY_MODULES: dict[str, str] = {
+    "toy": "prefalign.demo.toy",
+    "smollm2": "prefalign.demo.smollm2",
+    "smollm2-full": "prefalign.demo.smollm2",
+}
 
 
 class World(Protocol):

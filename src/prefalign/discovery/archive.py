@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from prefalign.io import iter_jsonl
+
 # Keys every record carries; the loop may add more (e.g. "seconds", "meta").
 RECORD_KEYS = (
     "generation", "index", "name", "code", "code_hash", "thought", "origin",
@@ -30,14 +32,8 @@ class Archive:
     def load(self) -> list[dict[str, Any]]:
         """(Re)read the file; return the records."""
         self.records = []
-        if self.path.exists():
-            for line in self.path.read_text().splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(record, dict):
-                    self.records.append(record)
+        if self.path.exists():  # a torn last line (a crash mid-append) is skipped
+            self.records = [r for _, r in iter_jsonl(self.path, errors="yield") if isinstance(r, dict)]
         return self.records
 
     def append(self, record: dict[str, Any]) -> None:

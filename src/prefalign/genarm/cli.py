@@ -15,11 +15,11 @@ from prefalign import io
 from prefalign.config import load_config
 
 
-def run_arm_train_cli(args: argparse.Namespace) -> int:
+def run_arm_train_cli(args: argparse.Namespace, config=None) -> int:
     """Train an ARM from `--config` and `key=value` overrides; print the result as JSON."""
     from prefalign.genarm.arm import ArmConfig, train_arm
 
-    config = load_config(ArmConfig, args.config, list(getattr(args, "overrides", None) or []))
+    config = config or load_config(ArmConfig, args.config, list(getattr(args, "overrides", None) or []))
     # stdout carries the JSON result only: progress lines go to stderr.
     resume = bool(getattr(args, "resume", False))
     result = train_arm(config, resume=resume, log=lambda *a: print(*a, file=sys.stderr))

@@ -8,12 +8,23 @@ from prefalign.report.blocks import COLUMNS, fmt
 from prefalign.report.plots import Curve, draw_frontier
 
 
+def format_band(row: dict, key: str) -> str:
+    """'0.541-0.566 (3 seeds)', or '' for a row of one seed."""
+    band = row.get(f"{key}_band")
+    if not band or len(row.get("seeds", ())) < 2:
+        return ""
+    return f"{band[0]:.3f}-{band[1]:.3f} ({len(row['seeds'])} seeds)"
+
+
 def results_table(results: dict) -> str:
     """A Markdown table with one row per (task, method)."""
-    lines = ["| task | method | " + " | ".join(COLUMNS) + " |", "|---|---|" + "---|" * len(COLUMNS)]
+    bands = ("gold band over seeds", "kl band over seeds")
+    header = "| task | method | " + " | ".join(COLUMNS + bands) + " |"
+    lines = [header, "|---|---|" + "---|" * (len(COLUMNS) + len(bands))]
     for task, block in results["tasks"].items():
         for name, row in block["methods"].items():
             cells = [fmt(row.get(c)) for c in COLUMNS]
+            cells += [format_band(row, "gold_reward") or "1 seed", format_band(row, "kl")]
             lines.append(f"| {task} | {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -13,10 +13,10 @@ from prefalign.reward_models.cli import run_rm_train_cli
 __all__ = ["run_rest_cli", "run_rm_train_cli"]  # rm train lives in prefalign.reward_models
 
 
-def run_rest_cli(args: argparse.Namespace) -> int:
+def run_rest_cli(args: argparse.Namespace, config=None) -> int:
     from prefalign.rest.loop import RestConfig, run_rest
 
-    config = load_config(RestConfig, args.config, list(args.overrides or []))
+    config = config or load_config(RestConfig, args.config, list(args.overrides or []))
     result = run_rest(config, resume=bool(getattr(args, "resume", False)))
     last = next((r["eval"] for r in reversed(result.records) if r.get("eval")), {})
     summary = {"out_dir": str(result.out_dir), "final_model": result.final_model, "steps": len(result.records),

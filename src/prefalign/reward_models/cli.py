@@ -9,10 +9,10 @@ import json
 from prefalign.config import load_config
 
 
-def run_rm_train_cli(args: argparse.Namespace) -> int:
+def run_rm_train_cli(args: argparse.Namespace, config=None) -> int:
     from prefalign.reward_models.train import RewardModelConfig, train_reward_model
 
-    config = load_config(RewardModelConfig, args.config, list(args.overrides or []))
+    config = config or load_config(RewardModelConfig, args.config, list(args.overrides or []))
     result = train_reward_model(config, resume=bool(getattr(args, "resume", False)))
     print(
         json.dumps(

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-from prefalign.io import write_jsonl
+from prefalign.io import read_prompts, write_jsonl
 from prefalign.smol import prompts as grammar
 from prefalign.smol.rewards import arith_correct, brevity_reward, sentiment_reward
 
@@ -80,8 +80,7 @@ class SmolWorld:
         return json.loads((self.root / "world.json").read_text())
 
     def prompts(self, split: Literal["train", "eval"]) -> list[str]:
-        lines = self.file(f"prompts_{split}.jsonl").read_text().splitlines()
-        return [json.loads(line)["prompt"] for line in lines]
+        return read_prompts(self.file(f"prompts_{split}.jsonl"))
 
 
 def cache_root() -> Path:

