@@ -190,13 +190,13 @@ def train_arm(job: tuple[Arm, int, Setup]) -> dict:
     trainer = Trainer(
         load_model(world.policy_path, device="cpu"),
         config,
-        n_examples=len(pairs),
+        [p.length for p in pairs],
         tokenizer=tokenizer,
     )
     reference = make_reference(
         trainer.model, ReferenceSpec(arm.mode, arm.alpha, arm.period, arm.tau)
     )
-    loss_fn = pairwise_loss_fn(objectives.get("dpo"), reference, {"beta": arm.beta})
+    loss_fn = pairwise_loss_fn(objectives.resolve("dpo", params={"beta": arm.beta}), reference)
     points = [checkpoint_metrics(sft, sft, tokenizer, prompts, pairs_batch, setup, seed, 0)]
 
     def evaluate(step: int) -> dict[str, float]:
@@ -208,7 +208,6 @@ def train_arm(job: tuple[Arm, int, Setup]) -> dict:
         return {"gold": points[-1]["gold"], "kl": points[-1]["kl"]}
 
     trainer.fit(
-        [p.length for p in pairs],
         lambda idx: collate_pairs([pairs[i] for i in idx], pad),
         loss_fn,
         after_step=reference.after_optimizer_step,

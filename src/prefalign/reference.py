@@ -4,13 +4,15 @@ Two storage layouts:
 
 - Full model: the reference is a deep copy of the policy (eval mode, no grads).
 - LoRA (the policy is a peft model): the reference is a second adapter named "reference" on the
-  same frozen base, so it costs adapter-sized memory. A frozen LoRA reference is the base model
-  itself: the forward pass runs with adapters disabled and nothing is stored.
+  same frozen base, so it costs adapter-sized memory. A frozen LoRA reference is the initial
+  policy: the base model with adapters disabled while the starting adapter is still the
+  identity (B = 0), a copy of the starting adapter when training starts from a trained one.
 
 Updates (`theta_ref <- alpha*theta + (1-alpha)*theta_ref` every `period` steps, or
 `theta_ref <- theta` every `tau` steps) run as one fused `torch._foreach_*` call per
 (device, dtype) group over tensor lists built once at construction: no Python loop over
-parameters on the hot path.
+parameters on the hot path. A LoRA soft update mixes the adapters' weight updates B@A, not
+their factors (`prefalign.lora_mix`): one batched QR and SVD per layer shape.
 
 Build the reference after the policy is on its final device and dtype: the reference keeps
 handles to the policy's parameters and the full copy is made where the policy lives.
@@ -30,6 +32,7 @@ from typing import Literal, TypeVar
 
 import torch
 
+from prefalign.config import bounded
 from prefalign.logprobs import SequenceLogps, sequence_logps
 from prefalign.lora_mix import copy_factors_, mix_layers_
 from prefalign.modeling import is_peft_model
@@ -48,12 +51,12 @@ class ReferenceSpec:
     """
 
     mode: Mode = "frozen"
-    alpha: float = 0.6  # soft: theta_ref <- alpha*theta + (1-alpha)*theta_ref
-    period: int = 1  # soft: mix every `period` optimizer steps
-    tau: int = 512  # hard: theta_ref <- theta every `tau` optimizer steps
+    alpha: float = bounded(0.6, gt=0, max=1)  # soft: theta_ref <- alpha*theta + (1-alpha)*theta_ref
+    period: int = bounded(1, min=1)  # soft: mix every `period` optimizer steps
+    tau: int = bounded(512, min=1)  # hard: theta_ref <- theta every `tau` optimizer steps
     # soft with a LoRA policy: the rank of the reference adapter that holds the mixed weight
     # updates (0: 4x the policy's rank); the mixture is exact up to this rank, truncated beyond.
-    lora_rank: int = 0
+    lora_rank: int = bounded(0, min=0)
 
     def __post_init__(self) -> None:
         if self.mode not in ("frozen", "soft", "hard", "none"):
@@ -426,6 +429,12 @@ def _soft_adapter_config(config, spec: ReferenceSpec):
     return config
 
 
+def _is_sharded(tensor: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
 def _lora_factors(model: torch.nn.Module, adapter: str) -> list[tuple[torch.Tensor, ...]]:
     """(A_ref, B_ref, A, B) weights of every LoRA linear layer, the reference's scale set to the
     policy's exactly (peft would recompute it from the config as alpha / r)."""
@@ -434,6 +443,11 @@ def _lora_factors(model: torch.nn.Module, adapter: str) -> list[tuple[torch.Tens
         if adapter in getattr(module, "lora_embedding_A", {}):
             raise NotImplementedError("reference.mode 'soft' does not support LoRA on embeddings yet")
         module.scaling[REFERENCE_ADAPTER] = module.scaling[adapter]
+        if any(_is_sharded(w) for w in (module.lora_A[adapter].weight, module.lora_B[adapter].weight)):
+            raise NotImplementedError(
+                "reference.mode 'soft' mixes whole LoRA factors (QR and SVD); under FSDP they are "
+                "sharded: use mode 'hard' or 'frozen', or data parallel for a LoRA policy"
+            )
         groups.append((
             module.lora_A[REFERENCE_ADAPTER].weight, module.lora_B[REFERENCE_ADAPTER].weight,
             module.lora_A[adapter].weight, module.lora_B[adapter].weight,

@@ -1,7 +1,9 @@
 """The one training loop every method uses: SFT, preference objectives, ARM training, ReST's Improve.
 
 Read it top to bottom: plan the global batches, then for each optimizer step run the micro-batches,
-clip, step, let the caller react (trust-region reference update), log, evaluate, checkpoint.
+reduce their metrics, clip, check that loss and gradient norm are finite (a bad step is never
+applied), step, let the caller react (trust-region reference update), log, evaluate, checkpoint
+(`prefalign.training.checkpoint`: weights written once, never non-finite ones).
 A method supplies only `loss_fn(model, batch) -> (loss, metrics)` and the batches.
 
 Multi-process runs (`accelerate launch`) split every global batch by rank, so 2 processes with
@@ -54,10 +56,10 @@ class TrainerConfig:
     epochs: float = bounded(1.0, gt=0)
     lr: float = bounded(1e-5, gt=0)
     weight_decay: float = bounded(0.0, min=0)
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
+    adam_beta1: float = bounded(0.9, min=0, lt=1)
+    adam_beta2: float = bounded(0.999, min=0, lt=1)
     adam_epsilon: float = bounded(1e-8, gt=0)
-    warmup_ratio: float = bounded(0.0, min=0)
+    warmup_ratio: float = bounded(0.0, min=0, max=1)
     schedule: Literal["constant", "linear", "cosine"] = "linear"
     max_grad_norm: float = bounded(1.0, min=0)  # 0 disables clipping
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
