@@ -51,6 +51,7 @@ def demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
     p.add_argument("--world", default="toy", help="the world family the rows run on (default: toy)")
     p.add_argument("--tasks", help="comma-separated tasks of the world (default: all of them)")
+    p.add_argument("--seeds", type=int, help="seeds of the banded rows (default: 3, 1 with --quick)")
 
 
 def toy_build_arguments(p: argparse.ArgumentParser) -> None:
