@@ -80,6 +80,9 @@ class _TensorPairs:
     def __init__(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         groups: dict[tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         for ref, pol in pairs:
+            # Sharded (DTensor) parameters: update this process's shards in place, a purely
+            # local operation, as policy and reference are sharded alike.
+            ref, pol = _local(ref), _local(pol)
             if ref.shape != pol.shape or ref.dtype != pol.dtype or ref.device != pol.device:
                 raise ValueError(
                     f"reference/policy tensor mismatch: {tuple(ref.shape)} {ref.dtype} {ref.device} "
@@ -101,6 +104,11 @@ class _TensorPairs:
     def copy_(self) -> None:
         for refs, pols in self.groups:
             torch._foreach_copy_(refs, pols)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a DTensor (a view of its storage); a plain tensor as it is."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 @contextlib.contextmanager
@@ -146,6 +154,10 @@ class ReferencePolicy:
             self._pairs().copy_()
             return True
         return False
+
+    def rebind(self, policy: torch.nn.Module) -> None:
+        """Pair the reference with the policy's parameters again after both were replaced in
+        place (sharded by FSDP2): updates then run on the new (local-shard) tensors."""
 
     def update_metrics(self) -> dict[str, float]:
         """What to log about the last update (the LoRA soft mixture's truncation error)."""
@@ -224,6 +236,10 @@ class FullReference(ReferencePolicy):
         if spec.mode in ("soft", "hard"):
             self._tensor_pairs = _TensorPairs(_full_pairs(self.model, policy))
 
+    def rebind(self, policy: torch.nn.Module) -> None:
+        if self._tensor_pairs is not None:
+            self._tensor_pairs = _TensorPairs(_full_pairs(self.model, unwrap(policy)))
+
     def _score(self, fn):
         return fn(self.model)
 
@@ -275,17 +291,20 @@ class LoraReference(ReferencePolicy):
         if spec.mode == "soft":
             config = _soft_adapter_config(config, spec)
         self.model.add_adapter(REFERENCE_ADAPTER, config)
+        self._bind()
+        self._sync()
+
+    def _bind(self) -> None:
         pairs = all_pairs = _adapter_pairs(self.model, self.policy_adapter)
         self._ref_names = [name for name, _ in pairs]
         self._ref_params = [ref for _, (ref, _) in pairs]
         for p in self._ref_params:
             p.requires_grad_(False)
-        if spec.mode == "soft":
+        if self.spec.mode == "soft":
             self._factors = _lora_factors(self.model, self.policy_adapter)
             factor_ids = {id(t) for group in self._factors for t in group}
             pairs = [pair for pair in pairs if id(pair[1][0]) not in factor_ids]  # e.g. modules_to_save
         self._tensor_pairs = _TensorPairs([pair for _, pair in pairs])
-        self._sync()
         # Flags to put back after peft's set_adapter, which flips requires_grad between adapters.
         self._adapter_params = self._ref_params + [pol for _, (_, pol) in all_pairs]
 
@@ -308,6 +327,16 @@ class LoraReference(ReferencePolicy):
         self._tensor_pairs.copy_()
         for group in self._factors:
             copy_factors_(*group)
+
+    def rebind(self, policy: torch.nn.Module) -> None:
+        if self._factors:
+            raise NotImplementedError(
+                "a soft LoRA reference mixes whole factor products (an SVD per layer), which sharded "
+                "factors do not allow; under trainer.fsdp use reference.mode hard or frozen, or a "
+                "full-model policy"
+            )
+        if self._tensor_pairs is not None:
+            self._bind()
 
     def _score(self, fn):
         with _eval_mode(self.model):

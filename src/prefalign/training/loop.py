@@ -39,6 +39,7 @@ from prefalign.training.checkpoint import (
     save_model,
     set_rng_state,
 )
+from prefalign.training.fsdp import full_state_dict, is_sharded, local_norm_to_float
 
 # A metric is a batch mean (a scalar tensor) or a (sum, count) pair: pairs are summed over
 # micro-batches and processes before dividing, so a metric that only some examples have (KTO's
@@ -69,6 +70,9 @@ class TrainerConfig:
     keep_checkpoints: int = bounded(2, min=1)
     eval_every: int = bounded(0, min=0)  # 0: evaluate only at the end (when an evaluator is given)
     report_to: list[str] = field(default_factory=list)  # tensorboard, wandb, mlflow
+    # Shard parameters, gradients and optimizer state over the processes (FSDP2) instead of
+    # replicating them (DDP); the caller shards the model (prefalign.training.fsdp.shard).
+    fsdp: bool = False
     progress: bool = True
     # Zero every dropout probability for the whole run (TRL's DPO/KTO default); the model is in
     # train mode from the first step to the last either way.
@@ -150,16 +154,20 @@ class Trainer:
             )
         self.total_steps = config.max_steps or max(1, math.ceil(per_epoch * config.epochs))
         params = [p for p in model.parameters() if p.requires_grad]
+        self.sharded = is_sharded(model)
         optimizer = torch.optim.AdamW(
             params, lr=config.lr, weight_decay=config.weight_decay,
             betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
             # One kernel over all parameters (transformers' default optimizer too) where the
             # device has it; the multi-tensor foreach path otherwise.
-            fused=True if fused_adamw_supported(params) else None,
+            fused=True if fused_adamw_supported(params) and not self.sharded else None,
         )
         if config.disable_dropout:
             disable_dropout(model)
-        self.model, self.optimizer = acc.prepare(model, optimizer)
+        if self.sharded:  # FSDP2 already distributes the model: no DDP wrapper on top
+            self.model, self.optimizer = model, optimizer
+        else:
+            self.model, self.optimizer = acc.prepare(model, optimizer)
         name = {"constant": "constant_with_warmup"}.get(config.schedule, config.schedule)
         from transformers import get_scheduler  # 4 s of imports: not paid by a config error
 
@@ -220,7 +228,9 @@ class Trainer:
             # process through the mean, so all of them stop at the same step, with nothing applied.
             record = totals.reduce(acc, check_keys=self.step == start_step)
             # Clipping at infinity still measures the norm (and unscales fp16 gradients).
-            grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm or math.inf))
+            grad_norm = local_norm_to_float(
+                acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm or math.inf)
+            )
             # fp16's loss scaler expects overflows: it skips those steps and lowers the scale.
             self._check_finite(record["loss"], grad_norm if acc.scaler is None else 0.0)
             self.optimizer.step()
@@ -287,13 +297,16 @@ class Trainer:
         root = self.out_dir / "checkpoints"
         done = root / f"step-{self.step}"
         tmp = root / f".tmp-step-{self.step}"
+        # Sharded weights are gathered by every process together; only the main one keeps them.
+        state = full_state_dict(self.model) if self.sharded else None
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            save_model(self.unwrapped, self.tokenizer, tmp / MODEL_DIR)
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            save_model(self.unwrapped, self.tokenizer, tmp / MODEL_DIR, state_dict=state)
+            if not self.sharded:  # sharded optimizer and reference states: not saved (no resume)
+                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
-            if self.extra_state is not None:
+            if self.extra_state is not None and not self.sharded:
                 torch.save(self.extra_state.state_dict(), tmp / "extra_state.pt")
             (tmp / "state.json").write_text(json.dumps({"step": self.step, "num_processes": acc.num_processes}))
         acc.wait_for_everyone()
@@ -315,6 +328,11 @@ class Trainer:
         if not found:
             return False
         step, path = found[-1]
+        if self.sharded:
+            raise NotImplementedError(
+                f"resuming an FSDP2 run is not implemented ({path}): its sharded optimizer and "
+                "reference states are not checkpointed; start a new run from the saved model"
+            )
         state = json.loads((path / "state.json").read_text())
         if state["num_processes"] != self.accelerator.num_processes:
             raise ValueError(
