@@ -148,7 +148,10 @@ def checkpoint_metrics(
 
 
 def train_arm(job: tuple[Arm, int, Setup]) -> dict:
-    """Train one arm with one seed from the SFT policy; metrics at step 0 and every `every`."""
+    """Train one arm with one seed from the SFT policy with `prefalign train`'s recipe, a
+    checkpoint every `every` steps; then measure step 0 and every checkpoint."""
+    import shutil
+
     import torch
 
     torch.set_num_threads(1)
@@ -156,74 +159,65 @@ def train_arm(job: tuple[Arm, int, Setup]) -> dict:
     saved = Path(setup.out_dir) / "runs" / f"{arm.name}-s{seed}.json"
     if saved.exists():
         return json.loads(saved.read_text())
-    from prefalign import objectives
+    from prefalign.config import load_config
     from prefalign.data import collate_pairs, load_preference_data, tokenize_preference
     from prefalign.modeling import load_model, load_tokenizer
-    from prefalign.reference import ReferenceSpec, make_reference
     from prefalign.toy.world import ToyWorld
-    from prefalign.training.loop import Trainer, TrainerConfig
-    from prefalign.training.preference import pairwise_loss_fn
+    from prefalign.training.checkpoint import checkpoints
+    from prefalign.training.preference import PreferenceConfig, run_preference
 
     started = time.perf_counter()
     world = ToyWorld("sentiment", Path(setup.world_dir))
+    pairs_path = setup.proxy_pairs_path if arm.labeller == "proxy" else setup.pairs_path
+    out = Path(setup.out_dir) / "scratch" / f"{arm.name}-s{seed}"
+    shutil.rmtree(out, ignore_errors=True)
+    overrides = [
+        f"model.name_or_path={world.policy_path}",
+        f"data.path={pairs_path}",
+        "data.max_length=64",
+        "data.max_prompt_length=16",
+        "objective.name=dpo",
+        f"objective.params={{beta: {arm.beta}}}",
+        f"reference.mode={arm.mode}",
+        f"reference.alpha={arm.alpha}",
+        f"reference.period={arm.period}",
+        f"reference.tau={arm.tau}",
+        f"trainer.out_dir={out}",
+        f"trainer.batch_size={setup.batch_size}",
+        f"trainer.max_steps={setup.steps}",
+        f"trainer.lr={setup.lr}",
+        "trainer.schedule=constant",
+        "trainer.warmup_ratio=0",
+        f"trainer.seed={seed}",
+        f"trainer.save_every={setup.every}",
+        f"trainer.keep_checkpoints={setup.steps // setup.every + 1}",
+        f"trainer.log_every={setup.every}",
+        "trainer.progress=false",
+    ]
+    run_preference(load_config(PreferenceConfig, None, overrides), log=lambda *_: None)
+    trained = time.perf_counter() - started
+
     tokenizer = load_tokenizer(world.policy_path)
     sft = load_model(world.policy_path, device="cpu")
-    pairs_path = setup.proxy_pairs_path if arm.labeller == "proxy" else setup.pairs_path
     records = load_preference_data(pairs_path, tokenizer=tokenizer).records
     pairs, _ = tokenize_preference(records, tokenizer, max_length=64, max_prompt_length=16)
-    pad = tokenizer.pad_token_id
-    pairs_batch = collate_pairs(pairs, pad)
-    pairs_batch = {k: pairs_batch[k] for k in ("input_ids", "attention_mask", "loss_mask")}
+    batch = collate_pairs(pairs, tokenizer.pad_token_id)
+    pairs_batch = {k: batch[k] for k in ("input_ids", "attention_mask", "loss_mask")}
     prompts = world.prompts("eval")[: setup.n_eval_prompts]
-    config = TrainerConfig(
-        out_dir=str(Path(setup.out_dir) / "scratch" / f"{arm.name}-s{seed}"),
-        batch_size=setup.batch_size,
-        max_steps=setup.steps,
-        lr=setup.lr,
-        schedule="constant",
-        warmup_ratio=0.0,
-        seed=seed,
-        log_every=setup.every,
-        eval_every=setup.every,
-        progress=False,
-    )
-    trainer = Trainer(
-        load_model(world.policy_path, device="cpu"),
-        config,
-        n_examples=len(pairs),
-        tokenizer=tokenizer,
-    )
-    reference = make_reference(
-        trainer.model, ReferenceSpec(arm.mode, arm.alpha, arm.period, arm.tau)
-    )
-    loss_fn = pairwise_loss_fn(objectives.get("dpo"), reference, {"beta": arm.beta})
     points = [checkpoint_metrics(sft, sft, tokenizer, prompts, pairs_batch, setup, seed, 0)]
-
-    def evaluate(step: int) -> dict[str, float]:
+    for step, path in sorted(checkpoints(out)):
+        policy = load_model(path / "model", device="cpu")
         points.append(
-            checkpoint_metrics(
-                trainer.unwrapped, sft, tokenizer, prompts, pairs_batch, setup, seed, step
-            )
+            checkpoint_metrics(policy, sft, tokenizer, prompts, pairs_batch, setup, seed, step)
         )
-        return {"gold": points[-1]["gold"], "kl": points[-1]["kl"]}
-
-    trainer.fit(
-        [p.length for p in pairs],
-        lambda idx: collate_pairs([pairs[i] for i in idx], pad),
-        loss_fn,
-        after_step=reference.after_optimizer_step,
-        evaluate=evaluate,
-    )
-    trainer.end()
-    import shutil
-
-    shutil.rmtree(config.out_dir, ignore_errors=True)  # the curve is the result, not the weights
+    shutil.rmtree(out, ignore_errors=True)  # the curve is the result, not the weights
     run = {
         "arm": arm.name,
         "setting": arm.setting,
         "beta": arm.beta,
         "labeller": arm.labeller,
         "seed": seed,
+        "train_seconds": round(trained, 1),
         "seconds": round(time.perf_counter() - started, 1),
         "points": points,
     }
@@ -323,6 +317,11 @@ def binned_gold(runs: list[dict], width: float = 1.0) -> list[dict[str, float]]:
 
 
 # --- best-of-N calibration ----------------------------------------------------------------------
+def best_of_n_kl(n: int) -> float:
+    """KL of best-of-N from the base policy (Stiennon et al. 2020; Gao et al. 2023)."""
+    return math.log(n) - (n - 1) / n
+
+
 def best_of_n(setup: Setup, proxy_dir: Path, n_max: int = 16) -> list[dict]:
     """Best-of-N on the SFT policy, picked by the proxy reward model and by VADER itself."""
     import torch
@@ -352,7 +351,7 @@ def best_of_n(setup: Setup, proxy_dir: Path, n_max: int = 16) -> list[dict]:
     rows = []
     n = 1
     while n <= n_max:
-        row = {"n": n, "kl": math.log(n) - (n - 1) / n}
+        row = {"n": n, "kl": best_of_n_kl(n)}
         for selector, score in scores.items():
             picks = []
             for k in range(len(prompts)):
@@ -472,7 +471,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--pairs", type=int, default=128)
-    parser.add_argument("--eval-prompts", type=int, default=48)
+    parser.add_argument("--eval-prompts", type=int, default=32)
     parser.add_argument("--samples", type=int, default=2, help="samples per evaluation prompt")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--no-proxy", action="store_true", help="skip the Gao-style proxy arm")
@@ -514,13 +513,13 @@ def main(argv: list[str] | None = None) -> dict:
     best_tr = max(TR_SETTINGS, key=lambda a: scores[a.name])
     log(f"best TR setting on the tuning seed: {best_tr.setting} (score {scores[best_tr.name]:.3f})")
 
-    arms = [FROZEN.at(b) for b in BETAS] + list(TR_SETTINGS)
-    arms += [best_tr.at(b) for b in BETAS if b != MAIN_BETA]
+    # In order of importance, so that a deadline cuts the secondary arms: the primary pair, the
+    # other TR settings, each other beta's pair, the proxy labeller's pair.
+    arms = [FROZEN, best_tr] + [a for a in TR_SETTINGS if a != best_tr]
+    for beta in (b for b in BETAS if b != MAIN_BETA):
+        arms += [FROZEN.at(beta), best_tr.at(beta)]
     if not args.no_proxy:
         arms += [FROZEN.at(MAIN_BETA, "proxy"), best_tr.at(MAIN_BETA, "proxy")]
-    # The primary comparison first, so a deadline cuts the secondary arms.
-    primary = [FROZEN, best_tr]
-    arms = primary + [a for a in arms if a not in primary]
     jobs = [(a, s, setup) for a in arms for s in args.seeds]
     log(f"{len(jobs)} reported runs: {len(arms)} arms x seeds {args.seeds}")
     runs = {(r["arm"], r["seed"]): r for r in run_jobs(jobs, args.workers, log, deadline)}
@@ -650,11 +649,11 @@ def plot(results: dict, arms: list[Arm], out: Path) -> None:
 
     fig, axes = plt.subplots(1, len(BETAS), figsize=(5 * len(BETAS), 4), sharey=True)
     for ax, beta in zip(axes, BETAS, strict=True):
-        for arm in (a for a in arms if a.beta == beta and a.labeller == "vader"):
+        for arm in (a for a in arms if a.beta == beta):
             pts = results["binned_gold"][arm.name]
             x = [p["sqrt_kl"] for p in pts]
             y = [p["mean"] for p in pts]
-            (line,) = ax.plot(x, y, marker=".", label=arm.setting)
+            (line,) = ax.plot(x, y, marker=".", label=arm.name.removesuffix(f"-b{beta}"))
             ax.fill_between(
                 x,
                 [p["mean"] - p["se"] for p in pts],

@@ -409,3 +409,20 @@ def test_bad_input_is_a_located_one_line_error(tmp_path: Path, name: str) -> Non
 def test_the_catalogue_covers_enough_distinct_problems() -> None:
     assert len(CASES) >= 15
     assert len({c.reason for c in CASES.values() if c.reason}) >= 15
+
+
+def test_held_out_pairs_are_checked_like_training_data(tmp_path: Path) -> None:
+    """Eval pairs used to be skipped silently whatever the config said."""
+    from prefalign.evaluation.pairs import load_eval_pairs
+    from prefalign.training.preference import PreferenceData
+
+    path = tmp_path / "eval.jsonl"
+    path.write_text(PAIR + "\n" + row(prompt="p", chosen=3, rejected="b") + "\n")
+    with pytest.raises(DataError, match=r"eval.jsonl:2: field 'chosen': expected a string"):
+        load_eval_pairs(TOKENIZERS["plain"], str(path), PreferenceData())
+    printed = []
+    pairs = load_eval_pairs(
+        TOKENIZERS["plain"], str(path), PreferenceData(skip_invalid=True), log=printed.append
+    )
+    assert len(pairs) == 1
+    assert printed == [f"skipped 1 invalid rows of {path}: {{'not_string': 1}}"]

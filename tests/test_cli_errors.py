@@ -241,6 +241,26 @@ CONFIG_CASES = {
     "log_every_zero": ConfigCase(
         "config key 'trainer.log_every': must be at least 1", ("trainer.log_every=0",)
     ),
+    "adam_beta_above_one": ConfigCase(
+        "config key 'trainer.adam_beta1': must be less than 1, got 1.5", ("trainer.adam_beta1=1.5",)
+    ),
+    "warmup_above_one": ConfigCase(
+        "config key 'trainer.warmup_ratio': must be at most 1, got 2.0", ("trainer.warmup_ratio=2",)
+    ),
+    "lora_rank_zero": ConfigCase(
+        "config key 'model.lora.r': must be at least 1, got 0", ("model.lora.r=0",)
+    ),
+    "lora_dropout_one": ConfigCase(
+        "config key 'model.lora.dropout': must be less than 1", ("model.lora.dropout=1",)
+    ),
+    "reference_alpha_above_one": ConfigCase(
+        "config key 'reference.alpha': must be at most 1, got 2.0",
+        ("reference.mode=soft", "reference.alpha=2"),
+    ),
+    "reference_period_zero": ConfigCase(
+        "config key 'reference.period': must be at least 1, got 0",
+        ("reference.mode=soft", "reference.period=0"),
+    ),
     "batch_size_a_word": ConfigCase(
         "config key 'trainer.batch_size': expected an integer, got 'eight'",
         ("trainer.batch_size=eight",),

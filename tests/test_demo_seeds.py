@@ -42,3 +42,8 @@ def test_preference_row_reports_the_band_of_its_seeds(mini_worlds, tmp_path):
     assert first != second  # the seed changes the batch order and the evaluation samples
     table = results_table({"tasks": {"sentiment": {"methods": {"dpo": row}}}})
     assert "(2 seeds)" in table
+
+
+def test_seed_count_can_be_chosen(tmp_path):
+    assert DemoSettings.make(True, tmp_path, seeds=3).seeds == (0, 1, 2)
+    assert DemoSettings.make(False, tmp_path, seeds=1).seeds == (0,)

@@ -1,5 +1,5 @@
 """The demo end to end on a mini toy world (tiny corpus, few steps): every row runs and the
-results file, report and plots follow the contract of DESIGN.md section 5."""
+results file, report and plots follow the contract the README describes."""
 
 from __future__ import annotations
 

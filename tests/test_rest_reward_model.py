@@ -99,3 +99,27 @@ def test_missing_model_path_is_a_one_line_error(tmp_path):
         load_reward(RewardSpec(kind="model"))
     with pytest.raises(ValueError, match="holds no model"):
         load_reward(RewardSpec(kind="model", model_path=str(tmp_path)))
+
+
+def test_reward_model_training_resumes_bit_exactly(rm_setup, tmp_path, capsys):
+    # The checkpoint holds the classifier as save_pretrained writes it (no "classifier." prefix):
+    # resume must find every trained weight there.
+    from safetensors.torch import load_file
+
+    root = rm_setup["root"]
+
+    def rm_train(out: Path, steps: int, resume: bool) -> None:
+        args = argparse.Namespace(config=None, resume=resume, overrides=[
+            f"model.name_or_path={rm_setup['policy']}", f"data.path={root / 'pairs.jsonl'}",
+            f"trainer.out_dir={out}", "trainer.batch_size=16", f"trainer.max_steps={steps}", "trainer.lr=3e-3",
+            "trainer.schedule=constant", "trainer.save_every=2", "trainer.progress=false",
+        ])
+        assert run_rm_train_cli(args) == 0
+
+    rm_train(tmp_path / "straight", 4, False)
+    rm_train(tmp_path / "resumed", 2, False)
+    rm_train(tmp_path / "resumed", 4, True)
+    assert "resumed from" in capsys.readouterr().out
+    a = load_file(tmp_path / "straight" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -6,8 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import EOS, VOCAB, build_tiny_tokenizer, tiny_llama_config
-from transformers import AutoModelForSequenceClassification, LlamaForSequenceClassification
+from conftest import EOS, VOCAB, VOCAB_SIZE, build_tiny_tokenizer, tiny_llama_config
+from transformers import (
+    AutoModelForSequenceClassification,
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    LlamaForSequenceClassification,
+)
 
 from prefalign.data import PromptCompletionRecord, tokenize_sft
 from prefalign.genarm.reward_model import load_reward_model
@@ -20,17 +25,30 @@ PROMPTS = ["the movie was", "two plus two equals", "i"]
 RESPONSES = ["very good .", "four", "was not ok and the story was awful ."]
 
 
-@pytest.fixture(scope="module", params=["pad_is_eos", "pad_is_its_own"])
+def tiny_classifier(arch: str, pad_id: int):
+    if arch == "llama":
+        return LlamaForSequenceClassification(tiny_llama_config(num_labels=1, pad_token_id=pad_id))
+    config = GPT2Config(
+        vocab_size=VOCAB_SIZE, n_embd=32, n_layer=2, n_head=4, n_positions=64, num_labels=1,
+        bos_token_id=VOCAB.index("<s>"), eos_token_id=VOCAB.index(EOS), pad_token_id=pad_id,
+    )
+    return GPT2ForSequenceClassification(config)
+
+
+@pytest.fixture(
+    scope="module",
+    params=[(a, p) for a in ("llama", "gpt2") for p in ("pad_is_eos", "pad_is_its_own")],
+    ids=lambda param: "-".join(param),
+)
 def saved_rm(request, tmp_path_factory):
-    """A random one-label Llama classifier saved with a tokenizer whose pad is EOS or its own."""
-    pad_is_eos = request.param == "pad_is_eos"
-    out = tmp_path_factory.mktemp(request.param)
+    """A random one-label classifier saved with a tokenizer whose pad is EOS or its own."""
+    arch, pad = request.param
+    pad_is_eos = pad == "pad_is_eos"
+    out = tmp_path_factory.mktemp(f"{arch}_{pad}")
     tokenizer = build_tiny_tokenizer(pad=not pad_is_eos)  # no pad: load_tokenizer pads with EOS
     pad_id = VOCAB.index(EOS) if pad_is_eos else VOCAB.index("<pad>")
     torch.manual_seed(3)
-    LlamaForSequenceClassification(
-        tiny_llama_config(num_labels=1, pad_token_id=pad_id)
-    ).save_pretrained(out)
+    tiny_classifier(arch, pad_id).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
 

@@ -160,3 +160,24 @@ def test_non_finite_values_are_written_as_null(tmp_path):
     Trainer(gpt2(), config(tmp_path), [7] * 16).fit(collate_fn(prompts, responses), loss_fn)
     for line in metrics_lines(tmp_path):
         assert json.loads(line, parse_constant=lambda c: pytest.fail(c))["inf"] is None
+
+
+def test_final_link_is_replaced_atomically_and_kept_by_a_rename(tmp_path):
+    from prefalign.training.checkpoint import keep_final, point_final
+
+    out = tmp_path / "run"
+    for step in (1, 2):
+        model = out / "checkpoints" / f"step-{step}" / "model"
+        model.mkdir(parents=True)
+        (model / "weights").write_text(str(step))
+        point_final(out, model.parent)
+        assert (out / "final" / "weights").read_text() == str(step)
+    # A kill between keep_final's two renames leaves the model staged; a rerun finishes the job.
+    (out / "checkpoints" / "step-2" / "model").rename(out / ".final.keep")
+    keep_final(out)
+    assert not (out / "final").is_symlink() and (out / "final" / "weights").read_text() == "2"
+    point_final(out, out / "checkpoints" / "step-1")  # a materialized final is replaced too
+    assert (out / "final").is_symlink() and (out / "final" / "weights").read_text() == "1"
+    keep_final(out)
+    assert not (out / "checkpoints" / "step-1" / "model").exists()
+    assert (out / "final" / "weights").read_text() == "1"

@@ -33,20 +33,36 @@ class ConfigError(UserError, ValueError):
     """A bad config key or value; the message is one line meant for the user."""
 
 
-def bounded(default: Any, *, min: float | None = None, gt: float | None = None) -> Any:
-    """A dataclass field whose config value must be >= `min` or > `gt` (checked on load)."""
-    return dataclasses.field(default=default, metadata={"min": min, "gt": gt})
+def bounded(
+    default: Any,
+    *,
+    min: float | None = None,
+    gt: float | None = None,
+    max: float | None = None,
+    lt: float | None = None,
+) -> Any:
+    """A dataclass field whose config value must be >= `min`, > `gt`, <= `max`, < `lt`
+    (those given), checked on load with an error naming the key."""
+    return dataclasses.field(
+        default=default, metadata={"min": min, "gt": gt, "max": max, "lt": lt}
+    )
+
+
+BOUNDS = (
+    ("min", lambda v, b: v >= b, "at least"),
+    ("gt", lambda v, b: v > b, "greater than"),
+    ("max", lambda v, b: v <= b, "at most"),
+    ("lt", lambda v, b: v < b, "less than"),
+)
 
 
 def check_bounds(f: dataclasses.Field, value: Any, key: str) -> None:
-    low, above = f.metadata.get("min"), f.metadata.get("gt")
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return  # None for an optional field; the type check has run already
-    # `not (value >= low)` also refuses NaN
-    if low is not None and not value >= low:
-        raise ConfigError(f"config key '{key}': must be at least {low}, got {value!r}")
-    if above is not None and not value > above:
-        raise ConfigError(f"config key '{key}': must be greater than {above}, got {value!r}")
+    for name, holds, words in BOUNDS:
+        bound = f.metadata.get(name)
+        if bound is not None and not holds(value, bound):  # NaN holds no bound
+            raise ConfigError(f"config key '{key}': must be {words} {bound}, got {value!r}")
 
 
 def load_config(

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
+from prefalign.config import bounded
 from prefalign.errors import UserError
 from prefalign.models import resolve_model_source
 
@@ -27,9 +28,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class LoraSpec:
     """LoRA settings; `target_modules="all-linear"` adapts every linear layer but the head."""
 
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
+    r: int = bounded(8, min=1)
+    alpha: int = bounded(16, gt=0)
+    dropout: float = bounded(0.0, min=0, lt=1)
     target_modules: str | list[str] = "all-linear"
 
 

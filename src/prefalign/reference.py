@@ -4,13 +4,15 @@ Two storage layouts:
 
 - Full model: the reference is a deep copy of the policy (eval mode, no grads).
 - LoRA (the policy is a peft model): the reference is a second adapter named "reference" on the
-  same frozen base, so it costs adapter-sized memory. A frozen LoRA reference is the base model
-  itself: the forward pass runs with adapters disabled and nothing is stored.
+  same frozen base, so it costs adapter-sized memory. A frozen LoRA reference is the initial
+  policy: the base model with adapters disabled while the starting adapter is still the
+  identity (B = 0), a copy of the starting adapter when training starts from a trained one.
 
 Updates (`theta_ref <- alpha*theta + (1-alpha)*theta_ref` every `period` steps, or
 `theta_ref <- theta` every `tau` steps) run as one fused `torch._foreach_*` call per
 (device, dtype) group over tensor lists built once at construction: no Python loop over
-parameters on the hot path.
+parameters on the hot path. A LoRA soft update mixes the adapters' weight updates B@A, not
+their factors (`prefalign.lora_mix`): one batched QR and SVD per layer shape.
 
 Build the reference after the policy is on its final device and dtype: the reference keeps
 handles to the policy's parameters and the full copy is made where the policy lives.
@@ -30,6 +32,7 @@ from typing import Literal, TypeVar
 
 import torch
 
+from prefalign.config import bounded
 from prefalign.logprobs import SequenceLogps, sequence_logps
 from prefalign.lora_mix import copy_factors_, mix_layers_
 from prefalign.modeling import is_peft_model
@@ -48,12 +51,12 @@ class ReferenceSpec:
     """
 
     mode: Mode = "frozen"
-    alpha: float = 0.6  # soft: theta_ref <- alpha*theta + (1-alpha)*theta_ref
-    period: int = 1  # soft: mix every `period` optimizer steps
-    tau: int = 512  # hard: theta_ref <- theta every `tau` optimizer steps
+    alpha: float = bounded(0.6, gt=0, max=1)  # soft: theta_ref <- alpha*theta + (1-alpha)*theta_ref
+    period: int = bounded(1, min=1)  # soft: mix every `period` optimizer steps
+    tau: int = bounded(512, min=1)  # hard: theta_ref <- theta every `tau` optimizer steps
     # soft with a LoRA policy: the rank of the reference adapter that holds the mixed weight
     # updates (0: 4x the policy's rank); the mixture is exact up to this rank, truncated beyond.
-    lora_rank: int = 0
+    lora_rank: int = bounded(0, min=0)
 
     def __post_init__(self) -> None:
         if self.mode not in ("frozen", "soft", "hard", "none"):
@@ -77,6 +80,9 @@ class _TensorPairs:
     def __init__(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         groups: dict[tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         for ref, pol in pairs:
+            # Sharded (DTensor) parameters: update this process's shards in place, a purely
+            # local operation, as policy and reference are sharded alike.
+            ref, pol = _local(ref), _local(pol)
             if ref.shape != pol.shape or ref.dtype != pol.dtype or ref.device != pol.device:
                 raise ValueError(
                     f"reference/policy tensor mismatch: {tuple(ref.shape)} {ref.dtype} {ref.device} "
@@ -98,6 +104,11 @@ class _TensorPairs:
     def copy_(self) -> None:
         for refs, pols in self.groups:
             torch._foreach_copy_(refs, pols)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a DTensor (a view of its storage); a plain tensor as it is."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 @contextlib.contextmanager
@@ -143,6 +154,10 @@ class ReferencePolicy:
             self._pairs().copy_()
             return True
         return False
+
+    def rebind(self, policy: torch.nn.Module) -> None:
+        """Pair the reference with the policy's parameters again after both were replaced in
+        place (sharded by FSDP2): updates then run on the new (local-shard) tensors."""
 
     def update_metrics(self) -> dict[str, float]:
         """What to log about the last update (the LoRA soft mixture's truncation error)."""
@@ -221,6 +236,10 @@ class FullReference(ReferencePolicy):
         if spec.mode in ("soft", "hard"):
             self._tensor_pairs = _TensorPairs(_full_pairs(self.model, policy))
 
+    def rebind(self, policy: torch.nn.Module) -> None:
+        if self._tensor_pairs is not None:
+            self._tensor_pairs = _TensorPairs(_full_pairs(self.model, unwrap(policy)))
+
     def _score(self, fn):
         return fn(self.model)
 
@@ -272,17 +291,20 @@ class LoraReference(ReferencePolicy):
         if spec.mode == "soft":
             config = _soft_adapter_config(config, spec)
         self.model.add_adapter(REFERENCE_ADAPTER, config)
+        self._bind()
+        self._sync()
+
+    def _bind(self) -> None:
         pairs = all_pairs = _adapter_pairs(self.model, self.policy_adapter)
         self._ref_names = [name for name, _ in pairs]
         self._ref_params = [ref for _, (ref, _) in pairs]
         for p in self._ref_params:
             p.requires_grad_(False)
-        if spec.mode == "soft":
+        if self.spec.mode == "soft":
             self._factors = _lora_factors(self.model, self.policy_adapter)
             factor_ids = {id(t) for group in self._factors for t in group}
             pairs = [pair for pair in pairs if id(pair[1][0]) not in factor_ids]  # e.g. modules_to_save
         self._tensor_pairs = _TensorPairs([pair for _, pair in pairs])
-        self._sync()
         # Flags to put back after peft's set_adapter, which flips requires_grad between adapters.
         self._adapter_params = self._ref_params + [pol for _, (_, pol) in all_pairs]
 
@@ -305,6 +327,16 @@ class LoraReference(ReferencePolicy):
         self._tensor_pairs.copy_()
         for group in self._factors:
             copy_factors_(*group)
+
+    def rebind(self, policy: torch.nn.Module) -> None:
+        if self._factors:
+            raise NotImplementedError(
+                "a soft LoRA reference mixes whole factor products (an SVD per layer), which sharded "
+                "factors do not allow; under trainer.fsdp use reference.mode hard or frozen, or a "
+                "full-model policy"
+            )
+        if self._tensor_pairs is not None:
+            self._bind()
 
     def _score(self, fn):
         with _eval_mode(self.model):
@@ -426,6 +458,12 @@ def _soft_adapter_config(config, spec: ReferenceSpec):
     return config
 
 
+def _is_sharded(tensor: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
 def _lora_factors(model: torch.nn.Module, adapter: str) -> list[tuple[torch.Tensor, ...]]:
     """(A_ref, B_ref, A, B) weights of every LoRA linear layer, the reference's scale set to the
     policy's exactly (peft would recompute it from the config as alpha / r)."""
@@ -434,6 +472,11 @@ def _lora_factors(model: torch.nn.Module, adapter: str) -> list[tuple[torch.Tens
         if adapter in getattr(module, "lora_embedding_A", {}):
             raise NotImplementedError("reference.mode 'soft' does not support LoRA on embeddings yet")
         module.scaling[REFERENCE_ADAPTER] = module.scaling[adapter]
+        if any(_is_sharded(w) for w in (module.lora_A[adapter].weight, module.lora_B[adapter].weight)):
+            raise NotImplementedError(
+                "reference.mode 'soft' mixes whole LoRA factors (QR and SVD); under FSDP they are "
+                "sharded: use mode 'hard' or 'frozen', or data parallel for a LoRA policy"
+            )
         groups.append((
             module.lora_A[REFERENCE_ADAPTER].weight, module.lora_B[REFERENCE_ADAPTER].weight,
             module.lora_A[adapter].weight, module.lora_B[adapter].weight,

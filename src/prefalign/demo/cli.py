@@ -6,9 +6,14 @@ import argparse
 from pathlib import Path
 
 from prefalign.demo.run import run_demo
+from prefalign.errors import UserError
 
 
 def run_demo_cli(args: argparse.Namespace) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
-    run_demo(out_dir=Path(args.out), quick=args.quick, tasks=tasks, world=args.world)
+    if args.seeds is not None and args.seeds < 1:
+        raise UserError(f"--seeds must be at least 1, got {args.seeds}")
+    run_demo(
+        out_dir=Path(args.out), quick=args.quick, tasks=tasks, world=args.world, seeds=args.seeds
+    )
     return 0

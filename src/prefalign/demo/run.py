@@ -24,6 +24,7 @@ def run_demo(
     log=print,
     worlds: dict[str, World] | None = None,
     world: str = "toy",
+    seeds: int | None = None,
 ) -> dict:
     """Run every row of every task of the world family `world`; `worlds` replaces the default
     worlds of some tasks (tests use mini ones)."""
@@ -31,8 +32,14 @@ def run_demo(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     family = get_world_family(world)
-    settings = DemoSettings.make(quick, out_dir, world=family.name)
-    results: dict = {"seconds": 0.0, "quick": quick, "world": family.name, "tasks": {}}
+    settings = DemoSettings.make(quick, out_dir, world=family.name, seeds=seeds)
+    results: dict = {
+        "seconds": 0.0,
+        "quick": quick,
+        "world": family.name,
+        "seeds": list(settings.seeds),
+        "tasks": {},
+    }
     for task in tasks or list(family.tasks):
         task_world = (worlds or {}).get(task) or family.load(task, log=log)
         task_rows: dict[str, dict] = {}
@@ -59,6 +66,7 @@ def run_demo(
     write_run_report(out_dir)  # report.md with every plot, and a self-contained report.html
     print(table)
     log(
-        f"wrote {out_dir / 'results.json'}, {out_dir / 'report.md'} and plots in {results['seconds']:.0f}s"
+        f"wrote {out_dir / 'results.json'}, {out_dir / 'report.md'} and plots "
+        f"in {results['seconds']:.0f}s"
     )
     return results

@@ -30,14 +30,17 @@ class DemoSettings:
     seeds: tuple[int, ...] = (0,)
 
     @classmethod
-    def make(cls, quick: bool, out_dir: Path, world: str = "toy") -> DemoSettings:
+    def make(
+        cls, quick: bool, out_dir: Path, world: str = "toy", seeds: int | None = None
+    ) -> DemoSettings:
+        """`seeds`: how many seeds the banded rows run (default 3, 1 with `quick`)."""
         return cls(
             quick=quick,
             n_eval_prompts=64 if quick else 128,
             samples_per_prompt=2 if quick else 4,
             out_dir=out_dir,
             world=world,
-            seeds=(0,) if quick else (0, 1, 2),
+            seeds=tuple(range(seeds or (1 if quick else 3))),
         )
 
 

@@ -1,6 +1,6 @@
 """Objective expressions: small trees over the margin, rendered as objective code.
 
-The building blocks are those of the known objectives (METHODS.md section 1): log-sigmoid,
+The building blocks are those of the known objectives (`prefalign.objectives`): log-sigmoid,
 exp, relu, softplus, tanh and squares of the margin `z = beta * rho`, temperatures, constant
 mixtures, sigmoid modulation (DiscoPOP), and a switch on the sign of the margin (PADLL).
 """

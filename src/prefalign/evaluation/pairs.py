@@ -7,14 +7,19 @@ import torch
 from prefalign.logprobs import sequence_logps, split_pairs
 
 
-def load_eval_pairs(tokenizer, path: str, data_config) -> list:
-    """Held-out pairs, tokenized like the training data (invalid rows skipped)."""
+def load_eval_pairs(tokenizer, path: str, data_config, log=print) -> list:
+    """Held-out pairs, read and tokenized like the training data: a bad row stops the run,
+    or with `data_config.skip_invalid` is skipped and counted in a printed line."""
     from prefalign.data import load_preference_data, tokenize_preference
 
-    loaded = load_preference_data(path, tokenizer=tokenizer, skip_invalid=True)
-    pairs, _ = tokenize_preference(
-        loaded.records, tokenizer, **data_config.limits(), skip_invalid=True,
+    skip = bool(getattr(data_config, "skip_invalid", False))
+    loaded = load_preference_data(path, tokenizer=tokenizer, skip_invalid=skip)
+    pairs, skipped = tokenize_preference(
+        loaded.records, tokenizer, **data_config.limits(), skip_invalid=skip,
     )
+    skipped = loaded.skipped + skipped
+    if skipped:
+        log(f"skipped {sum(skipped.values())} invalid rows of {path}: {dict(skipped)}")
     return pairs
 
 

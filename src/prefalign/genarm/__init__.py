@@ -1,4 +1,5 @@
-"""GenARM: autoregressive reward models for test-time alignment (METHODS.md section 4).
+"""GenARM: autoregressive reward models for test-time alignment
+(Xu et al., 2025, "GenARM: Reward Guided Generation with Autoregressive Reward Model").
 
 - `arm`: train an ARM with the preference trainer (objective genarm, no reference) and measure
   held-out pair accuracy of its implied reward `beta_r * log pi_arm(y|x)`.

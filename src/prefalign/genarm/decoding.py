@@ -3,7 +3,7 @@
 Built on the one decoding loop of `prefalign.generation`: every ARM is a guide with its own KV
 cache, stepped alongside the base over the same left-padded batch, and `score_fn` adds the
 weighted ARM log-probs to the base's. Temperature, top-k/top-p and greedy then apply to the sum,
-so `p(y_t) ∝ pi_base * prod_i pi_arm_i^alpha_i` at temperature 1 (METHODS.md section 4).
+so `p(y_t) ∝ pi_base * prod_i pi_arm_i^alpha_i` at temperature 1 (Xu et al., 2025, "GenARM").
 
 `GuidedPolicy` is the same distribution as a module scored by teacher forcing: its "logits" are
 the guided scores, so `sequence_logps` and `evaluate_policy` measure log p_guided(y) and

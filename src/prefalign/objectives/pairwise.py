@@ -5,7 +5,7 @@ reference_rejected_logps)` as [B] tensors plus keyword hyper-parameters, and ret
 per-pair loss (the trainer takes the mean). Inputs are summed response log-probs, except for the
 objectives registered with `length_normalized=True` (IPO), whose caller passes per-token means.
 
-Notation (METHODS.md): `rho = (pc - pr) - (rc - rr)`, `z = beta * rho`.
+Notation: `rho = (pc - pr) - (rc - rr)`, `z = beta * rho`.
 """
 
 from __future__ import annotations

@@ -97,7 +97,8 @@ class Resolved:
         """The factor of the logged implicit rewards: the run's value of the objective's
         `reward_scale` parameter, 1.0 when the objective has none."""
         name = self.objective.reward_scale
-        return float(self.params[name]) if name is not None and name in self.params else 1.0
+        value = self.params.get(name) if name else None
+        return 1.0 if value is None else float(value)
 
     def loss(self, *inputs: Tensor | None) -> Tensor:
         """Per-example loss [B] with the resolved hyper-parameters."""

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from prefalign.config import bounded
 from prefalign.evaluation.core import evaluate_policy, mean_and_se
 from prefalign.rest.grow import load_prompts
 from prefalign.rest.rewards import Reward
@@ -23,9 +24,9 @@ from prefalign.tasks import resolve_task
 class EvalSpec:
     task: str | None = None  # a task (prefalign.tasks): gold reward, its metrics; None: neither
     prompts: str = ""  # JSONL of {"prompt": ...} or a task; empty: the held-out prompts of `task`
-    n_prompts: int = 64
-    samples_per_prompt: int = 1
-    max_new_tokens: int = 0  # 0: grow.max_new_tokens
+    n_prompts: int = bounded(64, min=0)
+    samples_per_prompt: int = bounded(1, min=1)
+    max_new_tokens: int = bounded(0, min=0)  # 0: grow.max_new_tokens
     seed: int = 1234
 
 

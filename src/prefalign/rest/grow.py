@@ -18,6 +18,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from prefalign import tasks
+from prefalign.config import bounded
 from prefalign.generation import SamplingParams, generate
 from prefalign.io import read_jsonl, read_prompts, write_jsonl
 from prefalign.rest.rewards import Reward
@@ -26,14 +27,14 @@ from prefalign.rest.rewards import Reward
 @dataclass
 class GrowSpec:
     prompts: str = ""  # JSONL of {"prompt": ...} rows, or a task (toy:sentiment): its train prompts
-    n_prompts: int = 0  # use the first n prompts (0: all)
-    samples_per_prompt: int = 8
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_new_tokens: int = 32
+    n_prompts: int = bounded(0, min=0)  # use the first n prompts (0: all)
+    samples_per_prompt: int = bounded(8, min=1)
+    temperature: float = bounded(1.0, min=0)
+    top_p: float = bounded(1.0, gt=0, max=1)
+    top_k: int = bounded(0, min=0)
+    max_new_tokens: int = bounded(32, min=1)
     seed: int = 0  # Grow step g samples with seed + g
-    batch_size: int = 64  # sequences decoded together
+    batch_size: int = bounded(64, min=1)  # sequences decoded together
 
 
 @dataclass

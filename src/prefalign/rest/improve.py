@@ -23,6 +23,7 @@ from typing import Any, Literal
 import torch
 
 from prefalign import objectives
+from prefalign.config import bounded
 from prefalign.data import TokenizedPair, TokenizedUnpaired, collate_pairs, collate_unpaired
 from prefalign.logprobs import collate_prompt_response, sequence_logps
 from prefalign.reference import ReferencePolicy, ReferenceSpec, make_reference
@@ -36,13 +37,13 @@ NLL_LOSSES = ("bc", "reward_weighted")
 
 @dataclass
 class ImproveSpec:
-    steps_per_grow: int = 1
+    steps_per_grow: int = bounded(1, min=1)
     thresholds: list[float] = field(default_factory=list)  # one per Improve step; empty: use `schedule`
     schedule: ThresholdSchedule = field(default_factory=ThresholdSchedule)
     schedule_scope: Literal["grow", "run"] = "grow"  # restart the schedule at each Grow step, or run it across all
     normalize: Normalize = "none"  # the ReST paper thresholds rewards scaled to [0, 1]: min_max
     min_reward: float | None = None  # absolute floor: a raw reward not above it is never kept
-    max_per_prompt: int = 0  # kept samples per prompt (0: no cap); ReST-EM keeps about 10
+    max_per_prompt: int = bounded(0, min=0)  # kept samples per prompt (0: no cap); ReST-EM keeps about 10
     dedup: bool = False  # a prompt keeps identical responses once
     data: Literal["latest", "all"] = "latest"  # filter the last Grow step's samples, or every Grow step's so far
     loss: str = "bc"  # bc | reward_weighted | a registry objective (dpo, ipo, kto, ...) | path/to/file.py:function
@@ -55,7 +56,7 @@ class ImproveSpec:
     original_data: str = ""
     # ReST lowers the learning rate in later Improve steps: step k trains at lr * lr_decay ** k
     # (k counts within a Grow step, or across the run with schedule_scope=run, as thresholds do).
-    lr_decay: float = 1.0
+    lr_decay: float = bounded(1.0, gt=0)
     trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(lr=1e-5))  # out_dir and seed are set per step
 
 

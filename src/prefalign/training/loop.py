@@ -1,7 +1,9 @@
 """The one training loop every method uses: SFT, preference objectives, ARM training, ReST's Improve.
 
 Read it top to bottom: plan the global batches, then for each optimizer step run the micro-batches,
-clip, step, let the caller react (trust-region reference update), log, evaluate, checkpoint.
+reduce their metrics, clip, check that loss and gradient norm are finite (a bad step is never
+applied), step, let the caller react (trust-region reference update), log, evaluate, checkpoint
+(`prefalign.training.checkpoint`: weights written once, never non-finite ones).
 A method supplies only `loss_fn(model, batch) -> (loss, metrics)` and the batches.
 
 Multi-process runs (`accelerate launch`) split every global batch by rank, so 2 processes with
@@ -37,6 +39,7 @@ from prefalign.training.checkpoint import (
     save_model,
     set_rng_state,
 )
+from prefalign.training.fsdp import full_state_dict, is_sharded, local_norm_to_float
 
 # A metric is a batch mean (a scalar tensor) or a (sum, count) pair: pairs are summed over
 # micro-batches and processes before dividing, so a metric that only some examples have (KTO's
@@ -54,10 +57,10 @@ class TrainerConfig:
     epochs: float = bounded(1.0, gt=0)
     lr: float = bounded(1e-5, gt=0)
     weight_decay: float = bounded(0.0, min=0)
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
+    adam_beta1: float = bounded(0.9, min=0, lt=1)
+    adam_beta2: float = bounded(0.999, min=0, lt=1)
     adam_epsilon: float = bounded(1e-8, gt=0)
-    warmup_ratio: float = bounded(0.0, min=0)
+    warmup_ratio: float = bounded(0.0, min=0, max=1)
     schedule: Literal["constant", "linear", "cosine"] = "linear"
     max_grad_norm: float = bounded(1.0, min=0)  # 0 disables clipping
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
@@ -67,6 +70,9 @@ class TrainerConfig:
     keep_checkpoints: int = bounded(2, min=1)
     eval_every: int = bounded(0, min=0)  # 0: evaluate only at the end (when an evaluator is given)
     report_to: list[str] = field(default_factory=list)  # tensorboard, wandb, mlflow
+    # Shard parameters, gradients and optimizer state over the processes (FSDP2) instead of
+    # replicating them (DDP); the caller shards the model (prefalign.training.fsdp.shard).
+    fsdp: bool = False
     progress: bool = True
     # Zero every dropout probability for the whole run (TRL's DPO/KTO default); the model is in
     # train mode from the first step to the last either way.
@@ -148,16 +154,20 @@ class Trainer:
             )
         self.total_steps = config.max_steps or max(1, math.ceil(per_epoch * config.epochs))
         params = [p for p in model.parameters() if p.requires_grad]
+        self.sharded = is_sharded(model)
         optimizer = torch.optim.AdamW(
             params, lr=config.lr, weight_decay=config.weight_decay,
             betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
             # One kernel over all parameters (transformers' default optimizer too) where the
             # device has it; the multi-tensor foreach path otherwise.
-            fused=True if fused_adamw_supported(params) else None,
+            fused=True if fused_adamw_supported(params) and not self.sharded else None,
         )
         if config.disable_dropout:
             disable_dropout(model)
-        self.model, self.optimizer = acc.prepare(model, optimizer)
+        if self.sharded:  # FSDP2 already distributes the model: no DDP wrapper on top
+            self.model, self.optimizer = model, optimizer
+        else:
+            self.model, self.optimizer = acc.prepare(model, optimizer)
         name = {"constant": "constant_with_warmup"}.get(config.schedule, config.schedule)
         from transformers import get_scheduler  # 4 s of imports: not paid by a config error
 
@@ -217,10 +227,12 @@ class Trainer:
             # Reduced before the optimizer step: a non-finite loss on any process reaches every
             # process through the mean, so all of them stop at the same step, with nothing applied.
             record = totals.reduce(acc, check_keys=self.step == start_step)
-            # Clipping at infinity still measures the norm (and unscales fp16 gradients).
-            grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm or math.inf))
+            # Clipping at infinity still measures the norm (and unscales fp16 gradients). DeepSpeed
+            # clips inside its engine and returns no norm.
+            norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm or math.inf)
+            grad_norm = None if norm is None else local_norm_to_float(norm)
             # fp16's loss scaler expects overflows: it skips those steps and lowers the scale.
-            self._check_finite(record["loss"], grad_norm if acc.scaler is None else 0.0)
+            self._check_finite(record["loss"], grad_norm if acc.scaler is None else None)
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -247,19 +259,24 @@ class Trainer:
         elapsed = time.perf_counter() - start
         return TrainResult(self.step, elapsed, seen / max(elapsed, 1e-9), self.history, self.out_dir)
 
-    def _check_finite(self, loss: float | None, grad_norm: float) -> None:
-        """Raise before the optimizer step if this step's loss or gradient norm is not finite."""
+    def _check_finite(self, loss: float | None, grad_norm: float | None) -> None:
+        """Raise before the optimizer step if this step's loss or gradient norm is not finite
+        (`grad_norm` None: not measured here)."""
         step = self.step + 1
         if loss is None or not math.isfinite(loss):
             raise self._diverged(f"loss became {loss} at step {step}")
-        if not math.isfinite(grad_norm):
+        if grad_norm is not None and not math.isfinite(grad_norm):
             raise self._diverged(f"gradient norm became {grad_norm} at step {step} (the loss was {loss:.4g})")
 
     def _check_parameters(self) -> None:
         """Raise if a trained parameter is not finite: such weights are never written."""
-        params = [p.detach() for p in self.model.parameters() if p.requires_grad]
-        finite = torch.stack([torch.isfinite(p).all() for p in params]).all() if params else True
-        if not bool(finite):
+        # A sharded (FSDP2) parameter is checked on this process's shard, and the count summed
+        # over processes, so every process stops together.
+        shards = [getattr(p, "to_local", lambda p=p: p)().detach() for p in self.model.parameters() if p.requires_grad]
+        bad = torch.stack([(~torch.isfinite(t)).sum() for t in shards]).sum().float() if shards else torch.zeros(())
+        if self.sharded:
+            bad = self.accelerator.reduce(bad.to(self.accelerator.device), reduction="sum")
+        if bool(bad > 0):
             raise self._diverged(f"parameters became non-finite by step {self.step}", "they were not saved")
 
     def _diverged(self, what: str, done: str = "nothing of it was applied or saved") -> TrainingDiverged:
@@ -285,13 +302,16 @@ class Trainer:
         root = self.out_dir / "checkpoints"
         done = root / f"step-{self.step}"
         tmp = root / f".tmp-step-{self.step}"
+        # Sharded weights are gathered by every process together; only the main one keeps them.
+        state = full_state_dict(self.model) if self.sharded else None
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            save_model(self.unwrapped, self.tokenizer, tmp / MODEL_DIR)
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            save_model(self.unwrapped, self.tokenizer, tmp / MODEL_DIR, state_dict=state)
+            if not self.sharded:  # sharded optimizer and reference states: not saved (no resume)
+                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
-            if self.extra_state is not None:
+            if self.extra_state is not None and not self.sharded:
                 torch.save(self.extra_state.state_dict(), tmp / "extra_state.pt")
             (tmp / "state.json").write_text(json.dumps({"step": self.step, "num_processes": acc.num_processes}))
         acc.wait_for_everyone()
@@ -313,6 +333,11 @@ class Trainer:
         if not found:
             return False
         step, path = found[-1]
+        if self.sharded:
+            raise NotImplementedError(
+                f"resuming an FSDP2 run is not implemented ({path}): its sharded optimizer and "
+                "reference states are not checkpointed; start a new run from the saved model"
+            )
         state = json.loads((path / "state.json").read_text())
         if state["num_processes"] != self.accelerator.num_processes:
             raise ValueError(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,7 +27,14 @@ from prefalign.training.forward import (
     pair_collator,
     use_shared_prompt,
 )
-from prefalign.training.loop import Trainer, TrainerConfig, TrainResult, seed_everything
+from prefalign.training.loop import (
+    Trainer,
+    TrainerConfig,
+    TrainResult,
+    make_accelerator,
+    seed_everything,
+)
+from prefalign.training.precision import precision_hint
 
 
 @dataclass
@@ -189,10 +195,22 @@ def run_preference(
         config.model.name_or_path, dtype=config.model.dtype, device="cpu",
         lora=config.model.lora, gradient_checkpointing=config.model.gradient_checkpointing,
     )
-    trainer = Trainer(model, config.trainer, [e.length for e in examples], run_config=asdict(config), tokenizer=tokenizer)
-    # Built after prepare() so a full-copy reference lands on the training device.
     ref_spec = config.reference if objective.needs_reference else ReferenceSpec(mode="none")
-    reference = make_reference(trainer.model, ref_spec)
+    run = dict(lengths=[e.length for e in examples], run_config=asdict(config), tokenizer=tokenizer)
+    if config.trainer.fsdp:
+        from prefalign.training.fsdp import local_fraction, shard_with_reference
+
+        accelerator = make_accelerator(config.trainer)  # the process group sharding needs
+        # Made before sharding, so its copy (or adapter) is sharded like the policy.
+        reference = make_reference(model, ref_spec)
+        shard_with_reference(model, reference)
+        local, total = local_fraction(model)
+        log(f"FSDP2: {local} of {total} parameter elements on process {accelerator.process_index}")
+        trainer = Trainer(model, config.trainer, accelerator=accelerator, **run)
+    else:
+        trainer = Trainer(model, config.trainer, **run)
+        # Built after prepare() so a full-copy reference lands on the training device.
+        reference = make_reference(trainer.model, ref_spec)
     trainer.extra_state = reference  # checkpointed with the run: a trust-region reference moves
     pad = tokenizer.pad_token_id
     if unpaired:
@@ -203,6 +221,8 @@ def run_preference(
     else:
         shared = use_shared_prompt(config.speed, trainer.unwrapped, examples)
         log(f"shared-prompt forward: {'on' if shared else 'off'}")
+        if hint := precision_hint(config.trainer.mixed_precision, torch.cuda.is_available()):
+            log(hint)
         collate = pair_collator(examples, pad, shared)
 
     evaluate = None
@@ -290,7 +310,3 @@ def make_evaluator(
         return out
 
     return evaluate
-
-
-def save_reference(reference: ReferencePolicy, out_dir: str | Path) -> None:
-    reference.save_pretrained(Path(out_dir) / "reference")
