@@ -227,12 +227,12 @@ class Trainer:
             # Reduced before the optimizer step: a non-finite loss on any process reaches every
             # process through the mean, so all of them stop at the same step, with nothing applied.
             record = totals.reduce(acc, check_keys=self.step == start_step)
-            # Clipping at infinity still measures the norm (and unscales fp16 gradients).
-            grad_norm = local_norm_to_float(
-                acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm or math.inf)
-            )
+            # Clipping at infinity still measures the norm (and unscales fp16 gradients). DeepSpeed
+            # clips inside its engine and returns no norm.
+            norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm or math.inf)
+            grad_norm = None if norm is None else local_norm_to_float(norm)
             # fp16's loss scaler expects overflows: it skips those steps and lowers the scale.
-            self._check_finite(record["loss"], grad_norm if acc.scaler is None else 0.0)
+            self._check_finite(record["loss"], grad_norm if acc.scaler is None else None)
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -259,19 +259,24 @@ class Trainer:
         elapsed = time.perf_counter() - start
         return TrainResult(self.step, elapsed, seen / max(elapsed, 1e-9), self.history, self.out_dir)
 
-    def _check_finite(self, loss: float | None, grad_norm: float) -> None:
-        """Raise before the optimizer step if this step's loss or gradient norm is not finite."""
+    def _check_finite(self, loss: float | None, grad_norm: float | None) -> None:
+        """Raise before the optimizer step if this step's loss or gradient norm is not finite
+        (`grad_norm` None: not measured here)."""
         step = self.step + 1
         if loss is None or not math.isfinite(loss):
             raise self._diverged(f"loss became {loss} at step {step}")
-        if not math.isfinite(grad_norm):
+        if grad_norm is not None and not math.isfinite(grad_norm):
             raise self._diverged(f"gradient norm became {grad_norm} at step {step} (the loss was {loss:.4g})")
 
     def _check_parameters(self) -> None:
         """Raise if a trained parameter is not finite: such weights are never written."""
-        params = [p.detach() for p in self.model.parameters() if p.requires_grad]
-        finite = torch.stack([torch.isfinite(p).all() for p in params]).all() if params else True
-        if not bool(finite):
+        # A sharded (FSDP2) parameter is checked on this process's shard, and the count summed
+        # over processes, so every process stops together.
+        shards = [getattr(p, "to_local", lambda p=p: p)().detach() for p in self.model.parameters() if p.requires_grad]
+        bad = torch.stack([(~torch.isfinite(t)).sum() for t in shards]).sum().float() if shards else torch.zeros(())
+        if self.sharded:
+            bad = self.accelerator.reduce(bad.to(self.accelerator.device), reduction="sum")
+        if bool(bad > 0):
             raise self._diverged(f"parameters became non-finite by step {self.step}", "they were not saved")
 
     def _diverged(self, what: str, done: str = "nothing of it was applied or saved") -> TrainingDiverged:
