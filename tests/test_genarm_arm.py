@@ -189,3 +189,29 @@ def test_arm_trains_a_user_objective_at_its_own_scale(toy, tmp_path):
     assert arm_beta(config) == 0.5
     result = train_arm(config, log=lambda *_: None)
     assert result.train.steps == 4 and result.pair_accuracy is not None
+
+
+def test_arm_train_from_the_cli_reads_its_config_once(toy, tmp_path, capsys):
+    """The CLI loads a config command's file once and hands the config to the command (it used
+    to parse it again after training, to find where to write the report)."""
+    import sys
+
+    from prefalign.cli import main
+
+    config = tmp_path / "arm.yaml"
+    config.write_text(f"model:\n  name_or_path: {toy['model']}\ndata:\n  path: {toy['pairs']}\n")
+    reads = []
+    watching = [True]
+
+    def audit(event: str, args: tuple) -> None:
+        if watching[0] and event == "open" and str(args[0]) == str(config):
+            reads.append(args[1])
+
+    sys.addaudithook(audit)  # hooks cannot be removed: `watching` switches this one off
+    try:
+        code = main(["arm", "train", "--config", str(config), f"trainer.out_dir={tmp_path / 'arm'}",
+                     "trainer.max_steps=1", "trainer.batch_size=4", "trainer.progress=false"])
+    finally:
+        watching[0] = False
+    assert code == 0 and (tmp_path / "arm" / "report.html").is_file()
+    assert len(reads) == 1, reads
