@@ -298,7 +298,7 @@ CASES = {
         "data.json:row 2: string holds a lone UTF-16 surrogate (\\udfff)",
         "bad_string",
         file="data.json",
-        content='[' + PAIR + ', {"prompt": "p", "chosen": "\\udfff", "rejected": "b"}]',
+        content="[" + PAIR + ', {"prompt": "p", "chosen": "\\udfff", "rejected": "b"}]',
     ),
     "deeply_nested_line": Case(
         "data.jsonl:2: JSON nested deeper than 64 levels",

@@ -389,4 +389,6 @@ def test_load_user_objective_errors(tmp_path):
 
 def test_accepts_names_the_hyperparameters_an_objective_takes():
     assert objectives.get("dpo").accepts("beta") and not objectives.get("dpo").accepts("beta_r")
-    assert objectives.get("genarm").accepts("beta_r") and not objectives.get("genarm").accepts("beta")
+    assert objectives.get("genarm").accepts("beta_r") and not objectives.get("genarm").accepts(
+        "beta"
+    )

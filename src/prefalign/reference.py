@@ -60,13 +60,19 @@ class ReferenceSpec:
 
     def __post_init__(self) -> None:
         if self.mode not in ("frozen", "soft", "hard", "none"):
-            raise ValueError(f"reference mode must be frozen, soft, hard or none, got {self.mode!r}")
+            raise ValueError(
+                f"reference mode must be frozen, soft, hard or none, got {self.mode!r}"
+            )
         if not 0.0 < self.alpha <= 1.0:
             raise ValueError(f"reference alpha must be in (0, 1], got {self.alpha}")
         if self.lora_rank < 0:
-            raise ValueError(f"reference lora_rank must be >= 0 (0: 4x the policy's rank), got {self.lora_rank}")
+            raise ValueError(
+                f"reference lora_rank must be >= 0 (0: 4x the policy's rank), got {self.lora_rank}"
+            )
         if self.period < 1 or self.tau < 1:
-            raise ValueError(f"reference period and tau must be >= 1, got {self.period}, {self.tau}")
+            raise ValueError(
+                f"reference period and tau must be >= 1, got {self.period}, {self.tau}"
+            )
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -78,7 +84,9 @@ class _TensorPairs:
     """(reference, policy) tensor pairs grouped by (device, dtype): one foreach call per group."""
 
     def __init__(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        groups: dict[tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        groups: dict[
+            tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], list[torch.Tensor]]
+        ] = {}
         for ref, pol in pairs:
             # Sharded (DTensor) parameters: update this process's shards in place, a purely
             # local operation, as policy and reference are sharded alike.
@@ -170,7 +178,9 @@ class ReferencePolicy:
     def load_state_dict(self, state: dict) -> None:
         saved_mode = state["spec"]["mode"]
         if saved_mode != self.spec.mode:
-            raise ValueError(f"checkpoint holds a {saved_mode!r} reference, this run uses {self.spec.mode!r}")
+            raise ValueError(
+                f"checkpoint holds a {saved_mode!r} reference, this run uses {self.spec.mode!r}"
+            )
         self._load_weights(state["weights"])
 
     def save_pretrained(self, path: str | Path) -> None:
@@ -257,7 +267,9 @@ class FullReference(ReferencePolicy):
         self.model.save_pretrained(str(path))
 
 
-def _full_pairs(ref: torch.nn.Module, policy: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _full_pairs(
+    ref: torch.nn.Module, policy: torch.nn.Module
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Matching parameters and floating buffers; named_parameters() yields tied tensors once."""
     pol_params = dict(policy.named_parameters())
     pairs = [(p, pol_params[name]) for name, p in ref.named_parameters()]
@@ -282,7 +294,9 @@ class LoraReference(ReferencePolicy):
         self._tensor_pairs = None
         self._factors: list[tuple[torch.Tensor, ...]] = []  # soft: (A_ref, B_ref, A, B) per layer
         self.truncation_error = 0.0  # soft: the largest dropped share of a mixture, last update
-        self.uses_base = spec.mode == "frozen" and not adapter_changes_output(self.model, self.policy_adapter)
+        self.uses_base = spec.mode == "frozen" and not adapter_changes_output(
+            self.model, self.policy_adapter
+        )
         if self.uses_base:
             return
         if REFERENCE_ADAPTER in self.model.peft_config:
@@ -303,7 +317,9 @@ class LoraReference(ReferencePolicy):
         if self.spec.mode == "soft":
             self._factors = _lora_factors(self.model, self.policy_adapter)
             factor_ids = {id(t) for group in self._factors for t in group}
-            pairs = [pair for pair in pairs if id(pair[1][0]) not in factor_ids]  # e.g. modules_to_save
+            pairs = [
+                pair for pair in pairs if id(pair[1][0]) not in factor_ids
+            ]  # e.g. modules_to_save
         self._tensor_pairs = _TensorPairs([pair for _, pair in pairs])
         # Flags to put back after peft's set_adapter, which flips requires_grad between adapters.
         self._adapter_params = self._ref_params + [pol for _, (_, pol) in all_pairs]
@@ -369,11 +385,17 @@ class LoraReference(ReferencePolicy):
         if self.uses_base:
             return super()._load_weights(weights)
         if set(weights) != set(self._ref_names) or any(
-            weights[n].shape != p.shape for n, p in zip(self._ref_names, self._ref_params, strict=True)
+            weights[n].shape != p.shape
+            for n, p in zip(self._ref_names, self._ref_params, strict=True)
         ):
-            raise ValueError("checkpoint reference adapter does not match this model's adapter layout")
+            raise ValueError(
+                "checkpoint reference adapter does not match this model's adapter layout"
+            )
         with torch.no_grad():
-            sources = [weights[name].to(p.device) for name, p in zip(self._ref_names, self._ref_params, strict=True)]
+            sources = [
+                weights[name].to(p.device)
+                for name, p in zip(self._ref_names, self._ref_params, strict=True)
+            ]
             torch._foreach_copy_(self._ref_params, sources)
 
     def save_pretrained(self, path: str | Path) -> None:
@@ -392,7 +414,9 @@ class LoraReference(ReferencePolicy):
         try:
             from peft.utils.save_and_load import get_base_model_state_dict
         except ImportError as err:  # added in recent peft releases
-            raise RuntimeError("saving a frozen LoRA reference (the base model) needs a newer peft") from err
+            raise RuntimeError(
+                "saving a frozen LoRA reference (the base model) needs a newer peft"
+            ) from err
         state = get_base_model_state_dict(self.model)
         self.model.get_base_model().save_pretrained(str(path), state_dict=state)
 
@@ -447,7 +471,11 @@ def adapter_changes_output(model: torch.nn.Module, adapter: str) -> bool:
 
 def _soft_adapter_config(config, spec: ReferenceSpec):
     """The soft reference adapter: rank `spec.lora_rank` (4x the policy's by default)."""
-    if getattr(config, "use_dora", False) or getattr(config, "rank_pattern", None) or getattr(config, "alpha_pattern", None):
+    if (
+        getattr(config, "use_dora", False)
+        or getattr(config, "rank_pattern", None)
+        or getattr(config, "alpha_pattern", None)
+    ):
         raise NotImplementedError(
             "reference.mode 'soft' mixes LoRA weight updates B@A at one rank and scale; DoRA and "
             "per-module rank or alpha patterns are not supported (use mode 'hard' or 'frozen')"
@@ -470,17 +498,25 @@ def _lora_factors(model: torch.nn.Module, adapter: str) -> list[tuple[torch.Tens
     groups = []
     for module in _lora_layers(model, adapter):
         if adapter in getattr(module, "lora_embedding_A", {}):
-            raise NotImplementedError("reference.mode 'soft' does not support LoRA on embeddings yet")
+            raise NotImplementedError(
+                "reference.mode 'soft' does not support LoRA on embeddings yet"
+            )
         module.scaling[REFERENCE_ADAPTER] = module.scaling[adapter]
-        if any(_is_sharded(w) for w in (module.lora_A[adapter].weight, module.lora_B[adapter].weight)):
+        if any(
+            _is_sharded(w) for w in (module.lora_A[adapter].weight, module.lora_B[adapter].weight)
+        ):
             raise NotImplementedError(
                 "reference.mode 'soft' mixes whole LoRA factors (QR and SVD); under FSDP they are "
                 "sharded: use mode 'hard' or 'frozen', or data parallel for a LoRA policy"
             )
-        groups.append((
-            module.lora_A[REFERENCE_ADAPTER].weight, module.lora_B[REFERENCE_ADAPTER].weight,
-            module.lora_A[adapter].weight, module.lora_B[adapter].weight,
-        ))
+        groups.append(
+            (
+                module.lora_A[REFERENCE_ADAPTER].weight,
+                module.lora_B[REFERENCE_ADAPTER].weight,
+                module.lora_A[adapter].weight,
+                module.lora_B[adapter].weight,
+            )
+        )
     return groups
 
 

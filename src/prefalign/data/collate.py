@@ -48,4 +48,3 @@ def collate_unpaired(
     kl = collate_prompt_response(prompts, shifted, pad_id)
     batch.update({f"kl_{k}": v for k, v in kl.items()})
     return batch
-

@@ -61,7 +61,10 @@ def open_source(path_or_id: str | Path, split: str = "train") -> Source:
         hub_id = name.removeprefix(HUB_PREFIX)
         if not HUB_ID.match(hub_id):
             raise DataError(
-                name, None, "not a hub dataset id (hf:owner/name)", reason="not_found",
+                name,
+                None,
+                "not a hub dataset id (hf:owner/name)",
+                reason="not_found",
                 row_level=False,
             )
         return _datasets_source(hub_id, split, local=False)

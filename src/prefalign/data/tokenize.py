@@ -253,7 +253,10 @@ def tokenize_unpaired(
     """Tokenize KTO rows; same layout and truncation as `tokenize_preference`."""
     budget = _Budget(tokenizer, max_length, max_prompt_length, truncation, add_eos)
     return _tokenize_completions(
-        records, budget, skip_invalid, lambda r, p, c, cut: TokenizedUnpaired(p, c, r.label, truncated=cut)
+        records,
+        budget,
+        skip_invalid,
+        lambda r, p, c, cut: TokenizedUnpaired(p, c, r.label, truncated=cut),
     )
 
 
@@ -274,7 +277,9 @@ def tokenize_sft(
     )
 
 
-def _tokenize_completions(records: Sequence[Any], budget: _Budget, skip_invalid: bool, make: Callable) -> tuple[list, Counter[str]]:
+def _tokenize_completions(
+    records: Sequence[Any], budget: _Budget, skip_invalid: bool, make: Callable
+) -> tuple[list, Counter[str]]:
     """Rows with one `completion` each (KTO, SFT): encode, truncate, then `make(record, prompt, completion, truncated)`."""
     rows = list(
         zip(

@@ -276,8 +276,12 @@ def _reward_scale(name: str, fn: Callable[..., Any], kind: str, given: str | Non
     return given
 
 
-def resolve(name: str = "dpo", code: str | None = None, params: Mapping[str, Any] | None = None,
-            key: str = "objective") -> Resolved:
+def resolve(
+    name: str = "dpo",
+    code: str | None = None,
+    params: Mapping[str, Any] | None = None,
+    key: str = "objective",
+) -> Resolved:
     """The objective of one run, resolved once: a registry `name` or a user file `code`
     ("path/to/file.py:function"), with `params` over its defaults. Errors name config `key`."""
     if code:
