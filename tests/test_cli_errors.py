@@ -30,7 +30,8 @@ def write(tmp_path: Path, text: str, name: str = "bad.yaml") -> Path:
 
 
 def run_cli(capsys, *argv: str) -> str:
-    """Run `prefalign *argv` in-process; assert it is a user error and return its one stderr line."""
+    """Run `prefalign *argv` in-process; assert it is a user error and return its one stderr
+    line."""
     code = main(list(argv))
     captured = capsys.readouterr()
     assert code == 2, captured
@@ -60,14 +61,16 @@ def test_unknown_top_level_key(tmp_path, capsys):
 def test_bad_literal_override(tmp_path, capsys):
     path = write(tmp_path, "model:\n  name_or_path: x\n", name="ok.yaml")
     assert run_cli(capsys, "sft", "--config", str(path), "trainer.schedule=cosin") == (
-        "prefalign sft: error: config key 'trainer.schedule': got 'cosin', allowed: 'constant', 'linear', 'cosine'"
+        "prefalign sft: error: config key 'trainer.schedule': got 'cosin', "
+        "allowed: 'constant', 'linear', 'cosine'"
     )
 
 
 def test_bad_literal_in_file(tmp_path, capsys):
     path = write(tmp_path, "data:\n  truncation: middle\n")
     assert run_cli(capsys, "sft", "--config", str(path)) == (
-        "prefalign sft: error: config key 'data.truncation': got 'middle', allowed: 'keep_end', 'keep_start'"
+        "prefalign sft: error: config key 'data.truncation': got 'middle', "
+        "allowed: 'keep_end', 'keep_start'"
     )
 
 

@@ -174,14 +174,20 @@ def test_unknown_nested_key_names_the_dotted_key(tmp_path):
     expect_config_error(
         Schema,
         path,
-        match=r"^unknown config key 'model\.adapter\.rank', allowed keys in model\.adapter: r, targets$",
+        match=(
+            r"^unknown config key 'model\.adapter\.rank', "
+            r"allowed keys in model\.adapter: r, targets$"
+        ),
     )
 
 
 def test_bad_literal_names_the_allowed_values(tmp_path):
     expect_override_error(
         "optim.schedule=cosin",
-        match=r"^config key 'optim\.schedule': got 'cosin', allowed: 'constant', 'linear', 'cosine'$",
+        match=(
+            r"^config key 'optim\.schedule': got 'cosin', "
+            r"allowed: 'constant', 'linear', 'cosine'$"
+        ),
     )
     expect_config_error(
         Schema,

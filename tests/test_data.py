@@ -316,7 +316,8 @@ def test_prompt_truncation_modes_keep_exact_tokens_and_bos(tok, truncation: str,
     )
     # 4 prompt tokens, BOS kept in both modes (keep_start keeps it as the first token)
     assert pair.prompt_ids == [bos, *ids(tok, kept)]
-    # 8 - 4 prompt tokens leave 4: "yes it is great" + EOS is cut, keeping its start; "no" + EOS fits
+    # 8 - 4 prompt tokens leave 4: "yes it is great" + EOS is cut, keeping its start;
+    # "no" + EOS fits
     assert pair.chosen_ids == ids(tok, "yes it is great")
     assert pair.rejected_ids == [*ids(tok, "no"), eos]
     assert pair.truncated and pair.length == 8 and skipped == Counter()

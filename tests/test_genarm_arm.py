@@ -135,7 +135,8 @@ def test_concise_pairs_share_their_start(tmp_path):
     src = write_jsonl(tmp_path / "pairs.jsonl", rows * 20)
     stats = concise_pairs(src, tmp_path / "concise.jsonl", brevity_reward, temperature=0.01, seed=0)
     out = [json.loads(line) for line in (tmp_path / "concise.jsonl").read_text().splitlines()]
-    # One candidate per row (" was bad ." has a single clause); a near-noiseless labeller keeps the short one.
+    # One candidate per row (" was bad ." has a single clause); a near-noiseless labeller keeps
+    # the short one.
     assert stats == {"pairs": 20, "label_agreement": 1.0}
     assert {(r["chosen"], r["rejected"]) for r in out} == {
         (" was great .", " was great , i loved the music .")

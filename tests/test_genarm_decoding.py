@@ -114,7 +114,8 @@ def test_guided_scores_are_the_weighted_sum(base, arm, tok):
 
 
 def gpt2_base() -> torch.nn.Module:
-    """Absolute position embeddings: unlike RoPE, a wrong position offset under left padding shows."""
+    """Absolute position embeddings: unlike RoPE, a wrong position offset under left padding
+    shows."""
     torch.manual_seed(5)
     config = GPT2Config(
         vocab_size=VOCAB_SIZE,
@@ -236,7 +237,8 @@ def test_tokenizer_mismatch_is_a_clear_error(base, arm, tok, tmp_path):
 
 
 def test_padded_output_layers_are_cut_to_the_tokenizer(base, tok):
-    """A model whose output layer is padded past the tokenizer (as Qwen sizes are) still combines."""
+    """A model whose output layer is padded past the tokenizer (as Qwen sizes are) still
+    combines."""
     padded = tiny_model(4, vocab_size=VOCAB_SIZE + 7)
     out = guided_generate(base, [(padded, 1.0)], tok, PROMPTS, GREEDY)
     assert all(t < VOCAB_SIZE for g in out for t in g.response_ids)

@@ -209,9 +209,8 @@ def make_demo_dir(run: Path) -> Path:
             },
         ],
     )
-    write_jsonl(
-        run / "pairs.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}]
-    )  # data, not metrics
+    # data, not metrics
+    write_jsonl(run / "pairs.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}])
     return run
 
 
@@ -296,7 +295,8 @@ def test_demo_dir_report_has_every_section(demo_report):
     )
     assert "(genarm_alpha_sweep.png)" in genarm and "sentiment_genarm_tradeoff.png" in genarm
     assert "sentiment_genarm_alpha_sweep.png" not in md
-    # Every linked image exists and is shown once; the demo's own frontier and checkpoints are not repeated.
+    # Every linked image exists and is shown once; the demo's own frontier and checkpoints are
+    # not repeated.
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
     assert len(links) == len(set(links)) and all((demo_dir / link).is_file() for link in links)
     names = [Path(link).name for link in links]
@@ -334,7 +334,8 @@ def test_html_is_self_contained_with_valid_pngs(demo_report):
 def test_chromium_loads_every_plot(demo_report, tmp_path):
     if not Path(CHROMIUM).exists():
         pytest.fail(
-            f"{CHROMIUM} is missing: install it with `apt-get install -y chromium` (Debian's package)"
+            f"{CHROMIUM} is missing: install it with `apt-get install -y chromium` "
+            "(Debian's package)"
         )
     html_path = demo_report[2]
     page = html_path.read_text()

@@ -290,9 +290,8 @@ def test_compute_loss_checks_input_count(pairs):
 
 
 def test_compute_loss_uses_registry_defaults(pairs):
-    assert_values(
-        objectives.compute_loss("dpo", *pairs), [softplus(-0.1 * r) for r in RHO]
-    )  # beta=0.1
+    # beta=0.1
+    assert_values(objectives.compute_loss("dpo", *pairs), [softplus(-0.1 * r) for r in RHO])
 
 
 def square_loss(pc, pr, rc, rr, beta=1.0):

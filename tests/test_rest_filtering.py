@@ -107,7 +107,8 @@ def test_per_prompt_percentile_ranks_within_each_prompt():
     assert normalized_scores(rewards, groups, "none") == rewards
     scaled = [0.0, 0.1 / 6.9, 0.2 / 6.9, 4.9 / 6.9, 5.9 / 6.9, 1.0]
     assert normalized_scores(rewards, groups, "min_max") == pytest.approx(scaled)
-    # On per-prompt percentiles a hard prompt's best sample is kept although an easy one's worst beats it.
+    # On per-prompt percentiles a hard prompt's best sample is kept although an easy one's worst
+    # beats it.
     kept = select(normalized_scores(rewards, groups, "per_prompt_percentile"), groups, 0.7)
     assert kept == [2, 5]
 

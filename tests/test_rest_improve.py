@@ -136,9 +136,8 @@ def test_nll_losses_train_on_the_kept_responses_with_reward_weights(tiny_tokeniz
     rw = build_data("reward_weighted", pool, kept, scores, 0.5)
     assert sum(rw.weights) / len(rw.weights) == pytest.approx(1.0)
     by_reward = sorted(zip((pool[i].reward for i in kept), rw.weights, strict=True))
-    assert all(
-        w1 <= w2 for (_, w1), (_, w2) in zip(by_reward, by_reward[1:], strict=False)
-    )  # more reward, more weight
+    # more reward, more weight
+    assert all(w1 <= w2 for (_, w1), (_, w2) in zip(by_reward, by_reward[1:], strict=False))
     assert reward_weights([0.0, 1.0, 3.0], [1, 2]) == pytest.approx([0.5, 1.5])
     batch = rw.collate([0, 1], tiny_tokenizer.pad_token_id)
     assert batch["weights"].tolist() == pytest.approx(rw.weights[:2])

@@ -147,9 +147,8 @@ def test_a_stopped_run_resumes_at_the_right_step_without_regrowing(
 
     # Each record carries what a user needs to judge the step.
     improve_rec = result.records[2]
-    assert (
-        improve_rec["threshold"] == 0.3 and 0 < improve_rec["kept"] <= 2 * 3
-    )  # the cap: 2 per prompt, 3 prompts
+    # the cap: 2 per prompt, 3 prompts
+    assert improve_rec["threshold"] == 0.3 and 0 < improve_rec["kept"] <= 2 * 3
     assert {"reward", "kl"} <= set(improve_rec["eval"]) and improve_rec["eval"]["kl"] != 0.0
     assert result.records[1]["reward"]["p90"] >= result.records[1]["reward"]["p10"]
     assert result.records[0]["eval"]["kl"] == 0.0  # the initial policy against itself
@@ -178,10 +177,11 @@ def test_cli_run_and_restart_from_base(files, tiny_llama_dir, tmp_path, capsys):
     assert summary["final_model"] == str(out / "improve" / "g000_i01" / "final")
     records = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
     assert records[2]["start"] == str(tiny_llama_dir) and records[3]["start"] == records[2]["model"]
+    # the loss may change from step to step
     assert (records[2]["loss"], records[3]["loss"]) == (
         "bc",
         "dpo",
-    )  # the loss may change from step to step
+    )
     assert records[3]["examples"] <= records[3]["kept"]  # dpo trains on (kept, worse) pairs
     with pytest.raises(ValueError, match="pass --resume"):
         run_rest_cli(args)  # the same out_dir again, without --resume
@@ -279,7 +279,8 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(files, tiny_llama_dir,
     may be running), then `--resume`: the same records and final weights as a run never stopped."""
     script = (
         "import argparse, sys; from prefalign.rest.cli import run_rest_cli; "
-        "a = sys.argv[1:]; sys.exit(run_rest_cli(argparse.Namespace(config=None, resume='--resume' in a, "
+        "a = sys.argv[1:]; "
+        "sys.exit(run_rest_cli(argparse.Namespace(config=None, resume='--resume' in a, "
         "overrides=[x for x in a if x != '--resume'])))"
     )
     extra = ("improve.trainer.max_steps=6", "improve.trainer.save_every=1")
@@ -338,7 +339,8 @@ def test_a_task_as_the_model_fills_in_its_prompts_and_tasks():
     given = loop.task_defaults(
         load_config(RestConfig, None, [*toy, "grow.prompts=p.jsonl", "eval.task=sentiment"])
     )
+    # what the user set stays
     assert (given.grow.prompts, given.eval.task) == (
         "p.jsonl",
         "sentiment",
-    )  # what the user set stays
+    )

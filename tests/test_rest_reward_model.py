@@ -99,9 +99,8 @@ def test_reward_model_beats_chance_on_held_out_toy_pairs(rm_setup, capsys):
         metrics["held_out_pair_accuracy"], abs=1e-4
     )
 
-    reward = load_reward(
-        RewardSpec(kind="model", model_path=str(root / "rm"))
-    )  # the run dir works as well as final/
+    # the run dir works as well as final/
+    reward = load_reward(RewardSpec(kind="model", model_path=str(root / "rm")))
     assert isinstance(reward, RewardModel)
     prompts = [p["prompt"] for p in toy_pairs(32, 2)]
     good = reward.score(prompts, [" the plot was wonderful and brilliant ."] * 32)

@@ -1,4 +1,5 @@
-"""End-to-end preference training: every reference mode, KTO, resume after SIGKILL, NaN stop, 2 processes."""
+"""End-to-end preference training: every reference mode, KTO, resume after SIGKILL, NaN stop,
+2 processes."""
 
 from __future__ import annotations
 

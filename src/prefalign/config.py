@@ -209,8 +209,8 @@ def build(schema: type[T], raw: Any, prefix: str, base: Any = None) -> T:
     unknown = sorted(set(raw) - set(fields), key=str)  # YAML keys may be numbers
     if unknown:
         raise ConfigError(
-            f"unknown config key '{prefix}{unknown[0]}', allowed keys{' in ' + where if prefix else ''}: "
-            + ", ".join(sorted(fields))
+            f"unknown config key '{prefix}{unknown[0]}', "
+            f"allowed keys{' in ' + where if prefix else ''}: " + ", ".join(sorted(fields))
         )
     missing = [
         name
@@ -243,7 +243,8 @@ def field_default(f: dataclasses.Field) -> Any:
 
 
 def coerce(annotation: Any, value: Any, key: str, default: Any = None) -> Any:
-    """Check `value` against a type annotation; return it converted (int->float, dict->dataclass)."""
+    """Check `value` against a type annotation; return it converted (int->float,
+    dict->dataclass)."""
     origin = get_origin(annotation)
     if annotation is Any:
         return value

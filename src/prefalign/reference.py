@@ -93,8 +93,10 @@ class _TensorPairs:
             ref, pol = _local(ref), _local(pol)
             if ref.shape != pol.shape or ref.dtype != pol.dtype or ref.device != pol.device:
                 raise ValueError(
-                    f"reference/policy tensor mismatch: {tuple(ref.shape)} {ref.dtype} {ref.device} "
-                    f"vs {tuple(pol.shape)} {pol.dtype} {pol.device} (build the reference after moving the policy)"
+                    "reference/policy tensor mismatch: "
+                    f"{tuple(ref.shape)} {ref.dtype} {ref.device} "
+                    f"vs {tuple(pol.shape)} {pol.dtype} {pol.device} "
+                    "(build the reference after moving the policy)"
                 )
             refs, pols = groups.setdefault((ref.device, ref.dtype), ([], []))
             refs.append(ref)
@@ -132,7 +134,8 @@ def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
 
 
 class ReferencePolicy:
-    """Scores sequences with the reference and applies trust-region updates after optimizer steps."""
+    """Scores sequences with the reference and applies trust-region updates after optimizer
+    steps."""
 
     def __init__(self, spec: ReferenceSpec) -> None:
         self.spec = spec
@@ -184,7 +187,8 @@ class ReferencePolicy:
         self._load_weights(state["weights"])
 
     def save_pretrained(self, path: str | Path) -> None:
-        """Write the reference in Hugging Face format (a LoRA reference adapter as a peft adapter)."""
+        """Write the reference in Hugging Face format (a LoRA reference adapter as a peft
+        adapter)."""
         raise NotImplementedError
 
     # Variant hooks.
@@ -256,7 +260,8 @@ class FullReference(ReferencePolicy):
     def _pairs(self) -> _TensorPairs:
         return self._tensor_pairs
 
-    # Frozen weights are state too: on resume the policy has moved, so a fresh copy of it would be wrong.
+    # Frozen weights are state too: on resume the policy has moved, so a fresh copy of it would
+    # be wrong.
     def _weights(self) -> dict[str, torch.Tensor]:
         return self.model.state_dict()
 
@@ -347,9 +352,9 @@ class LoraReference(ReferencePolicy):
     def rebind(self, policy: torch.nn.Module) -> None:
         if self._factors:
             raise NotImplementedError(
-                "a soft LoRA reference mixes whole factor products (an SVD per layer), which sharded "
-                "factors do not allow; under trainer.fsdp use reference.mode hard or frozen, or a "
-                "full-model policy"
+                "a soft LoRA reference mixes whole factor products (an SVD per layer), which "
+                "sharded factors do not allow; under trainer.fsdp use reference.mode hard or "
+                "frozen, or a full-model policy"
             )
         if self._tensor_pairs is not None:
             self._bind()
@@ -404,7 +409,8 @@ class LoraReference(ReferencePolicy):
         if self.uses_base:
             self._save_base(path)
             return
-        # peft writes non-default adapters into a subfolder named after the adapter; lift it to `path`.
+        # peft writes non-default adapters into a subfolder named after the adapter; lift it to
+        # `path`.
         with tempfile.TemporaryDirectory(dir=path) as tmp:
             self.model.save_pretrained(tmp, selected_adapters=[REFERENCE_ADAPTER])
             for item in (Path(tmp) / REFERENCE_ADAPTER).iterdir():
@@ -424,7 +430,8 @@ class LoraReference(ReferencePolicy):
 def _adapter_pairs(
     model: torch.nn.Module, adapter: str
 ) -> list[tuple[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """(reference name, (reference tensor, policy tensor)) for every tensor of the policy adapter."""
+    """(reference name, (reference tensor, policy tensor)) for every tensor of the policy
+    adapter."""
     params = dict(model.named_parameters())
     pairs = []
     for name, pol in params.items():
@@ -437,7 +444,8 @@ def _adapter_pairs(
     shared = [n for n, p in params.items() if p.requires_grad and id(p) not in adapter_ids]
     if shared:
         warnings.warn(
-            f"{len(shared)} trainable tensors outside the LoRA adapter (e.g. {shared[0]}) are shared by "
+            f"{len(shared)} trainable tensors outside the LoRA adapter (e.g. {shared[0]}) "
+            "are shared by "
             "policy and reference, so the trust region does not cover them",
             stacklevel=3,
         )

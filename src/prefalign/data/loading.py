@@ -284,5 +284,6 @@ def load_sft_data(
     skip_invalid: bool = False,
     split: str = "train",
 ) -> LoadResult[PromptCompletionRecord]:
-    """Load prompt/completion rows, or conversational `messages` rows ending in an assistant turn."""
+    """Load prompt/completion rows, or conversational `messages` rows ending in an assistant
+    turn."""
     return _load(path_or_id, sft_record, SFT_COLUMNS, tokenizer, skip_invalid, split)

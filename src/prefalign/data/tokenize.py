@@ -156,7 +156,8 @@ class _Budget:
             raise DataError(
                 record.source,
                 record.line,
-                f"{len(ids)} prompt tokens leave no room for the response within max_length={self.max_length} "
+                f"{len(ids)} prompt tokens leave no room for the response "
+                f"within max_length={self.max_length} "
                 f"(max_prompt_length={limit}); lower max_prompt_length or raise max_length",
                 field="prompt",
                 reason="no_room_for_response",
@@ -280,7 +281,8 @@ def tokenize_sft(
 def _tokenize_completions(
     records: Sequence[Any], budget: _Budget, skip_invalid: bool, make: Callable
 ) -> tuple[list, Counter[str]]:
-    """Rows with one `completion` each (KTO, SFT): encode, truncate, then `make(record, prompt, completion, truncated)`."""
+    """Rows with one `completion` each (KTO, SFT): encode, truncate, then
+    `make(record, prompt, completion, truncated)`."""
     rows = list(
         zip(
             budget.prompts([r.prompt for r in records]),

@@ -15,7 +15,8 @@ from typing import Any
 from prefalign.evaluation.core import RewardFn, evaluate_policy
 from prefalign.evaluation.judge import JudgeConfig, judge_pairwise
 
-TABLE_COLUMNS = ("gold_reward", "gold_reward_se", "kl", "kl_se", "accuracy", "win_rate", "win_rate_ci", "lc_win_rate", "lc_ci",
+TABLE_COLUMNS = ("gold_reward", "gold_reward_se", "kl", "kl_se", "accuracy",
+                 "win_rate", "win_rate_ci", "lc_win_rate", "lc_ci",
                  "judge_failed", "judge_unparsed")  # fmt: skip
 
 

@@ -96,7 +96,8 @@ def evaluate_policy(
     reward_fn: RewardFn | None = None,
     generations: Sequence[Generation] | None = None,
 ) -> EvalResult:
-    """Sample the policy on `prompts`, score with the task's gold reward, estimate KL to `reference`.
+    """Sample the policy on `prompts`, score with the task's gold reward, estimate KL to
+    `reference`.
 
     `task` is a `Task` or a registered task name (`prefalign.tasks.resolve_task`); with a
     `reward_fn`, a name is only a label and the task's extra metrics are skipped.

@@ -47,9 +47,8 @@ class ArmConfig(PreferenceConfig):
 class ArmResult:
     model_path: Path  # the trained ARM (save_pretrained, tokenizer included)
     train: TrainResult
-    pair_accuracy: (
-        float | None
-    )  # held-out pairs ranked right by beta_r * log pi_arm; None without eval pairs
+    # held-out pairs ranked right by beta_r * log pi_arm; None without eval pairs
+    pair_accuracy: float | None
     initial_pair_accuracy: float | None  # the same for the initial model, for contrast
 
 
@@ -79,7 +78,8 @@ def check_arm_config(config: PreferenceConfig) -> objectives.Resolved:
         )
     if config.reference.mode != "none":
         raise ValueError(
-            f"config key 'reference.mode': an ARM is trained with no reference, got '{config.reference.mode}'"
+            "config key 'reference.mode': an ARM is trained with no reference, "
+            f"got '{config.reference.mode}'"
         )
     return objective
 

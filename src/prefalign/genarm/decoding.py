@@ -63,13 +63,15 @@ def check_tokenizers(
     specials = ("eos_token_id", "bos_token_id", "pad_token_id", "unk_token_id")
     if base.get_vocab() != arm.get_vocab():
         raise ValueError(
-            f"tokenizer mismatch: ARM '{arm_name}' ({len(arm)} tokens) does not share the vocabulary of "
-            f"base '{base_name}' ({len(base)} tokens); GenARM adds log-probs token by token, so both must use one tokenizer"
+            f"tokenizer mismatch: ARM '{arm_name}' ({len(arm)} tokens) does not share the "
+            f"vocabulary of base '{base_name}' ({len(base)} tokens); GenARM adds log-probs "
+            "token by token, so both must use one tokenizer"
         )
     for name in specials:
         if getattr(base, name) != getattr(arm, name):
             raise ValueError(
-                f"tokenizer mismatch: ARM '{arm_name}' has {name}={getattr(arm, name)} but base '{base_name}' "
+                f"tokenizer mismatch: ARM '{arm_name}' has {name}={getattr(arm, name)} "
+                f"but base '{base_name}' "
                 f"has {getattr(base, name)}"
             )
 
@@ -91,7 +93,8 @@ def check_models(
         arm_width = logits_width(arm.model)
         if min(width, arm_width) < len(tokenizer):
             raise ValueError(
-                f"tokenizer mismatch: ARM '{arm_name}' scores {arm_width} tokens and base '{base_name}' "
+                f"tokenizer mismatch: ARM '{arm_name}' scores {arm_width} tokens "
+                f"and base '{base_name}' "
                 f"{width}, but the tokenizer has {len(tokenizer)}"
             )
         arm_eos = getattr(getattr(arm.model, "config", None), "eos_token_id", None)
@@ -248,7 +251,8 @@ class TextStream:
 
 
 def load_arm(path: str | Path, alpha: float = 1.0, device: str = "cpu") -> Arm:
-    """An ARM from a saved model directory (full or LoRA adapter), with its tokenizer for the check."""
+    """An ARM from a saved model directory (full or LoRA adapter), with its tokenizer for the
+    check."""
     model = load_model(path, device=device).eval()
     model.requires_grad_(False)
     return Arm(model, alpha, load_tokenizer(path))

@@ -228,7 +228,8 @@ def compute_loss(
     n_inputs = N_INPUTS[objective.kind]
     if len(inputs) != n_inputs:
         raise ValueError(
-            f"objective '{objective.name}' ({objective.kind}) takes {n_inputs} input tensors, got {len(inputs)}"
+            f"objective '{objective.name}' ({objective.kind}) takes {n_inputs} input tensors, "
+            f"got {len(inputs)}"
         )
     _check_params(objective, params, "params")
     return objective.fn(*inputs, **{**objective.defaults, **params})

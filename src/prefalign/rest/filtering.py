@@ -42,7 +42,8 @@ def threshold_list(
     if values:
         if len(values) != n_steps:
             raise ValueError(
-                f"config key 'improve.thresholds': {len(values)} values for {n_steps} Improve steps; give one per step"
+                f"config key 'improve.thresholds': {len(values)} values for {n_steps} "
+                "Improve steps; give one per step"
             )
         out = [float(v) for v in values]
     else:
@@ -87,7 +88,8 @@ def min_max(values: Sequence[float]) -> list[float]:
 def normalized_scores(
     rewards: Sequence[float], groups: Sequence[Hashable], mode: Normalize
 ) -> list[float]:
-    """The scores thresholds apply to: raw rewards, or percentiles globally or within each prompt."""
+    """The scores thresholds apply to: raw rewards, or percentiles globally or within each
+    prompt."""
     if mode == "none":
         return [float(r) for r in rewards]
     if mode == "min_max":

@@ -38,42 +38,35 @@ NLL_LOSSES = ("bc", "reward_weighted")
 @dataclass
 class ImproveSpec:
     steps_per_grow: int = bounded(1, min=1)
-    thresholds: list[float] = field(
-        default_factory=list
-    )  # one per Improve step; empty: use `schedule`
+    # one per Improve step; empty: use `schedule`
+    thresholds: list[float] = field(default_factory=list)
     schedule: ThresholdSchedule = field(default_factory=ThresholdSchedule)
-    schedule_scope: Literal["grow", "run"] = (
-        "grow"  # restart the schedule at each Grow step, or run it across all
-    )
+    # restart the schedule at each Grow step, or run it across all
+    schedule_scope: Literal["grow", "run"] = "grow"
     normalize: Normalize = "none"  # the ReST paper thresholds rewards scaled to [0, 1]: min_max
     min_reward: float | None = None  # absolute floor: a raw reward not above it is never kept
-    max_per_prompt: int = bounded(
-        0, min=0
-    )  # kept samples per prompt (0: no cap); ReST-EM keeps about 10
+    # kept samples per prompt (0: no cap); ReST-EM keeps about 10
+    max_per_prompt: int = bounded(0, min=0)
     dedup: bool = False  # a prompt keeps identical responses once
-    data: Literal["latest", "all"] = (
-        "latest"  # filter the last Grow step's samples, or every Grow step's so far
-    )
-    loss: str = "bc"  # bc | reward_weighted | a registry objective (dpo, ipo, kto, ...) | path/to/file.py:function
-    losses: list[str] = field(
-        default_factory=list
-    )  # one loss per Improve step of a Grow step; empty: `loss` for all
-    objective_params: dict[str, Any] = field(
-        default_factory=dict
-    )  # e.g. {beta: 0.1}; for objective losses only
+    # filter the last Grow step's samples, or every Grow step's so far
+    data: Literal["latest", "all"] = "latest"
+    # bc | reward_weighted | a registry objective (dpo, ipo, kto, ...) | path/to/file.py:function
+    loss: str = "bc"
+    # one loss per Improve step of a Grow step; empty: `loss` for all
+    losses: list[str] = field(default_factory=list)
+    # e.g. {beta: 0.1}; for objective losses only
+    objective_params: dict[str, Any] = field(default_factory=dict)
     reference: ReferenceSpec = field(default_factory=ReferenceSpec)
-    restart_from_base: bool = (
-        False  # ReST-EM: each Grow step's first Improve starts from the base model
-    )
+    # ReST-EM: each Grow step's first Improve starts from the base model
+    restart_from_base: bool = False
     # ReST (Gulcehre et al. 2023) keeps the original data in each Improve step's mixture: an SFT
     # file (prompt, completion) trained on beside the kept samples (bc / reward_weighted only).
     original_data: str = ""
     # ReST lowers the learning rate in later Improve steps: step k trains at lr * lr_decay ** k
     # (k counts within a Grow step, or across the run with schedule_scope=run, as thresholds do).
     lr_decay: float = bounded(1.0, gt=0)
-    trainer: TrainerConfig = field(
-        default_factory=lambda: TrainerConfig(lr=1e-5)
-    )  # out_dir and seed are set per step
+    # out_dir and seed are set per step
+    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(lr=1e-5))
 
 
 # An Improve loss once resolved: an NLL loss by name, or an objective with its parameters.

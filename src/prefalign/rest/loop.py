@@ -147,7 +147,8 @@ def run_rest(
         if state.done(f"grow-{g}"):
             if not data_file.exists():
                 raise ValueError(
-                    f"{data_file} is missing but state.json says Grow step {g} finished; restore it or start a new out_dir"
+                    f"{data_file} is missing but state.json says Grow step {g} finished; "
+                    "restore it or start a new out_dir"
                 )
             samples = read_samples(data_file)
         elif data_file.exists():
@@ -233,7 +234,8 @@ def improve_step(
     lr: float,
     original: list[tuple[list[int], list[int]]],
 ) -> dict:
-    """Filter the pool at `threshold`, train from `start` into step_dir/final; returns the record."""
+    """Filter the pool at `threshold`, train from `start` into step_dir/final; returns the
+    record."""
     spec = replace(config.improve, loss=loss_at(config.improve, i))
     seed = spec.trainer.seed + 1000 * g + i
     groups = [s.prompt_index for s in pool]
@@ -279,17 +281,19 @@ def improve_step(
     }
     if len(data) < (2 if data.kind == "unpaired" else 1):
         log(
-            f"[rest] improve {g}.{i}: nothing to train on at threshold {threshold}; the policy stays {start}"
+            f"[rest] improve {g}.{i}: nothing to train on at threshold {threshold}; "
+            f"the policy stays {start}"
         )
         return {**record, "model": start, "skipped": True, "train_steps": 0}
     seed_everything(seed)  # the step's seed decides a fresh LoRA adapter's init
+    # the Trainer places it
     model = load_model(
         start,
         dtype=config.model.dtype,
         device="cpu",
         lora=config.model.lora,
         gradient_checkpointing=config.model.gradient_checkpointing,
-    )  # the Trainer places it
+    )
     trainer_config = replace(spec.trainer, out_dir=str(step_dir), seed=seed, lr=lr)
     t0 = time.perf_counter()
     result = improve(
@@ -368,23 +372,31 @@ def format_record(r: dict) -> str:
     if r["kind"] == "grow":
         d = r["reward"]
         line = (
-            f"[rest] grow {r['grow']}: {r['samples']} samples from {r['policy']}, reward mean {d['mean']:.3f} "
+            f"[rest] grow {r['grow']}: {r['samples']} samples from {r['policy']}, "
+            f"reward mean {d['mean']:.3f} "
             f"(p10 {d['p10']:.3f}, p90 {d['p90']:.3f}), {r['mean_tokens']:.1f} tokens"
         )
         if "gold_reward" in r:
             line += f", gold {r['gold_reward']['mean']:.3f}"
         if "seconds_sample" in r:
-            line += f"; {r['seconds_sample']:.1f}s sampling ({r['samples_per_s']:.0f} samples/s) + {r['seconds_score']:.1f}s scoring"
+            line += (
+                f"; {r['seconds_sample']:.1f}s sampling ({r['samples_per_s']:.0f} samples/s)"
+                f" + {r['seconds_score']:.1f}s scoring"
+            )
         return line
     if r["kind"] == "initial":
         line = "[rest] initial policy"
     else:
         line = (
-            f"[rest] improve {r['grow']}.{r['improve']}: threshold {r['threshold']:.3f}, kept {r['kept']}/{r['pool']} "
+            f"[rest] improve {r['grow']}.{r['improve']}: threshold {r['threshold']:.3f}, "
+            f"kept {r['kept']}/{r['pool']} "
             f"({r['kept_fraction']:.0%}), {r['examples']} examples"
         )
         if r.get("loss_first") is not None:
-            line += f", {r['loss']} loss {r['loss_first']:.3f} -> {r['loss_last']:.3f} ({r['train_steps']} steps, {r['seconds_train']:.1f}s)"
+            line += (
+                f", {r['loss']} loss {r['loss_first']:.3f} -> {r['loss_last']:.3f}"
+                f" ({r['train_steps']} steps, {r['seconds_train']:.1f}s)"
+            )
     e = r.get("eval") or {}
     parts = [
         f"{k} {e[k]:.3f}"
@@ -446,12 +458,14 @@ def check(config: RestConfig) -> list[Loss]:
         )
     if config.improve.max_per_prompt < 0:
         raise ValueError(
-            f"config key 'improve.max_per_prompt' must be >= 0 (0: no cap), got {config.improve.max_per_prompt}"
+            "config key 'improve.max_per_prompt' must be >= 0 (0: no cap), "
+            f"got {config.improve.max_per_prompt}"
         )
     spec = config.improve
     if spec.losses and len(spec.losses) != spec.steps_per_grow:
         raise ValueError(
-            f"config key 'improve.losses': {len(spec.losses)} losses for {spec.steps_per_grow} Improve steps; give one per step"
+            f"config key 'improve.losses': {len(spec.losses)} losses for "
+            f"{spec.steps_per_grow} Improve steps; give one per step"
         )
     if not spec.lr_decay > 0:
         raise ValueError(

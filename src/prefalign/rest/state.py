@@ -42,20 +42,23 @@ class RunState:
         if not path.exists():
             if not resume and out_dir.exists() and any(out_dir.iterdir()):
                 raise ValueError(
-                    f"out_dir {out_dir} is not empty; pass --resume to continue the run there, or choose another out_dir"
+                    f"out_dir {out_dir} is not empty; pass --resume to continue the run there, "
+                    "or choose another out_dir"
                 )
             out_dir.mkdir(parents=True, exist_ok=True)
             return cls(out_dir, config, [])
         if not resume:
             raise ValueError(
-                f"out_dir {out_dir} holds a ReST run ({path}); pass --resume to continue it, or choose another out_dir"
+                f"out_dir {out_dir} holds a ReST run ({path}); pass --resume to continue it, "
+                "or choose another out_dir"
             )
         saved = json.loads(path.read_text())
         old, new = flatten(saved["config"]), flatten(config)
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if changed:
             log(
-                f"resuming with a changed config ({', '.join(changed)}); finished steps keep the settings they ran with"
+                f"resuming with a changed config ({', '.join(changed)}); "
+                "finished steps keep the settings they ran with"
             )
         return cls(out_dir, config, saved["records"])
 

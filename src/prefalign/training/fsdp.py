@@ -34,7 +34,8 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     layers = [m for m in inner.modules() if type(m).__name__ in names]
     if not layers:
         raise ValueError(
-            f"{type(inner).__name__} declares no decoder-layer class (_no_split_modules) to shard by"
+            f"{type(inner).__name__} declares no decoder-layer class (_no_split_modules) "
+            "to shard by"
         )
     return layers
 

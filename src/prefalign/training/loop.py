@@ -1,4 +1,5 @@
-"""The one training loop every method uses: SFT, preference objectives, ARM training, ReST's Improve.
+"""The one training loop every method uses: SFT, preference objectives, ARM training, ReST's
+Improve.
 
 Read it top to bottom: plan the global batches, then for each optimizer step run the micro-batches,
 reduce their metrics, clip, check that loss and gradient norm are finite (a bad step is never
@@ -398,7 +399,8 @@ class Trainer:
         state = json.loads((path / "state.json").read_text())
         if state["num_processes"] != self.accelerator.num_processes:
             raise ValueError(
-                f"checkpoint {path} was written by {state['num_processes']} processes; resume with the same number"
+                f"checkpoint {path} was written by {state['num_processes']} processes; "
+                "resume with the same number"
             )
         load_trained_weights(self.unwrapped, path / MODEL_DIR)
         self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
@@ -445,7 +447,8 @@ class MetricTotals:
             seen = gather_object([keys])
             if any(k != keys for k in seen):
                 raise RuntimeError(
-                    f"processes logged different metric keys: {seen}; a loss_fn must return a fixed key set"
+                    f"processes logged different metric keys: {seen}; "
+                    "a loss_fn must return a fixed key set"
                 )
         if not keys:
             return {}

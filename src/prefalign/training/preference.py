@@ -180,7 +180,8 @@ def run_preference(
         raise ValueError("config key 'data.path' is required")
     if objective.needs_reference and config.reference.mode == "none":
         raise ValueError(
-            f"objective '{objective.name}' needs a reference policy; reference.mode 'none' is for reference-free objectives"
+            f"objective '{objective.name}' needs a reference policy; "
+            "reference.mode 'none' is for reference-free objectives"
         )
     write_manifest(config.trainer.out_dir, "train")
     tokenizer = load_tokenizer(config.model.name_or_path)
