@@ -40,9 +40,8 @@ def test_a_library_value_error_is_a_bug_and_ours_is_one_line():
     )
     assert isinstance(torch_error, ValueError) and not cli.is_user_error(torch_error)
     assert cli.is_user_error(raised(lambda: load_prompts("")))  # `raise ValueError` in prefalign
-    assert not cli.is_user_error(
-        raised(lambda: int("x"))
-    )  # a builtin failing is no message of ours
+    # a builtin failing is no message of ours
+    assert not cli.is_user_error(raised(lambda: int("x")))
     assert cli.is_user_error(TrainingDiverged("step 3: loss is nan"))
     assert cli.is_user_error(UserError("bad"))
     assert not cli.is_user_error(RuntimeError("bad"))

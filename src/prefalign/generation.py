@@ -38,9 +38,8 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int = 0
     batch_size: int = 64
-    stop_at_eos: bool = (
-        True  # False: every row decodes max_new_tokens (equal lengths for benchmarks)
-    )
+    # False: every row decodes max_new_tokens (equal lengths for benchmarks)
+    stop_at_eos: bool = True
 
 
 @dataclass

@@ -82,7 +82,9 @@ def demo_blocks(results: dict, plots: Plotter, root: Path | None = None) -> list
         build = block.get("build") or {}
         if block.get("world"):
             blocks.append(
-                Text(f"{family} world: {block['world']} ({build.get('parameters', '?')} parameters)")
+                Text(
+                    f"{family} world: {block['world']} ({build.get('parameters', '?')} parameters)"
+                )
             )
         curves = demo_curves(methods)
         if curves:
