@@ -8,7 +8,8 @@ its gradient from fp32, on the same weights and pairs.
 Pairs are toy sentiment pairs (prompt: a review's first words; responses: its rest vs another
 review's rest), tokenized with the model's tokenizer. Reports the loss and summed log-probs
 under both precisions, the gradient's relative L2 error and cosine similarity against fp32, and
-the time of one forward+backward in each, and writes bench/results/bf16_accuracy.json.
+the time of one forward+backward in each (the first includes warm-up: quote the differences,
+not the times), and writes bench/results/bf16_accuracy.json.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def loss_and_grad(model, batch, reference, dtype):
         loss = compute_loss(get("dpo"), chosen.sum, rejected.sum, *reference, beta=0.1).mean()
     loss.backward()
     seconds = time.perf_counter() - start
-    grad = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
+    grad = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None]).double()
     return loss.detach(), chosen.sum.detach(), rejected.sum.detach(), grad, seconds
 
 

