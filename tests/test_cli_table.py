@@ -33,12 +33,15 @@ def test_every_command_in_the_table_has_a_parser_and_a_handler():
 
 
 def test_a_library_value_error_is_a_bug_and_ours_is_one_line():
-    torch_error = raised(lambda: torch.nn.functional.cross_entropy(
-        torch.zeros(2, 3), torch.zeros(3, dtype=torch.long)
-    ))
+    torch_error = raised(
+        lambda: torch.nn.functional.cross_entropy(
+            torch.zeros(2, 3), torch.zeros(3, dtype=torch.long)
+        )
+    )
     assert isinstance(torch_error, ValueError) and not cli.is_user_error(torch_error)
     assert cli.is_user_error(raised(lambda: load_prompts("")))  # `raise ValueError` in prefalign
-    assert not cli.is_user_error(raised(lambda: int("x")))  # a builtin failing is no message of ours
+    # a builtin failing is no message of ours
+    assert not cli.is_user_error(raised(lambda: int("x")))
     assert cli.is_user_error(TrainingDiverged("step 3: loss is nan"))
     assert cli.is_user_error(UserError("bad"))
     assert not cli.is_user_error(RuntimeError("bad"))

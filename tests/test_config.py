@@ -100,7 +100,9 @@ extra:
   temperature: 0.7
 """,
     )
-    config = load_config(Schema, path, ["optim.lr=0.25", "model.adapter.r=16", "--steps=7", "verbose=true"])
+    config = load_config(
+        Schema, path, ["optim.lr=0.25", "model.adapter.r=16", "--steps=7", "verbose=true"]
+    )
     assert config == Schema(
         name="first",
         steps=7,
@@ -135,7 +137,9 @@ def test_later_overrides_win_and_empty_value_is_null(tmp_path):
 
 
 def test_int_becomes_float():
-    config = load_config(Schema, None, ["scale=2", "optim.lr=1", "optim.betas=[1, 0.5]", "extra.k=3"])
+    config = load_config(
+        Schema, None, ["scale=2", "optim.lr=1", "optim.betas=[1, 0.5]", "extra.k=3"]
+    )
     assert config.scale == 2.0 and type(config.scale) is float
     assert type(config.optim.lr) is float
     assert [type(b) for b in config.optim.betas] == [float, float]
@@ -146,33 +150,48 @@ def test_exponent_without_dot_is_a_float(tmp_path):
     # YAML 1.1 reads 1e-5 (no dot) as a string; it is a number for a float field
     assert load_config(Schema, None, ["optim.lr=1e-5"]).optim.lr == pytest.approx(1e-5)
     assert load_config(Schema, write(tmp_path, "scale: 3e2\n")).scale == 300.0
-    expect_override_error("scale=fast", match=r"^config key 'scale': expected a number, got 'fast'$")
+    expect_override_error(
+        "scale=fast", match=r"^config key 'scale': expected a number, got 'fast'$"
+    )
 
 
 def test_unknown_top_level_key_names_it_and_the_allowed_keys(tmp_path):
     path = write(tmp_path, "name: x\nstepz: 3\n")
-    expect_config_error(Schema, path, match=rf"^unknown config key 'stepz', allowed keys: {TOP_KEYS}$")
-    expect_override_error("stepz=3", match=rf"^unknown config key 'stepz', allowed keys: {TOP_KEYS}$")
+    expect_config_error(
+        Schema, path, match=rf"^unknown config key 'stepz', allowed keys: {TOP_KEYS}$"
+    )
+    expect_override_error(
+        "stepz=3", match=rf"^unknown config key 'stepz', allowed keys: {TOP_KEYS}$"
+    )
 
 
 def test_unknown_nested_key_names_the_dotted_key(tmp_path):
     expect_override_error(
-        "optim.lrr=1", match=r"^unknown config key 'optim\.lrr', allowed keys in optim: betas, lr, schedule$"
+        "optim.lrr=1",
+        match=r"^unknown config key 'optim\.lrr', allowed keys in optim: betas, lr, schedule$",
     )
     path = write(tmp_path, "model:\n  adapter:\n    rank: 4\n")
     expect_config_error(
-        Schema, path,
-        match=r"^unknown config key 'model\.adapter\.rank', allowed keys in model\.adapter: r, targets$",
+        Schema,
+        path,
+        match=(
+            r"^unknown config key 'model\.adapter\.rank', "
+            r"allowed keys in model\.adapter: r, targets$"
+        ),
     )
 
 
 def test_bad_literal_names_the_allowed_values(tmp_path):
     expect_override_error(
         "optim.schedule=cosin",
-        match=r"^config key 'optim\.schedule': got 'cosin', allowed: 'constant', 'linear', 'cosine'$",
+        match=(
+            r"^config key 'optim\.schedule': got 'cosin', "
+            r"allowed: 'constant', 'linear', 'cosine'$"
+        ),
     )
     expect_config_error(
-        Schema, write(tmp_path, "precision: bf32\n"),
+        Schema,
+        write(tmp_path, "precision: bf32\n"),
         match=r"^config key 'precision': got 'bf32', allowed: 'no', 'bf16', 'fp16'$",
     )
 
@@ -182,7 +201,9 @@ def test_literal_no_is_not_read_as_false(tmp_path):
     assert load_config(Schema, None, ["precision=bf16", "precision=no"]).precision == "no"
     assert load_config(Schema, write(tmp_path, "precision: no\n")).precision == "no"
     assert load_config(Schema, None, ["optim.schedule=linear"]).optim.schedule == "linear"
-    expect_override_error("optim.schedule=no", match=r"^config key 'optim\.schedule': got False, allowed: ")
+    expect_override_error(
+        "optim.schedule=no", match=r"^config key 'optim\.schedule': got False, allowed: "
+    )
 
 
 @pytest.mark.parametrize(
@@ -211,7 +232,8 @@ def test_wrong_types_name_the_key(override, message):
 
 def test_wrong_type_in_yaml_file(tmp_path):
     expect_config_error(
-        Schema, write(tmp_path, "optim:\n  lr: fast\n"),
+        Schema,
+        write(tmp_path, "optim:\n  lr: fast\n"),
         match=r"^config key 'optim\.lr': expected a number, got 'fast'$",
     )
 
@@ -223,11 +245,15 @@ def test_override_without_equals_sign(bad):
 
 def test_missing_file(tmp_path):
     missing = tmp_path / "nope.yaml"
-    expect_config_error(Schema, missing, match=rf"^config file {re.escape(str(missing))} does not exist$")
+    expect_config_error(
+        Schema, missing, match=rf"^config file {re.escape(str(missing))} does not exist$"
+    )
 
 
 def test_directory_instead_of_file(tmp_path):
-    expect_config_error(Schema, tmp_path, match=rf"^config file {re.escape(str(tmp_path))} is not a file$")
+    expect_config_error(
+        Schema, tmp_path, match=rf"^config file {re.escape(str(tmp_path))} is not a file$"
+    )
 
 
 def test_invalid_yaml_names_the_line(tmp_path):
@@ -236,18 +262,26 @@ def test_invalid_yaml_names_the_line(tmp_path):
     assert re.match(rf"^{re.escape(str(path))}:4: not valid YAML \(.+\)$", message), message
 
     path = write(tmp_path, "name: ok\n\ttabbed: 1\n", name="tabs.yaml")
-    assert re.match(rf"^{re.escape(str(path))}:2: not valid YAML", expect_config_error(Schema, path))
+    assert re.match(
+        rf"^{re.escape(str(path))}:2: not valid YAML", expect_config_error(Schema, path)
+    )
 
 
 @pytest.mark.parametrize("text", ["- a\n- b\n", "just a string\n", "3\n"])
 def test_yaml_that_is_not_a_mapping(tmp_path, text):
     path = write(tmp_path, text)
-    expect_config_error(Schema, path, match=rf"^{re.escape(str(path))}: a config must be a mapping of keys to values$")
+    expect_config_error(
+        Schema,
+        path,
+        match=rf"^{re.escape(str(path))}: a config must be a mapping of keys to values$",
+    )
 
 
 def test_empty_file_gives_the_defaults(tmp_path):
     assert load_config(Schema, write(tmp_path, "")) == Schema()
-    assert load_config(Schema, write(tmp_path, "# only a comment\n", name="c.yaml"), ["steps=4"]) == Schema(steps=4)
+    assert load_config(
+        Schema, write(tmp_path, "# only a comment\n", name="c.yaml"), ["steps=4"]
+    ) == Schema(steps=4)
 
 
 def test_missing_required_key_is_a_config_error():
@@ -256,11 +290,15 @@ def test_missing_required_key_is_a_config_error():
 
 
 def test_non_string_keys_are_unknown_keys(tmp_path):
-    expect_config_error(Schema, write(tmp_path, "1: a\nzzz: b\n"), match=r"^unknown config key '1', allowed keys: ")
+    expect_config_error(
+        Schema, write(tmp_path, "1: a\nzzz: b\n"), match=r"^unknown config key '1', allowed keys: "
+    )
 
 
 def test_dump_yaml_round_trips(tmp_path):
-    config = load_config(Schema, None, ["model.adapter.targets=[q]", "extra.a=0.5", "optim.lr=2e-4", "note=n"])
+    config = load_config(
+        Schema, None, ["model.adapter.targets=[q]", "extra.a=0.5", "optim.lr=2e-4", "note=n"]
+    )
     dump_yaml(config, tmp_path / "dumped.yaml")
     assert load_config(Schema, tmp_path / "dumped.yaml") == config
 
@@ -272,9 +310,15 @@ class Loose:
 
 
 def test_bare_list_and_dict_annotations_are_still_checked():
-    assert load_config(Loose, None, ["items=[1, a]", "table={k: [1]}"]) == Loose(items=[1, "a"], table={"k": [1]})
-    expect_config_error(Loose, None, ["items=3"], match=r"^config key 'items': expected a list, got 3$")
-    expect_config_error(Loose, None, ["table=3"], match=r"^config key 'table': expected a mapping, got 3$")
+    assert load_config(Loose, None, ["items=[1, a]", "table={k: [1]}"]) == Loose(
+        items=[1, "a"], table={"k": [1]}
+    )
+    expect_config_error(
+        Loose, None, ["items=3"], match=r"^config key 'items': expected a list, got 3$"
+    )
+    expect_config_error(
+        Loose, None, ["table=3"], match=r"^config key 'table': expected a mapping, got 3$"
+    )
 
 
 @dataclass

@@ -162,9 +162,7 @@ def test_jsonl_names_lines_and_skips_blank_ones(tmp_path: Path) -> None:
     assert result.summary() == f"{path}: 2 records"
 
 
-def test_only_an_hf_id_is_routed_to_load_dataset(
-    monkeypatch, tmp_path: Path
-) -> None:
+def test_only_an_hf_id_is_routed_to_load_dataset(monkeypatch, tmp_path: Path) -> None:
     import datasets
 
     calls = []
@@ -184,8 +182,11 @@ def test_only_an_hf_id_is_routed_to_load_dataset(
         load_preference_data("./relative/name")
     # A bare name is never sent to the hub unasked: a typo must not reach the network.
     for bare in ("mydataset", "someone/prefs"):
-        with pytest.raises(DataError, match=rf"^{bare}: no such file or directory "
-                           rf"\(a Hugging Face Hub dataset\? write hf:{bare}\)$"):
+        with pytest.raises(
+            DataError,
+            match=rf"^{bare}: no such file or directory "
+            rf"\(a Hugging Face Hub dataset\? write hf:{bare}\)$",
+        ):
             load_preference_data(bare)
     assert len(calls) == 1
 
@@ -315,7 +316,8 @@ def test_prompt_truncation_modes_keep_exact_tokens_and_bos(tok, truncation: str,
     )
     # 4 prompt tokens, BOS kept in both modes (keep_start keeps it as the first token)
     assert pair.prompt_ids == [bos, *ids(tok, kept)]
-    # 8 - 4 prompt tokens leave 4: "yes it is great" + EOS is cut, keeping its start; "no" + EOS fits
+    # 8 - 4 prompt tokens leave 4: "yes it is great" + EOS is cut, keeping its start;
+    # "no" + EOS fits
     assert pair.chosen_ids == ids(tok, "yes it is great")
     assert pair.rejected_ids == [*ids(tok, "no"), eos]
     assert pair.truncated and pair.length == 8 and skipped == Counter()

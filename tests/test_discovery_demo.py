@@ -32,7 +32,7 @@ def test_discovered_row_trains_the_best_proposed_candidate(tmp_path, mini_worlds
     assert row["candidates"] == {"proposed": 4, "valid": sum(r["valid"] for r in proposed), "rejected": sum(not r["valid"] for r in proposed)}
     # The row is a real training run of that code, evaluated like every other demo row.
     assert row["kl"] > 0 and -1 <= row["gold_reward"] <= 1 and row["beta"] == 0.1
-    assert (settings.out_dir / "runs" / "sentiment" / "discovered-beta0.1" / "final" / "model.safetensors").exists()
+    assert (settings.out_dir / "runs" / "sentiment" / "discovered-beta0.1-seed0" / "final" / "model.safetensors").exists()
     spec = f"{settings.out_dir / 'discovery' / 'best_objective.py'}"
     assert objectives.load_user_objective(f"{spec}:{row['code'].split('(')[0].removeprefix('def ').strip()}") is not None
     assert [r["fitness"] for r in row["leaderboard"]] == sorted((r["fitness"] for r in row["leaderboard"]), reverse=True)

@@ -23,7 +23,14 @@ from prefalign.genarm import (
 )
 from prefalign.generation import SamplingParams, generate
 
-PROMPTS = ["the movie was", "i", "what is the answer ?", "hello", "two plus two equals", "the film was very good and"]
+PROMPTS = [
+    "the movie was",
+    "i",
+    "what is the answer ?",
+    "hello",
+    "two plus two equals",
+    "the film was very good and",
+]
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0.0, batch_size=8)
 
 
@@ -45,7 +52,14 @@ def base():
 @pytest.fixture(scope="module")
 def arm():
     # A smaller ARM (one layer, narrower) than the base: weak-to-strong shapes must work.
-    return tiny_model(1, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    return tiny_model(
+        1,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
 
 
 def ids(generations) -> list[list[int]]:
@@ -79,7 +93,9 @@ def test_zero_alpha_reproduces_base_greedy(base, arm, tok):
 def test_one_arm_equals_two_half_copies(base, arm, tok):
     one, two = Recorder(), Recorder()
     a = guided_generate(base, [(arm, 1.5)], tok, PROMPTS, GREEDY, on_step=one)
-    b = guided_generate(base, [(arm, 0.75), (copy.deepcopy(arm), 0.75)], tok, PROMPTS, GREEDY, on_step=two)
+    b = guided_generate(
+        base, [(arm, 0.75), (copy.deepcopy(arm), 0.75)], tok, PROMPTS, GREEDY, on_step=two
+    )
     assert ids(a) == ids(b)
     for r in range(len(PROMPTS)):
         torch.testing.assert_close(one.stacked(r), two.stacked(r), rtol=1e-5, atol=1e-5)
@@ -91,14 +107,24 @@ def test_guided_scores_are_the_weighted_sum(base, arm, tok):
     guided_generate(base, [(arm, 0.7)], tok, PROMPTS[:1], GREEDY, on_step=rec)
     prompt = torch.tensor([tok(PROMPTS[0])["input_ids"]])
     with torch.no_grad():
-        want = torch.log_softmax(base(prompt).logits[0, -1], -1) + 0.7 * torch.log_softmax(arm(prompt).logits[0, -1], -1)
+        want = torch.log_softmax(base(prompt).logits[0, -1], -1) + 0.7 * torch.log_softmax(
+            arm(prompt).logits[0, -1], -1
+        )
     torch.testing.assert_close(rec.scores[0][0], want, rtol=1e-5, atol=1e-5)
 
 
 def gpt2_base() -> torch.nn.Module:
-    """Absolute position embeddings: unlike RoPE, a wrong position offset under left padding shows."""
+    """Absolute position embeddings: unlike RoPE, a wrong position offset under left padding
+    shows."""
     torch.manual_seed(5)
-    config = GPT2Config(vocab_size=VOCAB_SIZE, n_embd=32, n_layer=2, n_head=4, n_positions=64, eos_token_id=VOCAB.index("</s>"))
+    config = GPT2Config(
+        vocab_size=VOCAB_SIZE,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        eos_token_id=VOCAB.index("</s>"),
+    )
     return GPT2LMHeadModel(config).eval()
 
 
@@ -129,7 +155,9 @@ def test_batched_and_one_at_a_time_agree(any_base, arm, tok):
 
 
 def test_sampling_is_seeded_and_streams_every_token(base, arm, tok):
-    params = SamplingParams(max_new_tokens=10, temperature=1.0, top_k=20, top_p=0.9, seed=3, batch_size=4)
+    params = SamplingParams(
+        max_new_tokens=10, temperature=1.0, top_k=20, top_p=0.9, seed=3, batch_size=4
+    )
     rec = Recorder()
     a = guided_generate(base, [(arm, 1.0)], tok, PROMPTS, params, on_step=rec)
     b = guided_generate(base, [(arm, 1.0)], tok, PROMPTS, params)
@@ -140,7 +168,14 @@ def test_sampling_is_seeded_and_streams_every_token(base, arm, tok):
 def test_text_stream_adds_up_to_the_responses(base, arm, tok):
     pieces: dict[int, str] = {}
     stream = TextStream(tok, lambda row, text: pieces.__setitem__(row, pieces.get(row, "") + text))
-    out = guided_generate(base, [(arm, 1.0)], tok, PROMPTS, SamplingParams(max_new_tokens=6, temperature=1.0, batch_size=4), on_step=stream)
+    out = guided_generate(
+        base,
+        [(arm, 1.0)],
+        tok,
+        PROMPTS,
+        SamplingParams(max_new_tokens=6, temperature=1.0, batch_size=4),
+        on_step=stream,
+    )
     assert [pieces.get(i, "") for i in range(len(PROMPTS))] == [g.text for g in out]
 
 
@@ -172,7 +207,13 @@ def other_tokenizer() -> PreTrainedTokenizerFast:
     words = ["<pad>", "<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(VOCAB_SIZE - 4)]
     core = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+    )
 
 
 def test_tokenizer_mismatch_is_a_clear_error(base, arm, tok, tmp_path):
@@ -190,11 +231,14 @@ def test_tokenizer_mismatch_is_a_clear_error(base, arm, tok, tmp_path):
     assert str(tmp_path / "arm") in str(err.value) and str(tmp_path / "base") in str(err.value)
     # An ARM too small for the tokenizer is refused even without its tokenizer.
     with pytest.raises(ValueError, match="tokenizer mismatch"):
-        guided_generate(base, [(tiny_model(3, vocab_size=VOCAB_SIZE - 5), 1.0)], tok, PROMPTS, GREEDY)
+        guided_generate(
+            base, [(tiny_model(3, vocab_size=VOCAB_SIZE - 5), 1.0)], tok, PROMPTS, GREEDY
+        )
 
 
 def test_padded_output_layers_are_cut_to_the_tokenizer(base, tok):
-    """A model whose output layer is padded past the tokenizer (as Qwen sizes are) still combines."""
+    """A model whose output layer is padded past the tokenizer (as Qwen sizes are) still
+    combines."""
     padded = tiny_model(4, vocab_size=VOCAB_SIZE + 7)
     out = guided_generate(base, [(padded, 1.0)], tok, PROMPTS, GREEDY)
     assert all(t < VOCAB_SIZE for g in out for t in g.response_ids)

@@ -37,8 +37,14 @@ def test_one_host_copy_per_decoding_step(tiny_llama_dir):
     prompts = [[4, 5, 6], [7, 8], [9], [10, 11, 12, 13]] * 4  # 16 rows
     params = SamplingParams(max_new_tokens=6, stop_at_eos=False)
     with HostCopies() as copies:
-        out = generate_batch(model, prompts, eos_id=3, pad_id=0, params=params,
-                             generator=torch.Generator().manual_seed(0))
+        out = generate_batch(
+            model,
+            prompts,
+            eos_id=3,
+            pad_id=0,
+            params=params,
+            generator=torch.Generator().manual_seed(0),
+        )
     assert [len(r) for r in out] == [6] * 16
     assert copies.count == 6  # was 2 + 16 per step: one int() per row, nonzero(), done.all()
 
@@ -58,6 +64,8 @@ def test_decoding_prints_no_deprecation_warning(tiny_llama_dir, tiny_tokenizer, 
     with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
         warnings.simplefilter("always")
         generate(model, tiny_tokenizer, ["the movie was"], SamplingParams(max_new_tokens=4))
-    deprecations = [w for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+    deprecations = [
+        w for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))
+    ]
     assert not deprecations, [str(w.message) for w in deprecations]
     assert "deprecated" not in caplog.text

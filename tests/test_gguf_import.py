@@ -97,3 +97,13 @@ def test_truncated_and_foreign_files_give_one_line_errors(tmp_path, bpe, capsys)
         main(["model", "import", str(tmp_path / "missing.gguf"), "--out", str(tmp_path / "x")]) == 2
     )
     assert "no such GGUF file" in capsys.readouterr().err
+
+
+def test_gguf_sources_are_reward_model_backbones(tmp_path, bpe, monkeypatch):
+    from prefalign.reward_models.train import build_reward_model
+
+    monkeypatch.setenv("PREFALIGN_CACHE", str(tmp_path / "cache"))
+    gguf_file = write_gguf(tiny("llama", bpe.get_vocab_size()), bpe, tmp_path / "m.gguf")
+    model = build_reward_model(f"gguf:{gguf_file}", pad_token_id=0)
+    ids = torch.tensor([bpe.encode(TEXT).ids])
+    assert model(ids).logits.shape == (1, 1)

@@ -61,7 +61,9 @@ BAD_LINES = {
 def test_a_bad_line_is_a_located_error(tmp_path: Path, reason: str) -> None:
     line, expected = BAD_LINES[reason]
     path = tmp_path / "rows.jsonl"
-    path.write_bytes(b'{"ok": 1}\n\n' + (line if isinstance(line, bytes) else line.encode()) + b"\n")
+    path.write_bytes(
+        b'{"ok": 1}\n\n' + (line if isinstance(line, bytes) else line.encode()) + b"\n"
+    )
     with pytest.raises(JsonlError) as info:
         read_jsonl(path)
     assert isinstance(info.value, UserError)
@@ -99,13 +101,18 @@ def test_read_prompts_from_jsonl_and_text(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("content", "expected"),
     [
-        ('{"prompt": "a"}\n{"text": "b"}\n', "p.jsonl:2: expected an object with a string field 'prompt', got null"),
+        (
+            '{"prompt": "a"}\n{"text": "b"}\n',
+            "p.jsonl:2: expected an object with a string field 'prompt', got null",
+        ),
         ('{"prompt": 3}\n', "p.jsonl:1: expected an object with a string field 'prompt', got int"),
         ('"a"\n', "p.jsonl:1: expected an object with a string field 'prompt', got str"),
         ("\n\n", "holds no prompts"),
     ],
 )
-def test_read_prompts_errors_name_file_and_line(tmp_path: Path, content: str, expected: str) -> None:
+def test_read_prompts_errors_name_file_and_line(
+    tmp_path: Path, content: str, expected: str
+) -> None:
     path = tmp_path / "p.jsonl"
     path.write_text(content)
     with pytest.raises(UserError, match=expected.replace("(", r"\(").replace(")", r"\)")):

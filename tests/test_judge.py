@@ -350,3 +350,33 @@ def test_compare_models_on_the_same_prompts(tmp_path, tiny_llama_dir, tiny_token
     table = comparison_table(rows)
     assert table.splitlines()[0].startswith("| model | gold_reward |") and "win_rate_ci" in table
     assert len(table.splitlines()) == 4
+
+
+def test_cli_judge_options_the_no_key_form_and_a_failed_judgment(
+    tmp_path, tiny_llama_dir, capsys, monkeypatch
+):
+    from prefalign.cli import main
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # the verdict cache
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["the movie was", "i think"]))
+    out = tmp_path / "rows.json"
+    with JudgeServer(prefers_longer) as server:
+        server.push_status(503)  # the first judgment fails: --judge-retries 0
+        code = main([
+            "eval", "--task", "sentiment", "--model", str(tiny_llama_dir), "--reference", str(tiny_llama_dir),
+            "--prompts", str(prompts), "--compare", f"same={tiny_llama_dir}", "--max-new-tokens", "4",
+            "--judge-url", server.base_url, "--judge-model", "j", "--judge-api-key-env", "NONE",
+            "--judge-retries", "0", "--judge-timeout", "5", "--judge-on-error", "skip",
+            "--judge-concurrency", "1", "--judge-max-tokens", "33", "--out", str(out),
+        ])  # fmt: skip
+        assert all(r.body["max_tokens"] == 33 for r in server.requests)
+        assert all("authorization" not in {k.lower() for k in r.headers} for r in server.requests)
+    assert code == 0
+    rows = json.loads(out.read_text())
+    # Equal answers: a prompt's two orders are one request, so its failure counts twice; the
+    # second model asks again (failures are not cached) and gets its verdict.
+    assert [r["judge_failed"] for r in rows] == [2, 0]
+    assert all(r["judge_unparsed"] == 0 for r in rows)
+    assert "judge_failed" in capsys.readouterr().out

@@ -311,3 +311,11 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_llama_dir, batch, 
     assert all(g.abs().sum() > 0 for g in grads.values())
     for name in grads:
         torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_lora_wrapping_prints_no_deprecation_warning(tiny_llama_dir):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_model(tiny_llama_dir, device="cpu", lora=LoraSpec(r=4, alpha=8))
+    deprecations = [w for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+    assert not deprecations, [str(w.message) for w in deprecations]

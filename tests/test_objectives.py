@@ -290,9 +290,8 @@ def test_compute_loss_checks_input_count(pairs):
 
 
 def test_compute_loss_uses_registry_defaults(pairs):
-    assert_values(
-        objectives.compute_loss("dpo", *pairs), [softplus(-0.1 * r) for r in RHO]
-    )  # beta=0.1
+    # beta=0.1
+    assert_values(objectives.compute_loss("dpo", *pairs), [softplus(-0.1 * r) for r in RHO])
 
 
 def square_loss(pc, pr, rc, rr, beta=1.0):
@@ -389,4 +388,6 @@ def test_load_user_objective_errors(tmp_path):
 
 def test_accepts_names_the_hyperparameters_an_objective_takes():
     assert objectives.get("dpo").accepts("beta") and not objectives.get("dpo").accepts("beta_r")
-    assert objectives.get("genarm").accepts("beta_r") and not objectives.get("genarm").accepts("beta")
+    assert objectives.get("genarm").accepts("beta_r") and not objectives.get("genarm").accepts(
+        "beta"
+    )

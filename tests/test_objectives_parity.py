@@ -128,7 +128,8 @@ def kto_trainer(tmp_path) -> KTOTrainer:
 
 
 class StubLM:
-    """Stands in for a model with TRL's fused LM head; `per_token[m]` answers input_ids[0, 0] == m."""
+    """Stands in for a model with TRL's fused LM head; `per_token[m]` answers
+    input_ids[0, 0] == m."""
 
     def __init__(self, per_token: dict[int, torch.Tensor]):
         self.per_token = per_token

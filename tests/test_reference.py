@@ -38,8 +38,14 @@ def llama(seed: int = 0, layers: int = 2, hidden: int = 32, tie: bool = False) -
 def gpt2(seed: int = 0, dropout: float = 0.0) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
     config = GPT2Config(
-        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=32,
-        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+        vocab_size=VOCAB,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=32,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
     )
     return GPT2LMHeadModel(config)  # ties wte and lm_head
 
@@ -77,7 +83,9 @@ def ref_tracked(ref, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     if hasattr(ref, "model") and ref.model is not model:  # full copy
         params = dict(ref.model.named_parameters())
     else:  # LoRA: reference adapter weights, renamed to the policy adapter
-        params = {n.replace(".reference.", ".default."): t for n, t in ref.state_dict()["weights"].items()}
+        params = {
+            n.replace(".reference.", ".default."): t for n, t in ref.state_dict()["weights"].items()
+        }
     return {n: params[n].detach().clone().double() for n in tracked(model)}
 
 
@@ -155,7 +163,9 @@ def test_lora_soft_reference_mixes_the_weight_updates_exactly(period: int) -> No
     alpha, steps = 0.6, 7
     model = lora(llama())
     randomize_adapter(model)
-    ref = make_reference(model, ReferenceSpec(mode="soft", alpha=alpha, period=period, lora_rank=32))
+    ref = make_reference(
+        model, ReferenceSpec(mode="soft", alpha=alpha, period=period, lora_rank=32)
+    )
     history = [lora_updates(model, "default")]
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     for step in range(1, steps + 1):
@@ -332,7 +342,10 @@ def test_tied_embeddings_stay_tied() -> None:
     train(model, ref, 2)
     emb, head = ref.model.get_input_embeddings().weight, ref.model.get_output_embeddings().weight
     assert emb.data_ptr() == head.data_ptr()
-    assert model.get_input_embeddings().weight.data_ptr() == model.get_output_embeddings().weight.data_ptr()
+    assert (
+        model.get_input_embeddings().weight.data_ptr()
+        == model.get_output_embeddings().weight.data_ptr()
+    )
 
 
 def test_update_is_one_foreach_call_over_many_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -380,7 +393,9 @@ def test_state_dict_round_trip_restores_the_reference(kind: str) -> None:
     torch.testing.assert_close(fresh.logps(**batch).sum, expected_logps, rtol=0, atol=0)
 
     with pytest.raises(ValueError, match="hard"):
-        make_reference(BUILDERS[kind](), ReferenceSpec(mode="hard")).load_state_dict(ref.state_dict())
+        make_reference(BUILDERS[kind](), ReferenceSpec(mode="hard")).load_state_dict(
+            ref.state_dict()
+        )
 
 
 def test_full_frozen_state_keeps_the_initial_weights() -> None:
@@ -449,4 +464,6 @@ def test_save_pretrained_full_and_lora(tmp_path) -> None:
     ref.save_pretrained(tmp_path / "base")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
     with torch.no_grad():
-        torch.testing.assert_close(sequence_logps(loaded, **batch).sum, sequence_logps(llama(seed=6), **batch).sum)
+        torch.testing.assert_close(
+            sequence_logps(loaded, **batch).sum, sequence_logps(llama(seed=6), **batch).sum
+        )

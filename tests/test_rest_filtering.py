@@ -16,7 +16,9 @@ from prefalign.rest.filtering import (
 )
 
 
-def random_pool(seed: int, n_prompts: int = 12, per_prompt: int = 9) -> tuple[list[float], list[int]]:
+def random_pool(
+    seed: int, n_prompts: int = 12, per_prompt: int = 9
+) -> tuple[list[float], list[int]]:
     rng = random.Random(seed)
     # Rounded rewards so that ties, including ties exactly at the threshold, occur.
     rewards = [round(rng.uniform(-1, 1), 1) for _ in range(n_prompts * per_prompt)]
@@ -41,7 +43,10 @@ def test_per_prompt_cap_holds_and_keeps_the_best(cap):
     kept = select(rewards, groups, threshold=-0.5, max_per_prompt=cap, seed=3)
     per_prompt = Counter(groups[i] for i in kept)
     for g in set(groups):
-        passing = sorted((rewards[i] for i in range(len(rewards)) if groups[i] == g and rewards[i] > -0.5), reverse=True)
+        passing = sorted(
+            (rewards[i] for i in range(len(rewards)) if groups[i] == g and rewards[i] > -0.5),
+            reverse=True,
+        )
         assert per_prompt[g] == min(cap, len(passing)), g
         mine = sorted((rewards[i] for i in kept if groups[i] == g), reverse=True)
         assert mine == passing[:cap]  # the best passers, not any passers
@@ -90,20 +95,32 @@ def test_a_prompt_with_nothing_above_the_absolute_floor_keeps_nothing():
 def test_per_prompt_percentile_ranks_within_each_prompt():
     rewards = [0.1, 0.2, 0.3, 5.0, 6.0, 7.0]
     groups = [0, 0, 0, 1, 1, 1]
-    assert normalized_scores(rewards, groups, "per_prompt_percentile") == [0.0, 0.5, 1.0, 0.0, 0.5, 1.0]
+    assert normalized_scores(rewards, groups, "per_prompt_percentile") == [
+        0.0,
+        0.5,
+        1.0,
+        0.0,
+        0.5,
+        1.0,
+    ]
     assert normalized_scores(rewards, groups, "global_percentile") == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
     assert normalized_scores(rewards, groups, "none") == rewards
     scaled = [0.0, 0.1 / 6.9, 0.2 / 6.9, 4.9 / 6.9, 5.9 / 6.9, 1.0]
     assert normalized_scores(rewards, groups, "min_max") == pytest.approx(scaled)
-    # On per-prompt percentiles a hard prompt's best sample is kept although an easy one's worst beats it.
+    # On per-prompt percentiles a hard prompt's best sample is kept although an easy one's worst
+    # beats it.
     kept = select(normalized_scores(rewards, groups, "per_prompt_percentile"), groups, 0.7)
     assert kept == [2, 5]
 
 
 def test_threshold_schedules():
     assert threshold_list(3, [0.0, 0.5, 0.9], None) == [0.0, 0.5, 0.9]
-    assert threshold_list(5, None, ThresholdSchedule(start=0.0, end=0.8)) == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8])
-    assert threshold_list(4, None, ThresholdSchedule(start=0.2, end=0.6, steps=3)) == pytest.approx([0.2, 0.4, 0.6, 0.6])
+    assert threshold_list(5, None, ThresholdSchedule(start=0.0, end=0.8)) == pytest.approx(
+        [0.0, 0.2, 0.4, 0.6, 0.8]
+    )
+    assert threshold_list(4, None, ThresholdSchedule(start=0.2, end=0.6, steps=3)) == pytest.approx(
+        [0.2, 0.4, 0.6, 0.6]
+    )
     assert threshold_list(1, None, ThresholdSchedule(start=0.3, end=0.7)) == [0.3]
     with pytest.raises(ValueError, match="one per step"):
         threshold_list(3, [0.0, 0.5], None)

@@ -39,10 +39,28 @@ def make_pool(tokenizer, per_prompt: int = 6, seed: int = 0) -> list[GrownSample
     for k, prompt in enumerate(PROMPTS):
         for j in range(per_prompt):
             text = rng.choice(GOOD if j % 2 == 0 else BAD)
-            reward = sum(w in ("good", "great") for w in text.split()) - sum(w in ("bad", "awful") for w in text.split())
+            reward = sum(w in ("good", "great") for w in text.split()) - sum(
+                w in ("bad", "awful") for w in text.split()
+            )
             prompt_ids = tokenizer(prompt)["input_ids"]
-            response_ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-            pool.append(GrownSample(0, "base", k, j, prompt, text, float(reward), len(response_ids), True, prompt_ids, response_ids))
+            response_ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [
+                tokenizer.eos_token_id
+            ]
+            pool.append(
+                GrownSample(
+                    0,
+                    "base",
+                    k,
+                    j,
+                    prompt,
+                    text,
+                    float(reward),
+                    len(response_ids),
+                    True,
+                    prompt_ids,
+                    response_ids,
+                )
+            )
     return pool
 
 
@@ -66,10 +84,17 @@ def kept_set(pool, threshold=0.0, cap=0):
 
 @pytest.mark.parametrize(
     "loss,params,mode",
-    [("bc", {}, "none"), ("reward_weighted", {}, "none"), ("dpo", {"beta": 0.5}, "frozen"),
-     ("ipo", {"beta": 0.5}, "soft"), ("kto", {"beta": 0.5}, "frozen")],
+    [
+        ("bc", {}, "none"),
+        ("reward_weighted", {}, "none"),
+        ("dpo", {"beta": 0.5}, "frozen"),
+        ("ipo", {"beta": 0.5}, "soft"),
+        ("kto", {"beta": 0.5}, "frozen"),
+    ],
 )
-def test_each_improve_loss_lowers_its_own_objective_on_a_fixed_set(policy, tiny_tokenizer, tmp_path, loss, params, mode):
+def test_each_improve_loss_lowers_its_own_objective_on_a_fixed_set(
+    policy, tiny_tokenizer, tmp_path, loss, params, mode
+):
     pool = make_pool(tiny_tokenizer)
     kept, scores = kept_set(pool)
     data = build_data(loss, pool, kept, scores, threshold=0.0, seed=0)
@@ -80,8 +105,19 @@ def test_each_improve_loss_lowers_its_own_objective_on_a_fixed_set(policy, tiny_
     pad = tiny_tokenizer.pad_token_id
     torch.manual_seed(0)
     before = objective_value(policy, data, measure, pad, batch_size=8)
-    spec = ImproveSpec(loss=loss, objective_params=params, reference=ReferenceSpec(mode="frozen" if mode == "none" else mode))
-    config = TrainerConfig(out_dir=str(tmp_path / loss), batch_size=4, max_steps=8, lr=3e-3, progress=False, log_every=1)
+    spec = ImproveSpec(
+        loss=loss,
+        objective_params=params,
+        reference=ReferenceSpec(mode="frozen" if mode == "none" else mode),
+    )
+    config = TrainerConfig(
+        out_dir=str(tmp_path / loss),
+        batch_size=4,
+        max_steps=8,
+        lr=3e-3,
+        progress=False,
+        log_every=1,
+    )
     result = improve(policy, tiny_tokenizer, data, spec, config)
     assert result.steps == 8
     after = objective_value(policy, data, measure, pad, batch_size=8)
@@ -93,12 +129,15 @@ def test_nll_losses_train_on_the_kept_responses_with_reward_weights(tiny_tokeniz
     pool = make_pool(tiny_tokenizer)
     kept, scores = kept_set(pool, threshold=0.5)
     bc = build_data("bc", pool, kept, scores, 0.5)
-    assert bc.kind == "sequences" and bc.examples == [(pool[i].prompt_ids, pool[i].response_ids) for i in kept]
+    assert bc.kind == "sequences" and bc.examples == [
+        (pool[i].prompt_ids, pool[i].response_ids) for i in kept
+    ]
     assert bc.weights == [1.0] * len(kept)
     rw = build_data("reward_weighted", pool, kept, scores, 0.5)
     assert sum(rw.weights) / len(rw.weights) == pytest.approx(1.0)
     by_reward = sorted(zip((pool[i].reward for i in kept), rw.weights, strict=True))
-    assert all(w1 <= w2 for (_, w1), (_, w2) in zip(by_reward, by_reward[1:], strict=False))  # more reward, more weight
+    # more reward, more weight
+    assert all(w1 <= w2 for (_, w1), (_, w2) in zip(by_reward, by_reward[1:], strict=False))
     assert reward_weights([0.0, 1.0, 3.0], [1, 2]) == pytest.approx([0.5, 1.5])
     batch = rw.collate([0, 1], tiny_tokenizer.pad_token_id)
     assert batch["weights"].tolist() == pytest.approx(rw.weights[:2])
@@ -111,7 +150,10 @@ def test_pairs_put_a_kept_sample_over_a_worse_one_of_the_same_prompt(tiny_tokeni
     assert data.kind == "pairs" and 0 < len(data) <= len(kept)
     by_ids = {(tuple(s.prompt_ids), tuple(s.response_ids)): s for s in pool}
     for pair in data.examples:
-        better, worse = by_ids[(tuple(pair.prompt_ids), tuple(pair.chosen_ids))], by_ids[(tuple(pair.prompt_ids), tuple(pair.rejected_ids))]
+        better, worse = (
+            by_ids[(tuple(pair.prompt_ids), tuple(pair.chosen_ids))],
+            by_ids[(tuple(pair.prompt_ids), tuple(pair.rejected_ids))],
+        )
         assert better.prompt_index == worse.prompt_index and better.reward > worse.reward
     # A prompt whose samples all tie has no worse partner: no pair, rather than a fake one.
     flat = [GrownSample(0, "base", 0, j, "p", "x", 1.0, 2, True, [1], [5 + j, 2]) for j in range(3)]

@@ -31,20 +31,42 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("rest")
-    (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["the movie was", "i think", "hello , what is"]))
+    (root / "prompts.jsonl").write_text(
+        "".join(
+            json.dumps({"prompt": p}) + "\n"
+            for p in ["the movie was", "i think", "hello , what is"]
+        )
+    )
     # Longer answers score higher: a reward the tiny random model's samples spread over.
-    (root / "reward.py").write_text("def length(prompt, completion):\n    return len(completion.split()) / 6\n")
+    (root / "reward.py").write_text(
+        "def length(prompt, completion):\n    return len(completion.split()) / 6\n"
+    )
     return {"prompts": root / "prompts.jsonl", "reward": root / "reward.py"}
 
 
 def overrides(files, model_dir: Path, out: Path, *extra: str) -> list[str]:
     return [
-        f"model.name_or_path={model_dir}", "model.device=cpu", f"out_dir={out}", "grow_steps=2",
-        "reward.kind=function", f"reward.function={files['reward']}:length",
-        f"grow.prompts={files['prompts']}", "grow.samples_per_prompt=4", "grow.max_new_tokens=6",
-        "improve.steps_per_grow=2", "improve.thresholds=[0.3, 0.6]", "improve.normalize=per_prompt_percentile",
-        "improve.max_per_prompt=2", "improve.trainer.batch_size=2", "improve.trainer.max_steps=2", "improve.trainer.lr=1e-3",
-        f"eval.prompts={files['prompts']}", "eval.n_prompts=2", "eval.samples_per_prompt=2", "eval.max_new_tokens=6", *extra,
+        f"model.name_or_path={model_dir}",
+        "model.device=cpu",
+        f"out_dir={out}",
+        "grow_steps=2",
+        "reward.kind=function",
+        f"reward.function={files['reward']}:length",
+        f"grow.prompts={files['prompts']}",
+        "grow.samples_per_prompt=4",
+        "grow.max_new_tokens=6",
+        "improve.steps_per_grow=2",
+        "improve.thresholds=[0.3, 0.6]",
+        "improve.normalize=per_prompt_percentile",
+        "improve.max_per_prompt=2",
+        "improve.trainer.batch_size=2",
+        "improve.trainer.max_steps=2",
+        "improve.trainer.lr=1e-3",
+        f"eval.prompts={files['prompts']}",
+        "eval.n_prompts=2",
+        "eval.samples_per_prompt=2",
+        "eval.max_new_tokens=6",
+        *extra,
     ]
 
 
@@ -60,7 +82,9 @@ def fingerprint(path: Path) -> tuple[bytes, int]:
     return path.read_bytes(), path.stat().st_mtime_ns
 
 
-def test_a_stopped_run_resumes_at_the_right_step_without_regrowing(files, tiny_llama_dir, tmp_path, monkeypatch):
+def test_a_stopped_run_resumes_at_the_right_step_without_regrowing(
+    files, tiny_llama_dir, tmp_path, monkeypatch
+):
     out = tmp_path / "run"
     calls = {"grow": 0, "improve": 0}
     real_grow, real_improve, real_write = loop.grow, loop.improve, loop.write_samples
@@ -75,6 +99,7 @@ def test_a_stopped_run_resumes_at_the_right_step_without_regrowing(files, tiny_l
             if calls["improve"] == n:
                 raise Stop("killed inside an Improve step")
             return real_improve(*a, **k)
+
         return fn
 
     monkeypatch.setattr(loop, "grow", counting_grow)
@@ -111,14 +136,19 @@ def test_a_stopped_run_resumes_at_the_right_step_without_regrowing(files, tiny_l
     assert fingerprint(out / "grown" / "grow_000.jsonl") == grown0
     assert fingerprint(out / "grown" / "grow_001.jsonl") == grown1
     assert [step_key(r) for r in result.records] == ORDER
-    assert [json.loads(line)["kind"] for line in (out / "steps.jsonl").read_text().splitlines()] == [k.split("-")[0] for k in ORDER]
+    assert [
+        json.loads(line)["kind"] for line in (out / "steps.jsonl").read_text().splitlines()
+    ] == [k.split("-")[0] for k in ORDER]
     assert result.final_model == str(out / "improve" / "g001_i01" / "final")
     assert (out / "steps.png").exists() and result.plot == out / "steps.png"
-    assert not (out / "improve" / "g000_i00" / "checkpoints").exists()  # only final/ is kept per step
+    assert not (
+        out / "improve" / "g000_i00" / "checkpoints"
+    ).exists()  # only final/ is kept per step
 
     # Each record carries what a user needs to judge the step.
     improve_rec = result.records[2]
-    assert improve_rec["threshold"] == 0.3 and 0 < improve_rec["kept"] <= 2 * 3  # the cap: 2 per prompt, 3 prompts
+    # the cap: 2 per prompt, 3 prompts
+    assert improve_rec["threshold"] == 0.3 and 0 < improve_rec["kept"] <= 2 * 3
     assert {"reward", "kl"} <= set(improve_rec["eval"]) and improve_rec["eval"]["kl"] != 0.0
     assert result.records[1]["reward"]["p90"] >= result.records[1]["reward"]["p10"]
     assert result.records[0]["eval"]["kl"] == 0.0  # the initial policy against itself
@@ -126,16 +156,32 @@ def test_a_stopped_run_resumes_at_the_right_step_without_regrowing(files, tiny_l
 
 def test_cli_run_and_restart_from_base(files, tiny_llama_dir, tmp_path, capsys):
     out = tmp_path / "cli"
-    args = argparse.Namespace(config=None, resume=False, overrides=overrides(
-        files, tiny_llama_dir, out, "grow_steps=1", "improve.restart_from_base=true", "improve.losses=[bc, dpo]",
-        "improve.objective_params={beta: 0.5}", "improve.reference.mode=soft", "improve.thresholds=[0.4, 0.7]"))
+    args = argparse.Namespace(
+        config=None,
+        resume=False,
+        overrides=overrides(
+            files,
+            tiny_llama_dir,
+            out,
+            "grow_steps=1",
+            "improve.restart_from_base=true",
+            "improve.losses=[bc, dpo]",
+            "improve.objective_params={beta: 0.5}",
+            "improve.reference.mode=soft",
+            "improve.thresholds=[0.4, 0.7]",
+        ),
+    )
     assert run_rest_cli(args) == 0
     printed = capsys.readouterr().out
-    summary = json.loads(printed[printed.index("{\n"):])
+    summary = json.loads(printed[printed.index("{\n") :])
     assert summary["final_model"] == str(out / "improve" / "g000_i01" / "final")
     records = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
     assert records[2]["start"] == str(tiny_llama_dir) and records[3]["start"] == records[2]["model"]
-    assert (records[2]["loss"], records[3]["loss"]) == ("bc", "dpo")  # the loss may change from step to step
+    # the loss may change from step to step
+    assert (records[2]["loss"], records[3]["loss"]) == (
+        "bc",
+        "dpo",
+    )
     assert records[3]["examples"] <= records[3]["kept"]  # dpo trains on (kept, worse) pairs
     with pytest.raises(ValueError, match="pass --resume"):
         run_rest_cli(args)  # the same out_dir again, without --resume
@@ -148,11 +194,21 @@ def test_rest_paper_options(files, tiny_llama_dir, tmp_path):
     sft = tmp_path / "sft.jsonl"
     rows = [{"prompt": p, "completion": " yes ."} for p in ["hi", "what is", "ok"]]
     sft.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    result = run_rest(config(
-        files, tiny_llama_dir, tmp_path / "out", "grow_steps=1", "improve.normalize=min_max",
-        "improve.thresholds=[0.0, 0.5]", "improve.max_per_prompt=0", f"improve.original_data={sft}",
-        "improve.lr_decay=0.5", "improve.min_reward=0.34",
-    ), log=lambda *_: None)
+    result = run_rest(
+        config(
+            files,
+            tiny_llama_dir,
+            tmp_path / "out",
+            "grow_steps=1",
+            "improve.normalize=min_max",
+            "improve.thresholds=[0.0, 0.5]",
+            "improve.max_per_prompt=0",
+            f"improve.original_data={sft}",
+            "improve.lr_decay=0.5",
+            "improve.min_reward=0.34",
+        ),
+        log=lambda *_: None,
+    )
     grown_file = tmp_path / "out" / "grown" / "grow_000.jsonl"
     grown = [json.loads(line) for line in grown_file.read_text().splitlines()]
     rewards = [g["reward"] for g in grown]
@@ -168,8 +224,13 @@ def test_rest_paper_options(files, tiny_llama_dir, tmp_path):
         logged = [json.loads(line) for line in metrics.read_text().splitlines()]
         assert max(r["lr"] for r in logged if "lr" in r) <= step["lr"] + 1e-12
     with pytest.raises(ValueError, match="original_data"):
-        bad = config(files, tiny_llama_dir, tmp_path / "bad", f"improve.original_data={sft}",
-                     "improve.loss=dpo")
+        bad = config(
+            files,
+            tiny_llama_dir,
+            tmp_path / "bad",
+            f"improve.original_data={sft}",
+            "improve.loss=dpo",
+        )
         run_rest(bad)
     with pytest.raises(ValueError, match="lr_decay"):
         run_rest(config(files, tiny_llama_dir, tmp_path / "bad", "improve.lr_decay=0"))
@@ -190,12 +251,21 @@ def test_a_user_loss_file_is_imported_once_per_run(files, tiny_llama_dir, tmp_pa
 
 @pytest.mark.parametrize(
     "extra,error,match",
-    [(["improve.loss=dpoo"], ValueError, "improve.loss"), (["improve.thresholds=[0.1]"], ValueError, "one per step"),
-     (["improve.normalize=rank"], ConfigError, "improve.normalize"), (["grow_steps=0"], ValueError, "grow_steps"),
-     (["improve.loss=bc", "improve.objective_params={beta: 1}"], ValueError, "objective_params"),
-     (["improve.losses=[bc]"], ValueError, "one per step"), (["reward.kind=gold"], ValueError, "reward.task"),
-     (["improve.loss=ipo", "improve.objective_params={tau: 1}"], UserError, "objective_params.tau"),
-     (["improve.loss=dpo", "improve.reference.mode=none"], ValueError, "needs a reference")],
+    [
+        (["improve.loss=dpoo"], ValueError, "improve.loss"),
+        (["improve.thresholds=[0.1]"], ValueError, "one per step"),
+        (["improve.normalize=rank"], ConfigError, "improve.normalize"),
+        (["grow_steps=0"], ValueError, "grow_steps"),
+        (["improve.loss=bc", "improve.objective_params={beta: 1}"], ValueError, "objective_params"),
+        (["improve.losses=[bc]"], ValueError, "one per step"),
+        (["reward.kind=gold"], ValueError, "reward.task"),
+        (
+            ["improve.loss=ipo", "improve.objective_params={tau: 1}"],
+            UserError,
+            "objective_params.tau",
+        ),
+        (["improve.loss=dpo", "improve.reference.mode=none"], ValueError, "needs a reference"),
+    ],
 )
 def test_bad_configs_fail_before_any_work(files, tmp_path, extra, error, match):
     with pytest.raises(error, match=match):
@@ -207,15 +277,23 @@ def test_bad_configs_fail_before_any_work(files, tmp_path, extra, error, match):
 def test_sigkill_then_resume_matches_an_uninterrupted_run(files, tiny_llama_dir, tmp_path):
     """A real kill at an arbitrary moment (here: while Grow 1's data is on disk and Improve 1.x
     may be running), then `--resume`: the same records and final weights as a run never stopped."""
-    script = ("import argparse, sys; from prefalign.rest.cli import run_rest_cli; "
-              "a = sys.argv[1:]; sys.exit(run_rest_cli(argparse.Namespace(config=None, resume='--resume' in a, "
-              "overrides=[x for x in a if x != '--resume'])))")
+    script = (
+        "import argparse, sys; from prefalign.rest.cli import run_rest_cli; "
+        "a = sys.argv[1:]; "
+        "sys.exit(run_rest_cli(argparse.Namespace(config=None, resume='--resume' in a, "
+        "overrides=[x for x in a if x != '--resume'])))"
+    )
     extra = ("improve.trainer.max_steps=6", "improve.trainer.save_every=1")
 
     def launch(out: Path, *more: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-c", script, *overrides(files, tiny_llama_dir, out, *extra), *more],
-                                cwd=ROOT, env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"},
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return subprocess.Popen(
+            [sys.executable, "-c", script, *overrides(files, tiny_llama_dir, out, *extra), *more],
+            cwd=ROOT,
+            env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
 
     # The uninterrupted run in this process: one interpreter start fewer.
     straight = overrides(files, tiny_llama_dir, tmp_path / "straight", *extra)
@@ -235,12 +313,18 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(files, tiny_llama_dir,
     resumed = launch(tmp_path / "killed", "--resume")
     log = resumed.communicate(timeout=120)[0]
     assert resumed.returncode == 0, log
-    if len(state["records"]) == 5:  # killed inside Improve 1.0: it continues from its own checkpoint
+    if (
+        len(state["records"]) == 5
+    ):  # killed inside Improve 1.0: it continues from its own checkpoint
         assert "resumed from" in log and "improve/g001_i00/checkpoints" in log
     assert fingerprint(tmp_path / "killed" / "grown" / "grow_000.jsonl") == grown0
     for name in ("grow_000.jsonl", "grow_001.jsonl"):
-        assert (tmp_path / "killed" / "grown" / name).read_bytes() == (tmp_path / "straight" / "grown" / name).read_bytes()
-    records = [json.loads(line) for line in (tmp_path / "killed" / "steps.jsonl").read_text().splitlines()]
+        assert (tmp_path / "killed" / "grown" / name).read_bytes() == (
+            tmp_path / "straight" / "grown" / name
+        ).read_bytes()
+    records = [
+        json.loads(line) for line in (tmp_path / "killed" / "steps.jsonl").read_text().splitlines()
+    ]
     assert [step_key(r) for r in records] == ORDER
     a = load_file(tmp_path / "straight" / "improve" / "g001_i01" / "final" / "model.safetensors")
     b = load_file(tmp_path / "killed" / "improve" / "g001_i01" / "final" / "model.safetensors")
@@ -255,4 +339,8 @@ def test_a_task_as_the_model_fills_in_its_prompts_and_tasks():
     given = loop.task_defaults(
         load_config(RestConfig, None, [*toy, "grow.prompts=p.jsonl", "eval.task=sentiment"])
     )
-    assert (given.grow.prompts, given.eval.task) == ("p.jsonl", "sentiment")  # what the user set stays
+    # what the user set stays
+    assert (given.grow.prompts, given.eval.task) == (
+        "p.jsonl",
+        "sentiment",
+    )

@@ -29,8 +29,15 @@ def tiny_classifier(arch: str, pad_id: int):
     if arch == "llama":
         return LlamaForSequenceClassification(tiny_llama_config(num_labels=1, pad_token_id=pad_id))
     config = GPT2Config(
-        vocab_size=VOCAB_SIZE, n_embd=32, n_layer=2, n_head=4, n_positions=64, num_labels=1,
-        bos_token_id=VOCAB.index("<s>"), eos_token_id=VOCAB.index(EOS), pad_token_id=pad_id,
+        vocab_size=VOCAB_SIZE,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        num_labels=1,
+        bos_token_id=VOCAB.index("<s>"),
+        eos_token_id=VOCAB.index(EOS),
+        pad_token_id=pad_id,
     )
     return GPT2ForSequenceClassification(config)
 

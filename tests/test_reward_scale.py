@@ -41,12 +41,23 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
 
 
 def history(tiny, out: Path, *objective: str) -> list[dict]:
-    config = load_config(PreferenceConfig, None, [
-        f"model.name_or_path={tiny['model']}", f"data.path={tiny['pairs']}",
-        f"data.eval_path={tiny['pairs']}",
-        f"trainer.out_dir={out}", "trainer.batch_size=4", "trainer.max_steps=4", "trainer.lr=1e-3",
-        "trainer.log_every=1", "trainer.eval_every=2", "trainer.progress=false", *objective,
-    ])
+    config = load_config(
+        PreferenceConfig,
+        None,
+        [
+            f"model.name_or_path={tiny['model']}",
+            f"data.path={tiny['pairs']}",
+            f"data.eval_path={tiny['pairs']}",
+            f"trainer.out_dir={out}",
+            "trainer.batch_size=4",
+            "trainer.max_steps=4",
+            "trainer.lr=1e-3",
+            "trainer.log_every=1",
+            "trainer.eval_every=2",
+            "trainer.progress=false",
+            *objective,
+        ],
+    )
     return run_preference(config, log=lambda *_: None).history
 
 

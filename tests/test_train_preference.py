@@ -1,4 +1,5 @@
-"""End-to-end preference training: every reference mode, KTO, resume after SIGKILL, NaN stop, 2 processes."""
+"""End-to-end preference training: every reference mode, KTO, resume after SIGKILL, NaN stop,
+2 processes."""
 
 from __future__ import annotations
 
@@ -39,17 +40,32 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
         _, bad = review(rng)
         if good != bad:
             pairs.append({"prompt": prompt, "chosen": good, "rejected": bad})
-            unpaired += [{"prompt": prompt, "completion": good, "label": True}, {"prompt": prompt, "completion": bad, "label": False}]
+            unpaired += [
+                {"prompt": prompt, "completion": good, "label": True},
+                {"prompt": prompt, "completion": bad, "label": False},
+            ]
     (root / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
     (root / "unpaired.jsonl").write_text("".join(json.dumps(p) + "\n" for p in unpaired))
-    return {"model": root / "model", "pairs": root / "pairs.jsonl", "unpaired": root / "unpaired.jsonl", "root": root}
+    return {
+        "model": root / "model",
+        "pairs": root / "pairs.jsonl",
+        "unpaired": root / "unpaired.jsonl",
+        "root": root,
+    }
 
 
 def overrides(tiny: dict[str, Path], out: Path, *extra: str) -> list[str]:
     return [
-        f"model.name_or_path={tiny['model']}", f"data.path={tiny['pairs']}", f"trainer.out_dir={out}",
-        "trainer.batch_size=4", "trainer.max_steps=8", "trainer.lr=1e-3", "trainer.log_every=1",
-        "trainer.progress=false", "objective.params={beta: 0.5}", *extra,
+        f"model.name_or_path={tiny['model']}",
+        f"data.path={tiny['pairs']}",
+        f"trainer.out_dir={out}",
+        "trainer.batch_size=4",
+        "trainer.max_steps=8",
+        "trainer.lr=1e-3",
+        "trainer.log_every=1",
+        "trainer.progress=false",
+        "objective.params={beta: 0.5}",
+        *extra,
     ]
 
 
@@ -69,7 +85,9 @@ def preference_margin(model_dir: Path, tiny) -> float:
     pairs, _ = tokenize_preference(records, tokenizer, max_length=128, max_prompt_length=64)
     batch = collate_pairs(pairs, tokenizer.pad_token_id)
     with torch.no_grad():
-        chosen, rejected = split_pairs(sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"]))
+        chosen, rejected = split_pairs(
+            sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+        )
     return float((chosen.sum - rejected.sum).mean())
 
 
@@ -79,12 +97,29 @@ def final_weights(out: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize(
     "objective,reference",
-    [("dpo", "frozen"), ("dpo", "soft"), ("dpo", "hard"), ("ipo", "soft"), ("hinge", "frozen"), ("robust", "hard"), ("cell", "soft")],
+    [
+        ("dpo", "frozen"),
+        ("dpo", "soft"),
+        ("dpo", "hard"),
+        ("ipo", "soft"),
+        ("hinge", "frozen"),
+        ("robust", "hard"),
+        ("cell", "soft"),
+    ],
 )
 def test_training_raises_the_margin_of_training_pairs(tiny, tmp_path, objective, reference):
-    result = train(tiny, tmp_path / "run", f"objective.name={objective}", f"reference.mode={reference}", "reference.tau=3")
+    result = train(
+        tiny,
+        tmp_path / "run",
+        f"objective.name={objective}",
+        f"reference.mode={reference}",
+        "reference.tau=3",
+    )
     assert result.steps == 8
-    assert preference_margin(tmp_path / "run" / "final", tiny) > preference_margin(tiny["model"], tiny) + 0.1
+    assert (
+        preference_margin(tmp_path / "run" / "final", tiny)
+        > preference_margin(tiny["model"], tiny) + 0.1
+    )
     assert (tmp_path / "run" / "final" / "model.safetensors").exists()
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 8 and "rewards/accuracies" in json.loads(lines[-1])
@@ -92,14 +127,32 @@ def test_training_raises_the_margin_of_training_pairs(tiny, tmp_path, objective,
 
 def test_kto_trains_on_unpaired_data(tiny, tmp_path):
     # The unpaired file holds each pair's chosen as desirable and rejected as undesirable.
-    result = train(tiny, tmp_path / "kto", "objective.name=kto", f"data.path={tiny['unpaired']}", "reference.mode=soft")
-    assert preference_margin(tmp_path / "kto" / "final", tiny) > preference_margin(tiny["model"], tiny) + 0.1
+    result = train(
+        tiny,
+        tmp_path / "kto",
+        "objective.name=kto",
+        f"data.path={tiny['unpaired']}",
+        "reference.mode=soft",
+    )
+    assert (
+        preference_margin(tmp_path / "kto" / "final", tiny)
+        > preference_margin(tiny["model"], tiny) + 0.1
+    )
     assert "kl" in result.history[-1]
 
 
 def test_lora_policy_with_soft_reference_adapter(tiny, tmp_path):
-    train(tiny, tmp_path / "lora", "model.lora={r: 4, alpha: 8}", "reference.mode=soft", "trainer.lr=1e-2")
-    assert preference_margin(tmp_path / "lora" / "final", tiny) > preference_margin(tiny["model"], tiny) + 0.1
+    train(
+        tiny,
+        tmp_path / "lora",
+        "model.lora={r: 4, alpha: 8}",
+        "reference.mode=soft",
+        "trainer.lr=1e-2",
+    )
+    assert (
+        preference_margin(tmp_path / "lora" / "final", tiny)
+        > preference_margin(tiny["model"], tiny) + 0.1
+    )
     assert (tmp_path / "lora" / "final" / "adapter_config.json").exists()
 
 
@@ -110,8 +163,17 @@ def test_user_objective_from_code_file(tiny, tmp_path):
         "def sharp(pc, pr, rc, rr, beta=0.5):\n"
         "    return -F.logsigmoid(2 * beta * ((pc - pr) - (rc - rr)))\n"
     )
-    train(tiny, tmp_path / "user", f"objective.code={code}:sharp", "reference.mode=hard", "reference.tau=2")
-    assert preference_margin(tmp_path / "user" / "final", tiny) > preference_margin(tiny["model"], tiny) + 0.1
+    train(
+        tiny,
+        tmp_path / "user",
+        f"objective.code={code}:sharp",
+        "reference.mode=hard",
+        "reference.tau=2",
+    )
+    assert (
+        preference_margin(tmp_path / "user" / "final", tiny)
+        > preference_margin(tiny["model"], tiny) + 0.1
+    )
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_last_checkpoint(tiny, tmp_path):
@@ -157,12 +219,20 @@ def test_held_out_pair_accuracy_is_measured_against_the_initial_policy(tiny, tmp
     from prefalign.reference import ModelReference
 
     out = tmp_path / mode
-    result = train(tiny, out, f"reference.mode={mode}", f"data.eval_path={tiny['pairs']}", "trainer.max_steps=4")
+    result = train(
+        tiny,
+        out,
+        f"reference.mode={mode}",
+        f"data.eval_path={tiny['pairs']}",
+        "trainer.max_steps=4",
+    )
     last = result.history[-1]
     tokenizer = load_tokenizer(out / "final")
     config = load_config(PreferenceConfig, None, overrides(tiny, out))
     initial = ModelReference(load_model(tiny["model"]))
-    expected = pair_metrics(load_model(out / "final"), initial, tokenizer, str(tiny["pairs"]), 0.5, config.data)
+    expected = pair_metrics(
+        load_model(out / "final"), initial, tokenizer, str(tiny["pairs"]), 0.5, config.data
+    )
     assert last["eval/pair_margin"] == pytest.approx(expected["pair_margin"], rel=1e-4)
     assert last["eval/pair_accuracy"] == pytest.approx(expected["pair_accuracy"])
     if mode == "soft":  # labelled apart: the moving reference gives another margin
@@ -174,9 +244,20 @@ def test_held_out_pair_accuracy_is_measured_against_the_initial_policy(tiny, tmp
 def test_dpo_from_a_trained_lora_adapter_starts_at_its_reference(tiny, tmp_path):
     # Stage 1 trains an adapter; stage 2 starts DPO from it with a frozen reference, which must
     # be that adapter (the initial policy), not the bare base: at step 1 policy == reference.
-    train(tiny, tmp_path / "stage1", "model.lora={r: 4, alpha: 8}", "trainer.lr=1e-2", "trainer.max_steps=4")
-    result = train(tiny, tmp_path / "stage2", f"model.name_or_path={tmp_path / 'stage1' / 'final'}",
-                   "reference.mode=frozen", "speed.reference_cache=off")
+    train(
+        tiny,
+        tmp_path / "stage1",
+        "model.lora={r: 4, alpha: 8}",
+        "trainer.lr=1e-2",
+        "trainer.max_steps=4",
+    )
+    result = train(
+        tiny,
+        tmp_path / "stage2",
+        f"model.name_or_path={tmp_path / 'stage1' / 'final'}",
+        "reference.mode=frozen",
+        "speed.reference_cache=off",
+    )
     first = result.history[0]
     assert first["rewards/chosen"] == 0.0 and first["rewards/rejected"] == 0.0
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
@@ -189,23 +270,42 @@ WEIGHT_FILES = {"full": "model.safetensors", "lora": "adapter_model.safetensors"
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_a_checkpoint_writes_the_weights_once_and_final_is_the_last_one(tiny, tmp_path, layout):
     out = tmp_path / layout
-    train(tiny, out, *LAYOUTS[layout], "trainer.max_steps=4", "trainer.save_every=2", "trainer.keep_checkpoints=3")
+    train(
+        tiny,
+        out,
+        *LAYOUTS[layout],
+        "trainer.max_steps=4",
+        "trainer.save_every=2",
+        "trainer.keep_checkpoints=3",
+    )
     for step in (2, 4):
         ckpt = out / "checkpoints" / f"step-{step}"
         weights = sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*.safetensors"))
         assert weights == [f"model/{WEIGHT_FILES[layout]}"], weights
     final = out / "final"
-    assert final.is_symlink() and final.resolve() == (out / "checkpoints" / "step-4" / "model").resolve()
+    assert (
+        final.is_symlink()
+        and final.resolve() == (out / "checkpoints" / "step-4" / "model").resolve()
+    )
     assert not os.path.isabs(os.readlink(final))  # the run directory can move
     assert preference_margin(final, tiny) > preference_margin(tiny["model"], tiny) + 0.1
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_resume_from_a_checkpoint_is_bit_exact(tiny, tmp_path, layout):
-    common = (*LAYOUTS[layout], "trainer.schedule=constant", "reference.mode=soft", "trainer.save_every=2")
+    common = (
+        *LAYOUTS[layout],
+        "trainer.schedule=constant",
+        "reference.mode=soft",
+        "trainer.save_every=2",
+    )
     train(tiny, tmp_path / "straight", *common, "trainer.max_steps=4")
     train(tiny, tmp_path / "resumed", *common, "trainer.max_steps=2")
-    config = load_config(PreferenceConfig, None, overrides(tiny, tmp_path / "resumed", *common, "trainer.max_steps=4"))
+    config = load_config(
+        PreferenceConfig,
+        None,
+        overrides(tiny, tmp_path / "resumed", *common, "trainer.max_steps=4"),
+    )
     result = run_preference(config, resume=True, log=lambda *_: None)
     assert result.steps == 4
     a = load_file(tmp_path / "straight" / "final" / WEIGHT_FILES[layout])
@@ -218,8 +318,14 @@ def test_resume_from_a_checkpoint_is_bit_exact(tiny, tmp_path, layout):
 def test_the_trainer_seed_decides_the_lora_adapters_init(tiny, tmp_path):
     def adapter(name: str, seed: int) -> dict[str, torch.Tensor]:
         torch.manual_seed(1234 + len(name))  # the global RNG state before a run must not matter
-        train(tiny, tmp_path / name, "model.lora={r: 4, alpha: 8}", f"trainer.seed={seed}", "trainer.max_steps=1",
-              "trainer.lr=1e-9")
+        train(
+            tiny,
+            tmp_path / name,
+            "model.lora={r: 4, alpha: 8}",
+            f"trainer.seed={seed}",
+            "trainer.max_steps=1",
+            "trainer.lr=1e-9",
+        )
         return load_file(tmp_path / name / "final" / "adapter_model.safetensors")
 
     a, again, other = adapter("a", 0), adapter("again", 0), adapter("other", 1)
@@ -231,13 +337,22 @@ def test_the_trainer_seed_decides_the_lora_adapters_init(tiny, tmp_path):
 def cli_train(tiny, out: Path, *extra: str, env=None) -> subprocess.Popen:
     return subprocess.Popen(
         [*PREFALIGN, "train", *overrides(tiny, out, *extra)],
-        cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 
 @pytest.mark.slow
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny, tmp_path):
-    args = ("reference.mode=soft", "trainer.max_steps=60", "trainer.save_every=4", "trainer.log_every=10")
+    args = (
+        "reference.mode=soft",
+        "trainer.max_steps=60",
+        "trainer.save_every=4",
+        "trainer.log_every=10",
+    )
     straight = cli_train(tiny, tmp_path / "straight", *args)
     assert straight.wait(timeout=300) == 0, straight.stdout.read()
 
@@ -265,15 +380,32 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny, tmp_path):
 def test_two_processes_match_one_process_with_double_batch(tiny, tmp_path):
     # Adam turns a gradient of 1e-12 into a full-size step of either sign; a larger epsilon keeps
     # summation-order noise (one batch of 8 vs two all-reduced batches of 4) from flipping those.
-    common = ("reference.mode=soft", "trainer.max_steps=4", "trainer.lr=1e-3", "trainer.adam_epsilon=1e-4")
+    common = (
+        "reference.mode=soft",
+        "trainer.max_steps=4",
+        "trainer.lr=1e-3",
+        "trainer.adam_epsilon=1e-4",
+    )
     one = cli_train(tiny, tmp_path / "one", *common, "trainer.batch_size=8")
     assert one.wait(timeout=300) == 0, one.stdout.read()
     # torchrun starts the processes; accelerate joins them in one gloo group on CPU.
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-              "-m", "prefalign.cli"]
+    launch = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "prefalign.cli",
+    ]
     two = subprocess.run(
         [*launch, "train", *overrides(tiny, tmp_path / "two", *common), "trainer.batch_size=4"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert two.returncode == 0, two.stdout + two.stderr
     a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
@@ -289,13 +421,33 @@ def test_kto_with_two_processes_whose_batches_hold_different_labels(tiny, tmp_pa
     kept = [r for i, r in enumerate(rows) if r["label"] or i % 6 == 1]
     data = tmp_path / "skewed.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-              "-m", "prefalign.cli"]
-    args = overrides(tiny, tmp_path / "two", "objective.name=kto", f"data.path={data}", "reference.mode=soft",
-                     "trainer.batch_size=2", "trainer.max_steps=12")
-    two = subprocess.run([*launch, "train", *args], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    launch = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "prefalign.cli",
+    ]
+    args = overrides(
+        tiny,
+        tmp_path / "two",
+        "objective.name=kto",
+        f"data.path={data}",
+        "reference.mode=soft",
+        "trainer.batch_size=2",
+        "trainer.max_steps=12",
+    )
+    two = subprocess.run(
+        [*launch, "train", *args], cwd=ROOT, capture_output=True, text=True, timeout=240
+    )
     assert two.returncode == 0, two.stdout + two.stderr
-    records = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert len(records) == 12
     keys = {frozenset(r) for r in records}
     assert len(keys) == 1 and {"rewards/chosen", "rewards/rejected", "kl"} <= next(iter(keys))
@@ -315,8 +467,16 @@ def free_port() -> int:
 def test_missing_data_file_is_a_one_line_cli_error(tiny, tmp_path):
     """A missing data file is a one-line user error from the CLI, exit code 2."""
     proc = subprocess.run(
-        [*PREFALIGN, "train", f"model.name_or_path={tiny['model']}", "data.path=/nonexistent/pairs.jsonl"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        [
+            *PREFALIGN,
+            "train",
+            f"model.name_or_path={tiny['model']}",
+            "data.path=/nonexistent/pairs.jsonl",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "pairs.jsonl" in proc.stderr

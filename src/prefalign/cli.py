@@ -51,7 +51,9 @@ def demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
     p.add_argument("--world", default="toy", help="the world family the rows run on (default: toy)")
     p.add_argument("--tasks", help="comma-separated tasks of the world (default: all of them)")
-    p.add_argument("--seeds", type=int, help="seeds of the banded rows (default: 3, 1 with --quick)")
+    p.add_argument(
+        "--seeds", type=int, help="seeds of the banded rows (default: 3, 1 with --quick)"
+    )
 
 
 def toy_build_arguments(p: argparse.ArgumentParser) -> None:
@@ -68,7 +70,8 @@ def model_import_arguments(p: argparse.ArgumentParser) -> None:
 def eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model directory or hub id")
     p.add_argument(
-        "--task", required=True,
+        "--task",
+        required=True,
         help="a task: toy:sentiment (or sentiment), toy:arith, toy:brevity, "
         "user:PROMPTS.jsonl:module:function, user:TASK.yaml",
     )
@@ -78,24 +81,42 @@ def eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the result (with samples) as JSON here")
-    p.add_argument("--compare", nargs="+", metavar="NAME=PATH",
-                   help="compare several models on the same prompts")
-    p.add_argument("--judge-url",
-                   help="OpenAI-compatible endpoint of an LLM judge "
-                   "(win rate against the reference)")
+    p.add_argument(
+        "--compare",
+        nargs="+",
+        metavar="NAME=PATH",
+        help="compare several models on the same prompts",
+    )
+    p.add_argument(
+        "--judge-url",
+        help="OpenAI-compatible endpoint of an LLM judge (win rate against the reference)",
+    )
     p.add_argument("--judge-model", default="gpt-4o-mini")
-    p.add_argument("--judge-api-key-env", default="OPENAI_API_KEY",
-                   help="variable holding the judge's API key; NONE for an endpoint without keys")
+    p.add_argument(
+        "--judge-api-key-env",
+        default="OPENAI_API_KEY",
+        help="variable holding the judge's API key; NONE for an endpoint without keys",
+    )
     p.add_argument("--judge-concurrency", type=int, default=4)
     p.add_argument("--judge-timeout", type=float, default=60.0, help="seconds per judge request")
-    p.add_argument("--judge-retries", type=int, default=3,
-                   help="retries of one judgment after its first attempt")
+    p.add_argument(
+        "--judge-retries",
+        type=int,
+        default=3,
+        help="retries of one judgment after its first attempt",
+    )
     p.add_argument("--judge-max-tokens", type=int, default=512, help="bound on each judge reply")
-    p.add_argument("--judge-on-error", choices=["skip", "raise"], default="skip",
-                   help="skip: count failed judgments and finish (default); "
-                   "raise: exit with an error")
-    p.add_argument("--judge-json-mode", action="store_true",
-                   help='ask for response_format {"type": "json_object"} and a JSON verdict')
+    p.add_argument(
+        "--judge-on-error",
+        choices=["skip", "raise"],
+        default="skip",
+        help="skip: count failed judgments and finish (default); raise: exit with an error",
+    )
+    p.add_argument(
+        "--judge-json-mode",
+        action="store_true",
+        help='ask for response_format {"type": "json_object"} and a JSON verdict',
+    )
 
 
 def report_arguments(p: argparse.ArgumentParser) -> None:
@@ -105,12 +126,15 @@ def report_arguments(p: argparse.ArgumentParser) -> None:
 
 def generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True)
-    p.add_argument("--arm", action="append", default=[],
-                   help="an ARM directory (repeat for several)")
-    p.add_argument("--alpha", action="append", default=[], type=float,
-                   help="weight of the matching --arm")
-    p.add_argument("--prompts", required=True,
-                   help="JSONL of {prompt} or a text file, one prompt a line")
+    p.add_argument(
+        "--arm", action="append", default=[], help="an ARM directory (repeat for several)"
+    )
+    p.add_argument(
+        "--alpha", action="append", default=[], type=float, help="weight of the matching --arm"
+    )
+    p.add_argument(
+        "--prompts", required=True, help="JSONL of {prompt} or a text file, one prompt a line"
+    )
     p.add_argument("--out", required=True, help="JSONL of {prompt, response}")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=1.0)
@@ -120,39 +144,91 @@ def generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32)
 
 
-GROUPS = {"toy": "the embedded toy world", "model": "model files", "rm": "reward models",
-          "arm": "GenARM autoregressive reward models"}
+GROUPS = {
+    "toy": "the embedded toy world",
+    "model": "model files",
+    "rm": "reward models",
+    "arm": "GenARM autoregressive reward models",
+}
 
 COMMANDS: tuple[Command, ...] = (
-    Command("demo", "run every method on a world (default: the embedded toy world), write a report",
-            "prefalign.demo.cli:run_demo_cli", arguments=demo_arguments),
-    Command("toy build", "build (or reuse) a toy world: corpus, tokenizer, SFT policy, data",
-            "prefalign.toy.cli:run_toy_build_cli", arguments=toy_build_arguments, overrides=True),
-    Command("model import", "convert a GGUF file (or 'smollm2') into a Hugging Face checkpoint",
-            "prefalign.cli:run_model_import", arguments=model_import_arguments),
-    Command("sft", "supervised fine-tuning on prompt/completion data", "prefalign.cli:run_sft",
-            schema="prefalign.training.sft:SFTConfig"),
-    Command("eval", "gold reward (and accuracy) and KL to a reference on held-out prompts",
-            "prefalign.cli:run_eval", arguments=eval_arguments),
-    Command("train", "offline preference training (DPO, IPO, KTO, ...) with a frozen, soft or hard "
-            "reference", "prefalign.cli:run_train",
-            schema="prefalign.training.preference:PreferenceConfig", report_dir="trainer.out_dir"),
-    Command("discover", "discover preference objectives: propose, sandbox, score on a toy proxy",
-            "prefalign.cli:run_discover", schema="prefalign.discovery.recipe:DiscoverConfig",
-            report_dir="out_dir"),
-    Command("report", "rebuild report.md and report.html of run directories from their saved files",
-            "prefalign.report:report_cli", arguments=report_arguments),
-    Command("rest", "ReST: Grow (sample + score) and Improve (filter + fine-tune), repeated",
-            "prefalign.rest.cli:run_rest_cli", schema="prefalign.rest.loop:RestConfig",
-            report_dir="out_dir"),
-    Command("rm train", "train a Bradley-Terry reward model on preference pairs",
-            "prefalign.reward_models.cli:run_rm_train_cli",
-            schema="prefalign.reward_models.train:RewardModelConfig"),
-    Command("arm train", "train an autoregressive reward model on preference pairs",
-            "prefalign.genarm.cli:run_arm_train_cli", schema="prefalign.genarm.arm:ArmConfig",
-            report_dir="trainer.out_dir"),
-    Command("generate", "sample from a model, optionally guided by ARMs (GenARM)",
-            "prefalign.genarm.cli:run_generate_cli", arguments=generate_arguments),
+    Command(
+        "demo",
+        "run every method on a world (default: the embedded toy world), write a report",
+        "prefalign.demo.cli:run_demo_cli",
+        arguments=demo_arguments,
+    ),
+    Command(
+        "toy build",
+        "build (or reuse) a toy world: corpus, tokenizer, SFT policy, data",
+        "prefalign.toy.cli:run_toy_build_cli",
+        arguments=toy_build_arguments,
+        overrides=True,
+    ),
+    Command(
+        "model import",
+        "convert a GGUF file (or 'smollm2') into a Hugging Face checkpoint",
+        "prefalign.cli:run_model_import",
+        arguments=model_import_arguments,
+    ),
+    Command(
+        "sft",
+        "supervised fine-tuning on prompt/completion data",
+        "prefalign.cli:run_sft",
+        schema="prefalign.training.sft:SFTConfig",
+    ),
+    Command(
+        "eval",
+        "gold reward (and accuracy) and KL to a reference on held-out prompts",
+        "prefalign.cli:run_eval",
+        arguments=eval_arguments,
+    ),
+    Command(
+        "train",
+        "offline preference training (DPO, IPO, KTO, ...) with a frozen, soft or hard reference",
+        "prefalign.cli:run_train",
+        schema="prefalign.training.preference:PreferenceConfig",
+        report_dir="trainer.out_dir",
+    ),
+    Command(
+        "discover",
+        "discover preference objectives: propose, sandbox, score on a toy proxy",
+        "prefalign.cli:run_discover",
+        schema="prefalign.discovery.recipe:DiscoverConfig",
+        report_dir="out_dir",
+    ),
+    Command(
+        "report",
+        "rebuild report.md and report.html of run directories from their saved files",
+        "prefalign.report:report_cli",
+        arguments=report_arguments,
+    ),
+    Command(
+        "rest",
+        "ReST: Grow (sample + score) and Improve (filter + fine-tune), repeated",
+        "prefalign.rest.cli:run_rest_cli",
+        schema="prefalign.rest.loop:RestConfig",
+        report_dir="out_dir",
+    ),
+    Command(
+        "rm train",
+        "train a Bradley-Terry reward model on preference pairs",
+        "prefalign.reward_models.cli:run_rm_train_cli",
+        schema="prefalign.reward_models.train:RewardModelConfig",
+    ),
+    Command(
+        "arm train",
+        "train an autoregressive reward model on preference pairs",
+        "prefalign.genarm.cli:run_arm_train_cli",
+        schema="prefalign.genarm.arm:ArmConfig",
+        report_dir="trainer.out_dir",
+    ),
+    Command(
+        "generate",
+        "sample from a model, optionally guided by ARMs (GenARM)",
+        "prefalign.genarm.cli:run_generate_cli",
+        arguments=generate_arguments,
+    ),
 )
 
 
@@ -251,10 +327,14 @@ def build_parser() -> argparse.ArgumentParser:
         p = where.add_parser(name, help=command.help, description=command.help)
         p.set_defaults(spec=command)
         if command.schema is not None:
-            p.add_argument("--config",
-                           help="YAML config file; key.sub=value arguments override its keys")
-            p.add_argument("--resume", action="store_true",
-                           help="continue from the newest checkpoint of out_dir")
+            p.add_argument(
+                "--config", help="YAML config file; key.sub=value arguments override its keys"
+            )
+            p.add_argument(
+                "--resume",
+                action="store_true",
+                help="continue from the newest checkpoint of out_dir",
+            )
         if command.arguments is not None:
             command.arguments(p)
     return parser
@@ -302,10 +382,12 @@ def run_train(args: argparse.Namespace, config) -> int:
     result = run_preference(config, resume=args.resume)
     last = result.history[-1] if result.history else {}
     final = str(Path(config.trainer.out_dir) / "final")
-    print(json.dumps(
-        {"steps": result.steps, "seconds": round(result.seconds, 1), "final": final, **last},
-        indent=2,
-    ))
+    print(
+        json.dumps(
+            {"steps": result.steps, "seconds": round(result.seconds, 1), "final": final, **last},
+            indent=2,
+        )
+    )
     return 0
 
 
@@ -327,8 +409,13 @@ def run_eval(args: argparse.Namespace) -> int:
     policy = load_model(args.model)
     reference = load_model(reference_path)
     result = evaluate_policy(
-        policy, tokenizer, args.task, prompts, reference=reference,
-        samples_per_prompt=args.samples_per_prompt, max_new_tokens=args.max_new_tokens,
+        policy,
+        tokenizer,
+        args.task,
+        prompts,
+        reference=reference,
+        samples_per_prompt=args.samples_per_prompt,
+        max_new_tokens=args.max_new_tokens,
         seed=args.seed,
     )
     summary = result.summary()
@@ -364,14 +451,24 @@ def run_compare(args: argparse.Namespace) -> int:
         from prefalign.evaluation.judge import JudgeConfig
 
         judge = JudgeConfig(
-            base_url=args.judge_url, model=args.judge_model, api_key_env=args.judge_api_key_env,
-            concurrency=args.judge_concurrency, timeout_s=args.judge_timeout,
-            max_retries=args.judge_retries, max_tokens=args.judge_max_tokens,
-            on_error=args.judge_on_error, json_mode=args.judge_json_mode,
+            base_url=args.judge_url,
+            model=args.judge_model,
+            api_key_env=args.judge_api_key_env,
+            concurrency=args.judge_concurrency,
+            timeout_s=args.judge_timeout,
+            max_retries=args.judge_retries,
+            max_tokens=args.judge_max_tokens,
+            on_error=args.judge_on_error,
+            json_mode=args.judge_json_mode,
         )
     rows = compare_models(
-        models, args.task, prompts, reference, judge=judge,
-        samples_per_prompt=args.samples_per_prompt, max_new_tokens=args.max_new_tokens,
+        models,
+        args.task,
+        prompts,
+        reference,
+        judge=judge,
+        samples_per_prompt=args.samples_per_prompt,
+        max_new_tokens=args.max_new_tokens,
         seed=args.seed,
     )
     print(comparison_table(rows))

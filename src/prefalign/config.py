@@ -43,9 +43,7 @@ def bounded(
 ) -> Any:
     """A dataclass field whose config value must be >= `min`, > `gt`, <= `max`, < `lt`
     (those given), checked on load with an error naming the key."""
-    return dataclasses.field(
-        default=default, metadata={"min": min, "gt": gt, "max": max, "lt": lt}
-    )
+    return dataclasses.field(default=default, metadata={"min": min, "gt": gt, "max": max, "lt": lt})
 
 
 BOUNDS = (
@@ -66,7 +64,10 @@ def check_bounds(f: dataclasses.Field, value: Any, key: str) -> None:
 
 
 def load_config(
-    schema: type[T], path: str | Path | None = None, overrides: list[str] | None = None, base: T | None = None
+    schema: type[T],
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    base: T | None = None,
 ) -> T:
     """Read YAML from `path` (if given) over `base` (a schema instance giving other defaults),
     apply `key.sub=value` overrides, validate into `schema`."""
@@ -208,13 +209,16 @@ def build(schema: type[T], raw: Any, prefix: str, base: Any = None) -> T:
     unknown = sorted(set(raw) - set(fields), key=str)  # YAML keys may be numbers
     if unknown:
         raise ConfigError(
-            f"unknown config key '{prefix}{unknown[0]}', allowed keys{' in ' + where if prefix else ''}: "
-            + ", ".join(sorted(fields))
+            f"unknown config key '{prefix}{unknown[0]}', "
+            f"allowed keys{' in ' + where if prefix else ''}: " + ", ".join(sorted(fields))
         )
     missing = [
-        name for name, f in fields.items()
-        if name not in raw and base is None
-        and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        name
+        for name, f in fields.items()
+        if name not in raw
+        and base is None
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
     ]
     if missing:
         raise ConfigError(f"config key '{prefix}{missing[0]}' is required")
@@ -226,7 +230,9 @@ def build(schema: type[T], raw: Any, prefix: str, base: Any = None) -> T:
         kwargs[name] = coerce(hints[name], value, f"{prefix}{name}", default)
         check_bounds(fields[name], kwargs[name], f"{prefix}{name}")
     if base is not None:
-        kwargs.update({name: copy.deepcopy(getattr(base, name)) for name in fields if name not in raw})
+        kwargs.update(
+            {name: copy.deepcopy(getattr(base, name)) for name in fields if name not in raw}
+        )
     return schema(**kwargs)
 
 
@@ -237,7 +243,8 @@ def field_default(f: dataclasses.Field) -> Any:
 
 
 def coerce(annotation: Any, value: Any, key: str, default: Any = None) -> Any:
-    """Check `value` against a type annotation; return it converted (int->float, dict->dataclass)."""
+    """Check `value` against a type annotation; return it converted (int->float,
+    dict->dataclass)."""
     origin = get_origin(annotation)
     if annotation is Any:
         return value
@@ -253,7 +260,11 @@ def coerce(annotation: Any, value: Any, key: str, default: Any = None) -> Any:
                 return coerce(option, value, key, default)
             except ConfigError as err:
                 errors.append(str(err))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"config key '{key}': {value!r} fits none of {describe(annotation)}")
+        raise ConfigError(
+            errors[0]
+            if len(errors) == 1
+            else f"config key '{key}': {value!r} fits none of {describe(annotation)}"
+        )
     if origin is Literal:
         allowed = get_args(annotation)
         if isinstance(value, bool) and value not in allowed:
@@ -263,10 +274,18 @@ def coerce(annotation: Any, value: Any, key: str, default: Any = None) -> Any:
             if len(matches) == 1:
                 return matches[0]
         if not any(type(value) is type(a) and value == a for a in allowed):  # True is not 1
-            raise ConfigError(f"config key '{key}': got {value!r}, allowed: " + ", ".join(repr(a) for a in allowed))
+            raise ConfigError(
+                f"config key '{key}': got {value!r}, allowed: "
+                + ", ".join(repr(a) for a in allowed)
+            )
         return value
     if dataclasses.is_dataclass(annotation):
-        return build(annotation, value, prefix=f"{key}.", base=default if isinstance(default, annotation) else None)
+        return build(
+            annotation,
+            value,
+            prefix=f"{key}.",
+            base=default if isinstance(default, annotation) else None,
+        )
     if origin in (list, tuple) or annotation in (list, tuple):
         if not isinstance(value, list):
             raise ConfigError(f"config key '{key}': expected a list, got {value!r}")

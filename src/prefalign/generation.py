@@ -38,7 +38,8 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int = 0
     batch_size: int = 64
-    stop_at_eos: bool = True  # False: every row decodes max_new_tokens (equal lengths for benchmarks)
+    # False: every row decodes max_new_tokens (equal lengths for benchmarks)
+    stop_at_eos: bool = True
 
 
 @dataclass
@@ -89,7 +90,9 @@ class CachedModel:
         return torch.log_softmax(out.logits[:, -1].float(), dim=-1)
 
 
-def pad_left(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_left(
+    rows: Sequence[Sequence[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
     mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
@@ -100,8 +103,11 @@ def pad_left(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -
     return ids, mask
 
 
-def pick_tokens(scores: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
-    """Choose next tokens from log-space scores [B, V]: greedy, or temperature/top-k/top-p sampling."""
+def pick_tokens(
+    scores: torch.Tensor, params: SamplingParams, generator: torch.Generator
+) -> torch.Tensor:
+    """Choose next tokens from log-space scores [B, V]: greedy, or temperature / top-k / top-p
+    sampling."""
     if params.temperature == 0:
         return scores.argmax(dim=-1)
     scores = scores / params.temperature
@@ -190,17 +196,29 @@ def generate(
     if next(model.parameters()).device.type != "cpu":
         generator = torch.Generator(device=next(model.parameters()).device).manual_seed(params.seed)
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
-    cached_guides = [CachedModel(g.eval(), use_cache) if isinstance(g, torch.nn.Module) else g for g in guides]
+    cached_guides = [
+        CachedModel(g.eval(), use_cache) if isinstance(g, torch.nn.Module) else g for g in guides
+    ]
     results: list[Generation] = []
     for start in range(0, len(encoded), params.batch_size):
         chunk = encoded[start : start + params.batch_size]
         step_fn = None
         if on_step is not None:
+
             def step_fn(rows, tokens, scores, offset=start):
                 on_step([offset + r for r in rows], tokens, scores)
+
         responses = generate_batch(
-            model, chunk, tokenizer.eos_token_id, tokenizer.pad_token_id, params, generator, score_fn, cached_guides,
-            use_cache=use_cache, on_step=step_fn,
+            model,
+            chunk,
+            tokenizer.eos_token_id,
+            tokenizer.pad_token_id,
+            params,
+            generator,
+            score_fn,
+            cached_guides,
+            use_cache=use_cache,
+            on_step=step_fn,
         )
         for p, r in zip(chunk, responses, strict=True):
             results.append(Generation(p, r, tokenizer.decode(r, skip_special_tokens=True)))

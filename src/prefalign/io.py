@@ -201,7 +201,9 @@ def read_jsonl(path: str | Path, *, objects: bool = True) -> list[Any]:
     rows = []
     for n, value in iter_jsonl(path):
         if objects and not isinstance(value, dict):
-            raise JsonlError(path, n, f"expected a JSON object, got {_type_name(value)}", "not_object")
+            raise JsonlError(
+                path, n, f"expected a JSON object, got {_type_name(value)}", "not_object"
+            )
         rows.append(value)
     return rows
 
@@ -210,7 +212,9 @@ def _type_name(value: Any) -> str:
     return {dict: "object", list: "list", type(None): "null"}.get(type(value), type(value).__name__)
 
 
-def read_prompts(path: str | Path, *, label: str = "prompts file", field: str = "prompt") -> list[str]:
+def read_prompts(
+    path: str | Path, *, label: str = "prompts file", field: str = "prompt"
+) -> list[str]:
     """Prompts from a JSONL file of `{"prompt": ...}` objects (`.jsonl`/`.ndjson`), or from any
     other file as one prompt a line. `label` names the file in errors (e.g. a config key)."""
     path = Path(path)
@@ -222,7 +226,9 @@ def read_prompts(path: str | Path, *, label: str = "prompts file", field: str = 
             if not isinstance(row, dict) or not isinstance(row.get(field), str):
                 got = _type_name(row.get(field)) if isinstance(row, dict) else _type_name(row)
                 raise JsonlError(
-                    path, n, f"expected an object with a string field '{field}', got {got}",
+                    path,
+                    n,
+                    f"expected an object with a string field '{field}', got {got}",
                     "not_prompt",
                 )
             prompts.append(row[field])
@@ -231,7 +237,9 @@ def read_prompts(path: str | Path, *, label: str = "prompts file", field: str = 
             text = path.read_bytes().decode("utf-8-sig")
         except UnicodeDecodeError as exc:
             line = path.read_bytes()[: exc.start].count(b"\n") + 1
-            raise FileContentError(f"{path}:{line}: invalid UTF-8; save the file as UTF-8") from None
+            raise FileContentError(
+                f"{path}:{line}: invalid UTF-8; save the file as UTF-8"
+            ) from None
         prompts = [line for line in text.splitlines() if line.strip()]
     if not prompts:
         raise FileContentError(f"{label} {path} holds no prompts")

@@ -93,6 +93,7 @@ class ChatClient:
 
     `max_tokens`, `temperature` and `json_mode` (`response_format: {"type": "json_object"}`)
     are the request's defaults; None leaves a parameter out (some endpoints refuse it).
+    `extra_body` is merged into every request body (an endpoint's own parameters).
     `requests` counts the HTTP requests sent, retries included.
     """
 
@@ -110,6 +111,7 @@ class ChatClient:
         max_tokens: int | None = None,
         json_mode: bool = False,
         max_reply_bytes: int = 1 << 20,
+        extra_body: dict[str, Any] | None = None,
         who: str = "LLM",
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
@@ -133,6 +135,7 @@ class ChatClient:
         self.max_tokens = max_tokens
         self.json_mode = json_mode
         self.max_reply_bytes = max_reply_bytes
+        self.extra_body = dict(extra_body or {})
         self.who = who
         self.sleep = sleep
         self.requests = 0
@@ -192,7 +195,7 @@ class ChatClient:
             body["max_tokens"] = self.max_tokens
         if self.json_mode:
             body["response_format"] = {"type": "json_object"}
-        return json.dumps(body).encode()
+        return json.dumps({**body, **self.extra_body}).encode()
 
     def _attempt(self, messages: list[dict[str, str]], temperature: float | None) -> str:
         """The reply text of one request; _Failed saying whether a retry may help."""

@@ -66,7 +66,9 @@ def mix_layers_(layers: list[tuple[torch.Tensor, ...]], weight: float) -> float:
 
 
 @torch.no_grad()
-def copy_factors_(a_ref: torch.Tensor, b_ref: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+def copy_factors_(
+    a_ref: torch.Tensor, b_ref: torch.Tensor, a: torch.Tensor, b: torch.Tensor
+) -> None:
     """Set `b_ref @ a_ref` to `b @ a` exactly: the policy's factors in the first r slots."""
     r = a.shape[0]
     a_ref.zero_()

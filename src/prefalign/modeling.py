@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,7 +169,13 @@ def add_lora(model: PreTrainedModel, spec: LoraSpec, adapter_name: str = "defaul
         target_modules=spec.target_modules,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config, adapter_name=adapter_name)
+    with warnings.catch_warnings():
+        # peft asks transformers for the old `is_gradient_checkpointing` name, which warns on
+        # every LoRA run; the call is peft's, so it is silenced here, for that message only.
+        warnings.filterwarnings(
+            "ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning
+        )
+        return get_peft_model(model, config, adapter_name=adapter_name)
 
 
 def is_peft_model(model: torch.nn.Module) -> bool:

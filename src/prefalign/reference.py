@@ -60,13 +60,19 @@ class ReferenceSpec:
 
     def __post_init__(self) -> None:
         if self.mode not in ("frozen", "soft", "hard", "none"):
-            raise ValueError(f"reference mode must be frozen, soft, hard or none, got {self.mode!r}")
+            raise ValueError(
+                f"reference mode must be frozen, soft, hard or none, got {self.mode!r}"
+            )
         if not 0.0 < self.alpha <= 1.0:
             raise ValueError(f"reference alpha must be in (0, 1], got {self.alpha}")
         if self.lora_rank < 0:
-            raise ValueError(f"reference lora_rank must be >= 0 (0: 4x the policy's rank), got {self.lora_rank}")
+            raise ValueError(
+                f"reference lora_rank must be >= 0 (0: 4x the policy's rank), got {self.lora_rank}"
+            )
         if self.period < 1 or self.tau < 1:
-            raise ValueError(f"reference period and tau must be >= 1, got {self.period}, {self.tau}")
+            raise ValueError(
+                f"reference period and tau must be >= 1, got {self.period}, {self.tau}"
+            )
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -78,15 +84,19 @@ class _TensorPairs:
     """(reference, policy) tensor pairs grouped by (device, dtype): one foreach call per group."""
 
     def __init__(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        groups: dict[tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        groups: dict[
+            tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], list[torch.Tensor]]
+        ] = {}
         for ref, pol in pairs:
             # Sharded (DTensor) parameters: update this process's shards in place, a purely
             # local operation, as policy and reference are sharded alike.
             ref, pol = _local(ref), _local(pol)
             if ref.shape != pol.shape or ref.dtype != pol.dtype or ref.device != pol.device:
                 raise ValueError(
-                    f"reference/policy tensor mismatch: {tuple(ref.shape)} {ref.dtype} {ref.device} "
-                    f"vs {tuple(pol.shape)} {pol.dtype} {pol.device} (build the reference after moving the policy)"
+                    "reference/policy tensor mismatch: "
+                    f"{tuple(ref.shape)} {ref.dtype} {ref.device} "
+                    f"vs {tuple(pol.shape)} {pol.dtype} {pol.device} "
+                    "(build the reference after moving the policy)"
                 )
             refs, pols = groups.setdefault((ref.device, ref.dtype), ([], []))
             refs.append(ref)
@@ -124,7 +134,8 @@ def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
 
 
 class ReferencePolicy:
-    """Scores sequences with the reference and applies trust-region updates after optimizer steps."""
+    """Scores sequences with the reference and applies trust-region updates after optimizer
+    steps."""
 
     def __init__(self, spec: ReferenceSpec) -> None:
         self.spec = spec
@@ -170,11 +181,14 @@ class ReferencePolicy:
     def load_state_dict(self, state: dict) -> None:
         saved_mode = state["spec"]["mode"]
         if saved_mode != self.spec.mode:
-            raise ValueError(f"checkpoint holds a {saved_mode!r} reference, this run uses {self.spec.mode!r}")
+            raise ValueError(
+                f"checkpoint holds a {saved_mode!r} reference, this run uses {self.spec.mode!r}"
+            )
         self._load_weights(state["weights"])
 
     def save_pretrained(self, path: str | Path) -> None:
-        """Write the reference in Hugging Face format (a LoRA reference adapter as a peft adapter)."""
+        """Write the reference in Hugging Face format (a LoRA reference adapter as a peft
+        adapter)."""
         raise NotImplementedError
 
     # Variant hooks.
@@ -246,7 +260,8 @@ class FullReference(ReferencePolicy):
     def _pairs(self) -> _TensorPairs:
         return self._tensor_pairs
 
-    # Frozen weights are state too: on resume the policy has moved, so a fresh copy of it would be wrong.
+    # Frozen weights are state too: on resume the policy has moved, so a fresh copy of it would
+    # be wrong.
     def _weights(self) -> dict[str, torch.Tensor]:
         return self.model.state_dict()
 
@@ -257,7 +272,9 @@ class FullReference(ReferencePolicy):
         self.model.save_pretrained(str(path))
 
 
-def _full_pairs(ref: torch.nn.Module, policy: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _full_pairs(
+    ref: torch.nn.Module, policy: torch.nn.Module
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Matching parameters and floating buffers; named_parameters() yields tied tensors once."""
     pol_params = dict(policy.named_parameters())
     pairs = [(p, pol_params[name]) for name, p in ref.named_parameters()]
@@ -282,7 +299,9 @@ class LoraReference(ReferencePolicy):
         self._tensor_pairs = None
         self._factors: list[tuple[torch.Tensor, ...]] = []  # soft: (A_ref, B_ref, A, B) per layer
         self.truncation_error = 0.0  # soft: the largest dropped share of a mixture, last update
-        self.uses_base = spec.mode == "frozen" and not adapter_changes_output(self.model, self.policy_adapter)
+        self.uses_base = spec.mode == "frozen" and not adapter_changes_output(
+            self.model, self.policy_adapter
+        )
         if self.uses_base:
             return
         if REFERENCE_ADAPTER in self.model.peft_config:
@@ -303,7 +322,9 @@ class LoraReference(ReferencePolicy):
         if self.spec.mode == "soft":
             self._factors = _lora_factors(self.model, self.policy_adapter)
             factor_ids = {id(t) for group in self._factors for t in group}
-            pairs = [pair for pair in pairs if id(pair[1][0]) not in factor_ids]  # e.g. modules_to_save
+            pairs = [
+                pair for pair in pairs if id(pair[1][0]) not in factor_ids
+            ]  # e.g. modules_to_save
         self._tensor_pairs = _TensorPairs([pair for _, pair in pairs])
         # Flags to put back after peft's set_adapter, which flips requires_grad between adapters.
         self._adapter_params = self._ref_params + [pol for _, (_, pol) in all_pairs]
@@ -331,9 +352,9 @@ class LoraReference(ReferencePolicy):
     def rebind(self, policy: torch.nn.Module) -> None:
         if self._factors:
             raise NotImplementedError(
-                "a soft LoRA reference mixes whole factor products (an SVD per layer), which sharded "
-                "factors do not allow; under trainer.fsdp use reference.mode hard or frozen, or a "
-                "full-model policy"
+                "a soft LoRA reference mixes whole factor products (an SVD per layer), which "
+                "sharded factors do not allow; under trainer.fsdp use reference.mode hard or "
+                "frozen, or a full-model policy"
             )
         if self._tensor_pairs is not None:
             self._bind()
@@ -369,11 +390,17 @@ class LoraReference(ReferencePolicy):
         if self.uses_base:
             return super()._load_weights(weights)
         if set(weights) != set(self._ref_names) or any(
-            weights[n].shape != p.shape for n, p in zip(self._ref_names, self._ref_params, strict=True)
+            weights[n].shape != p.shape
+            for n, p in zip(self._ref_names, self._ref_params, strict=True)
         ):
-            raise ValueError("checkpoint reference adapter does not match this model's adapter layout")
+            raise ValueError(
+                "checkpoint reference adapter does not match this model's adapter layout"
+            )
         with torch.no_grad():
-            sources = [weights[name].to(p.device) for name, p in zip(self._ref_names, self._ref_params, strict=True)]
+            sources = [
+                weights[name].to(p.device)
+                for name, p in zip(self._ref_names, self._ref_params, strict=True)
+            ]
             torch._foreach_copy_(self._ref_params, sources)
 
     def save_pretrained(self, path: str | Path) -> None:
@@ -382,7 +409,8 @@ class LoraReference(ReferencePolicy):
         if self.uses_base:
             self._save_base(path)
             return
-        # peft writes non-default adapters into a subfolder named after the adapter; lift it to `path`.
+        # peft writes non-default adapters into a subfolder named after the adapter; lift it to
+        # `path`.
         with tempfile.TemporaryDirectory(dir=path) as tmp:
             self.model.save_pretrained(tmp, selected_adapters=[REFERENCE_ADAPTER])
             for item in (Path(tmp) / REFERENCE_ADAPTER).iterdir():
@@ -392,7 +420,9 @@ class LoraReference(ReferencePolicy):
         try:
             from peft.utils.save_and_load import get_base_model_state_dict
         except ImportError as err:  # added in recent peft releases
-            raise RuntimeError("saving a frozen LoRA reference (the base model) needs a newer peft") from err
+            raise RuntimeError(
+                "saving a frozen LoRA reference (the base model) needs a newer peft"
+            ) from err
         state = get_base_model_state_dict(self.model)
         self.model.get_base_model().save_pretrained(str(path), state_dict=state)
 
@@ -400,7 +430,8 @@ class LoraReference(ReferencePolicy):
 def _adapter_pairs(
     model: torch.nn.Module, adapter: str
 ) -> list[tuple[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """(reference name, (reference tensor, policy tensor)) for every tensor of the policy adapter."""
+    """(reference name, (reference tensor, policy tensor)) for every tensor of the policy
+    adapter."""
     params = dict(model.named_parameters())
     pairs = []
     for name, pol in params.items():
@@ -413,7 +444,8 @@ def _adapter_pairs(
     shared = [n for n, p in params.items() if p.requires_grad and id(p) not in adapter_ids]
     if shared:
         warnings.warn(
-            f"{len(shared)} trainable tensors outside the LoRA adapter (e.g. {shared[0]}) are shared by "
+            f"{len(shared)} trainable tensors outside the LoRA adapter (e.g. {shared[0]}) "
+            "are shared by "
             "policy and reference, so the trust region does not cover them",
             stacklevel=3,
         )
@@ -447,7 +479,11 @@ def adapter_changes_output(model: torch.nn.Module, adapter: str) -> bool:
 
 def _soft_adapter_config(config, spec: ReferenceSpec):
     """The soft reference adapter: rank `spec.lora_rank` (4x the policy's by default)."""
-    if getattr(config, "use_dora", False) or getattr(config, "rank_pattern", None) or getattr(config, "alpha_pattern", None):
+    if (
+        getattr(config, "use_dora", False)
+        or getattr(config, "rank_pattern", None)
+        or getattr(config, "alpha_pattern", None)
+    ):
         raise NotImplementedError(
             "reference.mode 'soft' mixes LoRA weight updates B@A at one rank and scale; DoRA and "
             "per-module rank or alpha patterns are not supported (use mode 'hard' or 'frozen')"
@@ -470,17 +506,25 @@ def _lora_factors(model: torch.nn.Module, adapter: str) -> list[tuple[torch.Tens
     groups = []
     for module in _lora_layers(model, adapter):
         if adapter in getattr(module, "lora_embedding_A", {}):
-            raise NotImplementedError("reference.mode 'soft' does not support LoRA on embeddings yet")
+            raise NotImplementedError(
+                "reference.mode 'soft' does not support LoRA on embeddings yet"
+            )
         module.scaling[REFERENCE_ADAPTER] = module.scaling[adapter]
-        if any(_is_sharded(w) for w in (module.lora_A[adapter].weight, module.lora_B[adapter].weight)):
+        if any(
+            _is_sharded(w) for w in (module.lora_A[adapter].weight, module.lora_B[adapter].weight)
+        ):
             raise NotImplementedError(
                 "reference.mode 'soft' mixes whole LoRA factors (QR and SVD); under FSDP they are "
                 "sharded: use mode 'hard' or 'frozen', or data parallel for a LoRA policy"
             )
-        groups.append((
-            module.lora_A[REFERENCE_ADAPTER].weight, module.lora_B[REFERENCE_ADAPTER].weight,
-            module.lora_A[adapter].weight, module.lora_B[adapter].weight,
-        ))
+        groups.append(
+            (
+                module.lora_A[REFERENCE_ADAPTER].weight,
+                module.lora_B[REFERENCE_ADAPTER].weight,
+                module.lora_A[adapter].weight,
+                module.lora_B[adapter].weight,
+            )
+        )
     return groups
 
 

@@ -32,5 +32,7 @@ def import_python_file(path_text: str, label: str, module_prefix: str) -> Module
         spec.loader.exec_module(module)
     except Exception as err:
         sys.modules.pop(module_name, None)
-        raise UserFileError(f"{label} file {path_text} failed to import: {type(err).__name__}: {err}") from err
+        raise UserFileError(
+            f"{label} file {path_text} failed to import: {type(err).__name__}: {err}"
+        ) from err
     return module

@@ -35,7 +35,8 @@ def collate_unpaired(
     """
     if len(examples) < 2:
         raise ConfigError(
-            f"an unpaired (KTO) batch needs at least 2 examples to build its KL batch, got {len(examples)}; "
+            "an unpaired (KTO) batch needs at least 2 examples to build its KL batch, "
+            f"got {len(examples)}; "
             "raise the batch size or drop the last partial batch"
         )
     prompts = [e.prompt_ids for e in examples]
@@ -48,4 +49,3 @@ def collate_unpaired(
     kl = collate_prompt_response(prompts, shifted, pad_id)
     batch.update({f"kl_{k}": v for k, v in kl.items()})
     return batch
-

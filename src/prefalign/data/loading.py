@@ -61,7 +61,10 @@ def open_source(path_or_id: str | Path, split: str = "train") -> Source:
         hub_id = name.removeprefix(HUB_PREFIX)
         if not HUB_ID.match(hub_id):
             raise DataError(
-                name, None, "not a hub dataset id (hf:owner/name)", reason="not_found",
+                name,
+                None,
+                "not a hub dataset id (hf:owner/name)",
+                reason="not_found",
                 row_level=False,
             )
         return _datasets_source(hub_id, split, local=False)
@@ -281,5 +284,6 @@ def load_sft_data(
     skip_invalid: bool = False,
     split: str = "train",
 ) -> LoadResult[PromptCompletionRecord]:
-    """Load prompt/completion rows, or conversational `messages` rows ending in an assistant turn."""
+    """Load prompt/completion rows, or conversational `messages` rows ending in an assistant
+    turn."""
     return _load(path_or_id, sft_record, SFT_COLUMNS, tokenizer, skip_invalid, split)

@@ -156,7 +156,8 @@ class _Budget:
             raise DataError(
                 record.source,
                 record.line,
-                f"{len(ids)} prompt tokens leave no room for the response within max_length={self.max_length} "
+                f"{len(ids)} prompt tokens leave no room for the response "
+                f"within max_length={self.max_length} "
                 f"(max_prompt_length={limit}); lower max_prompt_length or raise max_length",
                 field="prompt",
                 reason="no_room_for_response",
@@ -253,7 +254,10 @@ def tokenize_unpaired(
     """Tokenize KTO rows; same layout and truncation as `tokenize_preference`."""
     budget = _Budget(tokenizer, max_length, max_prompt_length, truncation, add_eos)
     return _tokenize_completions(
-        records, budget, skip_invalid, lambda r, p, c, cut: TokenizedUnpaired(p, c, r.label, truncated=cut)
+        records,
+        budget,
+        skip_invalid,
+        lambda r, p, c, cut: TokenizedUnpaired(p, c, r.label, truncated=cut),
     )
 
 
@@ -274,8 +278,11 @@ def tokenize_sft(
     )
 
 
-def _tokenize_completions(records: Sequence[Any], budget: _Budget, skip_invalid: bool, make: Callable) -> tuple[list, Counter[str]]:
-    """Rows with one `completion` each (KTO, SFT): encode, truncate, then `make(record, prompt, completion, truncated)`."""
+def _tokenize_completions(
+    records: Sequence[Any], budget: _Budget, skip_invalid: bool, make: Callable
+) -> tuple[list, Counter[str]]:
+    """Rows with one `completion` each (KTO, SFT): encode, truncate, then
+    `make(record, prompt, completion, truncated)`."""
     rows = list(
         zip(
             budget.prompts([r.prompt for r in records]),

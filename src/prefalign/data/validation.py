@@ -159,7 +159,8 @@ def check_messages(value: Any, name: str, row: Row, *, response: bool) -> list[d
 
 
 class Renderer:
-    """Renders conversational rows with a chat template; the prompt text is shared by its responses."""
+    """Renders conversational rows with a chat template; the prompt text is shared by its
+    responses."""
 
     def __init__(self, prompt: list[dict], row: Row) -> None:
         tokenizer = row.tokenizer
@@ -309,7 +310,8 @@ def implicit_prompt(chosen: Any, rejected: Any, row: Row) -> tuple[str, str, str
     prompt, chosen_rest, rejected_rest = split_common_prefix(chosen, rejected)
     if not prompt.strip():
         raise row.error(
-            "no common prompt: without a 'prompt' field, 'chosen' and 'rejected' must start with the same prompt text",
+            "no common prompt: without a 'prompt' field, 'chosen' and 'rejected' must start "
+            "with the same prompt text",
             field="chosen",
             reason="no_common_prefix",
         )
@@ -338,7 +340,8 @@ def check_label(value: Any, row: Row) -> bool:
         if spelled in CSV_TRUE | CSV_FALSE:
             return spelled in CSV_TRUE
     raise row.error(
-        f"expected a boolean (true = desirable, false = undesirable), got {type_name(value)} {value!r}",
+        "expected a boolean (true = desirable, false = undesirable), "
+        f"got {type_name(value)} {value!r}",
         field="label",
         reason="bad_label",
     )

@@ -29,16 +29,26 @@ def discovery_config(out_dir: Path) -> DiscoverConfig:
 def demo_discovery(
     world: World, settings: DemoSettings, log=print, config: DiscoverConfig | None = None
 ) -> dict:
-    """The row: discovery (`config`, default `discovery_config`), then its best candidate as a demo row."""
+    """The row: discovery (`config`, default `discovery_config`), then its best candidate
+    trained as a demo row."""
     out_dir = Path(settings.out_dir) / "discovery"
     shutil.rmtree(out_dir, ignore_errors=True)  # a demo run starts fresh, like its other rows
     config = replace(config, out_dir=str(out_dir)) if config else discovery_config(out_dir)
-    archive = run_discover(config, log=lambda *_: None, task=get_world_family(settings.world).task_of(world))
+    archive = run_discover(
+        config, log=lambda *_: None, task=get_world_family(settings.world).task_of(world)
+    )
     best = archive.best_proposed()
     if best is None:
-        raise RuntimeError(f"the demo's discovery produced no valid candidate; see {out_dir / 'archive.jsonl'}")
-    spec = f"{out_dir / 'best_objective.py'}:{function_name(best['code'])}"  # written by run_discover
-    log(f"  best of {summary(archive)['proposed']} candidates: {best['name']} (proxy fitness {best['fitness']:.4f})")
+        raise RuntimeError(
+            f"the demo's discovery produced no valid candidate; see {out_dir / 'archive.jsonl'}"
+        )
+    spec = (
+        f"{out_dir / 'best_objective.py'}:{function_name(best['code'])}"  # written by run_discover
+    )
+    log(
+        f"  best of {summary(archive)['proposed']} candidates: {best['name']} "
+        f"(proxy fitness {best['fitness']:.4f})"
+    )
     row = run_preference_row(world, settings, "discovered", PreferenceRow("discovered", code=spec))
     row.update(
         objective=best["name"],
@@ -46,7 +56,8 @@ def demo_discovery(
         proxy=best["metrics"],
         proxy_fitness=best["fitness"],
         leaderboard=[
-            {key: r.get(key) for key in ("name", "origin", "generation", "fitness")} | {"gold": r["metrics"].get("gold"), "kl": r["metrics"].get("kl")}
+            {key: r.get(key) for key in ("name", "origin", "generation", "fitness")}
+            | {"gold": r["metrics"].get("gold"), "kl": r["metrics"].get("kl")}
             for r in archive.leaderboard(8)
         ],
         candidates=summary(archive),

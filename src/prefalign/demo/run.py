@@ -66,6 +66,7 @@ def run_demo(
     write_run_report(out_dir)  # report.md with every plot, and a self-contained report.html
     print(table)
     log(
-        f"wrote {out_dir / 'results.json'}, {out_dir / 'report.md'} and plots in {results['seconds']:.0f}s"
+        f"wrote {out_dir / 'results.json'}, {out_dir / 'report.md'} and plots "
+        f"in {results['seconds']:.0f}s"
     )
     return results

@@ -122,16 +122,17 @@ def preference_method(name: str, row) -> SmolMethod:
 
 def method_discovered(world: SmolWorld, settings: SmolDemoSettings) -> dict:
     """A short offline discovery on the toy proxy; its best objective trained on SmolLM2."""
-    from prefalign.demo.discovery import summary
+    from prefalign.demo.discovery import discovery_config, summary
     from prefalign.demo.preference import PreferenceRow
     from prefalign.discovery.export import function_name
-    from prefalign.discovery.recipe import DiscoverConfig, run_discover
+    from prefalign.discovery.recipe import run_discover
     from prefalign.toy.tasks import world_task as toy_task
     from prefalign.toy.world import get_world
 
     out_dir = settings.out_dir / "discovery-toy-proxy"
     shutil.rmtree(out_dir, ignore_errors=True)
-    config = DiscoverConfig(out_dir=str(out_dir), generations=1, candidates_per_generation=2)
+    # The toy demo's discovery settings: 1 generation of 2 offline proposals passed none.
+    config = discovery_config(out_dir)
     t0 = time.perf_counter()
     archive = run_discover(config, log=lambda *_: None, task=toy_task(get_world("sentiment")))
     best = archive.best_proposed()

@@ -15,7 +15,8 @@ from typing import Any
 from prefalign.evaluation.core import RewardFn, evaluate_policy
 from prefalign.evaluation.judge import JudgeConfig, judge_pairwise
 
-TABLE_COLUMNS = ("gold_reward", "gold_reward_se", "kl", "kl_se", "accuracy", "win_rate", "win_rate_ci", "lc_win_rate", "lc_ci",
+TABLE_COLUMNS = ("gold_reward", "gold_reward_se", "kl", "kl_se", "accuracy",
+                 "win_rate", "win_rate_ci", "lc_win_rate", "lc_ci",
                  "judge_failed", "judge_unparsed")  # fmt: skip
 
 
@@ -37,26 +38,55 @@ def compare_models(
     from prefalign.modeling import load_model, load_tokenizer
 
     if reference_answers is not None and len(reference_answers) != len(prompts):
-        raise ValueError(f"compare: {len(reference_answers)} reference answers for {len(prompts)} prompts")
+        raise ValueError(
+            f"compare: {len(reference_answers)} reference answers for {len(prompts)} prompts"
+        )
     ref_model = load_model(reference, device=device)
     if judge is not None and reference_answers is None:
         own = evaluate_policy(
-            ref_model, load_tokenizer(reference), task, prompts, reference=None,
-            max_new_tokens=max_new_tokens, seed=seed, reward_fn=reward_fn,
+            ref_model,
+            load_tokenizer(reference),
+            task,
+            prompts,
+            reference=None,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+            reward_fn=reward_fn,
         )
         reference_answers = [s["response"] for s in own.samples]
     rows = []
     for name, path in models.items():
         policy = load_model(path, device=device)
         result = evaluate_policy(
-            policy, load_tokenizer(path), task, prompts, reference=ref_model,
-            samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens, seed=seed, reward_fn=reward_fn,
+            policy,
+            load_tokenizer(path),
+            task,
+            prompts,
+            reference=ref_model,
+            samples_per_prompt=samples_per_prompt,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+            reward_fn=reward_fn,
         )
         row: dict[str, Any] = {"model": name, **result.summary()}
         if judge is not None:
             answers = [s["response"] for s in result.samples[::samples_per_prompt]]
             verdict = judge_pairwise(prompts, answers, reference_answers or [], judge).summary()
-            row.update({k: verdict[k] for k in ("win_rate", "win_rate_ci", "lc_win_rate", "lc_ci", "wins", "losses", "ties", "cache_hits")})
+            row.update(
+                {
+                    k: verdict[k]
+                    for k in (
+                        "win_rate",
+                        "win_rate_ci",
+                        "lc_win_rate",
+                        "lc_ci",
+                        "wins",
+                        "losses",
+                        "ties",
+                        "cache_hits",
+                    )
+                }
+            )
             # Judgments lost to errors or never parsed: left out of the win rate, shown here.
             row.update(judge_failed=verdict["failed"], judge_unparsed=verdict["unparsed"])
         rows.append(row)
@@ -74,5 +104,8 @@ def comparison_table(rows: Sequence[dict[str, Any]]) -> str:
         return "[" + ", ".join(fmt(x) for x in v) + "]" if isinstance(v, (list, tuple)) else fmt(v)
 
     lines = ["| model | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join([str(r["model"]), *(cell(r.get(c)) for c in columns)]) + " |" for r in rows]
+    lines += [
+        "| " + " | ".join([str(r["model"]), *(cell(r.get(c)) for c in columns)]) + " |"
+        for r in rows
+    ]
     return "\n".join(lines)

@@ -54,14 +54,18 @@ def mean_and_se(values: Sequence[float]) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def response_logps(model: torch.nn.Module, generations: Sequence[Generation], pad_id: int, batch_size: int = 64) -> torch.Tensor:
+def response_logps(
+    model: torch.nn.Module, generations: Sequence[Generation], pad_id: int, batch_size: int = 64
+) -> torch.Tensor:
     """Summed log-probs of each generation's response tokens under `model`, in batches."""
     model.eval()
     device = next(model.parameters()).device
     out = []
     for s in range(0, len(generations), batch_size):
         chunk = generations[s : s + batch_size]
-        batch = collate_prompt_response([g.prompt_ids for g in chunk], [g.response_ids for g in chunk], pad_id)
+        batch = collate_prompt_response(
+            [g.prompt_ids for g in chunk], [g.response_ids for g in chunk], pad_id
+        )
         batch = {k: v.to(device) for k, v in batch.items()}
         out.append(sequence_logps(model, **batch).sum.float().cpu())
     return torch.cat(out) if out else torch.zeros(0)
@@ -74,7 +78,9 @@ def sequence_kl(
     pad_id: int,
 ) -> torch.Tensor:
     """Per-sample log p_policy(y) - log p_ref(y); its mean over policy samples estimates KL."""
-    return response_logps(policy, generations, pad_id) - response_logps(reference, generations, pad_id)
+    return response_logps(policy, generations, pad_id) - response_logps(
+        reference, generations, pad_id
+    )
 
 
 def evaluate_policy(
@@ -90,7 +96,8 @@ def evaluate_policy(
     reward_fn: RewardFn | None = None,
     generations: Sequence[Generation] | None = None,
 ) -> EvalResult:
-    """Sample the policy on `prompts`, score with the task's gold reward, estimate KL to `reference`.
+    """Sample the policy on `prompts`, score with the task's gold reward, estimate KL to
+    `reference`.
 
     `task` is a `Task` or a registered task name (`prefalign.tasks.resolve_task`); with a
     `reward_fn`, a name is only a label and the task's extra metrics are skipped.
@@ -102,7 +109,9 @@ def evaluate_policy(
         task = resolve_task(task)
     expanded = [p for p in prompts for _ in range(samples_per_prompt)]
     if generations is None:
-        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, seed=seed, batch_size=batch_size)
+        params = SamplingParams(
+            max_new_tokens=max_new_tokens, temperature=1.0, seed=seed, batch_size=batch_size
+        )
         generations = generate(policy, tokenizer, expanded, params)
     texts = [g.text for g in generations]
     if reward_fn is None:

@@ -38,14 +38,17 @@ class ArmConfig(PreferenceConfig):
 
     objective: ObjectiveSpec = field(default_factory=lambda: ObjectiveSpec(name="genarm"))
     reference: ReferenceSpec = field(default_factory=lambda: ReferenceSpec(mode="none"))
-    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(out_dir="runs/arm", lr=5e-6))
+    trainer: TrainerConfig = field(
+        default_factory=lambda: TrainerConfig(out_dir="runs/arm", lr=5e-6)
+    )
 
 
 @dataclass
 class ArmResult:
     model_path: Path  # the trained ARM (save_pretrained, tokenizer included)
     train: TrainResult
-    pair_accuracy: float | None  # held-out pairs ranked right by beta_r * log pi_arm; None without eval pairs
+    # held-out pairs ranked right by beta_r * log pi_arm; None without eval pairs
+    pair_accuracy: float | None
     initial_pair_accuracy: float | None  # the same for the initial model, for contrast
 
 
@@ -74,7 +77,10 @@ def check_arm_config(config: PreferenceConfig) -> objectives.Resolved:
             f"policy (e.g. genarm), got '{objective.name}'"
         )
     if config.reference.mode != "none":
-        raise ValueError(f"config key 'reference.mode': an ARM is trained with no reference, got '{config.reference.mode}'")
+        raise ValueError(
+            "config key 'reference.mode': an ARM is trained with no reference, "
+            f"got '{config.reference.mode}'"
+        )
     return objective
 
 
@@ -88,13 +94,21 @@ def train_arm(config: ArmConfig, resume: bool = False, log=print) -> ArmResult:
     initial = None
     if eval_path and not resume:
         tokenizer = load_tokenizer(config.model.name_or_path)
-        initial = arm_pair_accuracy(load_model(config.model.name_or_path, device="cpu"), tokenizer, eval_path, beta_r, config.data)
+        initial = arm_pair_accuracy(
+            load_model(config.model.name_or_path, device="cpu"),
+            tokenizer,
+            eval_path,
+            beta_r,
+            config.data,
+        )
     result = run_preference(config, resume=resume, log=log, objective=objective)
     write_manifest(config.trainer.out_dir, "arm")
     final = Path(config.trainer.out_dir) / "final"
     accuracy = None
     if eval_path:
-        accuracy = arm_pair_accuracy(load_model(final, device="cpu"), load_tokenizer(final), eval_path, beta_r, config.data)
+        accuracy = arm_pair_accuracy(
+            load_model(final, device="cpu"), load_tokenizer(final), eval_path, beta_r, config.data
+        )
     return ArmResult(final, result, accuracy, initial)
 
 
@@ -121,7 +135,9 @@ def first_clause(text: str) -> str | None:
     return text[: min(cuts)] + " ."
 
 
-def concise_pairs(src: str | Path, dst: str | Path, reward: RewardFn, temperature: float = 0.15, seed: int = 0) -> dict[str, float]:
+def concise_pairs(
+    src: str | Path, dst: str | Path, reward: RewardFn, temperature: float = 0.15, seed: int = 0
+) -> dict[str, float]:
     """Brevity pairs that differ only in where the response stops: a response against its own
     first clause, labelled by `reward` with Bradley-Terry noise (as `rerank_pairs`).
 
@@ -149,7 +165,9 @@ def rerank_pairs(
     return write_pairs(dst, *relabel(read_jsonl(src), reward, temperature, seed))
 
 
-def relabel(rows: list[dict], reward: RewardFn, temperature: float, seed: int) -> tuple[list[dict], dict[str, float]]:
+def relabel(
+    rows: list[dict], reward: RewardFn, temperature: float, seed: int
+) -> tuple[list[dict], dict[str, float]]:
     """Order each pair's two responses the way the toy world labels sentiment pairs: the first
     is chosen with probability sigmoid((r_a - r_b) / temperature). Ties are dropped (the
     labeller would flip a coin)."""
@@ -163,7 +181,15 @@ def relabel(rows: list[dict], reward: RewardFn, temperature: float, seed: int) -
         a_wins = rng.random() < 1 / (1 + math.exp(-(ra - rb) / temperature))
         chosen, rejected, rc, rr = (a, b, ra, rb) if a_wins else (b, a, rb, ra)
         agree += rc > rr
-        out.append({"prompt": row["prompt"], "chosen": chosen, "rejected": rejected, "chosen_reward": rc, "rejected_reward": rr})
+        out.append(
+            {
+                "prompt": row["prompt"],
+                "chosen": chosen,
+                "rejected": rejected,
+                "chosen_reward": rc,
+                "rejected_reward": rr,
+            }
+        )
     return out, {"pairs": len(out), "label_agreement": agree / max(1, len(out))}
 
 

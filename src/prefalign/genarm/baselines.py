@@ -47,9 +47,13 @@ class ArgsRewardTracker:
         batch, k = candidates.shape
         expanded = copy.deepcopy(self.past)
         expanded.batch_repeat_interleave(k)
-        mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1).repeat_interleave(k, dim=0)
+        mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1).repeat_interleave(
+            k, dim=0
+        )
         positions = self.mask.long().sum(dim=1, keepdim=True).repeat_interleave(k, dim=0)
-        rewards, self.expanded = self.rm(candidates.reshape(-1, 1), mask, positions, expanded, use_cache=True)
+        rewards, self.expanded = self.rm(
+            candidates.reshape(-1, 1), mask, positions, expanded, use_cache=True
+        )
         self.candidates = candidates
         return rewards[:, -1].reshape(batch, k)
 
@@ -87,7 +91,15 @@ def args_generate(
         scores = torch.full_like(base_logps, float("-inf"))
         return scores.scatter(-1, candidates, cand_logps + weight * rewards)
 
-    return generate(base, tokenizer, prompts, params, score_fn=score_fn, guides=[ArgsRewardTracker(rm)], on_step=on_step)
+    return generate(
+        base,
+        tokenizer,
+        prompts,
+        params,
+        score_fn=score_fn,
+        guides=[ArgsRewardTracker(rm)],
+        on_step=on_step,
+    )
 
 
 def best_of_n(
@@ -104,13 +116,21 @@ def best_of_n(
     Returns the chosen generations and their rewards, in prompt order.
     """
     if (rm is None) == (reward_fn is None):
-        raise ValueError("best_of_n needs exactly one of a reward model (rm) or a reward function (reward_fn)")
+        raise ValueError(
+            "best_of_n needs exactly one of a reward model (rm) or a reward function (reward_fn)"
+        )
     expanded = [p for p in prompts for _ in range(n)]
     samples = generate(base, tokenizer, expanded, params)
     if rm is not None:
-        rewards = rm.score([g.prompt_ids for g in samples], [g.response_ids for g in samples], tokenizer.pad_token_id)
+        rewards = rm.score(
+            [g.prompt_ids for g in samples],
+            [g.response_ids for g in samples],
+            tokenizer.pad_token_id,
+        )
     else:
-        rewards = torch.tensor([reward_fn(p, g.text) for p, g in zip(expanded, samples, strict=True)])
+        rewards = torch.tensor(
+            [reward_fn(p, g.text) for p, g in zip(expanded, samples, strict=True)]
+        )
     best = rewards.reshape(len(prompts), n).argmax(dim=1)
     chosen = [samples[i * n + int(j)] for i, j in enumerate(best)]
     return chosen, [float(rewards[i * n + int(j)]) for i, j in enumerate(best)]

@@ -42,7 +42,11 @@ def as_arms(arms: Sequence[ArmLike]) -> list[Arm]:
 
 def model_name(model: torch.nn.Module) -> str:
     config = getattr(model, "config", None)
-    return getattr(model, "name_or_path", None) or getattr(config, "_name_or_path", "") or type(model).__name__
+    return (
+        getattr(model, "name_or_path", None)
+        or getattr(config, "_name_or_path", "")
+        or type(model).__name__
+    )
 
 
 def logits_width(model: torch.nn.Module) -> int:
@@ -52,23 +56,29 @@ def logits_width(model: torch.nn.Module) -> int:
     return int(model.config.vocab_size)
 
 
-def check_tokenizers(base: PreTrainedTokenizerBase, arm: PreTrainedTokenizerBase, base_name: str, arm_name: str) -> None:
+def check_tokenizers(
+    base: PreTrainedTokenizerBase, arm: PreTrainedTokenizerBase, base_name: str, arm_name: str
+) -> None:
     """Raise a one-line ValueError unless both tokenizers map the same strings to the same ids."""
     specials = ("eos_token_id", "bos_token_id", "pad_token_id", "unk_token_id")
     if base.get_vocab() != arm.get_vocab():
         raise ValueError(
-            f"tokenizer mismatch: ARM '{arm_name}' ({len(arm)} tokens) does not share the vocabulary of "
-            f"base '{base_name}' ({len(base)} tokens); GenARM adds log-probs token by token, so both must use one tokenizer"
+            f"tokenizer mismatch: ARM '{arm_name}' ({len(arm)} tokens) does not share the "
+            f"vocabulary of base '{base_name}' ({len(base)} tokens); GenARM adds log-probs "
+            "token by token, so both must use one tokenizer"
         )
     for name in specials:
         if getattr(base, name) != getattr(arm, name):
             raise ValueError(
-                f"tokenizer mismatch: ARM '{arm_name}' has {name}={getattr(arm, name)} but base '{base_name}' "
+                f"tokenizer mismatch: ARM '{arm_name}' has {name}={getattr(arm, name)} "
+                f"but base '{base_name}' "
                 f"has {getattr(base, name)}"
             )
 
 
-def check_models(base: torch.nn.Module, arms: Sequence[Arm], tokenizer: PreTrainedTokenizerBase) -> int:
+def check_models(
+    base: torch.nn.Module, arms: Sequence[Arm], tokenizer: PreTrainedTokenizerBase
+) -> int:
     """Check every ARM against the base; returns the vocabulary width the scores are cut to.
 
     Models may pad their output layer past the tokenizer (Qwen sizes differ in padding): scores
@@ -83,11 +93,16 @@ def check_models(base: torch.nn.Module, arms: Sequence[Arm], tokenizer: PreTrain
         arm_width = logits_width(arm.model)
         if min(width, arm_width) < len(tokenizer):
             raise ValueError(
-                f"tokenizer mismatch: ARM '{arm_name}' scores {arm_width} tokens and base '{base_name}' "
+                f"tokenizer mismatch: ARM '{arm_name}' scores {arm_width} tokens "
+                f"and base '{base_name}' "
                 f"{width}, but the tokenizer has {len(tokenizer)}"
             )
         arm_eos = getattr(getattr(arm.model, "config", None), "eos_token_id", None)
-        if arm_eos is not None and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in _ids(arm_eos):
+        if (
+            arm_eos is not None
+            and tokenizer.eos_token_id is not None
+            and tokenizer.eos_token_id not in _ids(arm_eos)
+        ):
             raise ValueError(
                 f"tokenizer mismatch: ARM '{arm_name}' ends sequences with token {arm_eos}, "
                 f"base '{base_name}' with {tokenizer.eos_token_id}"
@@ -100,7 +115,9 @@ def _ids(value: int | list[int]) -> list[int]:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def combine(base_logps: torch.Tensor, arm_logps: Sequence[torch.Tensor], alphas: Sequence[float], width: int) -> torch.Tensor:
+def combine(
+    base_logps: torch.Tensor, arm_logps: Sequence[torch.Tensor], alphas: Sequence[float], width: int
+) -> torch.Tensor:
     """`log pi_base + sum_i alpha_i * log pi_arm_i` over the first `width` token ids."""
     scores = base_logps[..., :width]
     for alpha, logps in zip(alphas, arm_logps, strict=True):
@@ -112,7 +129,9 @@ def combine(base_logps: torch.Tensor, arm_logps: Sequence[torch.Tensor], alphas:
 class GuidedDecoder:
     """A base model guided by any number of ARMs, each with its own weight and KV cache."""
 
-    def __init__(self, base: torch.nn.Module, arms: Sequence[ArmLike], tokenizer: PreTrainedTokenizerBase):
+    def __init__(
+        self, base: torch.nn.Module, arms: Sequence[ArmLike], tokenizer: PreTrainedTokenizerBase
+    ):
         self.base = base
         self.arms = as_arms(arms)
         self.tokenizer = tokenizer
@@ -134,8 +153,14 @@ class GuidedDecoder:
             return combine(base_logps, arm_logps, alphas, self.width)
 
         return generate(
-            self.base, self.tokenizer, prompts, params, score_fn=score_fn,
-            guides=[a.model for a in active], use_cache=use_cache, on_step=on_step,
+            self.base,
+            self.tokenizer,
+            prompts,
+            params,
+            score_fn=score_fn,
+            guides=[a.model for a in active],
+            use_cache=use_cache,
+            on_step=on_step,
         )
 
     def policy(self) -> GuidedPolicy:
@@ -153,7 +178,9 @@ def guided_generate(
     on_step: StepFn | None = None,
 ) -> list[Generation]:
     """GenARM decoding of `prompts` in left-padded batches of `params.batch_size`."""
-    return GuidedDecoder(base, arms, tokenizer).generate(prompts, params, use_cache=use_cache, on_step=on_step)
+    return GuidedDecoder(base, arms, tokenizer).generate(
+        prompts, params, use_cache=use_cache, on_step=on_step
+    )
 
 
 class GuidedPolicy(torch.nn.Module):
@@ -171,13 +198,17 @@ class GuidedPolicy(torch.nn.Module):
         self.alphas = [a.alpha for a in arm_list]
         self.width = width or min(logits_width(m) for m in [base, *self.arm_models])
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_: object) -> SimpleNamespace:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_: object
+    ) -> SimpleNamespace:
         def logps(model: torch.nn.Module) -> torch.Tensor:
             out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
             return torch.log_softmax(out.logits.float(), dim=-1)
 
         arm_logps = [logps(m) for m, a in zip(self.arm_models, self.alphas, strict=True) if a]
-        return SimpleNamespace(logits=combine(logps(self.base), arm_logps, [a for a in self.alphas if a], self.width))
+        return SimpleNamespace(
+            logits=combine(logps(self.base), arm_logps, [a for a in self.alphas if a], self.width)
+        )
 
 
 class SampledLogps:
@@ -189,7 +220,9 @@ class SampledLogps:
 
     def __call__(self, rows: list[int], tokens: list[int], scores: torch.Tensor) -> None:
         logps = torch.log_softmax(scores.float(), dim=-1)
-        picked = logps.gather(1, torch.tensor(tokens, device=scores.device)[:, None]).squeeze(1).tolist()
+        picked = (
+            logps.gather(1, torch.tensor(tokens, device=scores.device)[:, None]).squeeze(1).tolist()
+        )
         for r, lp in zip(rows, picked, strict=True):
             self.logps[r] += lp
 
@@ -218,7 +251,8 @@ class TextStream:
 
 
 def load_arm(path: str | Path, alpha: float = 1.0, device: str = "cpu") -> Arm:
-    """An ARM from a saved model directory (full or LoRA adapter), with its tokenizer for the check."""
+    """An ARM from a saved model directory (full or LoRA adapter), with its tokenizer for the
+    check."""
     model = load_model(path, device=device).eval()
     model.requires_grad_(False)
     return Arm(model, alpha, load_tokenizer(path))

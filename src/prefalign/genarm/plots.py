@@ -23,20 +23,48 @@ def plot_alpha_sweep(row: dict, path: Path) -> Path:
     kls, golds = [p["kl"] for p in sweep], [p["gold_reward"] for p in sweep]
     left.plot(kls, golds, marker="o", label="GenARM (sentiment ARM), alpha sweep")
     for p in sweep:
-        left.annotate(f"{p['alpha']:g}", (p["kl"], p["gold_reward"]), textcoords="offset points", xytext=(4, -10), fontsize=8)
+        left.annotate(
+            f"{p['alpha']:g}",
+            (p["kl"], p["gold_reward"]),
+            textcoords="offset points",
+            xytext=(4, -10),
+            fontsize=8,
+        )
     baselines = row.get("baselines") or [b for b in (row.get("args"), row.get("best_of_n")) if b]
     for b in baselines:
         marker = "s" if "k" in b else "^"
-        label = f"ARGS k={b['k']}, w={b['weight']:g}" if "k" in b else f"best-of-{b['n']} (KL upper bound)"
-        left.plot([b["kl"]], [b["gold_reward"]], marker=marker, linestyle="none", markersize=8, label=label)
+        label = (
+            f"ARGS k={b['k']}, w={b['weight']:g}"
+            if "k" in b
+            else f"best-of-{b['n']} (KL upper bound)"
+        )
+        left.plot(
+            [b["kl"]],
+            [b["gold_reward"]],
+            marker=marker,
+            linestyle="none",
+            markersize=8,
+            label=label,
+        )
     control = row.get("control")
     if control:
-        left.plot([control["kl"]], [control["gold_reward"]], marker="x", markersize=9, linestyle="none",
-                  label=f"control: untrained ARM (SFT), alpha {control['alpha']:g}")
+        left.plot(
+            [control["kl"]],
+            [control["gold_reward"]],
+            marker="x",
+            markersize=9,
+            linestyle="none",
+            label=f"control: untrained ARM (SFT), alpha {control['alpha']:g}",
+        )
     w2s = row.get("weak_to_strong", {})
     if "guided" in w2s:
-        left.plot([0.0, w2s["guided"]["kl"]], [w2s["base"]["gold_reward"], w2s["guided"]["gold_reward"]],
-                  marker="D", linestyle="--", label=f"large base + small ARM (alpha {w2s['guided']['alpha']:g})")
+        left.plot(
+            [0.0, w2s["guided"]["kl"]],
+            [w2s["base"]["gold_reward"], w2s["guided"]["gold_reward"]],
+            marker="D",
+            linestyle="--",
+            label=f"large base + small ARM (alpha {w2s['guided']['alpha']:g})",
+        )
     left.set_xlabel("KL(decoding || its base) per sequence (nats)")
     left.set_ylabel("gold reward (VADER)")
     left.grid(alpha=0.3)
@@ -61,13 +89,31 @@ def plot_tradeoff(row: dict, path: Path) -> Path:
     plt = _pyplot()
     points = row["tradeoff"]
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    ax.plot([p["brevity"] for p in points], [p["sentiment"] for p in points], marker="o", label="GenARM, two ARMs")
+    ax.plot(
+        [p["brevity"] for p in points],
+        [p["sentiment"] for p in points],
+        marker="o",
+        label="GenARM, two ARMs",
+    )
     for p in points:
         ws, wb = p["weights"]
-        ax.annotate(f"({ws:g}, {wb:g})", (p["brevity"], p["sentiment"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.annotate(
+            f"({ws:g}, {wb:g})",
+            (p["brevity"], p["sentiment"]),
+            textcoords="offset points",
+            xytext=(4, 4),
+            fontsize=7,
+        )
     base = row.get("base")
     if base:
-        ax.plot([base["brevity"]], [base["gold_reward"]], marker="*", markersize=12, linestyle="none", label="base (SFT)")
+        ax.plot(
+            [base["brevity"]],
+            [base["gold_reward"]],
+            marker="*",
+            markersize=12,
+            linestyle="none",
+            label="base (SFT)",
+        )
     ax.set_xlabel("brevity reward")
     ax.set_ylabel("sentiment reward (VADER)")
     ax.set_title("Decode-time trade-off, ARM weights (sentiment, brevity)", fontsize=10)

@@ -112,8 +112,9 @@ def discopop_loss(
 
     The modulation uses the beta-scaled `z`, as TRL (`discopop_tau`) and the final
     `log_ratio_modulated_loss` of the authors' code do; with the paper's beta = tau = 0.05 it
-    reduces to `sigmoid(rho)`. `m * exp(-z)` is computed as `exp(log m - z)`: the same value, but
-    it stays finite where exp(-z) overflows and m underflows to 0 (inf * 0 = nan in the direct form).
+    reduces to `sigmoid(rho)`. `m * exp(-z)` is computed as `exp(log m - z)`: the same value,
+    but it stays finite where exp(-z) overflows and m underflows to 0 (inf * 0 = nan in the
+    direct form).
     """
     z = beta * log_ratio_margin(
         policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps

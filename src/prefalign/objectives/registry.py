@@ -228,7 +228,8 @@ def compute_loss(
     n_inputs = N_INPUTS[objective.kind]
     if len(inputs) != n_inputs:
         raise ValueError(
-            f"objective '{objective.name}' ({objective.kind}) takes {n_inputs} input tensors, got {len(inputs)}"
+            f"objective '{objective.name}' ({objective.kind}) takes {n_inputs} input tensors, "
+            f"got {len(inputs)}"
         )
     _check_params(objective, params, "params")
     return objective.fn(*inputs, **{**objective.defaults, **params})
@@ -276,8 +277,12 @@ def _reward_scale(name: str, fn: Callable[..., Any], kind: str, given: str | Non
     return given
 
 
-def resolve(name: str = "dpo", code: str | None = None, params: Mapping[str, Any] | None = None,
-            key: str = "objective") -> Resolved:
+def resolve(
+    name: str = "dpo",
+    code: str | None = None,
+    params: Mapping[str, Any] | None = None,
+    key: str = "objective",
+) -> Resolved:
     """The objective of one run, resolved once: a registry `name` or a user file `code`
     ("path/to/file.py:function"), with `params` over its defaults. Errors name config `key`."""
     if code:

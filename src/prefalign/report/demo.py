@@ -62,13 +62,15 @@ def write_demo_report(results: dict, out_dir: Path) -> str:
         table,
         "",
     ]
+    family = str(results.get("world", "toy")).capitalize()
     for task, block in results["tasks"].items():
         plot = plot_reward_vs_kl(results, task, out_dir / f"{task}_reward_vs_kl.png")
         build = block.get("build", {})
         lines += [
             f"## {task}",
             "",
-            f"Toy world: {block.get('world')} ({build.get('parameters', '?')} parameters, built in {build.get('build_seconds', '?')} s)",
+            f"{family} world: {block.get('world')} ({build.get('parameters', '?')} parameters, "
+            f"built in {build.get('build_seconds', '?')} s)",
             "",
             f"![{task}]({plot.name})",
             "",

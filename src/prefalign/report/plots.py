@@ -42,7 +42,8 @@ class Plotter:
         caption: str,
         width: float = 4.6,
     ) -> Image:
-        """Small multiples: `draw(ax, key)` fills one panel per key (`width` inches), three to a row."""
+        """Small multiples: `draw(ax, key)` fills one panel per key (`width` inches), three to a
+        row."""
         import matplotlib
 
         matplotlib.use("Agg")

@@ -75,13 +75,16 @@ def demo_blocks(results: dict, plots: Plotter, root: Path | None = None) -> list
         for name, row in block.get("methods", {}).items()
     ]
     blocks.append(Table(["task", "method", *COLUMNS], rows))
+    family = str(results.get("world", "toy")).capitalize()
     for task, block in results["tasks"].items():
         methods = block.get("methods", {})
         blocks.append(Heading(f"{task}: gold reward against KL"))
         build = block.get("build") or {}
         if block.get("world"):
             blocks.append(
-                Text(f"Toy world: {block['world']} ({build.get('parameters', '?')} parameters)")
+                Text(
+                    f"{family} world: {block['world']} ({build.get('parameters', '?')} parameters)"
+                )
             )
         curves = demo_curves(methods)
         if curves:

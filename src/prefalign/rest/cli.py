@@ -19,7 +19,13 @@ def run_rest_cli(args: argparse.Namespace, config=None) -> int:
     config = config or load_config(RestConfig, args.config, list(args.overrides or []))
     result = run_rest(config, resume=bool(getattr(args, "resume", False)))
     last = next((r["eval"] for r in reversed(result.records) if r.get("eval")), {})
-    summary = {"out_dir": str(result.out_dir), "final_model": result.final_model, "steps": len(result.records),
-               "seconds": round(result.seconds, 1), "plot": str(result.plot) if result.plot else None, "final_eval": last}
+    summary = {
+        "out_dir": str(result.out_dir),
+        "final_model": result.final_model,
+        "steps": len(result.records),
+        "seconds": round(result.seconds, 1),
+        "plot": str(result.plot) if result.plot else None,
+        "final_eval": last,
+    }
     print(json.dumps(summary, indent=2))
     return 0

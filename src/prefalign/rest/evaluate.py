@@ -34,8 +34,13 @@ class HeldOutEval:
     """`evaluate(policy) -> record`; an empty record when there are no held-out prompts."""
 
     def __init__(
-        self, spec: EvalSpec, tokenizer: PreTrainedTokenizerBase, initial: torch.nn.Module,
-        reward: Reward, reward_is_gold: bool, max_new_tokens: int,
+        self,
+        spec: EvalSpec,
+        tokenizer: PreTrainedTokenizerBase,
+        initial: torch.nn.Module,
+        reward: Reward,
+        reward_is_gold: bool,
+        max_new_tokens: int,
     ):
         self.spec, self.tokenizer, self.initial = spec, tokenizer, initial
         self.max_new_tokens = spec.max_new_tokens or max_new_tokens
@@ -52,8 +57,14 @@ class HeldOutEval:
             return {}
         spec = self.spec
         result = evaluate_policy(
-            policy, self.tokenizer, self.task or "custom", self.prompts, reference=self.initial,
-            samples_per_prompt=spec.samples_per_prompt, max_new_tokens=self.max_new_tokens, seed=spec.seed,
+            policy,
+            self.tokenizer,
+            self.task or "custom",
+            self.prompts,
+            reference=self.initial,
+            samples_per_prompt=spec.samples_per_prompt,
+            max_new_tokens=self.max_new_tokens,
+            seed=spec.seed,
             reward_fn=None if self.task else (lambda p, c: 0.0),
         )
         out = {"kl": result.kl, "kl_se": result.kl_se, "mean_length": result.mean_length}
@@ -64,7 +75,9 @@ class HeldOutEval:
         if self.reward_is_gold:
             out["reward"] = result.gold_reward
         else:
-            scores = self.reward.score([s["prompt"] for s in result.samples], [s["response"] for s in result.samples])
+            scores = self.reward.score(
+                [s["prompt"] for s in result.samples], [s["response"] for s in result.samples]
+            )
             out["reward"], out["reward_se"] = mean_and_se(scores)
         out["seconds"] = result.seconds
         return {k: round(v, 5) if isinstance(v, float) else v for k, v in out.items()}

@@ -34,17 +34,26 @@ class ThresholdSchedule:
     steps: int = 0  # rises over this many Improve steps, then stays at `end` (0: over all of them)
 
 
-def threshold_list(n_steps: int, values: Sequence[float] | None, schedule: ThresholdSchedule | None) -> list[float]:
+def threshold_list(
+    n_steps: int, values: Sequence[float] | None, schedule: ThresholdSchedule | None
+) -> list[float]:
     """One threshold per Improve step, from an explicit list or a linear schedule (the first step
     uses `start`, step `steps - 1` and later ones `end`)."""
     if values:
         if len(values) != n_steps:
-            raise ValueError(f"config key 'improve.thresholds': {len(values)} values for {n_steps} Improve steps; give one per step")
+            raise ValueError(
+                f"config key 'improve.thresholds': {len(values)} values for {n_steps} "
+                "Improve steps; give one per step"
+            )
         out = [float(v) for v in values]
     else:
         schedule = schedule or ThresholdSchedule()
         span = (schedule.steps or n_steps) - 1
-        out = [schedule.start + (schedule.end - schedule.start) * (min(k, span) / span if span > 0 else 0.0) for k in range(n_steps)]
+        out = [
+            schedule.start
+            + (schedule.end - schedule.start) * (min(k, span) / span if span > 0 else 0.0)
+            for k in range(n_steps)
+        ]
     if any(b < a for a, b in zip(out, out[1:], strict=False)):
         raise ValueError(f"config key 'improve.thresholds': the schedule must not fall, got {out}")
     return out
@@ -76,8 +85,11 @@ def min_max(values: Sequence[float]) -> list[float]:
     return [(v - lo) / (hi - lo) if hi > lo else 0.0 for v in values]
 
 
-def normalized_scores(rewards: Sequence[float], groups: Sequence[Hashable], mode: Normalize) -> list[float]:
-    """The scores thresholds apply to: raw rewards, or percentiles globally or within each prompt."""
+def normalized_scores(
+    rewards: Sequence[float], groups: Sequence[Hashable], mode: Normalize
+) -> list[float]:
+    """The scores thresholds apply to: raw rewards, or percentiles globally or within each
+    prompt."""
     if mode == "none":
         return [float(r) for r in rewards]
     if mode == "min_max":
@@ -85,8 +97,10 @@ def normalized_scores(rewards: Sequence[float], groups: Sequence[Hashable], mode
     if mode == "global_percentile":
         return percentiles(rewards)
     if mode != "per_prompt_percentile":
-        raise ValueError(f"config key 'improve.normalize': got {mode!r}, "
-                         "allowed: none, min_max, global_percentile, per_prompt_percentile")
+        raise ValueError(
+            f"config key 'improve.normalize': got {mode!r}, "
+            "allowed: none, min_max, global_percentile, per_prompt_percentile"
+        )
     members: dict[Hashable, list[int]] = defaultdict(list)
     for i, g in enumerate(groups):
         members[g].append(i)
@@ -114,7 +128,8 @@ def select(
     if min_reward is not None and rewards is None:
         raise ValueError("select: min_reward needs the raw rewards (rewards=...)")
     passing = [
-        i for i, s in enumerate(scores)
+        i
+        for i, s in enumerate(scores)
         if s > threshold and (min_reward is None or rewards[i] > min_reward)
     ]
     rng = random.Random(seed)

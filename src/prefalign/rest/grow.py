@@ -65,8 +65,10 @@ def load_prompts(
     """Prompts from a JSONL file of {"prompt": ...} rows, or a task's prompts of `split` (a task
     name such as toy:sentiment, see prefalign.tasks)."""
     if not spec:
-        raise ValueError(f"config key '{key}' is required: a JSONL file of {{\"prompt\": ...}} "
-                         "rows, or a task such as toy:sentiment / toy:arith")
+        raise ValueError(
+            f"config key '{key}' is required: a JSONL file of {{\"prompt\": ...}} "
+            "rows, or a task such as toy:sentiment / toy:arith"
+        )
     if tasks.is_task_spec(spec):
         prompts = tasks.resolve_task(spec).prompts(split)
     else:
@@ -91,8 +93,12 @@ def grow(
     n = spec.samples_per_prompt
     expanded = [p for p in prompts for _ in range(n)]
     params = SamplingParams(
-        max_new_tokens=spec.max_new_tokens, temperature=spec.temperature, top_k=spec.top_k,
-        top_p=spec.top_p, seed=spec.seed + grow_step, batch_size=spec.batch_size,
+        max_new_tokens=spec.max_new_tokens,
+        temperature=spec.temperature,
+        top_k=spec.top_k,
+        top_p=spec.top_p,
+        seed=spec.seed + grow_step,
+        batch_size=spec.batch_size,
     )
     t0 = time.perf_counter()
     generations = generate(policy, tokenizer, expanded, params)
@@ -104,10 +110,18 @@ def grow(
     eos = tokenizer.eos_token_id
     samples = [
         GrownSample(
-            grow_step=grow_step, policy=policy_name, prompt_index=k // n, sample_index=k % n,
-            prompt=expanded[k], response=g.text, reward=float(r), n_tokens=len(g.response_ids),
+            grow_step=grow_step,
+            policy=policy_name,
+            prompt_index=k // n,
+            sample_index=k % n,
+            prompt=expanded[k],
+            response=g.text,
+            reward=float(r),
+            n_tokens=len(g.response_ids),
             finished=bool(g.response_ids) and g.response_ids[-1] == eos,
-            prompt_ids=list(g.prompt_ids), response_ids=list(g.response_ids), gold_reward=gd,
+            prompt_ids=list(g.prompt_ids),
+            response_ids=list(g.response_ids),
+            gold_reward=gd,
         )
         for k, (g, r, gd) in enumerate(zip(generations, rewards, golds, strict=True))
     ]
@@ -133,6 +147,11 @@ def reward_summary(values: Sequence[float]) -> dict[str, float]:
         return ordered[min(len(ordered) - 1, int(p * len(ordered)))]
 
     return {
-        "mean": statistics.fmean(ordered), "std": statistics.pstdev(ordered), "min": ordered[0],
-        "p10": q(0.1), "p50": q(0.5), "p90": q(0.9), "max": ordered[-1],
+        "mean": statistics.fmean(ordered),
+        "std": statistics.pstdev(ordered),
+        "min": ordered[0],
+        "p10": q(0.1),
+        "p50": q(0.5),
+        "p90": q(0.9),
+        "max": ordered[-1],
     }

@@ -38,26 +38,35 @@ NLL_LOSSES = ("bc", "reward_weighted")
 @dataclass
 class ImproveSpec:
     steps_per_grow: int = bounded(1, min=1)
-    thresholds: list[float] = field(default_factory=list)  # one per Improve step; empty: use `schedule`
+    # one per Improve step; empty: use `schedule`
+    thresholds: list[float] = field(default_factory=list)
     schedule: ThresholdSchedule = field(default_factory=ThresholdSchedule)
-    schedule_scope: Literal["grow", "run"] = "grow"  # restart the schedule at each Grow step, or run it across all
+    # restart the schedule at each Grow step, or run it across all
+    schedule_scope: Literal["grow", "run"] = "grow"
     normalize: Normalize = "none"  # the ReST paper thresholds rewards scaled to [0, 1]: min_max
     min_reward: float | None = None  # absolute floor: a raw reward not above it is never kept
-    max_per_prompt: int = bounded(0, min=0)  # kept samples per prompt (0: no cap); ReST-EM keeps about 10
+    # kept samples per prompt (0: no cap); ReST-EM keeps about 10
+    max_per_prompt: int = bounded(0, min=0)
     dedup: bool = False  # a prompt keeps identical responses once
-    data: Literal["latest", "all"] = "latest"  # filter the last Grow step's samples, or every Grow step's so far
-    loss: str = "bc"  # bc | reward_weighted | a registry objective (dpo, ipo, kto, ...) | path/to/file.py:function
-    losses: list[str] = field(default_factory=list)  # one loss per Improve step of a Grow step; empty: `loss` for all
-    objective_params: dict[str, Any] = field(default_factory=dict)  # e.g. {beta: 0.1}; for objective losses only
+    # filter the last Grow step's samples, or every Grow step's so far
+    data: Literal["latest", "all"] = "latest"
+    # bc | reward_weighted | a registry objective (dpo, ipo, kto, ...) | path/to/file.py:function
+    loss: str = "bc"
+    # one loss per Improve step of a Grow step; empty: `loss` for all
+    losses: list[str] = field(default_factory=list)
+    # e.g. {beta: 0.1}; for objective losses only
+    objective_params: dict[str, Any] = field(default_factory=dict)
     reference: ReferenceSpec = field(default_factory=ReferenceSpec)
-    restart_from_base: bool = False  # ReST-EM: each Grow step's first Improve starts from the base model
+    # ReST-EM: each Grow step's first Improve starts from the base model
+    restart_from_base: bool = False
     # ReST (Gulcehre et al. 2023) keeps the original data in each Improve step's mixture: an SFT
     # file (prompt, completion) trained on beside the kept samples (bc / reward_weighted only).
     original_data: str = ""
     # ReST lowers the learning rate in later Improve steps: step k trains at lr * lr_decay ** k
     # (k counts within a Grow step, or across the run with schedule_scope=run, as thresholds do).
     lr_decay: float = bounded(1.0, gt=0)
-    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(lr=1e-5))  # out_dir and seed are set per step
+    # out_dir and seed are set per step
+    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(lr=1e-5))
 
 
 # An Improve loss once resolved: an NLL loss by name, or an objective with its parameters.
@@ -65,7 +74,7 @@ Loss = str | objectives.Resolved
 
 
 def resolve_loss(loss: Loss, params: dict[str, Any] | None = None) -> Loss:
-    """"bc" / "reward_weighted" stay names; a registry name or `path.py:function` becomes the
+    """ "bc" / "reward_weighted" stay names; a registry name or `path.py:function` becomes the
     objective resolved with `params` (a user file is imported here, once per run)."""
     if isinstance(loss, objectives.Resolved) or loss in NLL_LOSSES:
         return loss
@@ -90,8 +99,10 @@ def resolve_losses(spec: ImproveSpec) -> list[Loss]:
             params = spec.objective_params if name not in NLL_LOSSES else None
             resolved[name] = resolve_loss(name, params)
     if spec.objective_params and all(name in NLL_LOSSES for name in names):
-        raise ValueError(f"config key 'improve.objective_params': loss {spec.loss!r} takes no "
-                         f"parameters, got {sorted(spec.objective_params)}")
+        raise ValueError(
+            f"config key 'improve.objective_params': loss {spec.loss!r} takes no "
+            f"parameters, got {sorted(spec.objective_params)}"
+        )
     return [resolved[name] for name in names]
 
 
@@ -124,9 +135,14 @@ class ImproveData:
 
 
 def build_data(
-    loss: Loss, pool: Sequence[GrownSample], kept: Sequence[int], scores: Sequence[float],
+    loss: Loss,
+    pool: Sequence[GrownSample],
+    kept: Sequence[int],
+    scores: Sequence[float],
     threshold: float,
-    max_per_prompt: int = 0, seed: int = 0, min_reward: float | None = None,
+    max_per_prompt: int = 0,
+    seed: int = 0,
+    min_reward: float | None = None,
 ) -> ImproveData:
     """The training set of one Improve step from the grown pool and the indices it keeps.
     KTO's undesirable samples are those that failed: at or below the threshold or the floor."""
@@ -135,15 +151,19 @@ def build_data(
         weights = [1.0] * len(kept)
         if loss == "reward_weighted":
             weights = reward_weights([pool[i].reward for i in range(len(pool))], kept)
-        return ImproveData("sequences", [(pool[i].prompt_ids, pool[i].response_ids) for i in kept], weights)
+        return ImproveData(
+            "sequences", [(pool[i].prompt_ids, pool[i].response_ids) for i in kept], weights
+        )
     rng = random.Random(seed)
     # Every Grow step samples the same prompt list, so prompt_index names a prompt across steps.
     by_prompt: dict[int, list[int]] = defaultdict(list)
     for i, s in enumerate(pool):
         by_prompt[s.prompt_index].append(i)
     if objective.kind == "unpaired":
-        failed = [s <= threshold or (min_reward is not None and p.reward <= min_reward)
-                  for s, p in zip(scores, pool, strict=True)]
+        failed = [
+            s <= threshold or (min_reward is not None and p.reward <= min_reward)
+            for s, p in zip(scores, pool, strict=True)
+        ]
         rows = unpaired_examples(pool, kept, failed, by_prompt, max_per_prompt, rng)
         return ImproveData("unpaired", rows)
     return ImproveData("pairs", better_worse_pairs(pool, kept, by_prompt, rng))
@@ -156,8 +176,10 @@ def with_original(
     if not original:
         return data
     if data.kind != "sequences":
-        raise ValueError("config key 'improve.original_data' mixes SFT rows into bc / "
-                         f"reward_weighted steps; this step's loss trains on {data.kind}")
+        raise ValueError(
+            "config key 'improve.original_data' mixes SFT rows into bc / "
+            f"reward_weighted steps; this step's loss trains on {data.kind}"
+        )
     weights = [*data.weights, *[1.0] * len(original)]
     return ImproveData("sequences", [*data.examples, *original], weights)
 
@@ -176,8 +198,11 @@ def better_worse_pairs(pool, kept, by_prompt, rng: random.Random) -> list[Tokeni
     pairs = []
     for i in kept:
         better = pool[i]
-        worse = [j for j in by_prompt[better.prompt_index]
-                 if pool[j].reward < better.reward and pool[j].response_ids != better.response_ids]
+        worse = [
+            j
+            for j in by_prompt[better.prompt_index]
+            if pool[j].reward < better.reward and pool[j].response_ids != better.response_ids
+        ]
         if worse:
             w = pool[rng.choice(worse)]
             pairs.append(TokenizedPair(better.prompt_ids, better.response_ids, w.response_ids))
@@ -193,12 +218,17 @@ def unpaired_examples(
     for members in by_prompt.values():
         below = [j for j in members if failed[j]]
         rng.shuffle(below)
-        rows += [TokenizedUnpaired(pool[j].prompt_ids, pool[j].response_ids, False) for j in below[: max_per_prompt or len(below)]]
+        rows += [
+            TokenizedUnpaired(pool[j].prompt_ids, pool[j].response_ids, False)
+            for j in below[: max_per_prompt or len(below)]
+        ]
     rng.shuffle(rows)  # KTO's KL point is estimated inside each batch: mix the labels
     return rows
 
 
-def weighted_nll_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def weighted_nll_loss(
+    model: torch.nn.Module, batch: dict
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Sum over responses of weight x response NLL, divided by the batch's response tokens
     (plain token-averaged NLL when every weight is 1)."""
     logps = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
@@ -209,7 +239,9 @@ def weighted_nll_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor
 def make_loss_fn(loss: Loss, reference: ReferencePolicy, accelerator=None) -> LossFn:
     objective = resolve_loss(loss)
     if isinstance(objective, str):
-        return weighted_nll_loss  # objective_params belong to the objective steps of a mixed schedule
+        return (
+            weighted_nll_loss  # objective_params belong to the objective steps of a mixed schedule
+        )
     if objective.kind == "unpaired":
         return unpaired_loss_fn(objective, reference, accelerator)
     return pairwise_loss_fn(objective, reference)
@@ -225,8 +257,10 @@ def reference_spec(loss: Loss, spec: ReferenceSpec) -> ReferenceSpec:
     if isinstance(objective, str) or not objective.needs_reference:
         return ReferenceSpec(mode="none")
     if spec.mode == "none":
-        raise ValueError(f"config key 'improve.reference.mode': objective {objective.name!r} needs "
-                         "a reference (frozen, soft or hard)")
+        raise ValueError(
+            f"config key 'improve.reference.mode': objective {objective.name!r} needs "
+            "a reference (frozen, soft or hard)"
+        )
     return spec
 
 
@@ -240,14 +274,22 @@ def fit_batch(config: TrainerConfig, n_examples: int, kind: str) -> TrainerConfi
 
 
 def improve(
-    model: torch.nn.Module, tokenizer, data: ImproveData, spec: ImproveSpec, trainer_config: TrainerConfig,
-    resume: bool = False, run_config: dict | None = None, loss: Loss | None = None,
+    model: torch.nn.Module,
+    tokenizer,
+    data: ImproveData,
+    spec: ImproveSpec,
+    trainer_config: TrainerConfig,
+    resume: bool = False,
+    run_config: dict | None = None,
+    loss: Loss | None = None,
 ) -> TrainResult:
     """Train `model` on `data` with `loss` (the run's resolved loss; by default `spec.loss` with
     `spec.objective_params`); `resume` continues from the step's own checkpoint."""
     loss = resolve_loss(spec.loss if loss is None else loss, spec.objective_params)
     trainer_config = fit_batch(trainer_config, len(data), data.kind)
-    trainer = Trainer(model, trainer_config, data.lengths, run_config=run_config, tokenizer=tokenizer)
+    trainer = Trainer(
+        model, trainer_config, data.lengths, run_config=run_config, tokenizer=tokenizer
+    )
     # Built after prepare() so a full-copy reference lands on the training device.
     reference = make_reference(trainer.model, reference_spec(loss, spec.reference))
     trainer.extra_state = reference
@@ -256,15 +298,20 @@ def improve(
         trainer.resume()
     pad = tokenizer.pad_token_id
     result = trainer.fit(
-        lambda idx: data.collate(idx, pad), loss_fn, after_step=reference.after_optimizer_step,
-        group_by_length=data.kind != "unpaired",  # KTO's KL point uses the batch's own mismatched pairs
+        lambda idx: data.collate(idx, pad),
+        loss_fn,
+        after_step=reference.after_optimizer_step,
+        group_by_length=data.kind
+        != "unpaired",  # KTO's KL point uses the batch's own mismatched pairs
     )
     trainer.end()
     return result
 
 
 @torch.no_grad()
-def objective_value(model: torch.nn.Module, data: ImproveData, loss_fn: LossFn, pad_id: int, batch_size: int = 16) -> float:
+def objective_value(
+    model: torch.nn.Module, data: ImproveData, loss_fn: LossFn, pad_id: int, batch_size: int = 16
+) -> float:
     """Mean loss of `loss_fn` over a fixed set, in eval mode (tests and diagnostics)."""
     was_training = model.training
     model.eval()

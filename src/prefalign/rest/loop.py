@@ -84,14 +84,23 @@ class RestResult:
     plot: Path | None
 
 
-def run_rest(config: RestConfig, resume: bool = False, log=print, on_record: Callable[[dict], None] | None = None) -> RestResult:
+def run_rest(
+    config: RestConfig,
+    resume: bool = False,
+    log=print,
+    on_record: Callable[[dict], None] | None = None,
+) -> RestResult:
     """Run (or, with `resume`, continue) G Grow steps each followed by I Improve steps."""
     started = time.perf_counter()
     config = task_defaults(config)
     losses = check(config)  # each Improve step's loss, resolved once for the run
     spec, out = config.improve, Path(config.out_dir)
     n_improve = spec.steps_per_grow
-    thresholds = threshold_list(n_improve * (config.grow_steps if spec.schedule_scope == "run" else 1), spec.thresholds, spec.schedule)
+    thresholds = threshold_list(
+        n_improve * (config.grow_steps if spec.schedule_scope == "run" else 1),
+        spec.thresholds,
+        spec.schedule,
+    )
     state = RunState.open(out, asdict(config), resume, log)
     write_manifest(out, "rest")
     base = resolve_model_path(config.model.name_or_path)
@@ -106,7 +115,9 @@ def run_rest(config: RestConfig, resume: bool = False, log=print, on_record: Cal
     gold = gold_reward(config.eval.task) if config.eval.task and not reward_is_gold else None
     prompts = load_prompts(config.grow.prompts, config.grow.n_prompts)
     initial = load_model(base, dtype=config.model.dtype, device=device)
-    evaluate = HeldOutEval(config.eval, tokenizer, initial, reward, reward_is_gold, config.grow.max_new_tokens)
+    evaluate = HeldOutEval(
+        config.eval, tokenizer, initial, reward, reward_is_gold, config.grow.max_new_tokens
+    )
 
     def finish(record: dict) -> None:
         state.add(record)
@@ -119,7 +130,14 @@ def run_rest(config: RestConfig, resume: bool = False, log=print, on_record: Cal
 
     if not state.done("initial"):
         t0 = time.perf_counter()
-        finish({"kind": "initial", "model": base, "eval": evaluate(initial), "seconds": round(time.perf_counter() - t0, 3)})
+        finish(
+            {
+                "kind": "initial",
+                "model": base,
+                "eval": evaluate(initial),
+                "seconds": round(time.perf_counter() - t0, 3),
+            }
+        )
 
     policy_path, policy_name = base, "base"
     grown: list[list[GrownSample]] = []
@@ -128,14 +146,26 @@ def run_rest(config: RestConfig, resume: bool = False, log=print, on_record: Cal
         data_file = out / "grown" / f"grow_{g:03d}.jsonl"
         if state.done(f"grow-{g}"):
             if not data_file.exists():
-                raise ValueError(f"{data_file} is missing but state.json says Grow step {g} finished; restore it or start a new out_dir")
+                raise ValueError(
+                    f"{data_file} is missing but state.json says Grow step {g} finished; "
+                    "restore it or start a new out_dir"
+                )
             samples = read_samples(data_file)
         elif data_file.exists():
             log(f"[rest] grow {g}: reusing {data_file}, written before the run stopped")
             samples = read_samples(data_file)
             finish(grow_record(g, policy_name, samples, data_file, out, None))
         else:
-            samples, timings = grow(load_policy(policy_path), tokenizer, prompts, config.grow, reward, g, policy_name, gold)
+            samples, timings = grow(
+                load_policy(policy_path),
+                tokenizer,
+                prompts,
+                config.grow,
+                reward,
+                g,
+                policy_name,
+                gold,
+            )
             write_samples(data_file, samples)
             finish(grow_record(g, policy_name, samples, data_file, out, timings))
         grown.append(samples)
@@ -153,7 +183,17 @@ def run_rest(config: RestConfig, resume: bool = False, log=print, on_record: Cal
             step_dir = out / "improve" / f"g{g:03d}_i{i:02d}"
             lr = spec.trainer.lr * spec.lr_decay**k
             record = improve_step(
-                config, pool, threshold, start, step_dir, tokenizer, g, i, log, losses[i], lr,
+                config,
+                pool,
+                threshold,
+                start,
+                step_dir,
+                tokenizer,
+                g,
+                i,
+                log,
+                losses[i],
+                lr,
                 original,
             )
             t0 = time.perf_counter()
@@ -170,47 +210,114 @@ def run_rest(config: RestConfig, resume: bool = False, log=print, on_record: Cal
     try:
         from prefalign.rest.plot import plot_steps
 
-        plot = plot_steps(state.records, out / "steps.png", title=f"ReST: {config.reward.kind} reward, loss {'/'.join(spec.losses) or spec.loss}")
+        plot = plot_steps(
+            state.records,
+            out / "steps.png",
+            title=f"ReST: {config.reward.kind} reward, loss {'/'.join(spec.losses) or spec.loss}",
+        )
     except ImportError:  # matplotlib is optional
         log("[rest] matplotlib is not installed: no steps.png")
     return RestResult(out, policy_path, state.records, time.perf_counter() - started, plot)
 
 
 def improve_step(
-    config: RestConfig, pool: list[GrownSample], threshold: float, start: str, step_dir: Path, tokenizer, g: int, i: int, log,
-    loss: Loss, lr: float, original: list[tuple[list[int], list[int]]],
+    config: RestConfig,
+    pool: list[GrownSample],
+    threshold: float,
+    start: str,
+    step_dir: Path,
+    tokenizer,
+    g: int,
+    i: int,
+    log,
+    loss: Loss,
+    lr: float,
+    original: list[tuple[list[int], list[int]]],
 ) -> dict:
-    """Filter the pool at `threshold`, train from `start` into step_dir/final; returns the record."""
+    """Filter the pool at `threshold`, train from `start` into step_dir/final; returns the
+    record."""
     spec = replace(config.improve, loss=loss_at(config.improve, i))
     seed = spec.trainer.seed + 1000 * g + i
     groups = [s.prompt_index for s in pool]
     scores = normalized_scores([s.reward for s in pool], groups, spec.normalize)
     dedup = [tuple(s.response_ids) for s in pool] if spec.dedup else None
-    kept = select(scores, groups, threshold, spec.max_per_prompt, seed=seed, dedup_keys=dedup,
-                  rewards=[s.reward for s in pool], min_reward=spec.min_reward)
-    data = build_data(loss, pool, kept, scores, threshold, spec.max_per_prompt, seed=seed,
-                      min_reward=spec.min_reward)
+    kept = select(
+        scores,
+        groups,
+        threshold,
+        spec.max_per_prompt,
+        seed=seed,
+        dedup_keys=dedup,
+        rewards=[s.reward for s in pool],
+        min_reward=spec.min_reward,
+    )
+    data = build_data(
+        loss,
+        pool,
+        kept,
+        scores,
+        threshold,
+        spec.max_per_prompt,
+        seed=seed,
+        min_reward=spec.min_reward,
+    )
     data = with_original(data, original)
     record = {
-        "kind": "improve", "grow": g, "improve": i, "threshold": threshold, "normalize": spec.normalize,
-        "loss": spec.loss, "pool": len(pool), "kept": len(kept), "kept_fraction": round(len(kept) / max(1, len(pool)), 5),
-        "kept_prompts": len({pool[k].prompt_index for k in kept}), "kept_reward": reward_summary([pool[k].reward for k in kept]),
-        "examples": len(data), "original_examples": len(original), "lr": lr, "start": start,
+        "kind": "improve",
+        "grow": g,
+        "improve": i,
+        "threshold": threshold,
+        "normalize": spec.normalize,
+        "loss": spec.loss,
+        "pool": len(pool),
+        "kept": len(kept),
+        "kept_fraction": round(len(kept) / max(1, len(pool)), 5),
+        "kept_prompts": len({pool[k].prompt_index for k in kept}),
+        "kept_reward": reward_summary([pool[k].reward for k in kept]),
+        "examples": len(data),
+        "original_examples": len(original),
+        "lr": lr,
+        "start": start,
     }
     if len(data) < (2 if data.kind == "unpaired" else 1):
-        log(f"[rest] improve {g}.{i}: nothing to train on at threshold {threshold}; the policy stays {start}")
+        log(
+            f"[rest] improve {g}.{i}: nothing to train on at threshold {threshold}; "
+            f"the policy stays {start}"
+        )
         return {**record, "model": start, "skipped": True, "train_steps": 0}
     seed_everything(seed)  # the step's seed decides a fresh LoRA adapter's init
-    model = load_model(start, dtype=config.model.dtype, device="cpu", lora=config.model.lora,
-                       gradient_checkpointing=config.model.gradient_checkpointing)  # the Trainer places it
+    # the Trainer places it
+    model = load_model(
+        start,
+        dtype=config.model.dtype,
+        device="cpu",
+        lora=config.model.lora,
+        gradient_checkpointing=config.model.gradient_checkpointing,
+    )
     trainer_config = replace(spec.trainer, out_dir=str(step_dir), seed=seed, lr=lr)
     t0 = time.perf_counter()
-    result = improve(model, tokenizer, data, spec, trainer_config, resume=True, loss=loss,
-                     run_config={"rest": asdict(config), "grow_step": g, "improve_step": i, "threshold": threshold})
+    result = improve(
+        model,
+        tokenizer,
+        data,
+        spec,
+        trainer_config,
+        resume=True,
+        loss=loss,
+        run_config={
+            "rest": asdict(config),
+            "grow_step": g,
+            "improve_step": i,
+            "threshold": threshold,
+        },
+    )
     losses = [h["loss"] for h in result.history if "loss" in h]
     return {
-        **record, "model": str(step_dir / "final"), "train_steps": result.steps,
-        "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+        **record,
+        "model": str(step_dir / "final"),
+        "train_steps": result.steps,
+        "loss_first": losses[0] if losses else None,
+        "loss_last": losses[-1] if losses else None,
         "seconds_train": round(time.perf_counter() - t0, 3),
     }
 
@@ -226,21 +333,37 @@ def load_original(path: str, tokenizer) -> list[tuple[list[int], list[int]]]:
     return [(list(r.prompt_ids), list(r.completion_ids)) for r in rows]
 
 
-def grow_record(g: int, policy: str, samples: list[GrownSample], path: Path, out: Path, timings: GrowTimings | None) -> dict:
+def grow_record(
+    g: int,
+    policy: str,
+    samples: list[GrownSample],
+    path: Path,
+    out: Path,
+    timings: GrowTimings | None,
+) -> dict:
     rewards = [s.reward for s in samples]
     record = {
-        "kind": "grow", "grow": g, "policy": policy, "file": str(path.relative_to(out)), "samples": len(samples),
-        "prompts": len({s.prompt_index for s in samples}), "reward": reward_summary(rewards),
+        "kind": "grow",
+        "grow": g,
+        "policy": policy,
+        "file": str(path.relative_to(out)),
+        "samples": len(samples),
+        "prompts": len({s.prompt_index for s in samples}),
+        "reward": reward_summary(rewards),
         "mean_tokens": sum(s.n_tokens for s in samples) / max(1, len(samples)),
         "finished_fraction": sum(s.finished for s in samples) / max(1, len(samples)),
-        "distinct_fraction": len({(s.prompt_index, s.response) for s in samples}) / max(1, len(samples)),
+        "distinct_fraction": len({(s.prompt_index, s.response) for s in samples})
+        / max(1, len(samples)),
     }
     golds = [s.gold_reward for s in samples if s.gold_reward is not None]
     if golds:
         record["gold_reward"] = reward_summary(golds)
     if timings is not None:  # None: the data file was reused after a stop
-        record.update(seconds_sample=round(timings.sample_seconds, 3), seconds_score=round(timings.score_seconds, 3),
-                      samples_per_s=round(len(samples) / max(timings.sample_seconds, 1e-9), 2))
+        record.update(
+            seconds_sample=round(timings.sample_seconds, 3),
+            seconds_score=round(timings.score_seconds, 3),
+            samples_per_s=round(len(samples) / max(timings.sample_seconds, 1e-9), 2),
+        )
     return record
 
 
@@ -248,22 +371,38 @@ def format_record(r: dict) -> str:
     """The one line printed per step."""
     if r["kind"] == "grow":
         d = r["reward"]
-        line = (f"[rest] grow {r['grow']}: {r['samples']} samples from {r['policy']}, reward mean {d['mean']:.3f} "
-                f"(p10 {d['p10']:.3f}, p90 {d['p90']:.3f}), {r['mean_tokens']:.1f} tokens")
+        line = (
+            f"[rest] grow {r['grow']}: {r['samples']} samples from {r['policy']}, "
+            f"reward mean {d['mean']:.3f} "
+            f"(p10 {d['p10']:.3f}, p90 {d['p90']:.3f}), {r['mean_tokens']:.1f} tokens"
+        )
         if "gold_reward" in r:
             line += f", gold {r['gold_reward']['mean']:.3f}"
         if "seconds_sample" in r:
-            line += f"; {r['seconds_sample']:.1f}s sampling ({r['samples_per_s']:.0f} samples/s) + {r['seconds_score']:.1f}s scoring"
+            line += (
+                f"; {r['seconds_sample']:.1f}s sampling ({r['samples_per_s']:.0f} samples/s)"
+                f" + {r['seconds_score']:.1f}s scoring"
+            )
         return line
     if r["kind"] == "initial":
         line = "[rest] initial policy"
     else:
-        line = (f"[rest] improve {r['grow']}.{r['improve']}: threshold {r['threshold']:.3f}, kept {r['kept']}/{r['pool']} "
-                f"({r['kept_fraction']:.0%}), {r['examples']} examples")
+        line = (
+            f"[rest] improve {r['grow']}.{r['improve']}: threshold {r['threshold']:.3f}, "
+            f"kept {r['kept']}/{r['pool']} "
+            f"({r['kept_fraction']:.0%}), {r['examples']} examples"
+        )
         if r.get("loss_first") is not None:
-            line += f", {r['loss']} loss {r['loss_first']:.3f} -> {r['loss_last']:.3f} ({r['train_steps']} steps, {r['seconds_train']:.1f}s)"
+            line += (
+                f", {r['loss']} loss {r['loss_first']:.3f} -> {r['loss_last']:.3f}"
+                f" ({r['train_steps']} steps, {r['seconds_train']:.1f}s)"
+            )
     e = r.get("eval") or {}
-    parts = [f"{k} {e[k]:.3f}" for k in ("reward", "gold_reward", "accuracy", "kl") if e.get(k) is not None]
+    parts = [
+        f"{k} {e[k]:.3f}"
+        for k in ("reward", "gold_reward", "accuracy", "kl")
+        if e.get(k) is not None
+    ]
     return line + (" | held-out " + ", ".join(parts) if parts else "")
 
 
@@ -285,8 +424,10 @@ def resolve_model_path(name: str) -> str:
     """A task name (e.g. `toy:arith`) is that task's default policy; local paths become absolute
     (saved adapters name their base)."""
     if not name:
-        raise ValueError("config key 'model.name_or_path' is required (a model directory, hub id, "
-                         "or a task such as toy:sentiment / toy:arith)")
+        raise ValueError(
+            "config key 'model.name_or_path' is required (a model directory, hub id, "
+            "or a task such as toy:sentiment / toy:arith)"
+        )
     if tasks.is_task_spec(name) and not Path(name).exists():
         return tasks.resolve_task(name).policy_path()
     return str(Path(name).resolve()) if Path(name).exists() else name
@@ -302,25 +443,40 @@ def check(config: RestConfig) -> list[Loss]:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Every process would grow and write the same files; Grow is not sharded across ranks yet.
         raise ValueError("prefalign rest runs in one process; start it without `accelerate launch`")
-    for key, value in (("grow_steps", config.grow_steps), ("improve.steps_per_grow", config.improve.steps_per_grow),
-                       ("grow.samples_per_prompt", config.grow.samples_per_prompt), ("grow.max_new_tokens", config.grow.max_new_tokens)):
+    for key, value in (
+        ("grow_steps", config.grow_steps),
+        ("improve.steps_per_grow", config.improve.steps_per_grow),
+        ("grow.samples_per_prompt", config.grow.samples_per_prompt),
+        ("grow.max_new_tokens", config.grow.max_new_tokens),
+    ):
         if value < 1:
             raise ValueError(f"config key '{key}' must be at least 1, got {value}")
     if config.reward.kind == "gold" and not config.reward.task:
-        raise ValueError("config key 'reward.task' is required with reward.kind=gold (a task: "
-                         "toy:sentiment, toy:arith, toy:brevity, or user:PROMPTS.jsonl:module:fn)")
+        raise ValueError(
+            "config key 'reward.task' is required with reward.kind=gold (a task: "
+            "toy:sentiment, toy:arith, toy:brevity, or user:PROMPTS.jsonl:module:fn)"
+        )
     if config.improve.max_per_prompt < 0:
-        raise ValueError(f"config key 'improve.max_per_prompt' must be >= 0 (0: no cap), got {config.improve.max_per_prompt}")
+        raise ValueError(
+            "config key 'improve.max_per_prompt' must be >= 0 (0: no cap), "
+            f"got {config.improve.max_per_prompt}"
+        )
     spec = config.improve
     if spec.losses and len(spec.losses) != spec.steps_per_grow:
-        raise ValueError(f"config key 'improve.losses': {len(spec.losses)} losses for {spec.steps_per_grow} Improve steps; give one per step")
+        raise ValueError(
+            f"config key 'improve.losses': {len(spec.losses)} losses for "
+            f"{spec.steps_per_grow} Improve steps; give one per step"
+        )
     if not spec.lr_decay > 0:
-        raise ValueError(f"config key 'improve.lr_decay' must be > 0 (1: constant), "
-                         f"got {spec.lr_decay}")
+        raise ValueError(
+            f"config key 'improve.lr_decay' must be > 0 (1: constant), got {spec.lr_decay}"
+        )
     losses = resolve_losses(spec)
     for loss in losses:
         reference_spec(loss, spec.reference)
     if spec.original_data and not all(isinstance(loss, str) for loss in losses):
-        raise ValueError("config key 'improve.original_data': original SFT rows mix into bc / "
-                         f"reward_weighted steps only, got losses {spec.losses or [spec.loss]}")
+        raise ValueError(
+            "config key 'improve.original_data': original SFT rows mix into bc / "
+            f"reward_weighted steps only, got losses {spec.losses or [spec.loss]}"
+        )
     return losses

@@ -41,16 +41,25 @@ class RunState:
         path = out_dir / "state.json"
         if not path.exists():
             if not resume and out_dir.exists() and any(out_dir.iterdir()):
-                raise ValueError(f"out_dir {out_dir} is not empty; pass --resume to continue the run there, or choose another out_dir")
+                raise ValueError(
+                    f"out_dir {out_dir} is not empty; pass --resume to continue the run there, "
+                    "or choose another out_dir"
+                )
             out_dir.mkdir(parents=True, exist_ok=True)
             return cls(out_dir, config, [])
         if not resume:
-            raise ValueError(f"out_dir {out_dir} holds a ReST run ({path}); pass --resume to continue it, or choose another out_dir")
+            raise ValueError(
+                f"out_dir {out_dir} holds a ReST run ({path}); pass --resume to continue it, "
+                "or choose another out_dir"
+            )
         saved = json.loads(path.read_text())
         old, new = flatten(saved["config"]), flatten(config)
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if changed:
-            log(f"resuming with a changed config ({', '.join(changed)}); finished steps keep the settings they ran with")
+            log(
+                f"resuming with a changed config ({', '.join(changed)}); "
+                "finished steps keep the settings they ran with"
+            )
         return cls(out_dir, config, saved["records"])
 
     def done(self, key: str) -> dict[str, Any] | None:
@@ -59,7 +68,12 @@ class RunState:
     def add(self, record: dict[str, Any]) -> None:
         self.records.append(record)
         self._by_key[step_key(record)] = record
-        self._write("state.json", json.dumps({"version": STATE_VERSION, "config": self.config, "records": self.records}, indent=1))
+        self._write(
+            "state.json",
+            json.dumps(
+                {"version": STATE_VERSION, "config": self.config, "records": self.records}, indent=1
+            ),
+        )
         self._write("steps.jsonl", "".join(json_line(r) for r in self.records))
 
     def _write(self, name: str, text: str) -> None:

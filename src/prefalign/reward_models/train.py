@@ -70,10 +70,12 @@ def build_reward_model(
     """A one-label sequence classifier on the checkpoint's backbone; the head is seeded."""
     from transformers import AutoModelForSequenceClassification
 
+    from prefalign.models import resolve_model_source
+
     torch.manual_seed(seed)
     with quiet_load_report():  # the head is new and the LM head unused, as intended: no warning
         model = AutoModelForSequenceClassification.from_pretrained(
-            str(name_or_path), num_labels=1, dtype=resolve_dtype(dtype)
+            str(resolve_model_source(name_or_path)), num_labels=1, dtype=resolve_dtype(dtype)
         )
     # Not used for reading (the attention mask is), but HF's own pooling needs it to be set.
     model.config.pad_token_id = pad_token_id

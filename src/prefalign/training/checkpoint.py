@@ -34,13 +34,18 @@ def checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
     return [(int(p.name.split("-")[1]), p) for p in root.iterdir() if p.name.startswith("step-")]
 
 
-def save_model(model: torch.nn.Module, tokenizer: Any, path: Path, state_dict: dict | None = None) -> None:
+def save_model(
+    model: torch.nn.Module, tokenizer: Any, path: Path, state_dict: dict | None = None
+) -> None:
     """The model in Hugging Face format; a peft model as its active adapter only (a trust-region
     reference adapter is checkpointed with the reference's own state). `state_dict`: the full
     weights of a sharded (FSDP2) model, gathered beforehand."""
     if is_peft_model(model):
         model.save_pretrained(
-            path, selected_adapters=[model.active_adapter], safe_serialization=True, state_dict=state_dict
+            path,
+            selected_adapters=[model.active_adapter],
+            safe_serialization=True,
+            state_dict=state_dict,
         )
     else:
         model.save_pretrained(path, safe_serialization=True, state_dict=state_dict)

@@ -33,7 +33,10 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     names = set(getattr(inner, "_no_split_modules", None) or [])
     layers = [m for m in inner.modules() if type(m).__name__ in names]
     if not layers:
-        raise ValueError(f"{type(inner).__name__} declares no decoder-layer class (_no_split_modules) to shard by")
+        raise ValueError(
+            f"{type(inner).__name__} declares no decoder-layer class (_no_split_modules) "
+            "to shard by"
+        )
     return layers
 
 
@@ -93,4 +96,6 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter and buffer gathered in full on CPU; a collective: call on every process."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )

@@ -1,4 +1,5 @@
-"""The one training loop every method uses: SFT, preference objectives, ARM training, ReST's Improve.
+"""The one training loop every method uses: SFT, preference objectives, ARM training, ReST's
+Improve.
 
 Read it top to bottom: plan the global batches, then for each optimizer step run the micro-batches,
 reduce their metrics, clip, check that loss and gradient norm are finite (a bad step is never
@@ -95,7 +96,9 @@ class TrainResult:
     out_dir: Path
 
 
-def batch_plan(lengths: Sequence[int], global_batch: int, seed: int, epoch: int, group_by_length: bool) -> list[list[int]]:
+def batch_plan(
+    lengths: Sequence[int], global_batch: int, seed: int, epoch: int, group_by_length: bool
+) -> list[list[int]]:
     """The epoch's global batches (lists of example indices), a pure function of seed and epoch.
 
     With `group_by_length`, examples of similar length share a batch (sorted inside shuffled
@@ -106,8 +109,14 @@ def batch_plan(lengths: Sequence[int], global_batch: int, seed: int, epoch: int,
     rng.shuffle(order)
     if group_by_length:
         mega = global_batch * 50
-        order = [i for s in range(0, len(order), mega) for i in sorted(order[s : s + mega], key=lambda i: -lengths[i])]
-    batches = [order[s : s + global_batch] for s in range(0, len(order) - global_batch + 1, global_batch)]
+        order = [
+            i
+            for s in range(0, len(order), mega)
+            for i in sorted(order[s : s + mega], key=lambda i: -lengths[i])
+        ]
+    batches = [
+        order[s : s + global_batch] for s in range(0, len(order) - global_batch + 1, global_batch)
+    ]
     rng.shuffle(batches)
     return batches
 
@@ -156,8 +165,11 @@ class Trainer:
         params = [p for p in model.parameters() if p.requires_grad]
         self.sharded = is_sharded(model)
         optimizer = torch.optim.AdamW(
-            params, lr=config.lr, weight_decay=config.weight_decay,
-            betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
+            params,
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+            betas=(config.adam_beta1, config.adam_beta2),
+            eps=config.adam_epsilon,
             # One kernel over all parameters (transformers' default optimizer too) where the
             # device has it; the multi-tensor foreach path otherwise.
             fused=True if fused_adamw_supported(params) and not self.sharded else None,
@@ -172,7 +184,10 @@ class Trainer:
         from transformers import get_scheduler  # 4 s of imports: not paid by a config error
 
         self.scheduler = get_scheduler(
-            name, self.optimizer, num_warmup_steps=int(config.warmup_ratio * self.total_steps), num_training_steps=self.total_steps
+            name,
+            self.optimizer,
+            num_warmup_steps=int(config.warmup_ratio * self.total_steps),
+            num_training_steps=self.total_steps,
         )
         self.step = 0
         # Set once by the caller (anything with state_dict/load_state_dict, e.g. a trust-region
@@ -182,7 +197,9 @@ class Trainer:
         if acc.is_main_process:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             if run_config is not None:
-                atomic_write(self.out_dir / "config.json", json.dumps(run_config, indent=2, default=str))
+                atomic_write(
+                    self.out_dir / "config.json", json.dumps(run_config, indent=2, default=str)
+                )
         if config.report_to:
             acc.init_trackers("prefalign", config=flat_config(run_config or {}))
 
@@ -205,19 +222,30 @@ class Trainer:
         lengths = self.lengths
         steps_per_epoch = len(lengths) // self.global_micro_batch // cfg.grad_accum
         rank = acc.process_index
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not (cfg.progress and acc.is_main_process), desc="train")
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            disable=not (cfg.progress and acc.is_main_process),
+            desc="train",
+        )
         start, seen, start_step = time.perf_counter(), 0, self.step
         plan, plan_epoch = [], None
         self.model.train()
         while self.step < self.total_steps:
             epoch, within = divmod(self.step, steps_per_epoch)
             if epoch != plan_epoch:  # one plan per epoch: building it is O(n log n)
-                plan, plan_epoch = batch_plan(lengths, self.global_micro_batch, cfg.seed, epoch, group_by_length), epoch
+                plan, plan_epoch = (
+                    batch_plan(lengths, self.global_micro_batch, cfg.seed, epoch, group_by_length),
+                    epoch,
+                )
             micro = plan[within * cfg.grad_accum : (within + 1) * cfg.grad_accum]
             totals = MetricTotals()
             for m, indices in enumerate(micro):
                 mine = indices[rank * cfg.batch_size : (rank + 1) * cfg.batch_size]
-                batch = {k: v.to(acc.device) if torch.is_tensor(v) else v for k, v in collate(mine).items()}
+                batch = {
+                    k: v.to(acc.device) if torch.is_tensor(v) else v
+                    for k, v in collate(mine).items()
+                }
                 sync = m == len(micro) - 1
                 with acc.no_sync(self.model) if not sync else nullcontext(), acc.autocast():
                     loss, metrics = loss_fn(self.model, batch)
@@ -227,12 +255,12 @@ class Trainer:
             # Reduced before the optimizer step: a non-finite loss on any process reaches every
             # process through the mean, so all of them stop at the same step, with nothing applied.
             record = totals.reduce(acc, check_keys=self.step == start_step)
-            # Clipping at infinity still measures the norm (and unscales fp16 gradients).
-            grad_norm = local_norm_to_float(
-                acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm or math.inf)
-            )
+            # Clipping at infinity still measures the norm (and unscales fp16 gradients). DeepSpeed
+            # clips inside its engine and returns no norm.
+            norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm or math.inf)
+            grad_norm = None if norm is None else local_norm_to_float(norm)
             # fp16's loss scaler expects overflows: it skips those steps and lowers the scale.
-            self._check_finite(record["loss"], grad_norm if acc.scaler is None else 0.0)
+            self._check_finite(record["loss"], grad_norm if acc.scaler is None else None)
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -246,37 +274,68 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}")
             is_last = self.step == self.total_steps
-            if evaluate is not None and ((cfg.eval_every and self.step % cfg.eval_every == 0) or is_last):
+            if evaluate is not None and (
+                (cfg.eval_every and self.step % cfg.eval_every == 0) or is_last
+            ):
                 if acc.is_main_process:
                     record.update({f"eval/{k}": v for k, v in evaluate(self.step).items()})
                 acc.wait_for_everyone()
                 self.model.train()  # evaluators run in eval mode; training never does
-            if self.step % cfg.log_every == 0 or is_last or any(k.startswith("eval/") for k in record):
+            if (
+                self.step % cfg.log_every == 0
+                or is_last
+                or any(k.startswith("eval/") for k in record)
+            ):
                 self._log(record)
             if (cfg.save_every and self.step % cfg.save_every == 0) or is_last:
                 self.save_checkpoint()
         bar.close()
         elapsed = time.perf_counter() - start
-        return TrainResult(self.step, elapsed, seen / max(elapsed, 1e-9), self.history, self.out_dir)
+        return TrainResult(
+            self.step, elapsed, seen / max(elapsed, 1e-9), self.history, self.out_dir
+        )
 
-    def _check_finite(self, loss: float | None, grad_norm: float) -> None:
-        """Raise before the optimizer step if this step's loss or gradient norm is not finite."""
+    def _check_finite(self, loss: float | None, grad_norm: float | None) -> None:
+        """Raise before the optimizer step if this step's loss or gradient norm is not finite
+        (`grad_norm` None: not measured here)."""
         step = self.step + 1
         if loss is None or not math.isfinite(loss):
             raise self._diverged(f"loss became {loss} at step {step}")
-        if not math.isfinite(grad_norm):
-            raise self._diverged(f"gradient norm became {grad_norm} at step {step} (the loss was {loss:.4g})")
+        if grad_norm is not None and not math.isfinite(grad_norm):
+            raise self._diverged(
+                f"gradient norm became {grad_norm} at step {step} (the loss was {loss:.4g})"
+            )
 
     def _check_parameters(self) -> None:
         """Raise if a trained parameter is not finite: such weights are never written."""
-        params = [p.detach() for p in self.model.parameters() if p.requires_grad]
-        finite = torch.stack([torch.isfinite(p).all() for p in params]).all() if params else True
-        if not bool(finite):
-            raise self._diverged(f"parameters became non-finite by step {self.step}", "they were not saved")
+        # A sharded (FSDP2) parameter is checked on this process's shard, and the count summed
+        # over processes, so every process stops together.
+        shards = [
+            getattr(p, "to_local", lambda p=p: p)().detach()
+            for p in self.model.parameters()
+            if p.requires_grad
+        ]
+        bad = (
+            torch.stack([(~torch.isfinite(t)).sum() for t in shards]).sum().float()
+            if shards
+            else torch.zeros(())
+        )
+        if self.sharded:
+            bad = self.accelerator.reduce(bad.to(self.accelerator.device), reduction="sum")
+        if bool(bad > 0):
+            raise self._diverged(
+                f"parameters became non-finite by step {self.step}", "they were not saved"
+            )
 
-    def _diverged(self, what: str, done: str = "nothing of it was applied or saved") -> TrainingDiverged:
+    def _diverged(
+        self, what: str, done: str = "nothing of it was applied or saved"
+    ) -> TrainingDiverged:
         found = sorted(checkpoints(self.out_dir))
-        last = f"the last finite checkpoint is {found[-1][1]}" if found else "no checkpoint was written"
+        last = (
+            f"the last finite checkpoint is {found[-1][1]}"
+            if found
+            else "no checkpoint was written"
+        )
         return TrainingDiverged(f"{what}; {done}, {last} (lower the lr or check the objective)")
 
     def _log(self, record: dict[str, float | None]) -> None:
@@ -285,7 +344,9 @@ class Trainer:
         if self.accelerator.is_main_process:
             append_jsonl(self.out_dir / "metrics.jsonl", record)  # strict JSON: NaN as null
         if self.config.report_to:
-            self.accelerator.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=self.step)
+            self.accelerator.log(
+                {k: v for k, v in record.items() if k != "step" and v is not None}, step=self.step
+            )
 
     # --- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
@@ -308,7 +369,9 @@ class Trainer:
             torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
             if self.extra_state is not None and not self.sharded:
                 torch.save(self.extra_state.state_dict(), tmp / "extra_state.pt")
-            (tmp / "state.json").write_text(json.dumps({"step": self.step, "num_processes": acc.num_processes}))
+            (tmp / "state.json").write_text(
+                json.dumps({"step": self.step, "num_processes": acc.num_processes})
+            )
         acc.wait_for_everyone()
         # Each process saves its own RNG state (sampling in dropout and data differ per rank).
         torch.save(rng_state(), tmp / f"rng-{acc.process_index}.pt")
@@ -336,13 +399,16 @@ class Trainer:
         state = json.loads((path / "state.json").read_text())
         if state["num_processes"] != self.accelerator.num_processes:
             raise ValueError(
-                f"checkpoint {path} was written by {state['num_processes']} processes; resume with the same number"
+                f"checkpoint {path} was written by {state['num_processes']} processes; "
+                "resume with the same number"
             )
         load_trained_weights(self.unwrapped, path / MODEL_DIR)
         self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
         if self.extra_state is not None:
-            self.extra_state.load_state_dict(torch.load(path / "extra_state.pt", weights_only=False))
+            self.extra_state.load_state_dict(
+                torch.load(path / "extra_state.pt", weights_only=False)
+            )
         rng_file = path / f"rng-{self.accelerator.process_index}.pt"
         if rng_file.exists():
             set_rng_state(torch.load(rng_file, weights_only=False))
@@ -380,11 +446,16 @@ class MetricTotals:
 
             seen = gather_object([keys])
             if any(k != keys for k in seen):
-                raise RuntimeError(f"processes logged different metric keys: {seen}; a loss_fn must return a fixed key set")
+                raise RuntimeError(
+                    f"processes logged different metric keys: {seen}; "
+                    "a loss_fn must return a fixed key set"
+                )
         if not keys:
             return {}
         device = accelerator.device
-        stacked = torch.stack([self.sums[k].to(device) for k in keys] + [self.counts[k].to(device) for k in keys])
+        stacked = torch.stack(
+            [self.sums[k].to(device) for k in keys] + [self.counts[k].to(device) for k in keys]
+        )
         stacked = accelerator.reduce(stacked, reduction="sum").tolist()
         sums, counts = stacked[: len(keys)], stacked[len(keys) :]
         return {k: (s / c if c else None) for k, s, c in zip(keys, sums, counts, strict=True)}
@@ -417,4 +488,6 @@ def make_accelerator(config: TrainerConfig) -> Accelerator:
 
 def flat_config(tree: dict[str, Any]) -> dict[str, Any]:
     """The run config as the flat scalar mapping experiment trackers take."""
-    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flatten(tree).items()}
+    return {
+        k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flatten(tree).items()
+    }

@@ -28,5 +28,7 @@ def precision_hint(mixed_precision: str, on_gpu: bool) -> str | None:
     flag = cpu_bf16_matmul()
     if flag is None:
         return None
-    return (f"this CPU multiplies bf16 natively ({flag}): trainer.mixed_precision=bf16 keeps fp32 "
-            "weights and log-probs and trains faster (README: Performance)")
+    return (
+        f"this CPU multiplies bf16 natively ({flag}): trainer.mixed_precision=bf16 keeps fp32 "
+        "weights and log-probs and trains faster (README: Performance)"
+    )

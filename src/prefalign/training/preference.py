@@ -173,16 +173,25 @@ def run_preference(
     # Resolving checks the params by config key (names, kinds) before anything is loaded.
     objective = objective or resolve_objective(config.objective)
     if not config.model.name_or_path:
-        raise ValueError("config key 'model.name_or_path' is required (a model directory or hub id)")
+        raise ValueError(
+            "config key 'model.name_or_path' is required (a model directory or hub id)"
+        )
     if not config.data.path:
         raise ValueError("config key 'data.path' is required")
     if objective.needs_reference and config.reference.mode == "none":
-        raise ValueError(f"objective '{objective.name}' needs a reference policy; reference.mode 'none' is for reference-free objectives")
+        raise ValueError(
+            f"objective '{objective.name}' needs a reference policy; "
+            "reference.mode 'none' is for reference-free objectives"
+        )
     write_manifest(config.trainer.out_dir, "train")
     tokenizer = load_tokenizer(config.model.name_or_path)
     trunc = dict(**config.data.limits(), skip_invalid=config.data.skip_invalid)
     unpaired = objective.kind == "unpaired"
-    loader, tokenize = (load_unpaired_data, tokenize_unpaired) if unpaired else (load_preference_data, tokenize_preference)
+    loader, tokenize = (
+        (load_unpaired_data, tokenize_unpaired)
+        if unpaired
+        else (load_preference_data, tokenize_preference)
+    )
     loaded = loader(config.data.path, tokenizer=tokenizer, skip_invalid=config.data.skip_invalid)
     examples, skipped = tokenize(loaded.records, tokenizer, **trunc)
     skipped = loaded.skipped + skipped
@@ -192,8 +201,11 @@ def run_preference(
     # After the data: a bad row is reported without waiting for the model to load.
     seed_everything(config.trainer.seed)  # the seed decides a LoRA adapter's init
     model = load_model(
-        config.model.name_or_path, dtype=config.model.dtype, device="cpu",
-        lora=config.model.lora, gradient_checkpointing=config.model.gradient_checkpointing,
+        config.model.name_or_path,
+        dtype=config.model.dtype,
+        device="cpu",
+        lora=config.model.lora,
+        gradient_checkpointing=config.model.gradient_checkpointing,
     )
     ref_spec = config.reference if objective.needs_reference else ReferenceSpec(mode="none")
     run = dict(lengths=[e.length for e in examples], run_config=asdict(config), tokenizer=tokenizer)
@@ -217,7 +229,9 @@ def run_preference(
         loss_fn = unpaired_loss_fn(objective, reference, trainer.accelerator)
 
         def collate(indices: list[int]) -> dict:
-            return collate_unpaired([examples[i] for i in indices], pad, max_length=config.data.max_length)
+            return collate_unpaired(
+                [examples[i] for i in indices], pad, max_length=config.data.max_length
+            )
     else:
         shared = use_shared_prompt(config.speed, trainer.unwrapped, examples)
         log(f"shared-prompt forward: {'on' if shared else 'off'}")
@@ -241,8 +255,14 @@ def run_preference(
                 "mixed_precision": config.trainer.mixed_precision,
             }
             cached = build_reference_cache(
-                reference, examples, collate, config.data.path, trainer.accelerator,
-                config.trainer.batch_size, settings, log=log,
+                reference,
+                examples,
+                collate,
+                config.data.path,
+                trainer.accelerator,
+                config.trainer.batch_size,
+                settings,
+                log=log,
             )
         loss_fn = pairwise_loss_fn(objective, reference, reference_logps=cached)
 
@@ -250,7 +270,10 @@ def run_preference(
         return reference.update_metrics() if reference.after_optimizer_step(step) else {}
 
     result = trainer.fit(
-        collate, loss_fn, after_step=after_step, evaluate=evaluate,
+        collate,
+        loss_fn,
+        after_step=after_step,
+        evaluate=evaluate,
         # KTO's KL point uses the batch's own mismatched pairs: length-grouping would bias them.
         group_by_length=not unpaired,
     )
@@ -278,14 +301,22 @@ def make_evaluator(
     moving = reference.spec.mode in ("soft", "hard")
     if config.eval.task or (moving and config.data.eval_path):
         # From disk, not a copy of the policy: on resume the policy has moved already.
-        initial = load_model(config.model.name_or_path, dtype=config.model.dtype, device=str(trainer.accelerator.device))
+        initial = load_model(
+            config.model.name_or_path,
+            dtype=config.model.dtype,
+            device=str(trainer.accelerator.device),
+        )
     if config.eval.task:
         from prefalign.tasks import resolve_task
 
         task = resolve_task(config.eval.task)
         prompts = task.prompts("eval")[: config.eval.n_prompts]
     beta = objective.reward_scale
-    eval_pairs = load_eval_pairs(tokenizer, config.data.eval_path, config.data) if config.data.eval_path else None
+    eval_pairs = (
+        load_eval_pairs(tokenizer, config.data.eval_path, config.data)
+        if config.data.eval_path
+        else None
+    )
     initial_ref = ModelReference(initial) if initial is not None else None
 
     def evaluate(step: int) -> dict[str, float]:
@@ -293,15 +324,22 @@ def make_evaluator(
         out: dict[str, float] = {}
         if config.eval.task:
             result = evaluate_policy(
-                model, tokenizer, task, prompts, reference=initial,
-                samples_per_prompt=config.eval.samples_per_prompt, max_new_tokens=config.eval.max_new_tokens,
+                model,
+                tokenizer,
+                task,
+                prompts,
+                reference=initial,
+                samples_per_prompt=config.eval.samples_per_prompt,
+                max_new_tokens=config.eval.max_new_tokens,
             )
             out.update({"gold_reward": result.gold_reward, "kl": result.kl})
             if result.accuracy is not None:
                 out["accuracy"] = result.accuracy
         if config.data.eval_path:
             held_out = (tokenizer, config.data.eval_path, beta, config.data)
-            scored = pair_metrics(model, initial_ref if moving else reference, *held_out, pairs=eval_pairs)
+            scored = pair_metrics(
+                model, initial_ref if moving else reference, *held_out, pairs=eval_pairs
+            )
             out.update(scored)
             if moving:
                 scored = pair_metrics(model, reference, *held_out, pairs=eval_pairs)

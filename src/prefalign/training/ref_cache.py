@@ -38,7 +38,11 @@ def reference_tensors(reference: ReferencePolicy) -> Iterable[tuple[str, torch.T
         return sorted(reference.model.state_dict().items())
     if isinstance(reference, LoraReference):  # the base, and the reference adapter if it has one
         state = reference.model.state_dict()
-        return sorted((k, v) for k, v in state.items() if "lora_" not in k or REFERENCE_ADAPTER in k.split("."))
+        return sorted(
+            (k, v)
+            for k, v in state.items()
+            if "lora_" not in k or REFERENCE_ADAPTER in k.split(".")
+        )
     raise TypeError(f"no cache for a {type(reference).__name__}")
 
 

@@ -26,7 +26,9 @@ class SFTData(TruncationSettings):
 class SFTConfig:
     model: ModelSpec = field(default_factory=ModelSpec)
     data: SFTData = field(default_factory=SFTData)
-    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(out_dir="runs/sft", lr=1e-4))
+    trainer: TrainerConfig = field(
+        default_factory=lambda: TrainerConfig(out_dir="runs/sft", lr=1e-4)
+    )
 
 
 def train_sft(
@@ -41,11 +43,16 @@ def train_sft(
 ) -> TrainResult:
     """Minimise the NLL of responses given prompts (of every token if `loss_on_prompt`)."""
     if loss_on_prompt:
-        prompts, responses = [[] for _ in prompts], [p + r for p, r in zip(prompts, responses, strict=True)]
+        prompts, responses = (
+            [[] for _ in prompts],
+            [p + r for p, r in zip(prompts, responses, strict=True)],
+        )
     lengths = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
 
     def collate(indices: list[int]) -> dict:
-        return collate_prompt_response([prompts[i] for i in indices], [responses[i] for i in indices], tokenizer.pad_token_id)
+        return collate_prompt_response(
+            [prompts[i] for i in indices], [responses[i] for i in indices], tokenizer.pad_token_id
+        )
 
     def loss_fn(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
         loss = nll_loss(model, batch)
@@ -73,7 +80,9 @@ def run_sft(config: SFTConfig, resume: bool = False) -> TrainResult:
         lora=config.model.lora,
         gradient_checkpointing=config.model.gradient_checkpointing,
     )
-    loaded = load_sft_data(config.data.path, tokenizer=tokenizer, skip_invalid=config.data.skip_invalid)
+    loaded = load_sft_data(
+        config.data.path, tokenizer=tokenizer, skip_invalid=config.data.skip_invalid
+    )
     examples, skipped = tokenize_sft(
         loaded.records,
         tokenizer,
