@@ -53,7 +53,9 @@ def toy_pairs(n: int, tokenizer) -> dict[str, torch.Tensor]:
             records.append(PreferenceRecord(prompt, good, bad, source="toy", line=len(records) + 1))
     pairs, _ = tokenize_preference(records, tokenizer, max_length=256, max_prompt_length=128)
     return collate_shared_pairs(
-        [p.prompt_ids for p in pairs], [p.chosen_ids for p in pairs], [p.rejected_ids for p in pairs],
+        [p.prompt_ids for p in pairs],
+        [p.chosen_ids for p in pairs],
+        [p.rejected_ids for p in pairs],
         tokenizer.pad_token_id,
     )
 
@@ -69,7 +71,9 @@ def loss_and_grad(model, batch, reference, dtype):
         loss = compute_loss(get("dpo"), chosen.sum, rejected.sum, *reference, beta=0.1).mean()
     loss.backward()
     seconds = time.perf_counter() - start
-    grad = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None]).double()
+    grad = torch.cat(
+        [p.grad.reshape(-1) for p in model.parameters() if p.grad is not None]
+    ).double()
     return loss.detach(), chosen.sum.detach(), rejected.sum.detach(), grad, seconds
 
 
@@ -93,14 +97,18 @@ def main() -> None:
     loss16, c16, r16, g16, t16 = loss_and_grad(model, batch, reference, "bf16")
     result = {
         "command": "python bench/bf16_accuracy.py " + " ".join(sys.argv[1:]),
-        "model": str(args.model or source), "pairs": args.pairs, "threads": args.threads,
-        "loss_fp32": float(loss32), "loss_bf16": float(loss16),
+        "model": str(args.model or source),
+        "pairs": args.pairs,
+        "threads": args.threads,
+        "loss_fp32": float(loss32),
+        "loss_bf16": float(loss16),
         "loss_abs_diff": float((loss16 - loss32).abs()),
         "logps_max_abs_diff": float(torch.cat([c16 - c32, r16 - r32]).abs().max()),
         "logps_mean_abs_fp32": float(torch.cat([c32, r32]).abs().mean()),
         "grad_rel_l2_error": float((g16 - g32).norm() / g32.norm()),
         "grad_cosine": float(torch.nn.functional.cosine_similarity(g16, g32, dim=0)),
-        "seconds_fp32": t32, "seconds_bf16": t16,
+        "seconds_fp32": t32,
+        "seconds_bf16": t16,
     }
     for k, v in result.items():
         print(f"{k:>22}: {v}")

@@ -39,9 +39,17 @@ RESULTS = Path(__file__).parent / "results" / "guided_decoding.json"
 
 def llama_config(tokenizer, hidden: int, layers: int, **extra) -> LlamaConfig:
     return LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
-        num_attention_heads=max(1, hidden // 32), num_key_value_heads=max(1, hidden // 32), max_position_embeddings=256,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True, **extra,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=3 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 32),
+        num_key_value_heads=max(1, hidden // 32),
+        max_position_embeddings=256,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+        **extra,
     )
 
 
@@ -52,7 +60,11 @@ def build(args: argparse.Namespace):
     torch.manual_seed(0)
     base = LlamaForCausalLM(llama_config(tokenizer, args.base_hidden, args.base_layers)).eval()
     arm = LlamaForCausalLM(llama_config(tokenizer, args.arm_hidden, args.arm_layers)).eval()
-    rm = SequenceRewardModel(LlamaForSequenceClassification(llama_config(tokenizer, args.arm_hidden, args.arm_layers, num_labels=1))).eval()
+    rm = SequenceRewardModel(
+        LlamaForSequenceClassification(
+            llama_config(tokenizer, args.arm_hidden, args.arm_layers, num_labels=1)
+        )
+    ).eval()
     prompts = [review(rng)[0] for _ in range(args.batch)]
     return tokenizer, base, arm, rm, prompts
 
@@ -86,16 +98,28 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer, base, arm, rm, prompts = build(args)
 
     def params(batch_size: int) -> SamplingParams:
-        return SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0, seed=0, batch_size=batch_size, stop_at_eos=False)
+        return SamplingParams(
+            max_new_tokens=args.new_tokens,
+            temperature=1.0,
+            seed=0,
+            batch_size=batch_size,
+            stop_at_eos=False,
+        )
 
     batched, single = params(args.batch), params(1)
     rows = {
         "base alone": lambda: generate(base, tokenizer, prompts, batched),
         "ARM alone": lambda: generate(arm, tokenizer, prompts, batched),
         "GenARM batched": lambda: guided_generate(base, [(arm, 1.0)], tokenizer, prompts, batched),
-        "GenARM one prompt at a time": lambda: guided_generate(base, [(arm, 1.0)], tokenizer, prompts, single),
-        f"ARGS k={args.args_k}": lambda: args_generate(base, rm, tokenizer, prompts, batched, k=args.args_k),
-        f"best-of-{args.bon_n}": lambda: best_of_n(base, tokenizer, prompts, params(args.batch * args.bon_n), n=args.bon_n, rm=rm),
+        "GenARM one prompt at a time": lambda: guided_generate(
+            base, [(arm, 1.0)], tokenizer, prompts, single
+        ),
+        f"ARGS k={args.args_k}": lambda: args_generate(
+            base, rm, tokenizer, prompts, batched, k=args.args_k
+        ),
+        f"best-of-{args.bon_n}": lambda: best_of_n(
+            base, tokenizer, prompts, params(args.batch * args.bon_n), n=args.bon_n, rm=rm
+        ),
     }
     for name, fn in rows.items():  # warm-up: first calls pay for allocation and kernel selection
         if name != "GenARM one prompt at a time":
@@ -103,7 +127,14 @@ def main(argv: list[str] | None = None) -> dict:
     times = time_rows(rows, args.repeats)
     tokens = args.batch * args.new_tokens
     median = {name: statistics.median(t) for name, t in times.items()}
-    table = {name: {"seconds": round(s, 4), "tokens_per_s": round(tokens / s, 1), "per_token_vs_base": round(s / median["base alone"], 3)} for name, s in median.items()}
+    table = {
+        name: {
+            "seconds": round(s, 4),
+            "tokens_per_s": round(tokens / s, 1),
+            "per_token_vs_base": round(s / median["base alone"], 3),
+        }
+        for name, s in median.items()
+    }
     arm_cost = median["ARM alone"] / median["base alone"]
     genarm_ratio = median["GenARM batched"] / median["base alone"]
     bound = (1 + arm_cost) * 1.15
@@ -111,7 +142,11 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "config": vars(args),
-        "parameters": {"base": sum(p.numel() for p in base.parameters()), "arm": sum(p.numel() for p in arm.parameters()), "reward_model": sum(p.numel() for p in rm.parameters())},
+        "parameters": {
+            "base": sum(p.numel() for p in base.parameters()),
+            "arm": sum(p.numel() for p in arm.parameters()),
+            "reward_model": sum(p.numel() for p in rm.parameters()),
+        },
         "tokens_per_run": tokens,
         "rows": table,
         "targets": {
@@ -122,15 +157,25 @@ def main(argv: list[str] | None = None) -> dict:
             "batched_speedup_over_one_at_a_time": round(speedup, 2),
             "batched_speedup_ok": speedup >= 5,
         },
-        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "machine": {
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        },
         "raw_seconds": {k: [round(x, 4) for x in v] for k, v in times.items()},
     }
     print(f"{'row':<30} {'seconds':>9} {'tokens/s':>10} {'x base':>8}")
     for name, row in table.items():
-        print(f"{name:<30} {row['seconds']:>9.3f} {row['tokens_per_s']:>10.1f} {row['per_token_vs_base']:>8.2f}")
+        print(
+            f"{name:<30} {row['seconds']:>9.3f} {row['tokens_per_s']:>10.1f} {row['per_token_vs_base']:>8.2f}"
+        )
     t = result["targets"]
-    print(f"GenARM batched / base = {t['genarm_batched_over_base']:.2f} (allowed {t['allowed_genarm_over_base']:.2f} = (1 + {t['arm_cost_over_base']:.2f}) x 1.15): {'ok' if t['genarm_overhead_ok'] else 'MISSED'}")
-    print(f"GenARM batched vs one prompt at a time: {t['batched_speedup_over_one_at_a_time']:.1f}x (target >= 5x): {'ok' if t['batched_speedup_ok'] else 'MISSED'}")
+    print(
+        f"GenARM batched / base = {t['genarm_batched_over_base']:.2f} (allowed {t['allowed_genarm_over_base']:.2f} = (1 + {t['arm_cost_over_base']:.2f}) x 1.15): {'ok' if t['genarm_overhead_ok'] else 'MISSED'}"
+    )
+    print(
+        f"GenARM batched vs one prompt at a time: {t['batched_speedup_over_one_at_a_time']:.1f}x (target >= 5x): {'ok' if t['batched_speedup_ok'] else 'MISSED'}"
+    )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     return result

@@ -36,14 +36,28 @@ def batches(tokenizer, data: str, n: int) -> tuple[dict, dict]:
     from prefalign.shared_prompt import collate_shared_pairs
 
     rng = random.Random(1)
-    rows = make_long_pairs(rng, n, tokenizer, 256, 64) if data == "long" else make_pairs(rng, n, long=False)
-    records = [PreferenceRecord(r["prompt"], r["chosen"], r["rejected"], "bench", i + 1) for i, r in enumerate(rows)]
+    rows = (
+        make_long_pairs(rng, n, tokenizer, 256, 64)
+        if data == "long"
+        else make_pairs(rng, n, long=False)
+    )
+    records = [
+        PreferenceRecord(r["prompt"], r["chosen"], r["rejected"], "bench", i + 1)
+        for i, r in enumerate(rows)
+    ]
     pairs, _ = tokenize_preference(records, tokenizer, max_length=512, max_prompt_length=400)
     prompts = [p.prompt_ids for p in pairs]
-    stacked = collate_prompt_response(prompts + prompts, [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs],
-                                      tokenizer.pad_token_id)
-    packed = collate_shared_pairs(prompts, [p.chosen_ids for p in pairs], [p.rejected_ids for p in pairs],
-                                  tokenizer.pad_token_id)
+    stacked = collate_prompt_response(
+        prompts + prompts,
+        [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs],
+        tokenizer.pad_token_id,
+    )
+    packed = collate_shared_pairs(
+        prompts,
+        [p.chosen_ids for p in pairs],
+        [p.rejected_ids for p in pairs],
+        tokenizer.pad_token_id,
+    )
     return stacked, packed
 
 
@@ -64,7 +78,9 @@ def step(policy, reference, batch, lever: str, cached) -> None:
         else:
             with torch.no_grad():
                 ref_c, ref_r = pair_logps(reference, batch)
-        loss = compute_loss(get("dpo"), chosen.sum, rejected.sum, ref_c.sum, ref_r.sum, beta=0.1).mean()
+        loss = compute_loss(
+            get("dpo"), chosen.sum, rejected.sum, ref_c.sum, ref_r.sum, beta=0.1
+        ).mean()
         loss.backward()
     finally:
         logprobs.causal_lm_parts = original
@@ -103,15 +119,27 @@ def main() -> None:
             step(policy, reference, batch, lever, ref)
             wall.append(time.perf_counter() - t)
             cpu.append(time.process_time() - c)
-        rows[lever] = {"seconds": statistics.median(wall), "cpu_seconds": statistics.median(cpu),
-                       "positions": int(batch["input_ids"].numel())}
-        print(f"{lever:<22}{rows[lever]['seconds']:>8.2f} s{rows[lever]['cpu_seconds']:>8.2f} cpu-s  "
-              f"{rows[lever]['positions']} positions", flush=True)
+        rows[lever] = {
+            "seconds": statistics.median(wall),
+            "cpu_seconds": statistics.median(cpu),
+            "positions": int(batch["input_ids"].numel()),
+        }
+        print(
+            f"{lever:<22}{rows[lever]['seconds']:>8.2f} s{rows[lever]['cpu_seconds']:>8.2f} cpu-s  "
+            f"{rows[lever]['positions']} positions",
+            flush=True,
+        )
     base = rows["plain"]["cpu_seconds"]
     for r in rows.values():
         r["speedup_cpu"] = base / r["cpu_seconds"]
-    result = {"command": "python bench/levers.py " + " ".join(sys.argv[1:]), "model": args.model, "data": args.data,
-              "pairs": args.pairs, "threads": args.threads, "rows": rows}
+    result = {
+        "command": "python bench/levers.py " + " ".join(sys.argv[1:]),
+        "model": args.model,
+        "data": args.data,
+        "pairs": args.pairs,
+        "threads": args.threads,
+        "rows": rows,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(" ".join(f"{k}: {v['speedup_cpu']:.2f}x" for k, v in rows.items()))

@@ -40,7 +40,8 @@ RESULTS = Path(__file__).parent / "results" / "lora_soft_mixing.json"
 def lora_layers(model) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
     return [
         (m.lora_A["default"].weight, m.lora_B["default"].weight, m.scaling["default"])
-        for m in model.modules() if "default" in getattr(m, "lora_A", {})
+        for m in model.modules()
+        if "default" in getattr(m, "lora_A", {})
     ]
 
 
@@ -59,14 +60,19 @@ class Shadow:
     @torch.no_grad()
     def update(self, layers) -> None:
         if self.rank is not None:
-            mix_layers_([(*ref, a, b) for ref, (a, b, _) in zip(self.factors, layers, strict=True)], ALPHA)
+            mix_layers_(
+                [(*ref, a, b) for ref, (a, b, _) in zip(self.factors, layers, strict=True)], ALPHA
+            )
             return
         for (a_ref, b_ref), (a, b, _) in zip(self.factors, layers, strict=True):
             a_ref.lerp_(a, ALPHA)
             b_ref.lerp_(b, ALPHA)
 
     def updates(self, layers) -> list[torch.Tensor]:
-        return [s * b_ref.double() @ a_ref.double() for (a_ref, b_ref), (_, _, s) in zip(self.factors, layers, strict=True)]
+        return [
+            s * b_ref.double() @ a_ref.double()
+            for (a_ref, b_ref), (_, _, s) in zip(self.factors, layers, strict=True)
+        ]
 
 
 def relative_error(got: list[torch.Tensor], exact: list[torch.Tensor]) -> float:
@@ -101,7 +107,9 @@ def main() -> None:
     reference = make_reference(model, ReferenceSpec(mode="soft", alpha=ALPHA))
     layers = lora_layers(model)
     ranks = [args.rank, 2 * args.rank, 4 * args.rank]
-    shadows = {f"product rank {r}": Shadow(layers, r) for r in ranks} | {"factor mixing": Shadow(layers, None)}
+    shadows = {f"product rank {r}": Shadow(layers, r) for r in ranks} | {
+        "factor mixing": Shadow(layers, None)
+    }
     exact = [s * b.detach().double() @ a.detach().double() for a, b, s in layers]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     errors: dict[str, list[float]] = {name: [] for name in shadows}
@@ -129,20 +137,31 @@ def main() -> None:
         for name, shadow in shadows.items():
             errors[name].append(relative_error(shadow.updates(layers), exact))
         ref_updates = [
-            m.scaling["reference"] * m.lora_B["reference"].weight.double() @ m.lora_A["reference"].weight.double()
-            for m in model.modules() if "reference" in getattr(m, "lora_A", {})
+            m.scaling["reference"]
+            * m.lora_B["reference"].weight.double()
+            @ m.lora_A["reference"].weight.double()
+            for m in model.modules()
+            if "reference" in getattr(m, "lora_A", {})
         ]
         errors["prefalign reference (default)"].append(relative_error(ref_updates, exact))
 
     seconds = {
         "factor mixing (lerp of A and B)": timed(lambda: shadows["factor mixing"].update(layers)),
-        f"product rank {4 * args.rank} (QR + SVD)": timed(lambda: shadows[f"product rank {4 * args.rank}"].update(layers)),
+        f"product rank {4 * args.rank} (QR + SVD)": timed(
+            lambda: shadows[f"product rank {4 * args.rank}"].update(layers)
+        ),
     }
     result = {
-        "command": "bench/lora_soft_mixing.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items()),
-        "machine": platform.processor() or platform.machine(), "threads": 1,
-        "lora_layers": len(layers), "alpha": ALPHA, "updates": args.steps,
-        "relative_error": {n: {"final": e[-1], "max": max(e), "after_1": e[0]} for n, e in errors.items()},
+        "command": "bench/lora_soft_mixing.py "
+        + " ".join(f"--{k} {v}" for k, v in vars(args).items()),
+        "machine": platform.processor() or platform.machine(),
+        "threads": 1,
+        "lora_layers": len(layers),
+        "alpha": ALPHA,
+        "updates": args.steps,
+        "relative_error": {
+            n: {"final": e[-1], "max": max(e), "after_1": e[0]} for n, e in errors.items()
+        },
         "seconds_per_update": seconds,
         "seconds_per_training_step": sorted(step_seconds)[len(step_seconds) // 2],  # median
         "training_batch_pairs": args.batch,
@@ -152,7 +171,9 @@ def main() -> None:
         print(f"{name:34s} {e[0]:10.2e} {max(e):10.2e} {e[-1]:10.2e}")
     for name, s in seconds.items():
         print(f"update time, {name}: {1000 * s:.1f} ms")
-    print(f"training step (median, {args.batch} pairs): {1000 * result['seconds_per_training_step']:.1f} ms")
+    print(
+        f"training step (median, {args.batch} pairs): {1000 * result['seconds_per_training_step']:.1f} ms"
+    )
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
 

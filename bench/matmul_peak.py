@@ -16,7 +16,11 @@ import torch
 
 
 def matmul_flops(
-    size: int = 2048, repeats: int = 10, threads: int = 0, warmup: int = 3, dtype: torch.dtype = torch.float32
+    size: int = 2048,
+    repeats: int = 10,
+    threads: int = 0,
+    warmup: int = 3,
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, float]:
     """Median and best matmul FLOP/s of a size x size product of `dtype` on the CPU."""
     if threads:

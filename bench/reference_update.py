@@ -41,7 +41,9 @@ def build_llama(device: torch.device) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).to(device)
 
 
-def time_ms(fns: dict[str, Callable[[], None]], repeats: int, device: torch.device) -> dict[str, float]:
+def time_ms(
+    fns: dict[str, Callable[[], None]], repeats: int, device: torch.device
+) -> dict[str, float]:
     """Median wall time of each function in milliseconds.
 
     Runs are interleaved (a, b, a, b, ...) so that load from other processes on a shared machine

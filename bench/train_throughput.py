@@ -89,8 +89,28 @@ ABLATIONS = ("nocache", "noshare", "fullhead")  # prefalign-only: one lever off
 
 # Model shape, batch (pairs per step), max_length, warm-up and timed optimizer steps of each size.
 SIZES = {
-    "toy": dict(hidden=128, layers=4, heads=4, intermediate=352, batch=8, max_length=64, warmup=5, steps=40, long=False),
-    "compute": dict(hidden=512, layers=6, heads=8, intermediate=1408, batch=2, max_length=256, warmup=1, steps=3, long=True),
+    "toy": dict(
+        hidden=128,
+        layers=4,
+        heads=4,
+        intermediate=352,
+        batch=8,
+        max_length=64,
+        warmup=5,
+        steps=40,
+        long=False,
+    ),
+    "compute": dict(
+        hidden=512,
+        layers=6,
+        heads=8,
+        intermediate=1408,
+        batch=2,
+        max_length=256,
+        warmup=1,
+        steps=3,
+        long=True,
+    ),
     "smol-short": dict(model="smollm2", data="short", batch=4, max_length=256, warmup=1, steps=3),
     "smol-long": dict(model="smollm2", data="long", batch=2, max_length=512, warmup=1, steps=2),
 }
@@ -107,6 +127,8 @@ def parse_variant(variant: str) -> tuple[str, set[str]]:
 def trl_runs(variant: str) -> bool:
     mode, flags = parse_variant(variant)
     return not (flags & set(ABLATIONS)) and not (mode == "soft" and "lora" in flags)
+
+
 VOCAB = 800
 
 
@@ -150,7 +172,13 @@ def build_workspace(root: Path, sizes: list[str]) -> dict[str, dict]:
         n_pairs = s["batch"] * (s["warmup"] + s["steps"])  # exactly one epoch on both sides
         rows = make_pairs(random.Random(SEED + 1), n_pairs, long=s["long"])
         pairs_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        out[name] = dict(model_dir=str(model_dir), pairs=str(pairs_path), n_params=n_params, matmul_params=matmul_params, **s)
+        out[name] = dict(
+            model_dir=str(model_dir),
+            pairs=str(pairs_path),
+            n_params=n_params,
+            matmul_params=matmul_params,
+            **s,
+        )
     return out
 
 
@@ -169,19 +197,36 @@ def smollm2_workspace(root: Path, s: dict) -> dict:
     n_pairs = s["batch"] * (s["warmup"] + s["steps"])
     rng = random.Random(SEED + 1)
     if s["data"] == "long":
-        rows = make_long_pairs(rng, n_pairs, load_tokenizer(model_dir), prompt_tokens=256, response_tokens=64)
+        rows = make_long_pairs(
+            rng, n_pairs, load_tokenizer(model_dir), prompt_tokens=256, response_tokens=64
+        )
     else:
         rows = make_pairs(rng, n_pairs, long=False)
     root.mkdir(parents=True, exist_ok=True)
     pairs_path = root / "pairs.jsonl"
     pairs_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    shape = {k: getattr(model.config, a) for k, a in
-             (("hidden", "hidden_size"), ("layers", "num_hidden_layers"), ("intermediate", "intermediate_size"))}
-    return dict(model_dir=str(model_dir), pairs=str(pairs_path), n_params=n_params,
-                matmul_params=matmul_params, long=s["data"] == "long", **shape, **s)
+    shape = {
+        k: getattr(model.config, a)
+        for k, a in (
+            ("hidden", "hidden_size"),
+            ("layers", "num_hidden_layers"),
+            ("intermediate", "intermediate_size"),
+        )
+    }
+    return dict(
+        model_dir=str(model_dir),
+        pairs=str(pairs_path),
+        n_params=n_params,
+        matmul_params=matmul_params,
+        long=s["data"] == "long",
+        **shape,
+        **s,
+    )
 
 
-def make_long_pairs(rng: random.Random, n: int, tokenizer, prompt_tokens: int, response_tokens: int) -> list[dict]:
+def make_long_pairs(
+    rng: random.Random, n: int, tokenizer, prompt_tokens: int, response_tokens: int
+) -> list[dict]:
     """Reviews run together into a prompt of about `prompt_tokens` tokens and two responses of
     about `response_tokens` (whole words: the text is what both frameworks tokenize)."""
     from prefalign.toy.corpus import review_text
@@ -189,13 +234,21 @@ def make_long_pairs(rng: random.Random, n: int, tokenizer, prompt_tokens: int, r
     def text_of(tokens: int, lead: str = "") -> str:
         words: list[str] = []
         pending: list[str] = []
-        while len(tokenizer(lead + " ".join(words), add_special_tokens=False)["input_ids"]) < tokens:
+        while (
+            len(tokenizer(lead + " ".join(words), add_special_tokens=False)["input_ids"]) < tokens
+        ):
             pending = pending or review_text(rng).split(" ")
             words.append(pending.pop(0))
         return lead + " ".join(words)
 
-    return [{"prompt": text_of(prompt_tokens), "chosen": text_of(response_tokens, " "),
-             "rejected": text_of(response_tokens, " ")} for _ in range(n)]
+    return [
+        {
+            "prompt": text_of(prompt_tokens),
+            "chosen": text_of(response_tokens, " "),
+            "rejected": text_of(response_tokens, " "),
+        }
+        for _ in range(n)
+    ]
 
 
 def make_pairs(rng: random.Random, n: int, long: bool) -> list[dict[str, str]]:
@@ -210,6 +263,7 @@ def make_pairs(rng: random.Random, n: int, long: bool) -> list[dict[str, str]]:
     rows = []
     for _ in range(n):
         if long:
+
             def essay() -> list[str]:
                 text = ""
                 while len(text) < 2000:
@@ -217,12 +271,24 @@ def make_pairs(rng: random.Random, n: int, long: bool) -> list[dict[str, str]]:
                 return text.strip().split(" ")
 
             chosen, rejected = essay(), essay()
-            rows.append({"prompt": " ".join(chosen[:12]), "chosen": rest(chosen, 12), "rejected": rest(rejected, 12)})
+            rows.append(
+                {
+                    "prompt": " ".join(chosen[:12]),
+                    "chosen": rest(chosen, 12),
+                    "rejected": rest(rejected, 12),
+                }
+            )
         else:
             chosen, rejected = review_text(rng).split(" "), review_text(rng).split(" ")
             while rest(rejected, 3) == rest(chosen, 3):  # prefalign refuses identical responses
                 rejected = review_text(rng).split(" ")
-            rows.append({"prompt": " ".join(chosen[:3]), "chosen": rest(chosen, 3), "rejected": rest(rejected, 3)})
+            rows.append(
+                {
+                    "prompt": " ".join(chosen[:3]),
+                    "chosen": rest(chosen, 3),
+                    "rejected": rest(rejected, 3),
+                }
+            )
     return rows
 
 
@@ -240,7 +306,9 @@ def current_rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def run_prefalign(spec: dict, variant: str, out_dir: str, stamps: list, tokens: list, extra: dict) -> None:
+def run_prefalign(
+    spec: dict, variant: str, out_dir: str, stamps: list, tokens: list, extra: dict
+) -> None:
     import prefalign.logprobs as logprobs
     import prefalign.training.ref_cache as ref_cache
     from prefalign.modeling import LoraSpec, ModelSpec
@@ -250,7 +318,11 @@ def run_prefalign(spec: dict, variant: str, out_dir: str, stamps: list, tokens: 
     from prefalign.training.loop import TrainerConfig
 
     mode, flags = parse_variant(variant)
-    make_reference, make_collator, build_cache = pref.make_reference, pref.pair_collator, ref_cache.build_reference_cache
+    make_reference, make_collator, build_cache = (
+        pref.make_reference,
+        pref.pair_collator,
+        ref_cache.build_reference_cache,
+    )
     counting = [True]
 
     def stamped_reference(policy, ref_spec):
@@ -259,7 +331,15 @@ def run_prefalign(spec: dict, variant: str, out_dir: str, stamps: list, tokens: 
 
         def after_optimizer_step(step: int) -> bool:
             updated = update(step)
-            stamps.append((time.perf_counter(), maxrss_mb(), current_rss_mb(), time.process_time(), minor_faults()))
+            stamps.append(
+                (
+                    time.perf_counter(),
+                    maxrss_mb(),
+                    current_rss_mb(),
+                    time.process_time(),
+                    minor_faults(),
+                )
+            )
             return updated
 
         reference.after_optimizer_step = after_optimizer_step
@@ -272,7 +352,9 @@ def run_prefalign(spec: dict, variant: str, out_dir: str, stamps: list, tokens: 
             batch = collate(indices)
             if counting[0]:  # the cache's own batches are not training steps
                 pairs = [examples[i] for i in indices]
-                real = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+                real = sum(
+                    2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs
+                )
                 tokens.append((real, batch["input_ids"].numel()))
             return batch
 
@@ -286,23 +368,39 @@ def run_prefalign(spec: dict, variant: str, out_dir: str, stamps: list, tokens: 
             counting[0] = True
             extra["cache_build_s"] = time.perf_counter() - start
 
-    pref.make_reference, pref.pair_collator, ref_cache.build_reference_cache = stamped_reference, counted_collator, timed_cache
+    pref.make_reference, pref.pair_collator, ref_cache.build_reference_cache = (
+        stamped_reference,
+        counted_collator,
+        timed_cache,
+    )
     if "fullhead" in flags:  # every model takes the full-logits path (and so the stacked rows)
         logprobs.causal_lm_parts = lambda model: None
     config = pref.PreferenceConfig(
         model=ModelSpec(
-            name_or_path=spec["model_dir"], dtype="float32", device="cpu",
+            name_or_path=spec["model_dir"],
+            dtype="float32",
+            device="cpu",
             lora=LoraSpec(r=LORA_R, alpha=LORA_ALPHA) if "lora" in flags else None,
         ),
         objective=pref.ObjectiveSpec(name="dpo", params={"beta": BETA}),
         reference=ReferenceSpec(mode=mode, alpha=ALPHA, period=1),
         data=pref.PreferenceData(
-            path=spec["pairs"], max_length=spec["max_length"], max_prompt_length=spec["max_length"] - 1,
+            path=spec["pairs"],
+            max_length=spec["max_length"],
+            max_prompt_length=spec["max_length"] - 1,
             truncation="keep_start",
         ),
         trainer=TrainerConfig(
-            out_dir=out_dir, batch_size=spec["batch"], grad_accum=1, max_steps=spec["warmup"] + spec["steps"],
-            lr=LR, schedule="linear", max_grad_norm=1.0, seed=SEED, log_every=10**9, progress=False,
+            out_dir=out_dir,
+            batch_size=spec["batch"],
+            grad_accum=1,
+            max_steps=spec["warmup"] + spec["steps"],
+            lr=LR,
+            schedule="linear",
+            max_grad_norm=1.0,
+            seed=SEED,
+            log_every=10**9,
+            progress=False,
             mixed_precision="bf16" if "bf16" in flags else "no",
         ),
         speed=SpeedSpec(
@@ -313,7 +411,9 @@ def run_prefalign(spec: dict, variant: str, out_dir: str, stamps: list, tokens: 
     pref.run_preference(config, log=lambda *a, **k: None)
 
 
-def run_trl(spec: dict, variant: str, out_dir: str, stamps: list, tokens: list, extra: dict) -> None:
+def run_trl(
+    spec: dict, variant: str, out_dir: str, stamps: list, tokens: list, extra: dict
+) -> None:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, TrainerCallback
@@ -356,16 +456,36 @@ def run_trl(spec: dict, variant: str, out_dir: str, stamps: list, tokens: list, 
     if "lora" in flags:
         from peft import LoraConfig
 
-        peft_config = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules="all-linear",
-                                 task_type="CAUSAL_LM")
-    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                         peft_config=peft_config)
+        peft_config = LoraConfig(
+            r=LORA_R,
+            lora_alpha=LORA_ALPHA,
+            lora_dropout=0.0,
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        )
+    trainer = DPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
     if trainer.model.is_activation_checkpointing:
-        raise RuntimeError("TRL turned activation checkpointing on; the comparison needs it off on both sides")
+        raise RuntimeError(
+            "TRL turned activation checkpointing on; the comparison needs it off on both sides"
+        )
 
     class Stamp(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            stamps.append((time.perf_counter(), maxrss_mb(), current_rss_mb(), time.process_time(), minor_faults()))
+            stamps.append(
+                (
+                    time.perf_counter(),
+                    maxrss_mb(),
+                    current_rss_mb(),
+                    time.process_time(),
+                    minor_faults(),
+                )
+            )
 
     trainer.add_callback(Stamp())  # after SyncRefModelCallback: the stamp follows the soft update
     collate = trainer.data_collator
@@ -379,7 +499,9 @@ def run_trl(spec: dict, variant: str, out_dir: str, stamps: list, tokens: list, 
     trainer.train()
 
 
-def worker(spec: dict, size: str, mode: str, framework: str, threads: int, result_path: Path) -> None:
+def worker(
+    spec: dict, size: str, mode: str, framework: str, threads: int, result_path: Path
+) -> None:
     """One run; `mode` is a variant (a reference mode and its + flags)."""
     import torch
 
@@ -388,26 +510,38 @@ def worker(spec: dict, size: str, mode: str, framework: str, threads: int, resul
     stamps: list[tuple[float, float, float, float, int]] = []
     tokens: list[tuple[int, int]] = []
     extra: dict = {}
-    with tempfile.TemporaryDirectory(prefix=f"{framework}-", dir=Path(result_path).parent) as out_dir:
-        (run_prefalign if framework == "prefalign" else run_trl)(spec, mode, out_dir, stamps, tokens, extra)
+    with tempfile.TemporaryDirectory(
+        prefix=f"{framework}-", dir=Path(result_path).parent
+    ) as out_dir:
+        (run_prefalign if framework == "prefalign" else run_trl)(
+            spec, mode, out_dir, stamps, tokens, extra
+        )
     w, n = spec["warmup"], spec["steps"]
     # A data loader may collate one batch ahead (accelerate does): batch k is step k's all the same.
     if len(stamps) != w + n or len(tokens) < w + n:
-        raise RuntimeError(f"{framework}: {len(stamps)} step stamps and {len(tokens)} batches, expected {w + n}")
+        raise RuntimeError(
+            f"{framework}: {len(stamps)} step stamps and {len(tokens)} batches, expected {w + n}"
+        )
     tokens = tokens[: w + n]
     seconds = stamps[w + n - 1][0] - stamps[w - 1][0]
     cpu_seconds = stamps[w + n - 1][3] - stamps[w - 1][3]
     timed = tokens[w : w + n]
     result = {
-        "size": size, "mode": mode, "framework": framework,
+        "size": size,
+        "mode": mode,
+        "framework": framework,
         "pairs_per_s": n * spec["batch"] / seconds,
         "pairs_per_cpu_s": n * spec["batch"] / cpu_seconds,
-        "timed_steps": n, "seconds": seconds, "cpu_seconds": cpu_seconds,
+        "timed_steps": n,
+        "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "page_faults_per_step": (stamps[w + n - 1][4] - stamps[w - 1][4]) / n,
         "step_seconds": [b[0] - a[0] for a, b in zip(stamps[w - 1 :], stamps[w:], strict=False)],
         "setup_s": stamps[0][0] - t0,
-        "real_tokens": sum(t[0] for t in timed), "computed_tokens": sum(t[1] for t in timed),
-        "real_tokens_all_steps": sum(t[0] for t in tokens), "computed_tokens_all_steps": sum(t[1] for t in tokens),
+        "real_tokens": sum(t[0] for t in timed),
+        "computed_tokens": sum(t[1] for t in timed),
+        "real_tokens_all_steps": sum(t[0] for t in tokens),
+        "computed_tokens_all_steps": sum(t[1] for t in tokens),
         "peak_rss_mb": stamps[-1][1],
         "rss_at_warmup_end_mb": stamps[w - 1][2],
         "threads": torch.get_num_threads(),
@@ -415,45 +549,88 @@ def worker(spec: dict, size: str, mode: str, framework: str, threads: int, resul
     }
     # The first epoch pays for the reference cache: charged to the timed steps pro rata.
     share = n / (w + n) if extra.get("cache_build_s") else 0.0
-    result["pairs_per_s_first_epoch"] = n * spec["batch"] / (seconds + share * result["cache_build_s"])
+    result["pairs_per_s_first_epoch"] = (
+        n * spec["batch"] / (seconds + share * result["cache_build_s"])
+    )
     Path(result_path).write_text(json.dumps(result))
 
 
 # --- driver ------------------------------------------------------------------------------------
-def run_variant(workdir: Path, spec: dict, size: str, mode: str, framework: str, threads: int, env: dict | None = None) -> dict:
+def run_variant(
+    workdir: Path,
+    spec: dict,
+    size: str,
+    mode: str,
+    framework: str,
+    threads: int,
+    env: dict | None = None,
+) -> dict:
     result_path = workdir / f"result-{size}-{mode}-{framework}.json"
     result_path.unlink(missing_ok=True)
     shutil.rmtree(spec["pairs"] + ".refcache", ignore_errors=True)  # every run builds its own cache
-    job = {"spec": spec, "size": size, "mode": mode, "framework": framework, "threads": threads, "result": str(result_path)}
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
-           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
-           "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
+    job = {
+        "spec": spec,
+        "size": size,
+        "mode": mode,
+        "framework": framework,
+        "threads": threads,
+        "result": str(result_path),
+    }
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_VERBOSITY": "error",
+        "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+        "PYTHONWARNINGS": "ignore",
+        **(env or {}),
+    }
     proc = subprocess.run(
-        [sys.executable, __file__, "--worker", json.dumps(job)], env=env, capture_output=True, text=True
+        [sys.executable, __file__, "--worker", json.dumps(job)],
+        env=env,
+        capture_output=True,
+        text=True,
     )
     if proc.returncode != 0:
-        raise RuntimeError(f"{framework} {size}/{mode} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        raise RuntimeError(
+            f"{framework} {size}/{mode} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
     return json.loads(result_path.read_text())
 
 
-def summarize(runs: list[dict], workspace: dict, variants: list[str], peaks: dict[str, dict[str, float]]) -> dict:
+def summarize(
+    runs: list[dict], workspace: dict, variants: list[str], peaks: dict[str, dict[str, float]]
+) -> dict:
     rows = {}
     for size, spec in workspace.items():
         for variant in variants:
-            by_fw = {fw: [r for r in runs if (r["size"], r["mode"], r["framework"]) == (size, variant, fw)]
-                     for fw in FRAMEWORKS}
+            by_fw = {
+                fw: [
+                    r for r in runs if (r["size"], r["mode"], r["framework"]) == (size, variant, fw)
+                ]
+                for fw in FRAMEWORKS
+            }
             if not by_fw["prefalign"]:
                 continue
             peak = peaks["bf16" if "bf16" in parse_variant(variant)[1] else "fp32"]
-            row = {"pairs_per_step": spec["batch"], "timed_steps": spec["steps"], "repeats": len(by_fw["prefalign"]),
-                   "matmul_peak_flops": peak["wall"], "matmul_peak_flops_per_cpu_s": peak["cpu"]}
+            row = {
+                "pairs_per_step": spec["batch"],
+                "timed_steps": spec["steps"],
+                "repeats": len(by_fw["prefalign"]),
+                "matmul_peak_flops": peak["wall"],
+                "matmul_peak_flops_per_cpu_s": peak["cpu"],
+            }
             flops_per_token = 8 * spec["matmul_params"]
             for fw, rs in by_fw.items():
                 if not rs:
                     continue
                 row[fw] = {
                     "pairs_per_s": statistics.median(r["pairs_per_s"] for r in rs),
-                    "pairs_per_s_first_epoch": statistics.median(r["pairs_per_s_first_epoch"] for r in rs),
+                    "pairs_per_s_first_epoch": statistics.median(
+                        r["pairs_per_s_first_epoch"] for r in rs
+                    ),
                     "pairs_per_cpu_s": statistics.median(r["pairs_per_cpu_s"] for r in rs),
                     "pairs_per_s_each": [r["pairs_per_s"] for r in rs],
                     "pairs_per_cpu_s_each": [r["pairs_per_cpu_s"] for r in rs],
@@ -464,14 +641,18 @@ def summarize(runs: list[dict], workspace: dict, variants: list[str], peaks: dic
                     "computed_tokens_all_steps": rs[0]["computed_tokens_all_steps"],
                     # Positions computed over the unshared pair's real tokens: below 1 where
                     # prompts are shared, above 1 by the padding.
-                    "computed_over_real": rs[0]["computed_tokens_all_steps"] / rs[0]["real_tokens_all_steps"],
-                    "effective_flops": flops_per_token * statistics.median(r["real_tokens"] / r["seconds"] for r in rs),
-                    "effective_flops_per_cpu_s": flops_per_token * statistics.median(
-                        r["real_tokens"] / r["cpu_seconds"] for r in rs),
+                    "computed_over_real": rs[0]["computed_tokens_all_steps"]
+                    / rs[0]["real_tokens_all_steps"],
+                    "effective_flops": flops_per_token
+                    * statistics.median(r["real_tokens"] / r["seconds"] for r in rs),
+                    "effective_flops_per_cpu_s": flops_per_token
+                    * statistics.median(r["real_tokens"] / r["cpu_seconds"] for r in rs),
                     "setup_s": statistics.median(r["setup_s"] for r in rs),
                 }
                 row[fw]["fraction_of_matmul_peak"] = row[fw]["effective_flops"] / peak["wall"]
-                row[fw]["fraction_of_matmul_peak_cpu"] = row[fw]["effective_flops_per_cpu_s"] / peak["cpu"]
+                row[fw]["fraction_of_matmul_peak_cpu"] = (
+                    row[fw]["effective_flops_per_cpu_s"] / peak["cpu"]
+                )
             if by_fw["trl"]:
                 p, t = row["prefalign"], row["trl"]
                 row["speed_ratio"] = p["pairs_per_s"] / t["pairs_per_s"]
@@ -479,29 +660,40 @@ def summarize(runs: list[dict], workspace: dict, variants: list[str], peaks: dic
                 row["speed_ratio_cpu"] = p["pairs_per_cpu_s"] / t["pairs_per_cpu_s"]
                 # Runs of one repeat ran back to back: their ratio saw the same machine load.
                 row["speed_ratio_per_repeat"] = [
-                    a["pairs_per_s"] / b["pairs_per_s"] for a, b in zip(by_fw["prefalign"], by_fw["trl"], strict=True)
+                    a["pairs_per_s"] / b["pairs_per_s"]
+                    for a, b in zip(by_fw["prefalign"], by_fw["trl"], strict=True)
                 ]
                 row["memory_ratio"] = p["peak_rss_mb"] / t["peak_rss_mb"]
                 # Same pairs on both sides: whole-run real token counts must agree (tokenization parity).
-                row["real_token_mismatch"] = abs(p["real_tokens_all_steps"] / t["real_tokens_all_steps"] - 1)
+                row["real_token_mismatch"] = abs(
+                    p["real_tokens_all_steps"] / t["real_tokens_all_steps"] - 1
+                )
             rows[f"{size}/{variant}"] = row
     return rows
 
 
-def print_table(rows: dict, workspace: dict, peaks: dict[str, dict[str, float]], threads: int) -> None:
+def print_table(
+    rows: dict, workspace: dict, peaks: dict[str, dict[str, float]], threads: int
+) -> None:
     for dtype, peak in peaks.items():
-        print(f"\n{dtype} matmul 2048^2, {threads} thread(s): {peak['wall'] / 1e9:.1f} GFLOP/s wall-clock, "
-              f"{peak['cpu'] / 1e9:.1f} GFLOP/s per CPU second (medians)")
+        print(
+            f"\n{dtype} matmul 2048^2, {threads} thread(s): {peak['wall'] / 1e9:.1f} GFLOP/s wall-clock, "
+            f"{peak['cpu'] / 1e9:.1f} GFLOP/s per CPU second (medians)"
+        )
     for size, spec in workspace.items():
-        print(f"{size}: {spec['n_params'] / 1e6:.2f}M params, {spec['batch']} pairs/step, "
-              f"max_length {spec['max_length']}, {spec['warmup']} warm-up + {spec['steps']} timed steps")
+        print(
+            f"{size}: {spec['n_params'] / 1e6:.2f}M params, {spec['batch']} pairs/step, "
+            f"max_length {spec['max_length']}, {spec['warmup']} warm-up + {spec['steps']} timed steps"
+        )
 
     def fmt(x, spec=".2f"):
         return "-" if x is None else format(x, spec)
 
-    head = (f"{'size/variant':<30}{'pairs/s pa':>11}{'1st ep':>8}{'trl':>7}{'ratio':>7}{'per cpu-s pa':>13}{'trl':>7}"
-            f"{'ratio':>7}{'RSS MB pa':>10}{'trl':>6}{'ratio':>7}{'eff. FLOP frac pa':>18}{'trl':>6}"
-            f"{'tokens/real pa':>15}{'trl':>6}")
+    head = (
+        f"{'size/variant':<30}{'pairs/s pa':>11}{'1st ep':>8}{'trl':>7}{'ratio':>7}{'per cpu-s pa':>13}{'trl':>7}"
+        f"{'ratio':>7}{'RSS MB pa':>10}{'trl':>6}{'ratio':>7}{'eff. FLOP frac pa':>18}{'trl':>6}"
+        f"{'tokens/real pa':>15}{'trl':>6}"
+    )
     print(head)
     print("-" * len(head))
     for key, r in rows.items():
@@ -514,28 +706,53 @@ def print_table(rows: dict, workspace: dict, peaks: dict[str, dict[str, float]],
             f"{fmt(t.get('fraction_of_matmul_peak')):>6}{p['computed_over_real']:>15.2f}"
             f"{fmt(t.get('computed_over_real')):>6}"
         )
-    print("medians over repeats, wall-clock; ratio = prefalign / TRL; 1st ep = prefalign with the reference "
-          "cache's build charged; eff. FLOP frac = 8*P*real unshared tokens/s over the dtype's matmul peak")
+    print(
+        "medians over repeats, wall-clock; ratio = prefalign / TRL; 1st ep = prefalign with the reference "
+        "cache's build charged; eff. FLOP frac = 8*P*real unshared tokens/s over the dtype's matmul peak"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="toy,compute", help=f"comma-separated: {', '.join(SIZES)}")
-    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
-                        help=f"comma-separated modes with + flags ({', '.join(FLAGS)}), e.g. frozen+bf16")
+    parser.add_argument(
+        "--sizes", default="toy,compute", help=f"comma-separated: {', '.join(SIZES)}"
+    )
+    parser.add_argument(
+        "--variants",
+        default=",".join(DEFAULT_VARIANTS),
+        help=f"comma-separated modes with + flags ({', '.join(FLAGS)}), e.g. frozen+bf16",
+    )
     parser.add_argument("--repeats", type=int, default=2, help="rounds of every variant")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps of every size (default: per size)")
-    parser.add_argument("--warmup", type=int, default=None, help="warm-up steps of every size (default: per size)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per run (see the docstring)")
-    parser.add_argument("--fixed-mmap-threshold", action="store_true",
-                        help="MALLOC_MMAP_THRESHOLD_=65536 in the workers: exact live memory peaks, slower steps")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="timed steps of every size (default: per size)"
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="warm-up steps of every size (default: per size)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads per run (see the docstring)"
+    )
+    parser.add_argument(
+        "--fixed-mmap-threshold",
+        action="store_true",
+        help="MALLOC_MMAP_THRESHOLD_=65536 in the workers: exact live memory peaks, slower steps",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--workdir", type=Path, default=None, help="scratch directory (default: a fresh temp dir)")
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="scratch directory (default: a fresh temp dir)"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         job = json.loads(args.worker)
-        worker(job["spec"], job["size"], job["mode"], job["framework"], job["threads"], Path(job["result"]))
+        worker(
+            job["spec"],
+            job["size"],
+            job["mode"],
+            job["framework"],
+            job["threads"],
+            Path(job["result"]),
+        )
         return
 
     import torch
@@ -559,7 +776,10 @@ def main() -> None:
     env = {"MALLOC_MMAP_THRESHOLD_": "65536"} if args.fixed_mmap_threshold else {}
     start = time.perf_counter()
     for size in sizes:  # the pairs files hold exactly one epoch of these steps
-        SIZES[size] = {**SIZES[size], **{k: v for k, v in (("steps", args.steps), ("warmup", args.warmup)) if v}}
+        SIZES[size] = {
+            **SIZES[size],
+            **{k: v for k, v in (("steps", args.steps), ("warmup", args.warmup)) if v},
+        }
     workspace = build_workspace(workdir, sizes)
     peak_runs: dict[str, list[dict]] = {d: [] for d in dtypes}
 
@@ -578,33 +798,63 @@ def main() -> None:
                 for framework in frameworks:
                     if framework == "trl" and not trl_runs(variant):
                         continue
-                    r = run_variant(workdir, workspace[size], size, variant, framework, args.threads, env)
+                    r = run_variant(
+                        workdir, workspace[size], size, variant, framework, args.threads, env
+                    )
                     runs.append(r)
-                    print(f"{size:<11}{variant:<22}{framework:<10}{r['pairs_per_s']:>8.2f} pairs/s "
-                          f"{r['pairs_per_cpu_s']:>8.2f} pairs/cpu-s  peak RSS {r['peak_rss_mb']:.0f} MB  "
-                          f"({r['real_tokens']} real / {r['computed_tokens']} computed tokens in {r['seconds']:.1f}s"
-                          f", cache {r['cache_build_s']:.1f}s)", flush=True)
+                    print(
+                        f"{size:<11}{variant:<22}{framework:<10}{r['pairs_per_s']:>8.2f} pairs/s "
+                        f"{r['pairs_per_cpu_s']:>8.2f} pairs/cpu-s  peak RSS {r['peak_rss_mb']:.0f} MB  "
+                        f"({r['real_tokens']} real / {r['computed_tokens']} computed tokens in {r['seconds']:.1f}s"
+                        f", cache {r['cache_build_s']:.1f}s)",
+                        flush=True,
+                    )
             loads.append(os.getloadavg()[0])
         measure_peak()
-    peaks = {d: {"wall": statistics.median(p["median_flops"] for p in ps),
-                 "cpu": statistics.median(p["median_flops_per_cpu_s"] for p in ps)} for d, ps in peak_runs.items()}
+    peaks = {
+        d: {
+            "wall": statistics.median(p["median_flops"] for p in ps),
+            "cpu": statistics.median(p["median_flops_per_cpu_s"] for p in ps),
+        }
+        for d, ps in peak_runs.items()
+    }
     rows = summarize(runs, workspace, variants, peaks)
     print_table(rows, workspace, peaks, args.threads)
     for key, r in rows.items():
         if r.get("real_token_mismatch", 0) > 0.03:
-            print(f"WARNING {key}: real tokens differ by {r['real_token_mismatch']:.1%} between the frameworks")
+            print(
+                f"WARNING {key}: real tokens differ by {r['real_token_mismatch']:.1%} between the frameworks"
+            )
     result = {
         "command": "python bench/train_throughput.py " + " ".join(sys.argv[1:]),
-        "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
-        "cpu": platform.processor() or platform.machine(), "threads": args.threads,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "threads": args.threads,
         "malloc_mmap_threshold": env.get("MALLOC_MMAP_THRESHOLD_", "system"),
         "load_avg_1m": loads,  # other processes on a shared machine skew timings
-        "matmul_peaks": peaks, "matmul_peak_runs": peak_runs,
+        "matmul_peaks": peaks,
+        "matmul_peak_runs": peak_runs,
         "flops_formula": "(6 + 2) * P * real unshared-pair tokens / s; P = params minus an untied input "
-                         "embedding; attention scores and elementwise ops excluded",
-        "models": {k: {kk: v.get(kk) for kk in ("n_params", "matmul_params", "hidden", "layers", "intermediate",
-                                                 "batch", "max_length", "warmup", "steps")}
-                   for k, v in workspace.items()},
+        "embedding; attention scores and elementwise ops excluded",
+        "models": {
+            k: {
+                kk: v.get(kk)
+                for kk in (
+                    "n_params",
+                    "matmul_params",
+                    "hidden",
+                    "layers",
+                    "intermediate",
+                    "batch",
+                    "max_length",
+                    "warmup",
+                    "steps",
+                )
+            }
+            for k, v in workspace.items()
+        },
         "results": rows,
         "runs": runs,
         "wall_s": time.perf_counter() - start,

@@ -39,7 +39,9 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tiny_tokenizer(pad: bool = True, chat_template: str | None = CHAT_TEMPLATE) -> PreTrainedTokenizerFast:
+def build_tiny_tokenizer(
+    pad: bool = True, chat_template: str | None = CHAT_TEMPLATE
+) -> PreTrainedTokenizerFast:
     """A whitespace word-level tokenizer over `VOCAB` with BOS/EOS (and optionally a pad token)."""
     core = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(VOCAB)}, unk_token=UNK))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -88,7 +90,9 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 
 @pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: PreTrainedTokenizerFast) -> Path:
+def tiny_llama_dir(
+    tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: PreTrainedTokenizerFast
+) -> Path:
     """Directory holding a saved tiny random LlamaForCausalLM (seed 0) and `tiny_tokenizer`."""
     out = tmp_path_factory.mktemp("tiny_llama")
     torch.manual_seed(0)
@@ -100,9 +104,17 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Pre
 
 # A miniature toy world (a 40k-parameter policy, seconds to build) for end-to-end demo tests.
 MINI_WORLD = dict(
-    model=ToyModelSize(hidden_size=32, layers=2, heads=4, intermediate_size=64), corpus_size=800,
-    pretrain_steps=8, sft_steps=4, batch_size=16, n_pair_prompts=48, samples_per_prompt=2,
-    n_eval_pairs=16, n_train_prompts=16, n_eval_prompts=8, max_new_tokens=8,
+    model=ToyModelSize(hidden_size=32, layers=2, heads=4, intermediate_size=64),
+    corpus_size=800,
+    pretrain_steps=8,
+    sft_steps=4,
+    batch_size=16,
+    n_pair_prompts=48,
+    samples_per_prompt=2,
+    n_eval_pairs=16,
+    n_train_prompts=16,
+    n_eval_prompts=8,
+    max_new_tokens=8,
 )
 # Long enough that the sentiment policy writes multi-clause reviews: the genarm row's brevity ARM
 # learns from responses against their own first clause (26 such pairs, 3.5 s of build).
@@ -114,7 +126,12 @@ def mini_worlds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ToyWorld]
     """Both toy tasks as miniature worlds, built once per session (read-only: shared)."""
     root = tmp_path_factory.mktemp("mini_worlds")
     return {
-        task: get_world(task, replace(ToyConfig.for_task(task), **{**MINI_WORLD, **MINI_WORLD_STEPS[task]}), out=root / task, log=lambda *_: None)
+        task: get_world(
+            task,
+            replace(ToyConfig.for_task(task), **{**MINI_WORLD, **MINI_WORLD_STEPS[task]}),
+            out=root / task,
+            log=lambda *_: None,
+        )
         for task in ("sentiment", "arith")
     }
 
@@ -130,15 +147,25 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def save_tiny_review_model(out: Path, rng: random.Random, n_texts: int = 400, vocab_size: int = 300) -> Path:
+def save_tiny_review_model(
+    out: Path, rng: random.Random, n_texts: int = 400, vocab_size: int = 300
+) -> Path:
     """A tiny random Llama with a byte-level BPE tokenizer trained on `n_texts` toy reviews drawn
     from `rng` (which the caller goes on using for its data), saved in `out`."""
-    tokenizer = train_tokenizer(["".join(review(rng)) for _ in range(n_texts)], vocab_size=vocab_size)
+    tokenizer = train_tokenizer(
+        ["".join(review(rng)) for _ in range(n_texts)], vocab_size=vocab_size
+    )
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     LlamaForCausalLM(config).save_pretrained(out)
     tokenizer.save_pretrained(out)

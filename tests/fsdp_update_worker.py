@@ -20,7 +20,9 @@ COMMUNICATION = ("all_gather", "allgather", "c10d", "gloo", "reduce_scatter", "b
 
 
 def communicating(prof) -> list[str]:
-    return sorted({e.name for e in prof.events() if any(c in e.name.lower() for c in COMMUNICATION)})
+    return sorted(
+        {e.name for e in prof.events() if any(c in e.name.lower() for c in COMMUNICATION)}
+    )
 
 
 def make_reference_sharded(spec: ReferenceSpec):
@@ -62,7 +64,9 @@ def main() -> None:
     with profile() as prof:
         assert hard[1].after_optimizer_step(1)
     assert communicating(prof) == [], communicating(prof)
-    for (name, ref), pol in zip(hard[1].model.named_parameters(), hard[0].parameters(), strict=True):
+    for (name, ref), pol in zip(
+        hard[1].model.named_parameters(), hard[0].parameters(), strict=True
+    ):
         torch.testing.assert_close(local_tensor(ref), local_tensor(pol), msg=name)
     print(f"rank {dist.get_rank()}: local update ok")
     dist.destroy_process_group()

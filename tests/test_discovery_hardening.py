@@ -108,8 +108,11 @@ def test_out_and_in_place_methods_are_rejected(line: str, reason: str) -> None:
 
 
 def test_candidates_get_copies_of_their_inputs() -> None:
-    aliasing = SIG + "    y = policy_chosen_logps\n    y += 100.0\n" + RHO + (
-        "    return -F.logsigmoid(beta * rho) + 0 * y\n"
+    aliasing = (
+        SIG
+        + "    y = policy_chosen_logps\n    y += 100.0\n"
+        + RHO
+        + ("    return -F.logsigmoid(beta * rho) + 0 * y\n")
     )
     fn = compile_objective(aliasing)
     inputs = [torch.full((4,), -5.0) for _ in range(4)]
@@ -149,7 +152,6 @@ def test_resume_inside_a_generation_proposes_what_the_uninterrupted_run_proposed
     assert 5 < interrupted < 10  # stopped inside generation 1
     resumed = [r["code_hash"] for r in run(path, resume=True).load()]
     assert resumed == straight
-
 
 
 # ---------------------------------------------------------------- 1: confined proxy training
@@ -209,10 +211,14 @@ def test_candidates_that_misbehave_only_in_training_are_rejected_with_reasons(
 
 def test_the_check_draws_new_inputs_every_time(sandbox: Sandbox) -> None:
     # Behaves only on the inputs of seed 0 (the old fixed check): rejected now.
-    knows_inputs = SIG + RHO + (
-        "    if policy_chosen_logps[0].item() == " + repr(_first_input(0)) + ":\n"
-        "        return -F.logsigmoid(beta * rho)\n"
-        "    return -F.logsigmoid(-beta * rho)\n"
+    knows_inputs = (
+        SIG
+        + RHO
+        + (
+            "    if policy_chosen_logps[0].item() == " + repr(_first_input(0)) + ":\n"
+            "        return -F.logsigmoid(beta * rho)\n"
+            "    return -F.logsigmoid(-beta * rho)\n"
+        )
     )
     results = [sandbox.check(knows_inputs) for _ in range(3)]
     assert not any(r.ok for r in results)

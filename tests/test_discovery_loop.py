@@ -207,8 +207,12 @@ def test_loop_records_fitness_failures_and_reuses_duplicates(
 
 def test_same_loss_in_other_code_is_scored_once(sandbox: Sandbox, tmp_path: Path) -> None:
     dpo = baseline_codes()["dpo"]
-    softplus = dpo.replace("def dpo", "def dpo_softplus").replace("-F.logsigmoid(z)", "F.softplus(-z)")
-    halved = dpo.replace("def dpo", "def dpo_halved").replace("-F.logsigmoid(z)", "-0.5 * F.logsigmoid(z)")
+    softplus = dpo.replace("def dpo", "def dpo_softplus").replace(
+        "-F.logsigmoid(z)", "F.softplus(-z)"
+    )
+    halved = dpo.replace("def dpo", "def dpo_halved").replace(
+        "-F.logsigmoid(z)", "-0.5 * F.logsigmoid(z)"
+    )
     assert softplus != dpo and halved != dpo
     calls: list[str] = []
 
@@ -223,9 +227,16 @@ def test_same_loss_in_other_code_is_scored_once(sandbox: Sandbox, tmp_path: Path
     )  # fmt: skip
     base, twin, other = archive.load()
     assert calls == ["dpo", "halved"]  # softplus(-z) == -logsigmoid(z): not trained again
-    assert twin["same_behaviour_as"] == "dpo" and twin["duplicate_of"] == [-1, 0] and twin["fitness"] == 1.0
+    assert (
+        twin["same_behaviour_as"] == "dpo"
+        and twin["duplicate_of"] == [-1, 0]
+        and twin["fitness"] == 1.0
+    )
     assert twin["behaviour"] == base["behaviour"] != other["behaviour"]
-    assert [r["name"] for r in archive.leaderboard()] == ["halved", "dpo"]  # one entry per behaviour
+    assert [r["name"] for r in archive.leaderboard()] == [
+        "halved",
+        "dpo",
+    ]  # one entry per behaviour
     assert archive.best_proposed()["name"] == "halved"
     # An LLM proposer is told, so it stops rewriting DPO.
     assert "computes exactly the same loss as 'dpo'" in archive_prompt(archive, [])
@@ -237,9 +248,14 @@ def test_fingerprint_follows_how_the_fitness_calls_the_objective(sandbox: Sandbo
     # Called with the candidates' defaults, the two differ; with beta=0.1 passed, they are one.
     assert sandbox.check(dpo).fingerprint != sandbox.check(other_default).fingerprint
     called = {"beta": 0.1}
-    assert sandbox.check(dpo, called).fingerprint == sandbox.check(other_default, called).fingerprint
+    assert (
+        sandbox.check(dpo, called).fingerprint == sandbox.check(other_default, called).fingerprint
+    )
     assert sandbox.check(dpo, {"beta": 0.3}).fingerprint != sandbox.check(dpo, called).fingerprint
-    assert sandbox.check(baseline_codes()["hinge"], called).fingerprint != sandbox.check(dpo, called).fingerprint
+    assert (
+        sandbox.check(baseline_codes()["hinge"], called).fingerprint
+        != sandbox.check(dpo, called).fingerprint
+    )
 
 
 # ---------------------------------------------------------------- using a discovered objective

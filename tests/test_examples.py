@@ -16,8 +16,12 @@ from prefalign.training.sft import SFTConfig
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SCHEMAS = {
-    "tr-dpo.yaml": PreferenceConfig, "sft.yaml": SFTConfig, "rest.yaml": RestConfig,
-    "rm.yaml": RewardModelConfig, "arm.yaml": ArmConfig, "discover.yaml": DiscoverConfig,
+    "tr-dpo.yaml": PreferenceConfig,
+    "sft.yaml": SFTConfig,
+    "rest.yaml": RestConfig,
+    "rm.yaml": RewardModelConfig,
+    "arm.yaml": ArmConfig,
+    "discover.yaml": DiscoverConfig,
 }
 
 

@@ -50,27 +50,58 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
 def train(tiny, out: Path, model: str, processes: int, *extra: str) -> str:
     launch = [sys.executable, "-m", "prefalign.cli"]
     if processes > 1:
-        launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                  "--master_port", str(free_port()), "-m", "prefalign.cli"]
+        launch = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(processes),
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "prefalign.cli",
+        ]
     args = [
-        f"model.name_or_path={tiny[model]}", f"data.path={tiny['pairs']}", f"trainer.out_dir={out}",
-        "trainer.max_steps=4", "trainer.adam_epsilon=1e-4", "trainer.log_every=1",
-        "trainer.progress=false", *extra,
+        f"model.name_or_path={tiny[model]}",
+        f"data.path={tiny['pairs']}",
+        f"trainer.out_dir={out}",
+        "trainer.max_steps=4",
+        "trainer.adam_epsilon=1e-4",
+        "trainer.log_every=1",
+        "trainer.progress=false",
+        *extra,
     ]
-    proc = subprocess.run([*launch, "train", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [*launch, "train", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("model,reference,lr", [
-    ("model", "reference.mode=soft", "1e-3"),
-    ("model", "reference.mode=frozen", "1e-3"),  # with the reference cache, fingerprinted by shards
-    ("lora", "reference.tau=2 reference.mode=hard", "1e-2"),  # soft LoRA mixes whole factors: not sharded
-])
-def test_fsdp2_two_processes_match_one_process_with_double_batch(tiny, tmp_path, model, reference, lr):
+@pytest.mark.parametrize(
+    "model,reference,lr",
+    [
+        ("model", "reference.mode=soft", "1e-3"),
+        (
+            "model",
+            "reference.mode=frozen",
+            "1e-3",
+        ),  # with the reference cache, fingerprinted by shards
+        (
+            "lora",
+            "reference.tau=2 reference.mode=hard",
+            "1e-2",
+        ),  # soft LoRA mixes whole factors: not sharded
+    ],
+)
+def test_fsdp2_two_processes_match_one_process_with_double_batch(
+    tiny, tmp_path, model, reference, lr
+):
     common = (*reference.split(), f"trainer.lr={lr}")
     train(tiny, tmp_path / "one", model, 1, *common, "trainer.batch_size=8")
-    log = train(tiny, tmp_path / "two", model, 2, *common, "trainer.batch_size=4", "trainer.fsdp=true")
+    log = train(
+        tiny, tmp_path / "two", model, 2, *common, "trainer.batch_size=4", "trainer.fsdp=true"
+    )
     assert "FSDP2:" in log and " on process 1" in log
     line = next(x for x in log.splitlines() if x.startswith("FSDP2:"))
     local, total = int(line.split()[1]), int(line.split()[3])
@@ -81,7 +112,10 @@ def test_fsdp2_two_processes_match_one_process_with_double_batch(tiny, tmp_path,
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
     weights = "adapter_model.safetensors" if model == "lora" else "model.safetensors"
-    a, b = load_file(tmp_path / "one" / "final" / weights), load_file(tmp_path / "two" / "final" / weights)
+    a, b = (
+        load_file(tmp_path / "one" / "final" / weights),
+        load_file(tmp_path / "two" / "final" / weights),
+    )
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
@@ -90,9 +124,20 @@ def test_fsdp2_two_processes_match_one_process_with_double_batch(tiny, tmp_path,
 def test_sharded_reference_update_is_local_and_exact():
     worker = Path(__file__).parent / "fsdp_update_worker.py"
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "--master_port", str(free_port()), str(worker)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            str(worker),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("local update ok") == 2

@@ -77,8 +77,15 @@ def prefers_good(first: str, second: str) -> str:
 
 def config(server: ScriptedOpenAIServer, tmp_path, **kw) -> JudgeConfig:
     defaults = dict(
-        base_url=server.base_url, model="judge-1", api_key_env=None, cache_dir=tmp_path / "cache",
-        concurrency=2, max_retries=2, timeout_s=5.0, backoff_s=0.01, n_bootstrap=200,
+        base_url=server.base_url,
+        model="judge-1",
+        api_key_env=None,
+        cache_dir=tmp_path / "cache",
+        concurrency=2,
+        max_retries=2,
+        timeout_s=5.0,
+        backoff_s=0.01,
+        n_bootstrap=200,
     )
     return JudgeConfig(**{**defaults, **kw})
 
@@ -119,7 +126,9 @@ def test_ties(tmp_path):
     with JudgeServer(always("[[TIE]]")) as server:
         result = judge_pairwise(PROMPTS, POLICY, REFERENCE, config(server, tmp_path))
     assert result.win_rate == 0.5 and result.ties == 6 and result.position_consistency == 1.0
-    assert all(j.verdict == "TIE" and j.flag is None for p in result.per_prompt for j in p.judgments)
+    assert all(
+        j.verdict == "TIE" and j.flag is None for p in result.per_prompt for j in p.judgments
+    )
     # Half ties, half wins: a score of 0.75 per prompt.
     policy = [f"good {i}" for i in range(6)]
 
@@ -147,7 +156,9 @@ def test_length_control_discounts_a_judge_that_prefers_longer_answers(tmp_path):
     # of 10 blocks of 4 prompts, each block 3 longer and 1 shorter): the correction is small.
     better = [(i // 4) % 4 != 0 for i in range(n)]
     policy_good = [("good " if b else "okay ") + p for b, p in zip(better, policy, strict=True)]
-    reference_good = [("okay " if b else "good ") + r for b, r in zip(better, reference, strict=True)]
+    reference_good = [
+        ("okay " if b else "good ") + r for b, r in zip(better, reference, strict=True)
+    ]
     with JudgeServer(prefers_good) as server:
         fair = judge_pairwise(prompts, policy_good, reference_good, config(server, tmp_path))
     assert fair.win_rate == 0.7 and abs(fair.lc_win_rate - fair.win_rate) < 0.05
@@ -160,7 +171,10 @@ def test_a_rerun_is_served_from_the_cache(tmp_path):
     with JudgeServer(prefers_good) as server:
         again = judge_pairwise(PROMPTS, POLICY, REFERENCE, config(server, tmp_path))
         assert server.requests == [] and again.cache_hits == 12 and again.requests == 0
-        assert again.summary() | {"cache_hits": 0, "requests": 0} == first.summary() | {"cache_hits": 0, "requests": 0}
+        assert again.summary() | {"cache_hits": 0, "requests": 0} == first.summary() | {
+            "cache_hits": 0,
+            "requests": 0,
+        }
         # One changed answer: only its two orders are asked.
         changed = [*POLICY[:-1], "a new answer"]
         judge_pairwise(PROMPTS, changed, REFERENCE, config(server, tmp_path))
@@ -187,7 +201,9 @@ def test_exhausted_retries_raise_then_a_rerun_repeats_only_the_failure(tmp_path)
         for _ in range(3):
             server.push_status(503)
         cfg = config(server, tmp_path, concurrency=1, max_retries=2, on_error="raise")
-        with pytest.raises(JudgeError, match=r"1 of 2 judgments failed.*after 3 attempts: HTTP 503"):
+        with pytest.raises(
+            JudgeError, match=r"1 of 2 judgments failed.*after 3 attempts: HTTP 503"
+        ):
             judge_pairwise(PROMPTS[:1], POLICY[:1], REFERENCE[:1], cfg)
         assert len(server.requests) == 4
         result = judge_pairwise(PROMPTS[:1], POLICY[:1], REFERENCE[:1], cfg)
@@ -233,7 +249,9 @@ def test_unparsed_verdicts_are_counted_not_ties_not_cached_and_retried_at_other_
     tmp_path,
 ):
     with JudgeServer(always("I cannot decide.")) as server:
-        result = judge_pairwise(PROMPTS[:2], POLICY[:2], REFERENCE[:2], config(server, tmp_path, max_retries=2))
+        result = judge_pairwise(
+            PROMPTS[:2], POLICY[:2], REFERENCE[:2], config(server, tmp_path, max_retries=2)
+        )
         assert len(server.requests) == 4 * 3
         temperatures = sorted(r.body["temperature"] for r in server.requests)
         assert temperatures == [0.0] * 4 + [0.7] * 4 + [1.0] * 4
@@ -245,7 +263,9 @@ def test_unparsed_verdicts_are_counted_not_ties_not_cached_and_retried_at_other_
     assert not list((tmp_path / "cache").rglob("*.json"))
     with JudgeServer(prefers_good) as server:
         server.push_text("hmm")
-        result = judge_pairwise(PROMPTS[:1], ["good"], REFERENCE[:1], config(server, tmp_path, concurrency=1))
+        result = judge_pairwise(
+            PROMPTS[:1], ["good"], REFERENCE[:1], config(server, tmp_path, concurrency=1)
+        )
     assert result.unparsed == 0 and result.win_rate == 1.0 and result.requests == 3
 
 
@@ -268,8 +288,12 @@ def test_garbled_and_oversized_bodies_are_failed_attempts(tmp_path):
 def test_error_bodies_of_any_shape_keep_their_message_and_invalid_5xx_is_not_retried(tmp_path):
     with JudgeServer(prefers_good) as server:
         server.push(Reply.raw(b'{"detail": "Invalid API key"}', status=401))
-        invalid = {"error": {"message": "response_format json_schema is not supported",
-                             "type": "invalid_request_error"}}
+        invalid = {
+            "error": {
+                "message": "response_format json_schema is not supported",
+                "type": "invalid_request_error",
+            }
+        }
         server.push(Reply.raw(json.dumps(invalid).encode(), status=500))
         cfg = config(server, tmp_path, concurrency=1, max_retries=3)
         result = judge_pairwise(PROMPTS[:1], POLICY[:1], REFERENCE[:1], cfg)
@@ -302,9 +326,17 @@ def test_concurrency_limit(tmp_path, limit):
 @pytest.mark.parametrize(
     "reply, verdict",
     [
-        ("[[A]]", "A"), ("reasoning... [[B]]", "B"), ("[[tie]]", "TIE"), ("[[C]]", "TIE"),
-        ("[[A>>B]]", "A"), ("[[B>A]]", "B"), ("[[A=B]]", "TIE"), ("B", "B"),
-        ("[[A]] at first, but on reflection [[B]]", "B"), ("no verdict", None), ("", None),
+        ("[[A]]", "A"),
+        ("reasoning... [[B]]", "B"),
+        ("[[tie]]", "TIE"),
+        ("[[C]]", "TIE"),
+        ("[[A>>B]]", "A"),
+        ("[[B>A]]", "B"),
+        ("[[A=B]]", "TIE"),
+        ("B", "B"),
+        ("[[A]] at first, but on reflection [[B]]", "B"),
+        ("no verdict", None),
+        ("", None),
     ],
 )
 def test_parse_verdict(reply, verdict):
@@ -313,7 +345,9 @@ def test_parse_verdict(reply, verdict):
 
 def test_bad_inputs(tmp_path, monkeypatch):
     monkeypatch.delenv("JUDGE_KEY", raising=False)
-    cfg = JudgeConfig(base_url="http://127.0.0.1:9/v1", model="m", api_key_env="JUDGE_KEY", cache_dir=tmp_path)
+    cfg = JudgeConfig(
+        base_url="http://127.0.0.1:9/v1", model="m", api_key_env="JUDGE_KEY", cache_dir=tmp_path
+    )
     with pytest.raises(ValueError, match="JUDGE_KEY"):
         judge_pairwise(["p"], ["a"], ["b"], cfg)
     with pytest.raises(ValueError, match="match one to one"):
@@ -337,8 +371,13 @@ def test_compare_models_on_the_same_prompts(tmp_path, tiny_llama_dir, tiny_token
     prompts = ["the movie was", "i think it", "what a"]
     with JudgeServer(prefers_longer) as server:
         rows = compare_models(
-            {"sft": tiny_llama_dir, "other": other}, "sentiment", prompts, reference=tiny_llama_dir,
-            judge=config(server, tmp_path), max_new_tokens=6, device="cpu",
+            {"sft": tiny_llama_dir, "other": other},
+            "sentiment",
+            prompts,
+            reference=tiny_llama_dir,
+            judge=config(server, tmp_path),
+            max_new_tokens=6,
+            device="cpu",
         )
         # At most both orders per model and prompt; a pair shown twice (equal answers) is asked once.
         asked = [r.prompt for r in server.requests]
@@ -360,7 +399,9 @@ def test_cli_judge_options_the_no_key_form_and_a_failed_judgment(
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # the verdict cache
 
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["the movie was", "i think"]))
+    prompts.write_text(
+        "".join(json.dumps({"prompt": p}) + "\n" for p in ["the movie was", "i think"])
+    )
     out = tmp_path / "rows.json"
     with JudgeServer(prefers_longer) as server:
         server.push_status(503)  # the first judgment fails: --judge-retries 0

@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 
 pytestmark = pytest.mark.slow
-pytest.importorskip("llama_cpp", reason="needs llama-cpp-python[server] (scripts/provision-tests.sh)")
+pytest.importorskip(
+    "llama_cpp", reason="needs llama-cpp-python[server] (scripts/provision-tests.sh)"
+)
 pytest.importorskip("uvicorn", reason="needs llama-cpp-python[server] (scripts/provision-tests.sh)")
 
 from prefalign import llm_server  # noqa: E402

@@ -32,9 +32,13 @@ from prefalign.modeling import (
 )
 
 # peft itself still reads the deprecated `is_gradient_checkpointing` of transformers 5
-pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"
+)
 
-SPECIAL_IDS = dict(bos_token_id=VOCAB.index(BOS), eos_token_id=VOCAB.index(EOS), pad_token_id=VOCAB.index(PAD))
+SPECIAL_IDS = dict(
+    bos_token_id=VOCAB.index(BOS), eos_token_id=VOCAB.index(EOS), pad_token_id=VOCAB.index(PAD)
+)
 
 
 def tiny_llama() -> PreTrainedModel:
@@ -43,24 +47,44 @@ def tiny_llama() -> PreTrainedModel:
 
 def tiny_qwen2() -> PreTrainedModel:
     config = Qwen2Config(
-        vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **SPECIAL_IDS,
+        vocab_size=VOCAB_SIZE,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        **SPECIAL_IDS,
     )
     return Qwen2ForCausalLM(config)
 
 
 def tiny_gpt2() -> PreTrainedModel:
     config = GPT2Config(
-        vocab_size=VOCAB_SIZE, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **SPECIAL_IDS,
+        vocab_size=VOCAB_SIZE,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        **SPECIAL_IDS,
     )
     return GPT2LMHeadModel(config)  # lm_head tied to wte
 
 
 def tiny_gemma() -> PreTrainedModel:
     config = GemmaConfig(
-        vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=1, head_dim=8, max_position_embeddings=64, **SPECIAL_IDS,
+        vocab_size=VOCAB_SIZE,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=8,
+        max_position_embeddings=64,
+        **SPECIAL_IDS,
     )
     return GemmaForCausalLM(config)  # scaled, tied embeddings
 
@@ -124,13 +148,15 @@ def test_bfloat16_loads_bfloat16_parameters(tiny_llama_dir, batch):
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), logits(full, batch), rtol=0.05, atol=0.05)
     # a torch.dtype is accepted as well as its name
-    assert {p.dtype for p in load_model(tiny_llama_dir, dtype=torch.bfloat16, device="cpu").parameters()} == {
-        torch.bfloat16
-    }
+    assert {
+        p.dtype for p in load_model(tiny_llama_dir, dtype=torch.bfloat16, device="cpu").parameters()
+    } == {torch.bfloat16}
 
 
 def test_unknown_dtype_names_the_allowed_ones(tiny_llama_dir):
-    with pytest.raises(ValueError, match=r"dtype must be one of \['bfloat16', 'float16', 'float32'\], got 'fp8'"):
+    with pytest.raises(
+        ValueError, match=r"dtype must be one of \['bfloat16', 'float16', 'float32'\], got 'fp8'"
+    ):
         load_model(tiny_llama_dir, dtype="fp8", device="cpu")
     assert resolve_dtype("float16") is torch.float16
 
@@ -157,12 +183,17 @@ def test_tokenizer_without_pad_token_pads_with_eos(tmp_path, make_tiny_tokenizer
     # right padding leaves the real tokens' logits as they are without padding
     model = load_model(tiny_llama_dir, device="cpu").eval()
     alone = tokenizer([short], return_tensors="pt")
-    torch.testing.assert_close(logits(model, enc)[0, :1], logits(model, alone)[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        logits(model, enc)[0, :1], logits(model, alone)[0], rtol=0, atol=1e-5
+    )
 
 
 def test_tokenizer_keeps_its_own_pad_token(tiny_llama_dir):
     tokenizer = load_tokenizer(tiny_llama_dir)
-    assert tokenizer.pad_token == PAD and tokenizer.pad_token_id == VOCAB.index(PAD) != tokenizer.eos_token_id
+    assert (
+        tokenizer.pad_token == PAD
+        and tokenizer.pad_token_id == VOCAB.index(PAD) != tokenizer.eos_token_id
+    )
 
 
 def test_tokenizer_without_pad_or_eos_is_an_error(tmp_path, make_tiny_tokenizer):
@@ -175,7 +206,10 @@ def test_tokenizer_without_pad_or_eos_is_an_error(tmp_path, make_tiny_tokenizer)
 
 def test_chat_template_renders(tiny_llama_dir):
     tokenizer = load_tokenizer(tiny_llama_dir)
-    messages = [{"role": "user", "content": "how is it ?"}, {"role": "assistant", "content": "good"}]
+    messages = [
+        {"role": "user", "content": "how is it ?"},
+        {"role": "assistant", "content": "good"},
+    ]
     assert apply_chat_template(tokenizer, messages, add_generation_prompt=False) == (
         "<|user|> how is it ? <|assistant|> good "
     )
@@ -187,8 +221,12 @@ def test_chat_template_renders(tiny_llama_dir):
 def test_chat_template_missing_is_a_clear_error(tmp_path, make_tiny_tokenizer):
     make_tiny_tokenizer(chat_template=None).save_pretrained(tmp_path)
     tokenizer = load_tokenizer(tmp_path)
-    with pytest.raises(ValueError, match="needs a tokenizer with a chat template; this tokenizer has none"):
-        apply_chat_template(tokenizer, [{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    with pytest.raises(
+        ValueError, match="needs a tokenizer with a chat template; this tokenizer has none"
+    ):
+        apply_chat_template(
+            tokenizer, [{"role": "user", "content": "hi"}], add_generation_prompt=True
+        )
 
 
 LLAMA_LINEARS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
@@ -212,7 +250,9 @@ def test_lora_trains_only_adapters_and_starts_at_the_base(tiny_llama_dir, batch)
     assert count_parameters(model, trainable_only=True) == sum(
         p.numel() for n, p in model.named_parameters() if "lora_" in n
     )
-    assert count_parameters(model) == count_parameters(base) + count_parameters(model, trainable_only=True)
+    assert count_parameters(model) == count_parameters(base) + count_parameters(
+        model, trainable_only=True
+    )
 
     # B starts at zero, so the adapted model computes exactly the base model
     torch.testing.assert_close(logits(model, batch), logits(base, batch), rtol=0, atol=1e-6)
@@ -226,7 +266,9 @@ def perturb_lora_b(model: torch.nn.Module) -> None:
                 param.normal_(0, 0.5)
 
 
-def test_saved_adapter_loads_back_with_equal_outputs(tiny_llama_dir, tiny_tokenizer, tmp_path, batch):
+def test_saved_adapter_loads_back_with_equal_outputs(
+    tiny_llama_dir, tiny_tokenizer, tmp_path, batch
+):
     base = load_model(tiny_llama_dir, device="cpu").eval()
     model = load_model(tiny_llama_dir, device="cpu", lora=LoraSpec(r=4, alpha=8)).eval()
     perturb_lora_b(model)  # a trained adapter, as far as the round trip can tell
@@ -258,10 +300,14 @@ def test_saved_adapter_loads_in_bfloat16(tiny_llama_dir, tmp_path, batch):
     loaded = load_model(tmp_path, dtype="bfloat16", device="cpu").eval()
     base_dtypes = {p.dtype for n, p in loaded.named_parameters() if "lora_" not in n}
     assert base_dtypes == {torch.bfloat16}
-    torch.testing.assert_close(logits(loaded, batch).float(), logits(model, batch), rtol=0.05, atol=0.05)
+    torch.testing.assert_close(
+        logits(loaded, batch).float(), logits(model, batch), rtol=0.05, atol=0.05
+    )
 
 
-def loss_and_grads(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+def loss_and_grads(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, dict]:
     model.train()
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels)
@@ -293,8 +339,12 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_llama_dir, batch, 
     torch.manual_seed(0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        checkpointed = load_model(tiny_llama_dir, device="cpu", lora=lora, gradient_checkpointing=True)
-    assert not [w for w in caught if "gradient_checkpointing_enable" in str(w.message)]  # no deprecated API
+        checkpointed = load_model(
+            tiny_llama_dir, device="cpu", lora=lora, gradient_checkpointing=True
+        )
+    assert not [
+        w for w in caught if "gradient_checkpointing_enable" in str(w.message)
+    ]  # no deprecated API
     if lora is not None:  # B != 0 so that every gradient is non-trivial
         perturb_lora_b(plain)
         perturb_lora_b(checkpointed)
@@ -317,5 +367,7 @@ def test_lora_wrapping_prints_no_deprecation_warning(tiny_llama_dir):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         load_model(tiny_llama_dir, device="cpu", lora=LoraSpec(r=4, alpha=8))
-    deprecations = [w for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+    deprecations = [
+        w for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))
+    ]
     assert not deprecations, [str(w.message) for w in deprecations]

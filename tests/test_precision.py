@@ -19,10 +19,20 @@ def dpo_loss_and_grad(model, batch, bf16: bool):
     model.zero_grad(set_to_none=True)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         chosen, rejected = pair_logps(model, batch)
-        loss = compute_loss(get("dpo"), chosen.sum, rejected.sum, chosen.sum.detach() + 1, rejected.sum.detach() - 1,
-                            beta=0.1).mean()
+        loss = compute_loss(
+            get("dpo"),
+            chosen.sum,
+            rejected.sum,
+            chosen.sum.detach() + 1,
+            rejected.sum.detach() - 1,
+            beta=0.1,
+        ).mean()
     loss.backward()
-    return chosen.sum, loss, torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
+    return (
+        chosen.sum,
+        loss,
+        torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None]),
+    )
 
 
 def test_bf16_autocast_keeps_logps_and_loss_fp32_and_close():

@@ -128,8 +128,14 @@ def test_real_demo_writes_the_toy_demos_contract(tmp_path, tiny_gguf, monkeypatc
     monkeypatch.setenv("PREFALIGN_CACHE", str(tmp_path / "cache"))
     world = get_smol_world(config=mini("arith", f"gguf:{tiny_gguf}"), log=lambda *_: None)
     out = tmp_path / "demo"
-    results = run_demo(out, quick=True, tasks=["arith"], worlds={"arith": world}, world="smollm2",
-                       log=lambda *_: None)
+    results = run_demo(
+        out,
+        quick=True,
+        tasks=["arith"],
+        worlds={"arith": world},
+        world="smollm2",
+        log=lambda *_: None,
+    )
     assert results["world"] == "smollm2"
     rows = results["tasks"]["arith"]["methods"]
     assert list(rows) == ["sft", "rest"]
@@ -137,6 +143,9 @@ def test_real_demo_writes_the_toy_demos_contract(tmp_path, tiny_gguf, monkeypatc
     assert all(0 <= row["accuracy"] <= 1 for row in rows.values())
     for name in ("results.json", "report.md", "report.html"):
         assert (out / name).is_file()
-    assert json.loads((out / "results.json").read_text())["tasks"]["arith"]["methods"].keys() == rows.keys()
+    assert (
+        json.loads((out / "results.json").read_text())["tasks"]["arith"]["methods"].keys()
+        == rows.keys()
+    )
     with pytest.raises(ValueError, match="unknown demo world"):
         run_demo(out, world="mars")

@@ -18,7 +18,9 @@ from prefalign.toy.tokenizer import train_tokenizer
 @pytest.fixture(scope="module")
 def tokenizer():
     rng = random.Random(0)
-    return train_tokenizer(["".join(review(rng)) for _ in range(500)] + ["47+8=55", "12+9=21"], vocab_size=400)
+    return train_tokenizer(
+        ["".join(review(rng)) for _ in range(500)] + ["47+8=55", "12+9=21"], vocab_size=400
+    )
 
 
 def test_vader_ranks_a_positive_review_above_a_negative_one():
@@ -43,29 +45,44 @@ def test_brevity_falls_with_length():
 
 
 def test_tokenizer_round_trips_text_and_splits_digits(tokenizer):
-    for text in ["the movie was great , i loved the cast .", "417+285=702", "  odd   spacing\tand ünïcode"]:
+    for text in [
+        "the movie was great , i loved the cast .",
+        "417+285=702",
+        "  odd   spacing\tand ünïcode",
+    ]:
         assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
     assert tokenizer.convert_ids_to_tokens(tokenizer("417")["input_ids"]) == ["4", "1", "7"]
 
 
 def tiny_model(tokenizer) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     return LlamaForCausalLM(config).eval()
 
 
 def test_kl_is_zero_for_the_same_policy_and_positive_after_perturbation(tokenizer):
     policy = tiny_model(tokenizer)
     prompts = ["the movie was", "this film is", "i watched"] * 4
-    same = evaluate_policy(policy, tokenizer, "sentiment", prompts, reference=copy.deepcopy(policy), max_new_tokens=8)
+    same = evaluate_policy(
+        policy, tokenizer, "sentiment", prompts, reference=copy.deepcopy(policy), max_new_tokens=8
+    )
     assert abs(same.kl) < 1e-4 and same.n == len(prompts)
     perturbed = copy.deepcopy(policy)
     with torch.no_grad():
         for p in perturbed.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    drifted = evaluate_policy(perturbed, tokenizer, "sentiment", prompts, reference=policy, max_new_tokens=8)
+    drifted = evaluate_policy(
+        perturbed, tokenizer, "sentiment", prompts, reference=policy, max_new_tokens=8
+    )
     assert drifted.kl > 0.05
     assert -1.0 <= drifted.gold_reward <= 1.0 and drifted.extra_rewards["brevity"] >= 0
 

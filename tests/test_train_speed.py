@@ -36,20 +36,37 @@ def tiny(tmp_path) -> dict[str, Path]:
 
 
 def train(tiny, out: Path, *extra: str, resume: bool = False) -> tuple[list[str], list[dict]]:
-    config = load_config(PreferenceConfig, None, [
-        f"model.name_or_path={tiny['model']}", f"data.path={tiny['pairs']}", f"trainer.out_dir={out}",
-        "trainer.batch_size=4", "trainer.max_steps=6", "trainer.lr=1e-3", "trainer.log_every=1",
-        "trainer.schedule=constant", "trainer.progress=false", "objective.params={beta: 0.5}", *extra,
-    ])
+    config = load_config(
+        PreferenceConfig,
+        None,
+        [
+            f"model.name_or_path={tiny['model']}",
+            f"data.path={tiny['pairs']}",
+            f"trainer.out_dir={out}",
+            "trainer.batch_size=4",
+            "trainer.max_steps=6",
+            "trainer.lr=1e-3",
+            "trainer.log_every=1",
+            "trainer.schedule=constant",
+            "trainer.progress=false",
+            "objective.params={beta: 0.5}",
+            *extra,
+        ],
+    )
     lines: list[str] = []
-    result = run_preference(config, resume=resume, log=lambda *a: lines.append(" ".join(map(str, a))))
+    result = run_preference(
+        config, resume=resume, log=lambda *a: lines.append(" ".join(map(str, a)))
+    )
     return lines, result.history
 
 
 def assert_same_training(a: Path, b: Path, history_a, history_b) -> None:
     for x, y in zip(history_a, history_b, strict=True):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-4, abs=1e-5)
-    wa, wb = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
+    wa, wb = (
+        load_file(a / "final" / "model.safetensors"),
+        load_file(b / "final" / "model.safetensors"),
+    )
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-5, msg=name)
 
@@ -78,12 +95,16 @@ def test_reference_cache_is_reused_across_runs_and_resume(tiny, tmp_path):
     train(tiny, tmp_path / "a")
     (first,) = cache_files(tiny)
     stamp = first.stat().st_mtime_ns
-    logs, straight = train(tiny, tmp_path / "b", "trainer.max_steps=8", "objective.params={beta: 0.2}")
+    logs, straight = train(
+        tiny, tmp_path / "b", "trainer.max_steps=8", "objective.params={beta: 0.2}"
+    )
     assert any(f"read from {first}" in line for line in logs)  # a beta sweep computes it once
     assert cache_files(tiny) == [first] and first.stat().st_mtime_ns == stamp
     # Stop at step 4, resume to 8: the resumed run reads the same table and trains identically.
     train(tiny, tmp_path / "c", "trainer.max_steps=4", "objective.params={beta: 0.2}")
-    logs, _ = train(tiny, tmp_path / "c", "trainer.max_steps=8", "objective.params={beta: 0.2}", resume=True)
+    logs, _ = train(
+        tiny, tmp_path / "c", "trainer.max_steps=8", "objective.params={beta: 0.2}", resume=True
+    )
     assert any(f"read from {first}" in line for line in logs)
     wb = load_file(tmp_path / "b" / "final" / "model.safetensors")
     wc = load_file(tmp_path / "c" / "final" / "model.safetensors")

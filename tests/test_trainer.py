@@ -21,8 +21,16 @@ VOCAB = 48
 def gpt2(dropout: float = 0.0) -> GPT2LMHeadModel:
     torch.manual_seed(0)
     config = GPT2Config(
-        vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=32,
-        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout, bos_token_id=1, eos_token_id=1,
+        vocab_size=VOCAB,
+        n_embd=16,
+        n_layer=1,
+        n_head=2,
+        n_positions=32,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
+        bos_token_id=1,
+        eos_token_id=1,
     )
     return GPT2LMHeadModel(config)
 
@@ -36,7 +44,9 @@ def rows(n: int = 16) -> tuple[list[list[int]], list[list[int]]]:
 
 def collate_fn(prompts, responses):
     def collate(indices: list[int]) -> dict:
-        batch = collate_prompt_response([prompts[i] for i in indices], [responses[i] for i in indices], 0)
+        batch = collate_prompt_response(
+            [prompts[i] for i in indices], [responses[i] for i in indices], 0
+        )
         batch["index"] = torch.tensor(indices)
         return batch
 
@@ -44,7 +54,14 @@ def collate_fn(prompts, responses):
 
 
 def config(tmp_path, **kw) -> TrainerConfig:
-    base = dict(out_dir=str(tmp_path / "run"), batch_size=4, max_steps=2, lr=1e-3, log_every=1, progress=False)
+    base = dict(
+        out_dir=str(tmp_path / "run"),
+        batch_size=4,
+        max_steps=2,
+        lr=1e-3,
+        log_every=1,
+        progress=False,
+    )
     return TrainerConfig(**{**base, **kw})
 
 
@@ -96,7 +113,9 @@ def test_a_non_finite_gradient_stops_before_the_step_and_names_no_checkpoint(tmp
     assert "\n" not in str(err.value)
     for n, p in model.named_parameters():  # the poisoned step was never applied
         assert torch.equal(p, before[n]), n
-    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any(
+        (tmp_path / "run" / "checkpoints").iterdir()
+    )
 
 
 def test_divergence_names_the_last_finite_checkpoint_and_never_writes_nan(tmp_path):
@@ -117,7 +136,9 @@ def test_divergence_names_the_last_finite_checkpoint_and_never_writes_nan(tmp_pa
     assert str(root / "step-2") in str(err.value)
     assert sorted(p.name for p in root.iterdir()) == ["step-1", "step-2"]
     for line in metrics_lines(tmp_path):  # strict JSON: no bare NaN
-        record = json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in metrics.jsonl"))
+        record = json.loads(
+            line, parse_constant=lambda c: pytest.fail(f"bare {c} in metrics.jsonl")
+        )
         assert record["odd"] is None
 
 

@@ -243,8 +243,10 @@ class ChatClient:
                         retry=True,
                     )
                 chunks.append(chunk)
-            return response.status, {k.lower(): v for k, v in response.getheaders()}, b"".join(
-                chunks
+            return (
+                response.status,
+                {k.lower(): v for k, v in response.getheaders()},
+                b"".join(chunks),
             )
         finally:
             conn.close()

@@ -121,8 +121,11 @@ def models(port: int) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m prefalign.llm_server", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m prefalign.llm_server",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--model", help="a GGUF file (default: SmolLM2-135M-Instruct, smollm2)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
     parser.add_argument("--n-ctx", type=int, default=DEFAULT_CTX, help="context length in tokens")

@@ -59,7 +59,9 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def load_tokenizer(name_or_path: str | Path, padding_side: str = "right") -> PreTrainedTokenizerBase:
+def load_tokenizer(
+    name_or_path: str | Path, padding_side: str = "right"
+) -> PreTrainedTokenizerBase:
     """Load a tokenizer and make sure it can pad.
 
     Tokenizers without a pad token (GPT-2, Llama) get the EOS token as pad: padded positions are
@@ -159,7 +161,9 @@ def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
     model.config.use_cache = False
 
 
-def add_lora(model: PreTrainedModel, spec: LoraSpec, adapter_name: str = "default") -> PreTrainedModel:
+def add_lora(
+    model: PreTrainedModel, spec: LoraSpec, adapter_name: str = "default"
+) -> PreTrainedModel:
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
@@ -182,14 +186,18 @@ def is_peft_model(model: torch.nn.Module) -> bool:
     return hasattr(model, "peft_config")
 
 
-def apply_chat_template(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool) -> str:
+def apply_chat_template(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool
+) -> str:
     """Render a conversation with the tokenizer's chat template as text."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(
             "conversational data needs a tokenizer with a chat template; this tokenizer has none "
             "(give prompt/completion strings instead, or set tokenizer.chat_template)"
         )
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
 
 
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:

@@ -70,7 +70,11 @@ class GenarmPlan:
         if quick:
             # The same ARM recipe as the full demo: halving its epochs left the sentiment ARM at
             # chance on held-out pairs, and doubling the rate to compensate broke the brevity ARM.
-            return cls(alphas=[0.0, 1.0, 3.0], headline_alpha=1.0, tradeoff=[(2.0, 0.0), (1.0, 1.0), (0.0, 2.0)])
+            return cls(
+                alphas=[0.0, 1.0, 3.0],
+                headline_alpha=1.0,
+                tradeoff=[(2.0, 0.0), (1.0, 1.0), (0.0, 2.0)],
+            )
         return cls(
             alphas=[0.0, 0.5, 1.0, 2.0, 3.0, 5.0],
             headline_alpha=1.0,
@@ -81,7 +85,9 @@ class GenarmPlan:
         )
 
 
-def demo_genarm(world: World, settings: DemoSettings, log=print, plan: GenarmPlan | None = None) -> dict:
+def demo_genarm(
+    world: World, settings: DemoSettings, log=print, plan: GenarmPlan | None = None
+) -> dict:
     """The `genarm` row: headline gold reward/KL at a fixed alpha plus sweep, trade-off, baselines."""
     if world.task != "sentiment":
         raise ValueError(f"the genarm demo runs on the sentiment world, got '{world.task}'")
@@ -105,17 +111,40 @@ def demo_genarm(world: World, settings: DemoSettings, log=print, plan: GenarmPla
 
     # 1. Two ARMs from the SFT policy: sentiment (the world's pairs) and brevity (the same
     # responses against their own first clause, labelled by the brevity reward).
-    sentiment_fit = fit_arm(world.policy_path, world.file("pairs.jsonl"), world.file("pairs_eval.jsonl"), work / "arm_sentiment", plan)
-    brevity_pairs = concise_pairs(world.file("pairs.jsonl"), work / "pairs_brevity.jsonl", brevity_reward, seed=plan.seed)
+    sentiment_fit = fit_arm(
+        world.policy_path,
+        world.file("pairs.jsonl"),
+        world.file("pairs_eval.jsonl"),
+        work / "arm_sentiment",
+        plan,
+    )
+    brevity_pairs = concise_pairs(
+        world.file("pairs.jsonl"), work / "pairs_brevity.jsonl", brevity_reward, seed=plan.seed
+    )
     if not brevity_pairs["pairs"]:
-        raise ValueError(f"no brevity pairs: no response in {world.file('pairs.jsonl')} has more than one clause")
-    brevity_eval = concise_pairs(world.file("pairs_eval.jsonl"), work / "pairs_brevity_eval.jsonl", brevity_reward, seed=plan.seed + 1)
+        raise ValueError(
+            f"no brevity pairs: no response in {world.file('pairs.jsonl')} has more than one clause"
+        )
+    brevity_eval = concise_pairs(
+        world.file("pairs_eval.jsonl"),
+        work / "pairs_brevity_eval.jsonl",
+        brevity_reward,
+        seed=plan.seed + 1,
+    )
     # A held-out set too small to have multi-clause responses leaves the accuracy unmeasured (None).
     brevity_eval_path = work / "pairs_brevity_eval.jsonl" if brevity_eval["pairs"] else None
-    brevity_fit = fit_arm(world.policy_path, work / "pairs_brevity.jsonl", brevity_eval_path, work / "arm_brevity", plan)
+    brevity_fit = fit_arm(
+        world.policy_path,
+        work / "pairs_brevity.jsonl",
+        brevity_eval_path,
+        work / "arm_brevity",
+        plan,
+    )
     sentiment_arm = frozen(load_model(sentiment_fit.model_path, device="cpu"))
     brevity_arm = frozen(load_model(brevity_fit.model_path, device="cpu"))
-    log(f"  ARMs' held-out pair accuracy: sentiment {accuracy_change(sentiment_fit)}, brevity {accuracy_change(brevity_fit)}")
+    log(
+        f"  ARMs' held-out pair accuracy: sentiment {accuracy_change(sentiment_fit)}, brevity {accuracy_change(brevity_fit)}"
+    )
     lap("train_arms")
 
     def guided(arms: Sequence[Arm], on: torch.nn.Module = base) -> dict:
@@ -129,36 +158,70 @@ def demo_genarm(world: World, settings: DemoSettings, log=print, plan: GenarmPla
     for alpha in plan.alphas:
         point = guided([Arm(sentiment_arm, alpha)])
         sweep.append({"alpha": alpha, **point})
-        log(f"  alpha {alpha:g}: gold {point['gold_reward']:.3f} kl {point['kl']:.3f} brevity {point['brevity']:.3f}")
-    headline = next((p for p in sweep if p["alpha"] == plan.headline_alpha), None) or guided([Arm(sentiment_arm, plan.headline_alpha)])
+        log(
+            f"  alpha {alpha:g}: gold {point['gold_reward']:.3f} kl {point['kl']:.3f} brevity {point['brevity']:.3f}"
+        )
+    headline = next((p for p in sweep if p["alpha"] == plan.headline_alpha), None) or guided(
+        [Arm(sentiment_arm, plan.headline_alpha)]
+    )
     base_point = next((p for p in sweep if p["alpha"] == 0.0), None) or guided([])
     # Control: the untrained SFT policy as the ARM gives base^(1 + alpha), a colder base. What
     # the trained ARM adds beyond sharpening is the gap between the two at the same alpha.
-    control = {"alpha": plan.headline_alpha, "arm": "the SFT policy itself (untrained)", **guided([Arm(base, plan.headline_alpha)])}
-    log(f"  control (untrained ARM, alpha {plan.headline_alpha:g}): gold {control['gold_reward']:.3f} kl {control['kl']:.3f}")
+    control = {
+        "alpha": plan.headline_alpha,
+        "arm": "the SFT policy itself (untrained)",
+        **guided([Arm(base, plan.headline_alpha)]),
+    }
+    log(
+        f"  control (untrained ARM, alpha {plan.headline_alpha:g}): gold {control['gold_reward']:.3f} kl {control['kl']:.3f}"
+    )
     lap("alpha_sweep")
 
     # 3. Two objectives: both ARMs, weights swept, no retraining.
     tradeoff = []
     for ws, wb in plan.tradeoff:
         point = guided([Arm(sentiment_arm, ws), Arm(brevity_arm, wb)])
-        tradeoff.append({"weights": [ws, wb], "sentiment": point["gold_reward"], "brevity": point["brevity"], "kl": point["kl"]})
-        log(f"  weights ({ws:g}, {wb:g}): sentiment {point['gold_reward']:.3f} brevity {point['brevity']:.3f}")
+        tradeoff.append(
+            {
+                "weights": [ws, wb],
+                "sentiment": point["gold_reward"],
+                "brevity": point["brevity"],
+                "kl": point["kl"],
+            }
+        )
+        log(
+            f"  weights ({ws:g}, {wb:g}): sentiment {point['gold_reward']:.3f} brevity {point['brevity']:.3f}"
+        )
     lap("tradeoff")
 
     # 4. Baselines with a reward model trained on the same pairs.
     rm_fit = train_reward_model(
         RewardModelConfig(
             model=ModelSpec(name_or_path=str(world.policy_path), device="cpu"),
-            data=RMData(path=str(world.file("pairs.jsonl")), eval_path=str(world.file("pairs_eval.jsonl")), max_length=128, max_prompt_length=32),
-            trainer=TrainerConfig(out_dir=str(work / "reward_model"), batch_size=16, epochs=plan.arm_epochs, lr=plan.arm_lr,
-                                  schedule="constant", seed=plan.seed, progress=False, log_every=1000),
+            data=RMData(
+                path=str(world.file("pairs.jsonl")),
+                eval_path=str(world.file("pairs_eval.jsonl")),
+                max_length=128,
+                max_prompt_length=32,
+            ),
+            trainer=TrainerConfig(
+                out_dir=str(work / "reward_model"),
+                batch_size=16,
+                epochs=plan.arm_epochs,
+                lr=plan.arm_lr,
+                schedule="constant",
+                seed=plan.seed,
+                progress=False,
+                log_every=1000,
+            ),
         ),
         log=lambda *_: None,
     )
     rm = frozen(load_reward_model(rm_fit.path))
     lap("train_reward_model")
-    args_rows = [run_args(base, rm, tokenizer, expanded, params, k, w) for k, w in plan.args_settings]
+    args_rows = [
+        run_args(base, rm, tokenizer, expanded, params, k, w) for k, w in plan.args_settings
+    ]
     bon_rows = [run_best_of_n(base, rm, tokenizer, expanded, params, n) for n in plan.bon_ns]
     for r in args_rows + bon_rows:
         r["reward_model_pair_accuracy"] = rm_fit.accuracy
@@ -167,9 +230,13 @@ def demo_genarm(world: World, settings: DemoSettings, log=print, plan: GenarmPla
 
     # 5. Weak-to-strong: the small sentiment ARM guides a larger base (full demo only: it builds one).
     if plan.weak_to_strong:
-        weak_to_strong = run_weak_to_strong(sentiment_arm, tokenizer, expanded, params, plan, guided, log)
+        weak_to_strong = run_weak_to_strong(
+            sentiment_arm, tokenizer, expanded, params, plan, guided, log
+        )
     else:
-        weak_to_strong = {"skipped": "full demo only: the first run builds a 3M-parameter toy base (70 s on 2 idle cores)"}
+        weak_to_strong = {
+            "skipped": "full demo only: the first run builds a 3M-parameter toy base (70 s on 2 idle cores)"
+        }
     lap("weak_to_strong")
 
     row = {
@@ -182,8 +249,16 @@ def demo_genarm(world: World, settings: DemoSettings, log=print, plan: GenarmPla
         "brevity": headline["brevity"],
         "decode_seconds": headline["seconds"],
         "arm": arm_summary(sentiment_fit, plan),
-        "brevity_arm": {**arm_summary(brevity_fit, plan), "train_pairs": brevity_pairs["pairs"], "label_agreement": brevity_pairs["label_agreement"]},
-        "base": {"gold_reward": base_point["gold_reward"], "brevity": base_point["brevity"], "mean_length": base_point["mean_length"]},
+        "brevity_arm": {
+            **arm_summary(brevity_fit, plan),
+            "train_pairs": brevity_pairs["pairs"],
+            "label_agreement": brevity_pairs["label_agreement"],
+        },
+        "base": {
+            "gold_reward": base_point["gold_reward"],
+            "brevity": base_point["brevity"],
+            "mean_length": base_point["mean_length"],
+        },
         "sweep": sweep,
         "control": control,
         "tradeoff": tradeoff,
@@ -204,14 +279,27 @@ def frozen(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def fit_arm(init: Path, pairs: Path, eval_pairs: Path | None, out_dir: Path, plan: GenarmPlan) -> ArmResult:
+def fit_arm(
+    init: Path, pairs: Path, eval_pairs: Path | None, out_dir: Path, plan: GenarmPlan
+) -> ArmResult:
     config = ArmConfig(
         model=ModelSpec(name_or_path=str(init), device="cpu"),
         objective=ObjectiveSpec(name="genarm", params={"beta_r": plan.beta_r}),
-        data=PreferenceData(path=str(pairs), eval_path=str(eval_pairs) if eval_pairs else None, max_length=128, max_prompt_length=32),
+        data=PreferenceData(
+            path=str(pairs),
+            eval_path=str(eval_pairs) if eval_pairs else None,
+            max_length=128,
+            max_prompt_length=32,
+        ),
         trainer=TrainerConfig(
-            out_dir=str(out_dir), batch_size=16, epochs=plan.arm_epochs, lr=plan.arm_lr, schedule="constant",
-            seed=plan.seed, progress=False, log_every=1000,
+            out_dir=str(out_dir),
+            batch_size=16,
+            epochs=plan.arm_epochs,
+            lr=plan.arm_lr,
+            schedule="constant",
+            seed=plan.seed,
+            progress=False,
+            log_every=1000,
         ),
     )
     return train_arm(config, log=lambda *_: None)
@@ -265,30 +353,82 @@ def measure(
     }
 
 
-def run_args(base, rm: SequenceRewardModel, tokenizer, expanded: list[str], params: SamplingParams, k: int, weight: float,
-             rewards: tuple[Callable, Callable] = (sentiment_reward, brevity_reward)) -> dict:
+def run_args(
+    base,
+    rm: SequenceRewardModel,
+    tokenizer,
+    expanded: list[str],
+    params: SamplingParams,
+    k: int,
+    weight: float,
+    rewards: tuple[Callable, Callable] = (sentiment_reward, brevity_reward),
+) -> dict:
     recorder = SampledLogps(len(expanded))
     t0 = time.perf_counter()
-    gens = args_generate(base, rm, tokenizer, expanded, params, k=k, weight=weight, on_step=recorder)
-    point = measure(expanded, gens, recorder.logps, base, tokenizer, time.perf_counter() - t0, rewards=rewards)
-    return {"name": f"ARGS k={k}", "k": k, "weight": weight, "model_steps_per_token": 1 + k, **point}
+    gens = args_generate(
+        base, rm, tokenizer, expanded, params, k=k, weight=weight, on_step=recorder
+    )
+    point = measure(
+        expanded, gens, recorder.logps, base, tokenizer, time.perf_counter() - t0, rewards=rewards
+    )
+    return {
+        "name": f"ARGS k={k}",
+        "k": k,
+        "weight": weight,
+        "model_steps_per_token": 1 + k,
+        **point,
+    }
 
 
-def run_best_of_n(base, rm: SequenceRewardModel, tokenizer, expanded: list[str], params: SamplingParams, n: int,
-                  rewards: tuple[Callable, Callable] = (sentiment_reward, brevity_reward)) -> dict:
+def run_best_of_n(
+    base,
+    rm: SequenceRewardModel,
+    tokenizer,
+    expanded: list[str],
+    params: SamplingParams,
+    n: int,
+    rewards: tuple[Callable, Callable] = (sentiment_reward, brevity_reward),
+) -> dict:
     t0 = time.perf_counter()
     gens, _ = best_of_n(base, tokenizer, expanded, params, n=n, rm=rm)
-    point = measure(expanded, gens, None, base, tokenizer, time.perf_counter() - t0, kl_bound=best_of_n_kl_bound(n),
-                    rewards=rewards)
-    return {"name": f"best-of-{n}", "n": n, "kl_is_upper_bound": True, "model_steps_per_token": n, **point}
+    point = measure(
+        expanded,
+        gens,
+        None,
+        base,
+        tokenizer,
+        time.perf_counter() - t0,
+        kl_bound=best_of_n_kl_bound(n),
+        rewards=rewards,
+    )
+    return {
+        "name": f"best-of-{n}",
+        "n": n,
+        "kl_is_upper_bound": True,
+        "model_steps_per_token": n,
+        **point,
+    }
 
 
-def run_weak_to_strong(arm: torch.nn.Module, tokenizer, expanded: list[str], params: SamplingParams, plan: GenarmPlan, guided, log) -> dict:
+def run_weak_to_strong(
+    arm: torch.nn.Module,
+    tokenizer,
+    expanded: list[str],
+    params: SamplingParams,
+    plan: GenarmPlan,
+    guided,
+    log,
+) -> dict:
     t0 = time.perf_counter()
     large_world = get_world("sentiment", LARGE_BASE, log=log)
     large = frozen(load_model(large_world.policy_path, device="cpu"))
     # Every toy model shares one tokenizer; the check makes that a fact, not an assumption.
-    check_tokenizers(load_tokenizer(large_world.policy_path), tokenizer, str(large_world.policy_path), "the toy ARM")
+    check_tokenizers(
+        load_tokenizer(large_world.policy_path),
+        tokenizer,
+        str(large_world.policy_path),
+        "the toy ARM",
+    )
     build = round(time.perf_counter() - t0, 1)
     alone = guided([], on=large)
     steered = guided([Arm(arm, plan.headline_alpha)], on=large)
@@ -300,6 +440,7 @@ def run_weak_to_strong(arm: torch.nn.Module, tokenizer, expanded: list[str], par
         "base": alone,
         "guided": {"alpha": plan.headline_alpha, **steered},
     }
-    log(f"  weak-to-strong: large base gold {alone['gold_reward']:.3f} -> {steered['gold_reward']:.3f} with the small ARM (kl {steered['kl']:.3f})")
+    log(
+        f"  weak-to-strong: large base gold {alone['gold_reward']:.3f} -> {steered['gold_reward']:.3f} with the small ARM (kl {steered['kl']:.3f})"
+    )
     return out
-

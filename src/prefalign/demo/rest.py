@@ -70,8 +70,12 @@ def base_config(world: World, out: Path, quick: bool, task: str, reward: RewardS
         reward=reward,
         grow=replace(base.grow, prompts=str(world.file("prompts_train.jsonl")), batch_size=256),
         eval=replace(
-            base.eval, task=task, prompts=str(world.file("prompts_eval.jsonl")),
-            n_prompts=32 if quick else 64, samples_per_prompt=2, seed=0,
+            base.eval,
+            task=task,
+            prompts=str(world.file("prompts_eval.jsonl")),
+            n_prompts=32 if quick else 64,
+            samples_per_prompt=2,
+            seed=0,
         ),
         improve=replace(
             base.improve,
@@ -89,7 +93,11 @@ def arith_config(config: RestConfig, quick: bool) -> RestConfig:
         grow_steps=2 if quick else 4,
         grow=replace(config.grow, samples_per_prompt=16 if quick else 24, max_new_tokens=6),
         improve=replace(
-            improve, steps_per_grow=1, thresholds=[0.9], dedup=True, loss="bc",
+            improve,
+            steps_per_grow=1,
+            thresholds=[0.9],
+            dedup=True,
+            loss="bc",
             # The SFT policy ends its cosine schedule at lr 0: 1e-3 knocked it from 54% to 22%
             # right in the first Improve step, 3e-4 rose unevenly (54 -> 61%), 1e-4 every step
             # (54 -> 73%).
@@ -110,7 +118,10 @@ def sentiment_config(config: RestConfig, quick: bool) -> RestConfig:
             config.grow, n_prompts=64 if quick else 96, samples_per_prompt=4, max_new_tokens=24
         ),
         improve=replace(
-            improve, steps_per_grow=2, normalize="per_prompt_percentile", thresholds=[0.4, 0.7],
+            improve,
+            steps_per_grow=2,
+            normalize="per_prompt_percentile",
+            thresholds=[0.4, 0.7],
             loss="bc",
             trainer=replace(improve.trainer, epochs=1, lr=5e-4, schedule="constant"),
         ),
@@ -139,8 +150,13 @@ def sentiment_reward_model(world: World, out: Path) -> tuple[RewardSpec, dict]:
             max_prompt_length=16,
         ),
         trainer=replace(
-            base.trainer, out_dir=str(rm_dir), batch_size=16, max_steps=48, lr=1e-3,
-            progress=False, log_every=8,
+            base.trainer,
+            out_dir=str(rm_dir),
+            batch_size=16,
+            max_steps=48,
+            lr=1e-3,
+            progress=False,
+            log_every=8,
         ),
     )
     result = train_reward_model(config, log=lambda *_: None)

@@ -26,11 +26,18 @@ def fit_lora_arm(world, settings, pairs: Path, eval_pairs: Path | None, out: Pat
     from prefalign.genarm.arm import ArmConfig, train_arm
 
     overrides = [
-        f"model.name_or_path={world.policy_path}", *settings.model_overrides(),
-        f"data.path={pairs}", "data.max_length=96", "data.max_prompt_length=64",
-        "objective.params={beta_r: 0.1}", f"trainer.out_dir={out}",
-        f"trainer.batch_size={settings.batch_size}", f"trainer.max_steps={settings.steps}",
-        f"trainer.lr={settings.lr}", "trainer.schedule=constant", "trainer.progress=false",
+        f"model.name_or_path={world.policy_path}",
+        *settings.model_overrides(),
+        f"data.path={pairs}",
+        "data.max_length=96",
+        "data.max_prompt_length=64",
+        "objective.params={beta_r: 0.1}",
+        f"trainer.out_dir={out}",
+        f"trainer.batch_size={settings.batch_size}",
+        f"trainer.max_steps={settings.steps}",
+        f"trainer.lr={settings.lr}",
+        "trainer.schedule=constant",
+        "trainer.progress=false",
     ]
     if eval_pairs is not None:
         overrides.append(f"data.eval_path={eval_pairs}")
@@ -67,7 +74,9 @@ def method_genarm(world, settings, log=print) -> dict:
     brevity = concise_pairs(pairs, work / "pairs_brevity.jsonl", brevity_reward, seed=0)
     if not brevity["pairs"]:
         raise ValueError(f"no brevity pairs: no response in {pairs} has more than one clause")
-    brevity_fit = fit_lora_arm(world, settings, work / "pairs_brevity.jsonl", None, work / "arm_brevity")
+    brevity_fit = fit_lora_arm(
+        world, settings, work / "pairs_brevity.jsonl", None, work / "arm_brevity"
+    )
     dtype = settings.eval_dtype
     sentiment_arm = frozen(load_model(sentiment_fit.model_path, dtype=dtype, device="cpu"))
     brevity_arm = frozen(load_model(brevity_fit.model_path, dtype=dtype, device="cpu"))
@@ -78,8 +87,15 @@ def method_genarm(world, settings, log=print) -> dict:
         recorder = SampledLogps(len(expanded))
         t0 = time.perf_counter()
         gens = guided_generate(base, arms, tokenizer, expanded, params, on_step=recorder)
-        return measure(expanded, gens, recorder.logps, base, tokenizer, time.perf_counter() - t0,
-                       rewards=rewards)
+        return measure(
+            expanded,
+            gens,
+            recorder.logps,
+            base,
+            tokenizer,
+            time.perf_counter() - t0,
+            rewards=rewards,
+        )
 
     sweep = []
     for alpha in ALPHAS:
@@ -92,21 +108,39 @@ def method_genarm(world, settings, log=print) -> dict:
     tradeoff = []
     for ws, wb in TRADEOFF:
         point = guided([Arm(sentiment_arm, ws), Arm(brevity_arm, wb)])
-        tradeoff.append({"weights": [ws, wb], "sentiment": point["gold_reward"],
-                         "brevity": point["brevity"], "kl": point["kl"]})
-        log(f"  weights ({ws:g}, {wb:g}): sentiment {point['gold_reward']:.3f} "
-            f"brevity {point['brevity']:.3f}")
+        tradeoff.append(
+            {
+                "weights": [ws, wb],
+                "sentiment": point["gold_reward"],
+                "brevity": point["brevity"],
+                "kl": point["kl"],
+            }
+        )
+        log(
+            f"  weights ({ws:g}, {wb:g}): sentiment {point['gold_reward']:.3f} "
+            f"brevity {point['brevity']:.3f}"
+        )
     lap("tradeoff")
 
     # The reward model of ARGS and best-of-N: SmolLM2 with a score head, every weight trained
     # (the reward-model trainer takes no LoRA), bf16, as many steps as an ARM.
-    rm_config = load_config(RewardModelConfig, None, [
-        f"model.name_or_path={world.policy_path}", "model.dtype=bfloat16",
-        f"data.path={pairs}", f"data.eval_path={pairs_eval}",
-        "data.max_length=96", "data.max_prompt_length=64",
-        f"trainer.out_dir={work / 'reward_model'}", f"trainer.batch_size={settings.batch_size}",
-        f"trainer.max_steps={settings.steps}", "trainer.lr=2e-5", "trainer.progress=false",
-    ])
+    rm_config = load_config(
+        RewardModelConfig,
+        None,
+        [
+            f"model.name_or_path={world.policy_path}",
+            "model.dtype=bfloat16",
+            f"data.path={pairs}",
+            f"data.eval_path={pairs_eval}",
+            "data.max_length=96",
+            "data.max_prompt_length=64",
+            f"trainer.out_dir={work / 'reward_model'}",
+            f"trainer.batch_size={settings.batch_size}",
+            f"trainer.max_steps={settings.steps}",
+            "trainer.lr=2e-5",
+            "trainer.progress=false",
+        ],
+    )
     rm_fit = train_reward_model(rm_config, log=lambda *_: None)
     rm = frozen(load_reward_model(rm_fit.path).to(dtype=base.dtype))
     lap("train_reward_model")
@@ -123,12 +157,18 @@ def method_genarm(world, settings, log=print) -> dict:
         **{k: headline[k] for k in ("gold_reward", "gold_reward_se", "kl", "kl_se", "mean_length")},
         "alpha": HEADLINE_ALPHA,
         "brevity": headline["brevity"],
-        "arm": {"pair_accuracy": sentiment_fit.pair_accuracy,
-                "initial_pair_accuracy": sentiment_fit.initial_pair_accuracy,
-                "steps": sentiment_fit.train.steps, "lora": not settings.full_finetune},
+        "arm": {
+            "pair_accuracy": sentiment_fit.pair_accuracy,
+            "initial_pair_accuracy": sentiment_fit.initial_pair_accuracy,
+            "steps": sentiment_fit.train.steps,
+            "lora": not settings.full_finetune,
+        },
         "brevity_arm": {"train_pairs": brevity["pairs"], "steps": brevity_fit.train.steps},
-        "base": {"gold_reward": sweep[0]["gold_reward"], "brevity": sweep[0]["brevity"],
-                 "mean_length": sweep[0]["mean_length"]},
+        "base": {
+            "gold_reward": sweep[0]["gold_reward"],
+            "brevity": sweep[0]["brevity"],
+            "mean_length": sweep[0]["mean_length"],
+        },
         "sweep": sweep,
         "tradeoff": tradeoff,
         "args": baselines[0],

@@ -75,9 +75,14 @@ def evaluate_smol(world: SmolWorld, settings: SmolDemoSettings, model_path, refe
         reference = load_model(world.policy_path, dtype=settings.eval_dtype, device="cpu")
     prompts = world.prompts("eval")[: settings.n_eval_prompts]
     result = evaluate_policy(
-        policy, tokenizer, world_task(world), prompts, reference=reference,
+        policy,
+        tokenizer,
+        world_task(world),
+        prompts,
+        reference=reference,
         samples_per_prompt=settings.samples_per_prompt,
-        max_new_tokens=world.info()["config"]["max_new_tokens"], batch_size=32,
+        max_new_tokens=world.info()["config"]["max_new_tokens"],
+        batch_size=32,
     )
     return {**result.summary(), "task": world.task}  # the table's name, not the registry's
 
@@ -91,11 +96,16 @@ def preference_overrides(settings: SmolDemoSettings) -> list[str]:
     """The toy row's overrides, rescaled: a few steps of a few pairs, trust region to match."""
     return [
         *settings.model_overrides(),
-        f"trainer.batch_size={settings.batch_size}", f"trainer.max_steps={settings.steps}",
-        f"trainer.lr={settings.lr}", "trainer.warmup_ratio=0", "trainer.log_every=4",
+        f"trainer.batch_size={settings.batch_size}",
+        f"trainer.max_steps={settings.steps}",
+        f"trainer.lr={settings.lr}",
+        "trainer.warmup_ratio=0",
+        "trainer.log_every=4",
         # TR settings for a dozen steps: soft updates every 2 steps, hard resets every 4.
-        "reference.period=2", "reference.tau=4",
-        "data.max_length=96", "data.max_prompt_length=64",
+        "reference.period=2",
+        "reference.tau=4",
+        "data.max_length=96",
+        "data.max_prompt_length=64",
     ]
 
 
@@ -108,8 +118,12 @@ def run_smol_preference_row(world: SmolWorld, settings: SmolDemoSettings, name: 
     config = load_config(PreferenceConfig, None, preference_overrides(settings), base=toy_row)
     trained = run_preference(config, log=lambda *_: None)
     point = evaluate_smol(world, settings, out / "final")
-    point.update(beta=row.beta, train_seconds=round(trained.seconds, 1), steps=trained.steps,
-                 lora=not settings.full_finetune)
+    point.update(
+        beta=row.beta,
+        train_seconds=round(trained.seconds, 1),
+        steps=trained.steps,
+        lora=not settings.full_finetune,
+    )
     return point
 
 
@@ -137,12 +151,21 @@ def method_discovered(world: SmolWorld, settings: SmolDemoSettings) -> dict:
     archive = run_discover(config, log=lambda *_: None, task=toy_task(get_world("sentiment")))
     best = archive.best_proposed()
     if best is None:
-        raise RuntimeError(f"the discovery produced no valid candidate; see {out_dir}/archive.jsonl")
+        raise RuntimeError(
+            f"the discovery produced no valid candidate; see {out_dir}/archive.jsonl"
+        )
     spec = f"{out_dir / 'best_objective.py'}:{function_name(best['code'])}"
     discovery_seconds = round(time.perf_counter() - t0, 1)
-    row = run_smol_preference_row(world, settings, "discovered", PreferenceRow("discovered", code=spec))
-    row.update(objective=best["name"], code=best["code"], proxy_fitness=best["fitness"],
-               candidates=summary(archive), discovery_seconds=discovery_seconds)
+    row = run_smol_preference_row(
+        world, settings, "discovered", PreferenceRow("discovered", code=spec)
+    )
+    row.update(
+        objective=best["name"],
+        code=best["code"],
+        proxy_fitness=best["fitness"],
+        candidates=summary(archive),
+        discovery_seconds=discovery_seconds,
+    )
     return row
 
 
@@ -159,31 +182,51 @@ def method_rest(world: SmolWorld, settings: SmolDemoSettings) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     max_new = world.info()["config"]["max_new_tokens"]
     overrides = [
-        f"model.name_or_path={world.policy_path}", "model.device=cpu", f"out_dir={out}",
+        f"model.name_or_path={world.policy_path}",
+        "model.device=cpu",
+        f"out_dir={out}",
         *settings.model_overrides(),
-        f"grow.prompts={world.file('prompts_train.jsonl')}", "grow.batch_size=32",
-        f"grow.max_new_tokens={max_new}", f"grow.n_prompts={16 if settings.quick else 32}",
-        "reward.kind=gold", f"reward.task=smol:{world.task}",
-        f"eval.task=smol:{world.task}", f"eval.prompts={world.file('prompts_eval.jsonl')}",
-        f"eval.n_prompts={settings.n_eval_prompts}", "eval.samples_per_prompt=1", "eval.seed=0",
+        f"grow.prompts={world.file('prompts_train.jsonl')}",
+        "grow.batch_size=32",
+        f"grow.max_new_tokens={max_new}",
+        f"grow.n_prompts={16 if settings.quick else 32}",
+        "reward.kind=gold",
+        f"reward.task=smol:{world.task}",
+        f"eval.task=smol:{world.task}",
+        f"eval.prompts={world.file('prompts_eval.jsonl')}",
+        f"eval.n_prompts={settings.n_eval_prompts}",
+        "eval.samples_per_prompt=1",
+        "eval.seed=0",
         "grow_steps=1" if settings.quick else "grow_steps=2",
-        "improve.steps_per_grow=1", "improve.loss=bc", "improve.trainer.schedule=constant",
-        f"improve.trainer.lr={settings.lr}", "improve.trainer.batch_size=4",
-        f"improve.trainer.max_steps={settings.steps}", "improve.trainer.progress=false",
+        "improve.steps_per_grow=1",
+        "improve.loss=bc",
+        "improve.trainer.schedule=constant",
+        f"improve.trainer.lr={settings.lr}",
+        "improve.trainer.batch_size=4",
+        f"improve.trainer.max_steps={settings.steps}",
+        "improve.trainer.progress=false",
     ]
     if world.task == "arith":  # ReST-EM: several samples per problem, keep the exact answers
         overrides += ["grow.samples_per_prompt=6", "improve.thresholds=[0.5]", "improve.dedup=true"]
     else:
-        overrides += ["grow.samples_per_prompt=4", "improve.normalize=per_prompt_percentile",
-                      "improve.thresholds=[0.5]"]
+        overrides += [
+            "grow.samples_per_prompt=4",
+            "improve.normalize=per_prompt_percentile",
+            "improve.thresholds=[0.5]",
+        ]
     config = load_config(RestConfig, None, overrides)
     result = run_rest(config, log=lambda *_: None)
     row = evaluate_smol(world, settings, result.final_model)
     evals = [r["eval"] for r in result.records if r.get("eval")]
     row.update(
-        reward_kind=f"gold:smol:{world.task}", loss="bc", grow_steps=config.grow_steps,
-        gold_reward_gain=round(evals[-1]["gold_reward"] - evals[0]["gold_reward"], 4) if evals else None,
-        steps=[compact(r) for r in result.records], rest_seconds=round(result.seconds, 1),
+        reward_kind=f"gold:smol:{world.task}",
+        loss="bc",
+        grow_steps=config.grow_steps,
+        gold_reward_gain=round(evals[-1]["gold_reward"] - evals[0]["gold_reward"], 4)
+        if evals
+        else None,
+        steps=[compact(r) for r in result.records],
+        rest_seconds=round(result.seconds, 1),
     )
     return row
 
@@ -210,7 +253,10 @@ def with_smol_settings(fn: SmolMethod) -> SmolMethod:
     return row
 
 
-for _name, _what in (("smollm2", "LoRA on a bf16 base"), ("smollm2-full", "full fine-tuning, fp32")):
+for _name, _what in (
+    ("smollm2", "LoRA on a bf16 base"),
+    ("smollm2-full", "full fine-tuning, fp32"),
+):
     register_world_family(
         WorldFamily(
             name=_name,

@@ -33,7 +33,9 @@ class Archive:
         """(Re)read the file; return the records."""
         self.records = []
         if self.path.exists():  # a torn last line (a crash mid-append) is skipped
-            self.records = [r for _, r in iter_jsonl(self.path, errors="yield") if isinstance(r, dict)]
+            self.records = [
+                r for _, r in iter_jsonl(self.path, errors="yield") if isinstance(r, dict)
+            ]
         return self.records
 
     def append(self, record: dict[str, Any]) -> None:

@@ -284,8 +284,10 @@ def _strip_fence(code: str) -> str:
 
 def _outcome(record: dict[str, Any]) -> str:
     if record.get("valid") and record.get("same_behaviour_as"):
-        return (f"fitness {record['fitness']:.4g}: computes exactly the same loss as "
-                f"{record['same_behaviour_as']!r}; propose something that behaves differently")
+        return (
+            f"fitness {record['fitness']:.4g}: computes exactly the same loss as "
+            f"{record['same_behaviour_as']!r}; propose something that behaves differently"
+        )
     if record.get("valid") and record.get("fitness") is not None:
         return f"fitness {record['fitness']:.4g}{_metrics_text(record.get('metrics'))}"
     return f"FAILED: {_clip(str(record.get('reason')), MAX_REASON_IN_PROMPT)}"

@@ -153,7 +153,11 @@ class _Evaluator:
             return record
         check = self.sandbox.check(candidate.code, self.call_params)
         record.update(
-            valid=check.ok, reason=check.reason, flags=check.flags, fitness=None, metrics={},
+            valid=check.ok,
+            reason=check.reason,
+            flags=check.flags,
+            fitness=None,
+            metrics={},
             behaviour=check.fingerprint,
         )
         if not check.ok:
@@ -161,7 +165,9 @@ class _Evaluator:
         twin = self.archive.find_behaviour(check.fingerprint)
         if twin is not None:  # other code, same loss and gradients: it would train the same way
             record.update({k: twin[k] for k in ("valid", "reason", "fitness", "metrics")})
-            record.update(duplicate_of=[twin["generation"], twin["index"]], same_behaviour_as=twin["name"])
+            record.update(
+                duplicate_of=[twin["generation"], twin["index"]], same_behaviour_as=twin["name"]
+            )
             return record
         try:
             result = self.fitness_fn(candidate)

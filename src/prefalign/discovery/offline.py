@@ -65,7 +65,11 @@ class OfflineProposer:
     origin = "offline"
 
     def __init__(
-        self, seed: int = 0, tournament: int = 3, crossover_rate: float = 0.3, call_params: dict[str, Any] | None = None
+        self,
+        seed: int = 0,
+        tournament: int = 3,
+        crossover_rate: float = 0.3,
+        call_params: dict[str, Any] | None = None,
     ) -> None:
         self.seed = seed
         self.tournament = tournament
@@ -110,9 +114,12 @@ class OfflineProposer:
         """Fingerprints of the archive's objectives and of the registry seeds."""
         if self._seed_behaviours is None:
             self._seed_behaviours = {
-                fingerprint(compile_objective(render(g, name)), self.call_params) for name, g in registry_seeds().items()
+                fingerprint(compile_objective(render(g, name)), self.call_params)
+                for name, g in registry_seeds().items()
             }
-        return ({r["behaviour"] for r in archive if r.get("behaviour")} | self._seed_behaviours) - {None}
+        return ({r["behaviour"] for r in archive if r.get("behaviour")} | self._seed_behaviours) - {
+            None
+        }
 
     def _pool(self, archive: Archive | _View) -> list[tuple[str, Genome, float | None]]:
         """(name, genome, fitness or None) of the seeds and of every scored offline candidate."""

@@ -38,7 +38,9 @@ class ProposerSpec:
     timeout_s: float = 30.0
     backoff_s: float = 1.0
     temperature: float = 0.8
-    max_tokens: int | None = 1024  # bound on each reply (a local server otherwise fills its context)
+    max_tokens: int | None = (
+        1024  # bound on each reply (a local server otherwise fills its context)
+    )
     json_mode: bool = False  # response_format {"type": "json_object"}: grammar-constrained JSON
     max_prompt_chars: int = 12_000  # system + user prompt; the archive is summarized to fit
 
@@ -89,9 +91,17 @@ def make_proposer(spec: ProposerSpec, call_params: dict | None = None, log=print
     if spec.kind == "offline":
         return OfflineProposer(seed=spec.seed, call_params=call_params)
     return LLMProposer(
-        base_url=spec.base_url, model=spec.model, api_key_env=spec.api_key_env, max_retries=spec.max_retries,
-        timeout_s=spec.timeout_s, backoff_s=spec.backoff_s, temperature=spec.temperature,
-        max_tokens=spec.max_tokens, json_mode=spec.json_mode, max_prompt_chars=spec.max_prompt_chars, log=log,
+        base_url=spec.base_url,
+        model=spec.model,
+        api_key_env=spec.api_key_env,
+        max_retries=spec.max_retries,
+        timeout_s=spec.timeout_s,
+        backoff_s=spec.backoff_s,
+        temperature=spec.temperature,
+        max_tokens=spec.max_tokens,
+        json_mode=spec.json_mode,
+        max_prompt_chars=spec.max_prompt_chars,
+        log=log,
     )
 
 
@@ -107,9 +117,12 @@ def proxy_settings(
         return "synthetic", settings
     task = task or resolve_task(f"toy:{proxy.task}")
     return "toy", {
-        "proxy": asdict(proxy), "task": task.name, "policy_path": str(task.policy_path()),
+        "proxy": asdict(proxy),
+        "task": task.name,
+        "policy_path": str(task.policy_path()),
         "pairs_path": str(task.file("pairs")),
-        "prompts": task.prompts("eval")[: proxy.n_eval_prompts], "out_dir": str(out_dir.resolve()),
+        "prompts": task.prompts("eval")[: proxy.n_eval_prompts],
+        "out_dir": str(out_dir.resolve()),
     }
 
 
@@ -134,15 +147,25 @@ def run_discover(
     with ConfinedFitness(kind, settings, training, cwd=out_dir) as raw:  # type: ignore[arg-type]
         fitness = FitnessCache(out_dir / "fitness_cache.json").wrap(raw, asdict(config.proxy))
         archive = run_discovery(
-            proposer, fitness, generations=config.generations,
+            proposer,
+            fitness,
+            generations=config.generations,
             candidates_per_generation=config.candidates_per_generation,
-            archive_path=out_dir / "archive.jsonl", resume=resume,
-            baselines=baseline_codes() if config.baselines else None, limits=limits, log=log,
+            archive_path=out_dir / "archive.jsonl",
+            resume=resume,
+            baselines=baseline_codes() if config.baselines else None,
+            limits=limits,
+            log=log,
             call_params=call_params,
         )
     record = archive.best_proposed()
     if record is not None:
-        spec = save_objective(Candidate(record["name"], record["code"], record.get("thought", "")), out_dir / "best_objective.py")
-        log(f"best discovered objective: {record['name']} (fitness {record['fitness']:.4f}); use it with\n"
-            f"  prefalign train ... objective.code={spec}")
+        spec = save_objective(
+            Candidate(record["name"], record["code"], record.get("thought", "")),
+            out_dir / "best_objective.py",
+        )
+        log(
+            f"best discovered objective: {record['name']} (fitness {record['fitness']:.4f}); use it with\n"
+            f"  prefalign train ... objective.code={spec}"
+        )
     return archive

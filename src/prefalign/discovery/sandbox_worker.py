@@ -259,7 +259,12 @@ def check(
         return _failure(f"defining the function failed: {_describe(e)}", "definition")
     try:
         flags = run_checks(fn, seed)
-        return {"ok": True, "reason": None, "flags": flags, "fingerprint": fingerprint(fn, call_params)}
+        return {
+            "ok": True,
+            "reason": None,
+            "flags": flags,
+            "fingerprint": fingerprint(fn, call_params),
+        }
     except CheckFailed as e:
         return _failure(str(e), e.flag)
     except MemoryError:
@@ -323,7 +328,10 @@ def main() -> None:
         request = json.loads(line)
         _limit_cpu(float(request["cpu_s"]))
         result = check(
-            request["code"], request["function"], builtin_names, request.get("call_params"),
+            request["code"],
+            request["function"],
+            builtin_names,
+            request.get("call_params"),
             int(request.get("seed", 0)),
         )
         protocol.write(json.dumps(result) + "\n")

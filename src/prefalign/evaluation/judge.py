@@ -204,7 +204,7 @@ def _round(value: Any) -> Any:
 
 
 def parse_verdict(text: str | None) -> str | None:
-    """"A", "B" or "TIE" from a judge's reply; the last [[...]] token wins; None if absent.
+    """ "A", "B" or "TIE" from a judge's reply; the last [[...]] token wins; None if absent.
 
     Accepts [[A]], [[B]], [[TIE]] (or [[C]], MT-Bench's tie), Arena-Hard's [[A>B]], [[A>>B]],
     [[A=B]], and a reply that is nothing but the bare token.
@@ -440,7 +440,9 @@ def _preference(order: str, verdict: str) -> float:
     return PREFERENCE["win"] if verdict == policy_shown_as else PREFERENCE["loss"]
 
 
-def win_rates(per_prompt: Sequence[PromptJudgment], n_bootstrap: int = 1000, seed: int = 0) -> WinRateResult:
+def win_rates(
+    per_prompt: Sequence[PromptJudgment], n_bootstrap: int = 1000, seed: int = 0
+) -> WinRateResult:
     """Raw and length-controlled win rates with bootstrap intervals, from judged prompts."""
     judged = [p for p in per_prompt if p.judgments]
     if not judged:  # every judgment failed or never parsed: the counts say so
@@ -456,8 +458,12 @@ def win_rates(per_prompt: Sequence[PromptJudgment], n_bootstrap: int = 1000, see
     lengths = np.tanh(diffs / sigma) if sigma > 0 else np.zeros_like(diffs)
     # Per prompt: the judgments' rows of the design matrix [1, length, position] and targets.
     rows = [
-        (np.array([[1.0, lengths[i], 1.0 if j.order == "policy_first" else -1.0] for j in p.judgments]),
-         np.array([j.preference for j in p.judgments]))
+        (
+            np.array(
+                [[1.0, lengths[i], 1.0 if j.order == "policy_first" else -1.0] for j in p.judgments]
+            ),
+            np.array([j.preference for j in p.judgments]),
+        )
         for i, p in enumerate(judged)
     ]
     X = np.concatenate([r[0] for r in rows])
@@ -487,14 +493,18 @@ def win_rates(per_prompt: Sequence[PromptJudgment], n_bootstrap: int = 1000, see
         unparsed=sum(p.unparsed for p in per_prompt),
         failed=sum(p.failed for p in per_prompt),
         position_consistency=(
-            sum(p.judgments[0].preference == p.judgments[1].preference for p in consistent) / len(consistent)
-            if consistent else float("nan")
+            sum(p.judgments[0].preference == p.judgments[1].preference for p in consistent)
+            / len(consistent)
+            if consistent
+            else float("nan")
         ),
         length_slope=float(coef[1]),
     )
 
 
-def fit_logistic(X: np.ndarray, y: np.ndarray, l2: float = 1.0, init: np.ndarray | None = None, steps: int = 50) -> np.ndarray:
+def fit_logistic(
+    X: np.ndarray, y: np.ndarray, l2: float = 1.0, init: np.ndarray | None = None, steps: int = 50
+) -> np.ndarray:
     """Newton's method for logistic regression with soft targets y in [0, 1].
 
     The slopes (columns 1..) get an L2 penalty `l2`, which keeps the fit

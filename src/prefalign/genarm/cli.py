@@ -19,19 +19,26 @@ def run_arm_train_cli(args: argparse.Namespace, config=None) -> int:
     """Train an ARM from `--config` and `key=value` overrides; print the result as JSON."""
     from prefalign.genarm.arm import ArmConfig, train_arm
 
-    config = config or load_config(ArmConfig, args.config, list(getattr(args, "overrides", None) or []))
+    config = config or load_config(
+        ArmConfig, args.config, list(getattr(args, "overrides", None) or [])
+    )
     # stdout carries the JSON result only: progress lines go to stderr.
     resume = bool(getattr(args, "resume", False))
     result = train_arm(config, resume=resume, log=lambda *a: print(*a, file=sys.stderr))
     last = result.train.history[-1] if result.train.history else {}
-    print(json.dumps({
-        "steps": result.train.steps,
-        "seconds": round(result.train.seconds, 1),
-        "final": str(result.model_path),
-        "pair_accuracy": result.pair_accuracy,
-        "initial_pair_accuracy": result.initial_pair_accuracy,
-        **last,
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "steps": result.train.steps,
+                "seconds": round(result.train.seconds, 1),
+                "final": str(result.model_path),
+                "pair_accuracy": result.pair_accuracy,
+                "initial_pair_accuracy": result.initial_pair_accuracy,
+                **last,
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
@@ -45,7 +52,9 @@ def arm_weights(arms: list[str], alphas: list[float]) -> list[float]:
     if not alphas:
         return [1.0] * len(arms)
     if len(alphas) != len(arms):
-        raise ValueError(f"got {len(arms)} --arm and {len(alphas)} --alpha: give one --alpha per --arm (or none for 1.0 each)")
+        raise ValueError(
+            f"got {len(arms)} --arm and {len(alphas)} --alpha: give one --alpha per --arm (or none for 1.0 each)"
+        )
     return alphas
 
 
@@ -63,10 +72,16 @@ def run_generate_cli(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.model)
     base = load_model(args.model).eval()
     device = str(next(base.parameters()).device)
-    arms = [load_arm(path, alpha, device=device) for path, alpha in zip(arm_paths, alphas, strict=True)]
+    arms = [
+        load_arm(path, alpha, device=device) for path, alpha in zip(arm_paths, alphas, strict=True)
+    ]
     params = SamplingParams(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        batch_size=args.batch_size,
     )
     check_params(params)
     generations = guided_generate(base, arms, tokenizer, prompts, params)
