@@ -9,7 +9,8 @@ per prompt (EOS does not stop rows), so tokens/s compare like for like. Runs are
 Targets (issue 5): GenARM batched costs at most (1 + ARM cost / base cost) x 1.15 of the base
 alone per token, and runs at least 5x faster than one prompt at a time at batch 32.
 
-    .venv/bin/python bench/guided_decoding.py [--batch 32] [--new-tokens 32] [--repeats 3] [--threads 2]
+    .venv/bin/python bench/guided_decoding.py [--batch 32] [--new-tokens 32] [--repeats 3] \\
+        [--threads 2]
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ def llama_config(tokenizer, hidden: int, layers: int, **extra) -> LlamaConfig:
 
 
 def build(args: argparse.Namespace):
-    """A toy tokenizer, base, ARM and reward model (random weights: speed does not depend on them)."""
+    """A toy tokenizer, base, ARM and reward model (random weights: speed does not depend on
+    them)."""
     rng = random.Random(0)
     tokenizer = train_tokenizer(["".join(review(rng)) for _ in range(3000)], vocab_size=1024)
     torch.manual_seed(0)
@@ -167,14 +169,20 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{'row':<30} {'seconds':>9} {'tokens/s':>10} {'x base':>8}")
     for name, row in table.items():
         print(
-            f"{name:<30} {row['seconds']:>9.3f} {row['tokens_per_s']:>10.1f} {row['per_token_vs_base']:>8.2f}"
+            f"{name:<30} {row['seconds']:>9.3f} {row['tokens_per_s']:>10.1f} "
+            f"{row['per_token_vs_base']:>8.2f}"
         )
     t = result["targets"]
     print(
-        f"GenARM batched / base = {t['genarm_batched_over_base']:.2f} (allowed {t['allowed_genarm_over_base']:.2f} = (1 + {t['arm_cost_over_base']:.2f}) x 1.15): {'ok' if t['genarm_overhead_ok'] else 'MISSED'}"
+        f"GenARM batched / base = {t['genarm_batched_over_base']:.2f} "
+        f"(allowed {t['allowed_genarm_over_base']:.2f} = "
+        f"(1 + {t['arm_cost_over_base']:.2f}) x 1.15): "
+        f"{'ok' if t['genarm_overhead_ok'] else 'MISSED'}"
     )
     print(
-        f"GenARM batched vs one prompt at a time: {t['batched_speedup_over_one_at_a_time']:.1f}x (target >= 5x): {'ok' if t['batched_speedup_ok'] else 'MISSED'}"
+        f"GenARM batched vs one prompt at a time: "
+        f"{t['batched_speedup_over_one_at_a_time']:.1f}x (target >= 5x): "
+        f"{'ok' if t['batched_speedup_ok'] else 'MISSED'}"
     )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))

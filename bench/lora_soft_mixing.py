@@ -172,7 +172,8 @@ def main() -> None:
     for name, s in seconds.items():
         print(f"update time, {name}: {1000 * s:.1f} ms")
     print(
-        f"training step (median, {args.batch} pairs): {1000 * result['seconds_per_training_step']:.1f} ms"
+        f"training step (median, {args.batch} pairs): "
+        f"{1000 * result['seconds_per_training_step']:.1f} ms"
     )
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")

@@ -1,9 +1,10 @@
 """The machine's measured matmul throughput: the ceiling training FLOP/s is quoted against.
 
-    .venv/bin/python bench/matmul_peak.py [--size 2048] [--repeats 10] [--threads 2] [--dtype bfloat16]
+    .venv/bin/python bench/matmul_peak.py [--size 2048] [--repeats 10] [--threads 2] \\
+        [--dtype bfloat16]
 
-Times `torch.matmul` of two square fp32 (or bf16) matrices (2 * n^3 FLOPs each) and reports the median,
-so a burst of load from other processes on a shared machine moves it less than a mean would.
+Times `torch.matmul` of two square fp32 (or bf16) matrices (2 * n^3 FLOPs each) and reports the
+median, so a burst of load from other processes on a shared machine moves it less than a mean would.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ quote is their ratio. The iteration is one Grow + one Improve step of `prefalign
 the recipe's own step records, plus scoring the same samples with a reward model the size of the
 policy (`reward.kind=model`) for comparison with the programmatic gold reward.
 
-    .venv/bin/python bench/rest_grow.py [--task sentiment] [--prompts 64] [--samples 4] [--repeats 3] [--threads 1]
+    .venv/bin/python bench/rest_grow.py [--task sentiment] [--prompts 64] [--samples 4] \\
+        [--repeats 3] [--threads 1]
 """
 
 from __future__ import annotations
@@ -170,14 +171,16 @@ def main() -> None:
         },
     }
     print(
-        f"toy {args.task} policy, {result['model_params'] / 1e6:.2f}M params, {result['threads']} threads, load {result['load_avg_1m']:.1f}"
+        f"toy {args.task} policy, {result['model_params'] / 1e6:.2f}M params, "
+        f"{result['threads']} threads, load {result['load_avg_1m']:.1f}"
     )
     print(f"{'Grow':<28}{'samples/s':>12}")
     for name, r in rate.items():
         print(f"{name:<28}{r:>12.1f}")
     print(f"batched / one at a time: {result['grow']['batched_over_one_at_a_time']:.1f}x")
     print(
-        f"\none ReST iteration ({len(expanded)} samples, {improve_rec['kept']} kept, {improve_rec['train_steps']} optimizer steps)"
+        f"\none ReST iteration ({len(expanded)} samples, {improve_rec['kept']} kept, "
+        f"{improve_rec['train_steps']} optimizer steps)"
     )
     print(f"{'phase':<28}{'seconds':>10}{'share':>8}")
     for name, s in split.items():

@@ -664,7 +664,8 @@ def summarize(
                     for a, b in zip(by_fw["prefalign"], by_fw["trl"], strict=True)
                 ]
                 row["memory_ratio"] = p["peak_rss_mb"] / t["peak_rss_mb"]
-                # Same pairs on both sides: whole-run real token counts must agree (tokenization parity).
+                # Same pairs on both sides: whole-run real token counts must agree (tokenization
+                # parity).
                 row["real_token_mismatch"] = abs(
                     p["real_tokens_all_steps"] / t["real_tokens_all_steps"] - 1
                 )
@@ -677,20 +678,23 @@ def print_table(
 ) -> None:
     for dtype, peak in peaks.items():
         print(
-            f"\n{dtype} matmul 2048^2, {threads} thread(s): {peak['wall'] / 1e9:.1f} GFLOP/s wall-clock, "
+            f"\n{dtype} matmul 2048^2, {threads} thread(s): "
+            f"{peak['wall'] / 1e9:.1f} GFLOP/s wall-clock, "
             f"{peak['cpu'] / 1e9:.1f} GFLOP/s per CPU second (medians)"
         )
     for size, spec in workspace.items():
         print(
             f"{size}: {spec['n_params'] / 1e6:.2f}M params, {spec['batch']} pairs/step, "
-            f"max_length {spec['max_length']}, {spec['warmup']} warm-up + {spec['steps']} timed steps"
+            f"max_length {spec['max_length']}, {spec['warmup']} warm-up + "
+            f"{spec['steps']} timed steps"
         )
 
     def fmt(x, spec=".2f"):
         return "-" if x is None else format(x, spec)
 
     head = (
-        f"{'size/variant':<30}{'pairs/s pa':>11}{'1st ep':>8}{'trl':>7}{'ratio':>7}{'per cpu-s pa':>13}{'trl':>7}"
+        f"{'size/variant':<30}{'pairs/s pa':>11}{'1st ep':>8}{'trl':>7}{'ratio':>7}"
+        f"{'per cpu-s pa':>13}{'trl':>7}"
         f"{'ratio':>7}{'RSS MB pa':>10}{'trl':>6}{'ratio':>7}{'eff. FLOP frac pa':>18}{'trl':>6}"
         f"{'tokens/real pa':>15}{'trl':>6}"
     )
@@ -699,16 +703,20 @@ def print_table(
     for key, r in rows.items():
         p, t = r["prefalign"], r.get("trl", {})
         print(
-            f"{key:<30}{p['pairs_per_s']:>11.2f}{p['pairs_per_s_first_epoch']:>8.2f}{fmt(t.get('pairs_per_s')):>7}"
-            f"{fmt(r.get('speed_ratio')):>7}{p['pairs_per_cpu_s']:>13.2f}{fmt(t.get('pairs_per_cpu_s')):>7}"
-            f"{fmt(r.get('speed_ratio_cpu')):>7}{p['peak_rss_mb']:>10.0f}{fmt(t.get('peak_rss_mb'), '.0f'):>6}"
+            f"{key:<30}{p['pairs_per_s']:>11.2f}{p['pairs_per_s_first_epoch']:>8.2f}"
+            f"{fmt(t.get('pairs_per_s')):>7}"
+            f"{fmt(r.get('speed_ratio')):>7}{p['pairs_per_cpu_s']:>13.2f}"
+            f"{fmt(t.get('pairs_per_cpu_s')):>7}"
+            f"{fmt(r.get('speed_ratio_cpu')):>7}{p['peak_rss_mb']:>10.0f}"
+            f"{fmt(t.get('peak_rss_mb'), '.0f'):>6}"
             f"{fmt(r.get('memory_ratio')):>7}{p['fraction_of_matmul_peak']:>18.2f}"
             f"{fmt(t.get('fraction_of_matmul_peak')):>6}{p['computed_over_real']:>15.2f}"
             f"{fmt(t.get('computed_over_real')):>6}"
         )
     print(
-        "medians over repeats, wall-clock; ratio = prefalign / TRL; 1st ep = prefalign with the reference "
-        "cache's build charged; eff. FLOP frac = 8*P*real unshared tokens/s over the dtype's matmul peak"
+        "medians over repeats, wall-clock; ratio = prefalign / TRL; "
+        "1st ep = prefalign with the reference cache's build charged; "
+        "eff. FLOP frac = 8*P*real unshared tokens/s over the dtype's matmul peak"
     )
 
 
@@ -804,8 +812,10 @@ def main() -> None:
                     runs.append(r)
                     print(
                         f"{size:<11}{variant:<22}{framework:<10}{r['pairs_per_s']:>8.2f} pairs/s "
-                        f"{r['pairs_per_cpu_s']:>8.2f} pairs/cpu-s  peak RSS {r['peak_rss_mb']:.0f} MB  "
-                        f"({r['real_tokens']} real / {r['computed_tokens']} computed tokens in {r['seconds']:.1f}s"
+                        f"{r['pairs_per_cpu_s']:>8.2f} pairs/cpu-s  "
+                        f"peak RSS {r['peak_rss_mb']:.0f} MB  "
+                        f"({r['real_tokens']} real / {r['computed_tokens']} computed tokens "
+                        f"in {r['seconds']:.1f}s"
                         f", cache {r['cache_build_s']:.1f}s)",
                         flush=True,
                     )
@@ -823,7 +833,8 @@ def main() -> None:
     for key, r in rows.items():
         if r.get("real_token_mismatch", 0) > 0.03:
             print(
-                f"WARNING {key}: real tokens differ by {r['real_token_mismatch']:.1%} between the frameworks"
+                f"WARNING {key}: real tokens differ by {r['real_token_mismatch']:.1%} "
+                "between the frameworks"
             )
     result = {
         "command": "python bench/train_throughput.py " + " ".join(sys.argv[1:]),
@@ -836,8 +847,8 @@ def main() -> None:
         "load_avg_1m": loads,  # other processes on a shared machine skew timings
         "matmul_peaks": peaks,
         "matmul_peak_runs": peak_runs,
-        "flops_formula": "(6 + 2) * P * real unshared-pair tokens / s; P = params minus an untied input "
-        "embedding; attention scores and elementwise ops excluded",
+        "flops_formula": "(6 + 2) * P * real unshared-pair tokens / s; "
+        "P = params minus an untied input embedding; attention scores and elementwise ops excluded",
         "models": {
             k: {
                 kk: v.get(kk)

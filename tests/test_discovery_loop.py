@@ -187,7 +187,11 @@ def test_loop_records_fitness_failures_and_reuses_duplicates(
         Candidate("a", dpo, origin="test"),
         Candidate("a_again", dpo + "\n# same code, new comment\n", origin="test"),
         Candidate("boom", hinge.replace("def hinge", "def boom"), origin="test"),
-        Candidate("nan", hinge.replace("def hinge", "def nan_loss").replace("relu(1 - z)", "relu(2 - z)"), origin="test"),
+        Candidate(
+            "nan",
+            hinge.replace("def hinge", "def nan_loss").replace("relu(1 - z)", "relu(2 - z)"),
+            origin="test",
+        ),
         ProposalError("model said no", raw="no"),
     ])  # fmt: skip
     archive = run_discovery(
@@ -222,8 +226,9 @@ def test_same_loss_in_other_code_is_scored_once(sandbox: Sandbox, tmp_path: Path
 
     proposer = ScriptedProposer([Candidate("softplus", softplus), Candidate("halved", halved)])
     archive = run_discovery(
-        proposer, fitness, generations=1, candidates_per_generation=2, archive_path=tmp_path / "a.jsonl",
-        baselines={"dpo": dpo}, sandbox=sandbox, log=lambda s: None,
+        proposer, fitness, generations=1, candidates_per_generation=2,
+        archive_path=tmp_path / "a.jsonl", baselines={"dpo": dpo}, sandbox=sandbox,
+        log=lambda s: None,
     )  # fmt: skip
     base, twin, other = archive.load()
     assert calls == ["dpo", "halved"]  # softplus(-z) == -logsigmoid(z): not trained again

@@ -379,7 +379,8 @@ def test_compare_models_on_the_same_prompts(tmp_path, tiny_llama_dir, tiny_token
             max_new_tokens=6,
             device="cpu",
         )
-        # At most both orders per model and prompt; a pair shown twice (equal answers) is asked once.
+        # At most both orders per model and prompt; a pair shown twice (equal answers) is asked
+        # once.
         asked = [r.prompt for r in server.requests]
         assert len(set(asked)) == len(asked) <= 2 * 2 * len(prompts)
     assert [r["model"] for r in rows] == ["sft", "other"]
@@ -406,8 +407,9 @@ def test_cli_judge_options_the_no_key_form_and_a_failed_judgment(
     with JudgeServer(prefers_longer) as server:
         server.push_status(503)  # the first judgment fails: --judge-retries 0
         code = main([
-            "eval", "--task", "sentiment", "--model", str(tiny_llama_dir), "--reference", str(tiny_llama_dir),
-            "--prompts", str(prompts), "--compare", f"same={tiny_llama_dir}", "--max-new-tokens", "4",
+            "eval", "--task", "sentiment", "--model", str(tiny_llama_dir),
+            "--reference", str(tiny_llama_dir), "--prompts", str(prompts),
+            "--compare", f"same={tiny_llama_dir}", "--max-new-tokens", "4",
             "--judge-url", server.base_url, "--judge-model", "j", "--judge-api-key-env", "NONE",
             "--judge-retries", "0", "--judge-timeout", "5", "--judge-on-error", "skip",
             "--judge-concurrency", "1", "--judge-max-tokens", "33", "--out", str(out),

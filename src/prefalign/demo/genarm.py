@@ -1,10 +1,11 @@
 """The `genarm` demo row on the sentiment toy world.
 
 Top to bottom: train a sentiment ARM on the world's pairs and a brevity ARM on the same
-responses against their own first clause, labelled by brevity; decode the SFT base guided by the sentiment ARM for a sweep
-of alpha; trade the two objectives off by weighting both ARMs; compare with ARGS and best-of-N
-(driven by a reward model trained on the same pairs) at comparable compute; and, in the full
-demo, let the small ARM guide a larger toy base (weak-to-strong).
+responses against their own first clause, labelled by brevity; decode the SFT base guided by
+the sentiment ARM for a sweep of alpha; trade the two objectives off by weighting both ARMs;
+compare with ARGS and best-of-N (driven by a reward model trained on the same pairs) at
+comparable compute; and, in the full demo, let the small ARM guide a larger toy base
+(weak-to-strong).
 
 Every figure is measured on the same held-out prompts, sampling at temperature 1, as gold
 reward (VADER) and KL(decoding || its base), from the log-probs of the distribution each
@@ -88,7 +89,8 @@ class GenarmPlan:
 def demo_genarm(
     world: World, settings: DemoSettings, log=print, plan: GenarmPlan | None = None
 ) -> dict:
-    """The `genarm` row: headline gold reward/KL at a fixed alpha plus sweep, trade-off, baselines."""
+    """The `genarm` row: headline gold reward/KL at a fixed alpha plus sweep, trade-off,
+    baselines."""
     if world.task != "sentiment":
         raise ValueError(f"the genarm demo runs on the sentiment world, got '{world.task}'")
     plan = plan or GenarmPlan.make(settings.quick)
@@ -143,7 +145,8 @@ def demo_genarm(
     sentiment_arm = frozen(load_model(sentiment_fit.model_path, device="cpu"))
     brevity_arm = frozen(load_model(brevity_fit.model_path, device="cpu"))
     log(
-        f"  ARMs' held-out pair accuracy: sentiment {accuracy_change(sentiment_fit)}, brevity {accuracy_change(brevity_fit)}"
+        f"  ARMs' held-out pair accuracy: sentiment {accuracy_change(sentiment_fit)}, "
+        f"brevity {accuracy_change(brevity_fit)}"
     )
     lap("train_arms")
 
@@ -159,7 +162,8 @@ def demo_genarm(
         point = guided([Arm(sentiment_arm, alpha)])
         sweep.append({"alpha": alpha, **point})
         log(
-            f"  alpha {alpha:g}: gold {point['gold_reward']:.3f} kl {point['kl']:.3f} brevity {point['brevity']:.3f}"
+            f"  alpha {alpha:g}: gold {point['gold_reward']:.3f} kl {point['kl']:.3f} "
+            f"brevity {point['brevity']:.3f}"
         )
     headline = next((p for p in sweep if p["alpha"] == plan.headline_alpha), None) or guided(
         [Arm(sentiment_arm, plan.headline_alpha)]
@@ -173,7 +177,8 @@ def demo_genarm(
         **guided([Arm(base, plan.headline_alpha)]),
     }
     log(
-        f"  control (untrained ARM, alpha {plan.headline_alpha:g}): gold {control['gold_reward']:.3f} kl {control['kl']:.3f}"
+        f"  control (untrained ARM, alpha {plan.headline_alpha:g}): "
+        f"gold {control['gold_reward']:.3f} kl {control['kl']:.3f}"
     )
     lap("alpha_sweep")
 
@@ -190,7 +195,8 @@ def demo_genarm(
             }
         )
         log(
-            f"  weights ({ws:g}, {wb:g}): sentiment {point['gold_reward']:.3f} brevity {point['brevity']:.3f}"
+            f"  weights ({ws:g}, {wb:g}): sentiment {point['gold_reward']:.3f} "
+            f"brevity {point['brevity']:.3f}"
         )
     lap("tradeoff")
 
@@ -228,14 +234,16 @@ def demo_genarm(
         log(f"  {r['name']}: gold {r['gold_reward']:.3f} kl {r['kl']:.3f}")
     lap("baselines")
 
-    # 5. Weak-to-strong: the small sentiment ARM guides a larger base (full demo only: it builds one).
+    # 5. Weak-to-strong: the small sentiment ARM guides a larger base (full demo only: it builds
+    # one).
     if plan.weak_to_strong:
         weak_to_strong = run_weak_to_strong(
             sentiment_arm, tokenizer, expanded, params, plan, guided, log
         )
     else:
         weak_to_strong = {
-            "skipped": "full demo only: the first run builds a 3M-parameter toy base (70 s on 2 idle cores)"
+            "skipped": "full demo only: the first run builds a 3M-parameter toy base "
+            "(70 s on 2 idle cores)"
         }
     lap("weak_to_strong")
 
@@ -441,6 +449,7 @@ def run_weak_to_strong(
         "guided": {"alpha": plan.headline_alpha, **steered},
     }
     log(
-        f"  weak-to-strong: large base gold {alone['gold_reward']:.3f} -> {steered['gold_reward']:.3f} with the small ARM (kl {steered['kl']:.3f})"
+        f"  weak-to-strong: large base gold {alone['gold_reward']:.3f} -> "
+        f"{steered['gold_reward']:.3f} with the small ARM (kl {steered['kl']:.3f})"
     )
     return out

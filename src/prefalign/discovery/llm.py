@@ -44,7 +44,8 @@ reference_rejected_logps), DPO is -F.logsigmoid(beta * rho).
 Rules (code breaking them is rejected before it runs):
 - no imports; the names torch, F (torch.nn.functional) and math are already available;
 - only arithmetic, comparisons, if/else, `for i in range(...)`, assignments to plain names and \
-these functions: torch.{{{", ".join(sorted(TORCH_FUNCTIONS))}}}; F.{{{", ".join(sorted(FUNCTIONAL))}}}; \
+these functions: torch.{{{", ".join(sorted(TORCH_FUNCTIONS))}}}; \
+F.{{{", ".join(sorted(FUNCTIONAL))}}}; \
 math.{{{", ".join(sorted(MATH))}}}; and tensor methods such as .exp(), .clamp(), .mean();
 - no underscores-prefixed attributes, no while loops, lambdas, classes, I/O or in-place ops;
 - extra parameters (hyper-parameters such as beta) need default values;

@@ -213,7 +213,10 @@ def _error_record(error: ProposalError) -> dict[str, Any]:
 
 def _outcome(record: dict[str, Any]) -> str:
     if record["valid"] and record.get("same_behaviour_as"):
-        return f"fitness {record['fitness']:.4g} (computes the same loss as {record['same_behaviour_as']!r}; not retrained)"
+        return (
+            f"fitness {record['fitness']:.4g} (computes the same loss as "
+            f"{record['same_behaviour_as']!r}; not retrained)"
+        )
     if record["valid"]:
         return f"fitness {record['fitness']:.4g}"
     return f"rejected: {record['reason']}"
@@ -243,6 +246,7 @@ def format_leaderboard(archive: Archive, k: int = 10) -> str:
     lines = [f"{'rank':>4}  {'fitness':>10}  {'origin':<9} {'gen':>4}  name"]
     for r in rows:
         lines.append(
-            f"{r['rank']:>4}  {r['fitness']:>10.4g}  {r['origin']:<9} {r['generation']:>4}  {r['name']}"
+            f"{r['rank']:>4}  {r['fitness']:>10.4g}  {r['origin']:<9} "
+            f"{r['generation']:>4}  {r['name']}"
         )
     return "\n".join(lines)

@@ -165,7 +165,8 @@ def run_discover(
             out_dir / "best_objective.py",
         )
         log(
-            f"best discovered objective: {record['name']} (fitness {record['fitness']:.4f}); use it with\n"
+            f"best discovered objective: {record['name']} "
+            f"(fitness {record['fitness']:.4f}); use it with\n"
             f"  prefalign train ... objective.code={spec}"
         )
     return archive

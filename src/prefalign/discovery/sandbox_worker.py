@@ -304,7 +304,8 @@ def _limit_cpu(cpu_s: float) -> None:
 
 
 def _limit_memory(memory_mb: int) -> None:
-    """Address space = what the interpreter and torch map now, plus `memory_mb` for the candidate."""
+    """Address space = what the interpreter and torch map now, plus `memory_mb` for the
+    candidate."""
     try:
         with open("/proc/self/statm") as f:
             mapped = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")

@@ -53,7 +53,8 @@ def arm_weights(arms: list[str], alphas: list[float]) -> list[float]:
         return [1.0] * len(arms)
     if len(alphas) != len(arms):
         raise ValueError(
-            f"got {len(arms)} --arm and {len(alphas)} --alpha: give one --alpha per --arm (or none for 1.0 each)"
+            f"got {len(arms)} --arm and {len(alphas)} --alpha: "
+            "give one --alpha per --arm (or none for 1.0 each)"
         )
     return alphas
 

@@ -19,9 +19,11 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 POSITIVE = (
-    "great wonderful amazing excellent brilliant lovely beautiful superb fantastic delightful charming "
+    "great wonderful amazing excellent brilliant lovely beautiful superb fantastic delightful "
+    "charming "
     "enjoyable good fun happy perfect stunning touching hilarious clever sweet warm fresh exciting "
-    "inspiring memorable impressive gorgeous pleasant brave elegant graceful magnificent outstanding "
+    "inspiring memorable impressive gorgeous pleasant brave elegant graceful magnificent "
+    "outstanding "
     "splendid terrific joyful thoughtful refreshing glorious"
 ).split()
 NEGATIVE = (
