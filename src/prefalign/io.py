@@ -259,3 +259,8 @@ def flatten(tree: dict[str, Any], sep: str = ".", prefix: str = "") -> dict[str,
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+
+def cache_root() -> Path:
+    """Where prefalign keeps what it builds once (worlds, imported models, reference log-probs)."""
+    return Path(os.environ.get("PREFALIGN_CACHE", Path.home() / ".cache" / "prefalign"))

@@ -183,21 +183,7 @@ def demo_genarm(
     lap("alpha_sweep")
 
     # 3. Two objectives: both ARMs, weights swept, no retraining.
-    tradeoff = []
-    for ws, wb in plan.tradeoff:
-        point = guided([Arm(sentiment_arm, ws), Arm(brevity_arm, wb)])
-        tradeoff.append(
-            {
-                "weights": [ws, wb],
-                "sentiment": point["gold_reward"],
-                "brevity": point["brevity"],
-                "kl": point["kl"],
-            }
-        )
-        log(
-            f"  weights ({ws:g}, {wb:g}): sentiment {point['gold_reward']:.3f} "
-            f"brevity {point['brevity']:.3f}"
-        )
+    tradeoff = sweep_tradeoff(guided, sentiment_arm, brevity_arm, plan.tradeoff, log)
     lap("tradeoff")
 
     # 4. Baselines with a reward model trained on the same pairs.
@@ -279,6 +265,32 @@ def demo_genarm(
     plot_alpha_sweep(row, Path(settings.out_dir) / "genarm_alpha_sweep.png")
     plot_tradeoff(row, Path(settings.out_dir) / "genarm_tradeoff.png")
     return row
+
+
+def sweep_tradeoff(
+    guided: Callable[[list[Arm]], dict],
+    sentiment_arm: torch.nn.Module,
+    brevity_arm: torch.nn.Module,
+    weights: Sequence[tuple[float, float]],
+    log: Callable[[str], None],
+) -> list[dict]:
+    """Decode with both ARMs at each pair of weights: the two-objective trade-off, no retraining."""
+    points = []
+    for ws, wb in weights:
+        point = guided([Arm(sentiment_arm, ws), Arm(brevity_arm, wb)])
+        points.append(
+            {
+                "weights": [ws, wb],
+                "sentiment": point["gold_reward"],
+                "brevity": point["brevity"],
+                "kl": point["kl"],
+            }
+        )
+        log(
+            f"  weights ({ws:g}, {wb:g}): sentiment {point['gold_reward']:.3f} "
+            f"brevity {point['brevity']:.3f}"
+        )
+    return points
 
 
 def frozen(model: torch.nn.Module) -> torch.nn.Module:

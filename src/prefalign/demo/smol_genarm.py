@@ -45,7 +45,14 @@ def fit_lora_arm(world, settings, pairs: Path, eval_pairs: Path | None, out: Pat
 
 
 def method_genarm(world, settings, log=print) -> dict:
-    from prefalign.demo.genarm import accuracy_change, frozen, measure, run_args, run_best_of_n
+    from prefalign.demo.genarm import (
+        accuracy_change,
+        frozen,
+        measure,
+        run_args,
+        run_best_of_n,
+        sweep_tradeoff,
+    )
     from prefalign.genarm.arm import concise_pairs
     from prefalign.genarm.decoding import Arm, SampledLogps, guided_generate
     from prefalign.modeling import load_model, load_tokenizer
@@ -105,21 +112,7 @@ def method_genarm(world, settings, log=print) -> dict:
     headline = next(p for p in sweep if p["alpha"] == HEADLINE_ALPHA)
     lap("alpha_sweep")
 
-    tradeoff = []
-    for ws, wb in TRADEOFF:
-        point = guided([Arm(sentiment_arm, ws), Arm(brevity_arm, wb)])
-        tradeoff.append(
-            {
-                "weights": [ws, wb],
-                "sentiment": point["gold_reward"],
-                "brevity": point["brevity"],
-                "kl": point["kl"],
-            }
-        )
-        log(
-            f"  weights ({ws:g}, {wb:g}): sentiment {point['gold_reward']:.3f} "
-            f"brevity {point['brevity']:.3f}"
-        )
+    tradeoff = sweep_tradeoff(guided, sentiment_arm, brevity_arm, TRADEOFF, log)
     lap("tradeoff")
 
     # The reward model of ARGS and best-of-N: SmolLM2 with a score head, every weight trained

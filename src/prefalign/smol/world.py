@@ -18,14 +18,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-from prefalign.io import read_prompts, write_jsonl
+from prefalign.io import cache_root, read_prompts, write_jsonl
 from prefalign.smol import prompts as grammar
 from prefalign.smol.rewards import arith_correct, brevity_reward, sentiment_reward
 
@@ -81,10 +80,6 @@ class SmolWorld:
 
     def prompts(self, split: Literal["train", "eval"]) -> list[str]:
         return read_prompts(self.file(f"prompts_{split}.jsonl"))
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("PREFALIGN_CACHE", Path.home() / ".cache" / "prefalign"))
 
 
 def get_smol_world(

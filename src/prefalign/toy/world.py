@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,7 +26,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from prefalign.io import read_prompts, write_jsonl
+from prefalign.io import cache_root, read_prompts, write_jsonl
 from prefalign.toy.corpus import (
     ArithSpec,
     arith_prompt,
@@ -92,10 +91,6 @@ class ToyConfig:
                 max_new_tokens=6,
             )
         return cls(task=task)
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("PREFALIGN_CACHE", Path.home() / ".cache" / "prefalign"))
 
 
 def config_key(config: ToyConfig) -> str:

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from prefalign.data.tokenize import TokenizedPair
+from prefalign.io import cache_root
 from prefalign.logprobs import SequenceLogps
 from prefalign.reference import REFERENCE_ADAPTER, FullReference, LoraReference, ReferencePolicy
 from prefalign.training.forward import PairLogps, live_reference_logps
@@ -78,9 +79,7 @@ def cache_path(data_path: str | Path, key: str) -> Path:
             return beside / f"{key}.safetensors"
     except OSError:
         pass
-    root = (
-        Path(os.environ.get("PREFALIGN_CACHE", Path.home() / ".cache" / "prefalign")) / "refcache"
-    )
+    root = cache_root() / "refcache"
     root.mkdir(parents=True, exist_ok=True)
     return root / f"{key}.safetensors"
 
