@@ -4,7 +4,7 @@ metrics, ReST steps, sweeps and the discovery archive."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -309,29 +309,37 @@ def sweep_plots(plots: Plotter, name: str, label: str, records: Sequence[dict]) 
     if len(rewards) >= 2:
         y, x = (rewards[0], rewards[1]) if rewards[0] == "gold_reward" else (rewards[1], rewards[0])
 
-        def draw_tradeoff(ax: Any) -> None:
-            pts = [r for r in flat if is_number(r.get(x)) and is_number(r.get(y))]
-            ax.plot([r[x] for r in pts], [r[y] for r in pts], marker="o")
-            for r in pts:
-                ax.annotate(
-                    cell_text(r.get(param)),
-                    (r[x], r[y]),
-                    fontsize=7,
-                    xytext=(3, 3),
-                    textcoords="offset points",
-                )
-            ax.set_xlabel(x)
-            ax.set_ylabel(y)
-            ax.grid(alpha=0.3)
-
         blocks.append(
             plots.save(
                 f"{name}_tradeoff",
-                draw_tradeoff,
+                labelled_scatter(flat, x, y, param),
                 f"{label}: {y} against {x}, points labelled by {param}",
             )
         )
     return blocks
+
+
+def labelled_scatter(
+    points: Sequence[dict], x: str, y: str, label_key: str | None
+) -> Callable[[Any], None]:
+    """A drawing of y against x through the points, each labelled by its `label_key` value."""
+
+    def draw(ax: Any) -> None:
+        pts = [p for p in points if is_number(p.get(x)) and is_number(p.get(y))]
+        ax.plot([p[x] for p in pts], [p[y] for p in pts], marker="o")
+        for p in pts:
+            ax.annotate(
+                cell_text(p.get(label_key)) if label_key else "",
+                (p[x], p[y]),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+        ax.set_xlabel(x)
+        ax.set_ylabel(y)
+        ax.grid(alpha=0.3)
+
+    return draw
 
 
 def sweep_table(records: Sequence[dict]) -> tuple[list[str], list[list[Any]]]:
@@ -354,25 +362,10 @@ def tradeoff_blocks(plots: Plotter, name: str, label: str, points: Sequence[dict
     if len(metrics) >= 2:
         y, x = metrics[0], metrics[1]
 
-        def draw(ax: Any) -> None:
-            pts = [p for p in flat if is_number(p.get(x)) and is_number(p.get(y))]
-            ax.plot([p[x] for p in pts], [p[y] for p in pts], marker="o")
-            for p in pts:
-                ax.annotate(
-                    cell_text(p.get(weight)) if weight else "",
-                    (p[x], p[y]),
-                    fontsize=7,
-                    xytext=(3, 3),
-                    textcoords="offset points",
-                )
-            ax.set_xlabel(x)
-            ax.set_ylabel(y)
-            ax.grid(alpha=0.3)
-
         blocks.append(
             plots.save(
                 f"{name}_tradeoff",
-                draw,
+                labelled_scatter(flat, x, y, weight),
                 f"{label}: {y} against {x}" + (f", points labelled by {weight}" if weight else ""),
             )
         )
