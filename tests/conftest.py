@@ -15,7 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    GPT2Config,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
 
 from prefalign.toy.corpus import review
 from prefalign.toy.tokenizer import train_tokenizer
@@ -75,6 +81,37 @@ def tiny_llama_config(**overrides) -> LlamaConfig:
     )
     kwargs.update(overrides)
     return LlamaConfig(**kwargs)
+
+
+def tiny_qwen2_config(**overrides) -> Qwen2Config:
+    """Biased q/k/v projections and grouped-query attention, at the tiny Llama's sizes."""
+    kwargs = dict(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    kwargs.update(overrides)
+    return Qwen2Config(**kwargs)
+
+
+def tiny_gpt2_config(**overrides) -> GPT2Config:
+    """Learned positions, tied embeddings, Conv1D layers; no dropout, so two passes agree."""
+    kwargs = dict(
+        vocab_size=VOCAB_SIZE,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    kwargs.update(overrides)
+    return GPT2Config(**kwargs)
 
 
 @pytest.fixture(scope="session")

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import VOCAB_SIZE, tiny_llama_config
+from conftest import VOCAB_SIZE, tiny_gpt2_config, tiny_llama_config, tiny_qwen2_config
 from transformers import (
-    GPT2Config,
     GPT2LMHeadModel,
     LlamaForCausalLM,
-    Qwen2Config,
     Qwen2ForCausalLM,
 )
 
@@ -33,33 +31,9 @@ def tiny_model(arch: str) -> torch.nn.Module:
     if arch == "llama-tied":
         return LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=True))
     if arch == "gpt2":  # learned positions, tied embeddings, Conv1D layers
-        return GPT2LMHeadModel(
-            GPT2Config(
-                vocab_size=VOCAB_SIZE,
-                n_embd=32,
-                n_layer=2,
-                n_head=4,
-                n_positions=64,
-                resid_pdrop=0.0,
-                embd_pdrop=0.0,
-                attn_pdrop=0.0,
-                bos_token_id=1,
-                eos_token_id=2,
-            )
-        )
+        return GPT2LMHeadModel(tiny_gpt2_config(bos_token_id=1, eos_token_id=2))
     if arch == "qwen2":  # biased q/k/v projections, grouped-query attention
-        return Qwen2ForCausalLM(
-            Qwen2Config(
-                vocab_size=VOCAB_SIZE,
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                max_position_embeddings=64,
-                tie_word_embeddings=False,
-            )
-        )
+        return Qwen2ForCausalLM(tiny_qwen2_config(tie_word_embeddings=False))
     raise ValueError(arch)
 
 

@@ -9,15 +9,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BOS, EOS, PAD, VOCAB, VOCAB_SIZE, tiny_llama_config
+from conftest import (
+    BOS,
+    EOS,
+    PAD,
+    VOCAB,
+    VOCAB_SIZE,
+    tiny_gpt2_config,
+    tiny_llama_config,
+    tiny_qwen2_config,
+)
 from transformers import (
     GemmaConfig,
     GemmaForCausalLM,
-    GPT2Config,
     GPT2LMHeadModel,
     LlamaForCausalLM,
     PreTrainedModel,
-    Qwen2Config,
     Qwen2ForCausalLM,
 )
 
@@ -46,31 +53,12 @@ def tiny_llama() -> PreTrainedModel:
 
 
 def tiny_qwen2() -> PreTrainedModel:
-    config = Qwen2Config(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        **SPECIAL_IDS,
-    )
+    config = tiny_qwen2_config(**SPECIAL_IDS)
     return Qwen2ForCausalLM(config)
 
 
 def tiny_gpt2() -> PreTrainedModel:
-    config = GPT2Config(
-        vocab_size=VOCAB_SIZE,
-        n_embd=32,
-        n_layer=2,
-        n_head=4,
-        n_positions=64,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        **SPECIAL_IDS,
-    )
+    config = tiny_gpt2_config(**SPECIAL_IDS)
     return GPT2LMHeadModel(config)  # lm_head tied to wte
 
 
