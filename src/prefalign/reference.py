@@ -173,6 +173,11 @@ class ReferencePolicy:
         """Pair the reference with the policy's parameters again after both were replaced in
         place (sharded by FSDP2): updates then run on the new (local-shard) tensors."""
 
+    def separate_model(self) -> torch.nn.Module | None:
+        """The model this reference holds apart from the policy (a full copy), which a sharded
+        run shards like the policy; None where it lives inside the policy (a LoRA adapter)."""
+        return None
+
     def update_metrics(self) -> dict[str, float]:
         """What to log about the last update (the LoRA soft mixture's truncation error)."""
         return {}
@@ -256,6 +261,9 @@ class FullReference(ReferencePolicy):
     def rebind(self, policy: torch.nn.Module) -> None:
         if self._tensor_pairs is not None:
             self._tensor_pairs = _TensorPairs(_full_pairs(self.model, unwrap(policy)))
+
+    def separate_model(self) -> torch.nn.Module:
+        return self.model
 
     def _score(self, fn):
         return fn(self.model)

@@ -20,11 +20,16 @@ every process reads the full tensors and keeps its own slice of them.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from prefalign.errors import UserError
 from prefalign.modeling import is_peft_model
+
+if TYPE_CHECKING:
+    from prefalign.reference import ReferencePolicy
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
@@ -67,14 +72,12 @@ def shard(model: torch.nn.Module, mesh=None, reshard_root: bool | None = None) -
     return model
 
 
-def shard_with_reference(model: torch.nn.Module, reference) -> torch.nn.Module:
+def shard_with_reference(model: torch.nn.Module, reference: ReferencePolicy) -> torch.nn.Module:
     """Shard the policy, and a full-copy reference the same way (a LoRA reference adapter is
     inside the policy already); the reference is re-paired with the sharded parameters."""
-    from prefalign.reference import FullReference
-
     shard(model)
-    if isinstance(reference, FullReference):
-        shard(reference.model, reshard_root=True)
+    if (copy := reference.separate_model()) is not None:
+        shard(copy, reshard_root=True)
     reference.rebind(model)
     return model
 
