@@ -20,6 +20,7 @@ from prefalign.manifest import write_manifest
 from prefalign.modeling import ModelSpec, load_model, load_tokenizer
 from prefalign.reference import ModelReference, ReferencePolicy, ReferenceSpec, make_reference
 from prefalign.shared_prompt import pair_logps
+from prefalign.training.cpu_attention import use_eager_attention_for_bf16
 from prefalign.training.forward import (
     PairLogps,
     SpeedSpec,
@@ -221,6 +222,14 @@ def run_preference(
         trainer = Trainer(model, config.trainer, accelerator=accelerator, **run)
     else:
         trainer = Trainer(model, config.trainer, **run)
+        if trainer.master is not None and not unpaired:  # bf16 weights: the attention kernel
+            rows, width = widest_batch(
+                examples,
+                config.trainer.batch_size,
+                use_shared_prompt(config.speed, model, examples),
+            )
+            if use_eager_attention_for_bf16(trainer.unwrapped, rows, width):
+                log(f"bf16 on the CPU, rows of at most {width} tokens: eager attention")
         # Built after prepare() so a full-copy reference lands on the training device.
         reference = make_reference(trainer.model, ref_spec)
     trainer.extra_state = reference  # checkpointed with the run: a trust-region reference moves
@@ -281,6 +290,16 @@ def run_preference(
     )
     trainer.end()
     return result
+
+
+def widest_batch(examples, batch_size: int, shared: bool) -> tuple[int, int]:
+    """Rows and width of the widest training batch in the packed or the stacked layout."""
+    if shared:
+        return batch_size, max(
+            len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in examples
+        )
+    width = max(len(e.prompt_ids) + max(len(e.chosen_ids), len(e.rejected_ids)) for e in examples)
+    return 2 * batch_size, width
 
 
 def make_evaluator(
