@@ -380,22 +380,17 @@ def run_prefalign(
     from prefalign.reference import ReferenceSpec
     from prefalign.training import preference as pref
     from prefalign.training.forward import SpeedSpec
-    from prefalign.training.loop import TrainerConfig
+    from prefalign.training.loop import Trainer, TrainerConfig
 
     mode, flags = parse_variant(variant)
-    make_reference, make_collator, build_cache = (
-        pref.make_reference,
-        pref.pair_collator,
-        ref_cache.build_reference_cache,
-    )
+    make_collator, build_cache = pref.pair_collator, ref_cache.build_reference_cache
     counting = [True]
 
-    def stamped_reference(policy, ref_spec):
-        reference = make_reference(policy, ref_spec)
-        update = reference.after_optimizer_step
+    fit = Trainer.fit
 
-        def after_optimizer_step(step: int) -> bool:
-            updated = update(step)
+    def stamped_fit(self, collate, loss_fn, after_step=None, **kwargs):
+        def stamped(step: int):  # after the optimizer step and the reference update
+            hooked = after_step(step) if after_step is not None else None
             stamps.append(
                 (
                     time.perf_counter(),
@@ -405,10 +400,9 @@ def run_prefalign(
                     minor_faults(),
                 )
             )
-            return updated
+            return hooked
 
-        reference.after_optimizer_step = after_optimizer_step
-        return reference
+        return fit(self, collate, loss_fn, after_step=stamped, **kwargs)
 
     def counted_collator(examples, pad_id, shared):
         collate = make_collator(examples, pad_id, shared)
@@ -433,11 +427,8 @@ def run_prefalign(
             counting[0] = True
             extra["cache_build_s"] = time.perf_counter() - start
 
-    pref.make_reference, pref.pair_collator, ref_cache.build_reference_cache = (
-        stamped_reference,
-        counted_collator,
-        timed_cache,
-    )
+    Trainer.fit = stamped_fit
+    pref.pair_collator, ref_cache.build_reference_cache = counted_collator, timed_cache
     if "fullhead" in flags:  # every model takes the full-logits path (and so the stacked rows)
         logprobs.causal_lm_parts = lambda model: None
     config = pref.PreferenceConfig(

@@ -186,7 +186,7 @@ class Trainer:
             self.model, self.optimizer = model, optimizer
         else:
             self.model, self.optimizer = acc.prepare(model, optimizer)
-        self.in_backward = None  # after prepare(): the schedule sees the wrapped optimizer step
+        self.in_backward = None
         if config.step_in_backward == "auto" and in_backward.fits(
             config.max_grad_norm,
             config.grad_accum,
@@ -194,9 +194,7 @@ class Trainer:
             config.mixed_precision,
             self.sharded,
         ):
-            self.in_backward = in_backward.StepInBackward(
-                params, self.optimizer, self._bad_gradient
-            )
+            self.in_backward = in_backward.StepInBackward(optimizer, self._bad_gradient)
         name = {"constant": "constant_with_warmup"}.get(config.schedule, config.schedule)
         from transformers import get_scheduler  # 4 s of imports: not paid by a config error
 
@@ -276,6 +274,8 @@ class Trainer:
             record = totals.reduce(acc, check_keys=self.step == start_step)
             if self.in_backward is not None:  # every parameter stepped inside backward
                 grad_norm = self.in_backward.grad_norm()
+                # What LR schedulers check to warn of a schedule stepped before its optimizer.
+                self.optimizer._opt_called = True
             else:
                 # Clipping at infinity still measures the norm (and unscales fp16 gradients).
                 # DeepSpeed clips inside its engine and returns no norm.
