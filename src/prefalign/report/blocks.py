@@ -13,7 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-COLUMNS = ("gold_reward", "gold_reward_se", "kl", "kl_se", "accuracy", "mean_length", "seconds")
+COLUMNS = (
+    "gold_reward",
+    "gold_reward_se",
+    "kl",
+    "kl_se",
+    "accuracy",
+    "mean_length",
+    "seconds",  # the row's wall time
+    "cpu_seconds",  # user + system, all threads: what the row costs on a busy machine
+)
 
 
 @dataclass

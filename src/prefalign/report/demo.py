@@ -16,6 +16,22 @@ def format_band(row: dict, key: str) -> str:
     return f"{band[0]:.3f}-{band[1]:.3f} ({len(row['seeds'])} seeds)"
 
 
+def world_label(results: dict) -> str:
+    """What the demo's worlds are called: the family's label ("Toy", "SmolLM2-135M-Instruct
+    (...)"), or its name for results written before families had labels."""
+    return str(results.get("world_label") or str(results.get("world", "toy")).capitalize())
+
+
+def total_time(results: dict) -> str:
+    """'Total time: 1234 s wall, 2100 s CPU (2 threads)', with ' (--quick)' for a quick run."""
+    text = f"Total time: {results['seconds']:.0f} s wall"
+    if isinstance(results.get("cpu_seconds"), (int, float)):
+        text += f", {results['cpu_seconds']:.0f} s CPU"
+        if results.get("threads"):
+            text += f" ({results['threads']} threads)"
+    return text + (" (--quick)" if results.get("quick") else "")
+
+
 def results_table(results: dict) -> str:
     """A Markdown table with one row per (task, method)."""
     bands = ("gold band over seeds", "kl band over seeds")
@@ -57,12 +73,12 @@ def write_demo_report(results: dict, out_dir: Path) -> str:
     lines = [
         "# prefalign demo",
         "",
-        f"Total time: {results['seconds']:.0f} s" + (" (--quick)" if results.get("quick") else ""),
+        total_time(results),
         "",
         table,
         "",
     ]
-    family = str(results.get("world", "toy")).capitalize()
+    family = world_label(results)
     for task, block in results["tasks"].items():
         plot = plot_reward_vs_kl(results, task, out_dir / f"{task}_reward_vs_kl.png")
         build = block.get("build", {})

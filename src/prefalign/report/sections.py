@@ -10,6 +10,7 @@ from typing import Any
 
 from prefalign.io import flatten
 from prefalign.report.blocks import COLUMNS, Block, Heading, Image, Table, Text, cell_text
+from prefalign.report.demo import total_time, world_label
 from prefalign.report.plots import Curve, Plotter, frontier_plot
 from prefalign.report.scan import SWEEP_KEYS, RunContents
 
@@ -64,18 +65,16 @@ def run_blocks(found: RunContents, plots: Plotter) -> list[Block]:
 
 
 def demo_blocks(results: dict, plots: Plotter, root: Path | None = None) -> list[Block]:
-    seconds = results.get("seconds")
-    quick = " (--quick)" if results.get("quick") else ""
     blocks: list[Block] = [Heading("Results")]
-    if isinstance(seconds, (int, float)):
-        blocks.append(Text(f"Total time: {seconds:.0f} s{quick}"))
+    if isinstance(results.get("seconds"), (int, float)):
+        blocks.append(Text(total_time(results)))
     rows = [
         [task, name, *[row.get(c) for c in COLUMNS]]
         for task, block in results["tasks"].items()
         for name, row in block.get("methods", {}).items()
     ]
     blocks.append(Table(["task", "method", *COLUMNS], rows))
-    family = str(results.get("world", "toy")).capitalize()
+    family = world_label(results)
     for task, block in results["tasks"].items():
         methods = block.get("methods", {})
         blocks.append(Heading(f"{task}: gold reward against KL"))

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from prefalign.config import bounded
 from prefalign.errors import UserError
 from prefalign.io import append_jsonl, atomic_write, flatten
+from prefalign.training.bf16_weights import Bf16MasterWeights
 from prefalign.training.checkpoint import (
     MODEL_DIR,
     checkpoints,
@@ -41,6 +42,7 @@ from prefalign.training.checkpoint import (
     set_rng_state,
 )
 from prefalign.training.fsdp import full_state_dict, is_sharded, local_norm_to_float
+from prefalign.training.precision import resolve_bf16_path, resolve_mixed_precision, world_size
 
 # A metric is a batch mean (a scalar tensor) or a (sum, count) pair: pairs are summed over
 # micro-batches and processes before dividing, so a metric that only some examples have (KTO's
@@ -64,7 +66,11 @@ class TrainerConfig:
     warmup_ratio: float = bounded(0.0, min=0, max=1)
     schedule: Literal["constant", "linear", "cosine"] = "linear"
     max_grad_norm: float = bounded(1.0, min=0)  # 0 disables clipping
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    # "auto": bf16 where the device multiplies bf16 natively (prefalign.training.precision).
+    mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "no"
+    # How bf16 runs: bf16 weights with fp32 masters ("weights", one process without FSDP) or
+    # autocast over fp32 weights; "auto" takes "weights" where it applies.
+    bf16_path: Literal["auto", "weights", "autocast"] = "auto"
     seed: int = 0
     log_every: int = bounded(10, min=1)
     save_every: int = bounded(0, min=0)  # 0: a checkpoint only at the end
@@ -162,8 +168,18 @@ class Trainer:
                 f"{config.batch_size} x {config.grad_accum} x {acc.num_processes} processes"
             )
         self.total_steps = config.max_steps or max(1, math.ceil(per_epoch * config.epochs))
-        params = [p for p in model.parameters() if p.requires_grad]
         self.sharded = is_sharded(model)
+        # bf16 working weights: the optimizer steps their fp32 masters (refreshed after each step).
+        self.master: Bf16MasterWeights | None = None
+        # An accelerator that autocasts (one the caller built for bf16) keeps the autocast path.
+        if bf16_weights(config, acc.num_processes, self.sharded) and acc.mixed_precision == "no":
+            self.master = Bf16MasterWeights(model)
+        params = (
+            self.master.masters
+            if self.master is not None
+            else [p for p in model.parameters() if p.requires_grad]
+        )
+        self.trained_params = params  # what is clipped and stepped
         optimizer = torch.optim.AdamW(
             params,
             lr=config.lr,
@@ -257,11 +273,13 @@ class Trainer:
             record = totals.reduce(acc, check_keys=self.step == start_step)
             # Clipping at infinity still measures the norm (and unscales fp16 gradients). DeepSpeed
             # clips inside its engine and returns no norm.
-            norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm or math.inf)
+            norm = acc.clip_grad_norm_(self.trained_params, cfg.max_grad_norm or math.inf)
             grad_norm = None if norm is None else local_norm_to_float(norm)
             # fp16's loss scaler expects overflows: it skips those steps and lowers the scale.
             self._check_finite(record["loss"], grad_norm if acc.scaler is None else None)
             self.optimizer.step()
+            if self.master is not None:
+                self.master.refresh()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
@@ -363,7 +381,8 @@ class Trainer:
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            save_model(self.unwrapped, self.tokenizer, tmp / MODEL_DIR, state_dict=state)
+            with self._fp32_parameters():  # bf16 working weights: the fp32 masters are saved
+                save_model(self.unwrapped, self.tokenizer, tmp / MODEL_DIR, state_dict=state)
             if not self.sharded:  # sharded optimizer and reference states: not saved (no resume)
                 torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
@@ -402,7 +421,8 @@ class Trainer:
                 f"checkpoint {path} was written by {state['num_processes']} processes; "
                 "resume with the same number"
             )
-        load_trained_weights(self.unwrapped, path / MODEL_DIR)
+        with self._fp32_parameters():  # into the fp32 masters; the bf16 weights follow
+            load_trained_weights(self.unwrapped, path / MODEL_DIR)
         self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
         if self.extra_state is not None:
@@ -416,6 +436,9 @@ class Trainer:
         if self.accelerator.is_main_process:
             print(f"resumed from {path} at step {step}")
         return True
+
+    def _fp32_parameters(self):
+        return self.master.fp32_parameters() if self.master is not None else nullcontext()
 
     def end(self) -> None:
         if self.config.report_to:
@@ -476,11 +499,20 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.attention_dropout = 0.0
 
 
+def bf16_weights(config: TrainerConfig, num_processes: int, sharded: bool) -> bool:
+    """Whether this run trains bf16 working weights with fp32 masters (instead of autocast)."""
+    path = resolve_bf16_path(config.mixed_precision, config.bf16_path, num_processes, sharded)
+    return path == "weights"
+
+
 def make_accelerator(config: TrainerConfig) -> Accelerator:
+    precision = resolve_mixed_precision(config.mixed_precision)
+    if bf16_weights(config, world_size(), config.fsdp):
+        precision = "no"  # the weights themselves are bf16: no autocast on top
     return Accelerator(
         # On a machine without CUDA, `cpu=True` lets torchrun processes join one gloo group.
         cpu=not torch.cuda.is_available(),
-        mixed_precision=config.mixed_precision,
+        mixed_precision=precision,
         log_with=config.report_to or None,
         project_dir=config.out_dir,
     )

@@ -253,6 +253,8 @@ def run_preference(
             settings = {
                 "layout": "shared" if shared else "stacked",
                 "mixed_precision": config.trainer.mixed_precision,
+                # bf16 weights and autocast round differently: their caches differ.
+                "bf16_weights": trainer.master is not None,
             }
             cached = build_reference_cache(
                 reference,
