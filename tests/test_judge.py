@@ -423,3 +423,51 @@ def test_cli_judge_options_the_no_key_form_and_a_failed_judgment(
     assert [r["judge_failed"] for r in rows] == [2, 0]
     assert all(r["judge_unparsed"] == 0 for r in rows)
     assert "judge_failed" in capsys.readouterr().out
+
+
+def test_cli_eval_with_a_judge_and_no_compare_judges_against_the_reference(
+    tmp_path, tiny_llama_dir, tiny_tokenizer, capsys, monkeypatch
+):
+    """`--judge-url` without `--compare` used to be ignored: no request, no win rate."""
+    import torch
+    from conftest import tiny_llama_config
+    from transformers import LlamaForCausalLM
+
+    from prefalign.cli import main
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    torch.manual_seed(1)
+    other = tmp_path / "other"
+    LlamaForCausalLM(tiny_llama_config()).save_pretrained(other)
+    tiny_tokenizer.save_pretrained(other)
+    prompts = tmp_path / "prompts.jsonl"
+    texts = ["the movie was", "i think", "what a"]
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in texts))
+    out = tmp_path / "result.json"
+    with JudgeServer(prefers_longer) as server:
+        code = main([
+            "eval", "--task", "sentiment", "--model", str(other),
+            "--reference", str(tiny_llama_dir), "--prompts", str(prompts), "--max-new-tokens", "6",
+            "--judge-url", server.base_url, "--judge-model", "j", "--judge-api-key-env", "NONE",
+            "--out", str(out),
+        ])  # fmt: skip
+        shown = {p for r in server.requests for p in texts if p in r.prompt}
+    assert code == 0
+    assert shown == set(texts)  # every prompt judged: the model against the reference's answer
+    printed = json.loads(capsys.readouterr().out)
+    assert 0.0 <= printed["win_rate"] <= 1.0 and printed["judge_failed"] == 0
+    saved = json.loads(out.read_text())
+    assert saved["win_rate"] == printed["win_rate"] and len(saved["samples"]) == len(texts)
+
+
+def test_cli_judge_options_without_a_judge_url_are_refused(tmp_path, tiny_llama_dir, capsys):
+    from prefalign.cli import main
+
+    code = main([
+        "eval", "--task", "sentiment", "--model", str(tiny_llama_dir),
+        "--reference", str(tiny_llama_dir), "--judge-model", "gpt-4o", "--judge-json-mode",
+    ])  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("--judge-model, --judge-json-mode need --judge-url (the judge's endpoint)")
+    assert "\n" not in err

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny_review_model
+from conftest import save_tiny_review_model, torchrun
 from safetensors.torch import load_file
 
 from prefalign import objectives
@@ -291,13 +291,15 @@ def test_a_checkpoint_writes_the_weights_once_and_final_is_the_last_one(tiny, tm
     assert preference_margin(final, tiny) > preference_margin(tiny["model"], tiny) + 0.1
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_resume_from_a_checkpoint_is_bit_exact(tiny, tmp_path, layout):
+def straight_and_resumed(tiny, tmp_path, layout: str, *extra: str):
+    """Final weights of a 4-step soft-reference run, and of the same run stopped after step 2
+    and resumed from its checkpoint."""
     common = (
         *LAYOUTS[layout],
         "trainer.schedule=constant",
         "reference.mode=soft",
         "trainer.save_every=2",
+        *extra,
     )
     train(tiny, tmp_path / "straight", *common, "trainer.max_steps=4")
     train(tiny, tmp_path / "resumed", *common, "trainer.max_steps=2")
@@ -310,6 +312,12 @@ def test_resume_from_a_checkpoint_is_bit_exact(tiny, tmp_path, layout):
     assert result.steps == 4
     a = load_file(tmp_path / "straight" / "final" / WEIGHT_FILES[layout])
     b = load_file(tmp_path / "resumed" / "final" / WEIGHT_FILES[layout])
+    return a, b
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_resume_from_a_checkpoint_is_bit_exact(tiny, tmp_path, layout):
+    a, b = straight_and_resumed(tiny, tmp_path, layout)
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
@@ -389,17 +397,7 @@ def test_two_processes_match_one_process_with_double_batch(tiny, tmp_path):
     one = cli_train(tiny, tmp_path / "one", *common, "trainer.batch_size=8")
     assert one.wait(timeout=300) == 0, one.stdout.read()
     # torchrun starts the processes; accelerate joins them in one gloo group on CPU.
-    launch = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-        "-m",
-        "prefalign.cli",
-    ]
+    launch = [*torchrun(2), "-m", "prefalign.cli"]
     two = subprocess.run(
         [*launch, "train", *overrides(tiny, tmp_path / "two", *common), "trainer.batch_size=4"],
         cwd=ROOT,
@@ -421,17 +419,7 @@ def test_kto_with_two_processes_whose_batches_hold_different_labels(tiny, tmp_pa
     kept = [r for i, r in enumerate(rows) if r["label"] or i % 6 == 1]
     data = tmp_path / "skewed.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    launch = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-        "-m",
-        "prefalign.cli",
-    ]
+    launch = [*torchrun(2), "-m", "prefalign.cli"]
     args = overrides(
         tiny,
         tmp_path / "two",
@@ -453,14 +441,6 @@ def test_kto_with_two_processes_whose_batches_hold_different_labels(tiny, tmp_pa
     assert len(keys) == 1 and {"rewards/chosen", "rewards/rejected", "kl"} <= next(iter(keys))
     assert all(r["rewards/chosen"] is not None for r in records)  # every global batch has some
     assert all(math.isfinite(r["loss"]) for r in records)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow  # a fresh interpreter imports torch: 4 s

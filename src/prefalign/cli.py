@@ -24,11 +24,14 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefalign.config import ConfigError, load_config
 from prefalign.errors import UserError
 from prefalign.io import read_prompts
+
+if TYPE_CHECKING:  # imported when a judge is asked for, not at start
+    from prefalign.evaluation.judge import JudgeConfig
 
 PACKAGE = Path(__file__).resolve().parent
 
@@ -98,6 +101,19 @@ def model_import_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
 
 
+# `prefalign eval` options that mean something only with --judge-url, and their defaults.
+JUDGE = {
+    "judge_model": "gpt-4o-mini",
+    "judge_api_key_env": "OPENAI_API_KEY",
+    "judge_concurrency": 4,
+    "judge_timeout": 60.0,
+    "judge_retries": 3,
+    "judge_max_tokens": 512,
+    "judge_on_error": "skip",
+    "judge_json_mode": False,
+}
+
+
 def eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model directory or hub id")
     p.add_argument(
@@ -122,25 +138,35 @@ def eval_arguments(p: argparse.ArgumentParser) -> None:
         "--judge-url",
         help="OpenAI-compatible endpoint of an LLM judge (win rate against the reference)",
     )
-    p.add_argument("--judge-model", default="gpt-4o-mini")
+    p.add_argument("--judge-model", default=JUDGE["judge_model"])
     p.add_argument(
         "--judge-api-key-env",
-        default="OPENAI_API_KEY",
+        default=JUDGE["judge_api_key_env"],
         help="variable holding the judge's API key; NONE for an endpoint without keys",
     )
-    p.add_argument("--judge-concurrency", type=int, default=4)
-    p.add_argument("--judge-timeout", type=float, default=60.0, help="seconds per judge request")
+    p.add_argument("--judge-concurrency", type=int, default=JUDGE["judge_concurrency"])
+    p.add_argument(
+        "--judge-timeout",
+        type=float,
+        default=JUDGE["judge_timeout"],
+        help="seconds per judge request",
+    )
     p.add_argument(
         "--judge-retries",
         type=int,
-        default=3,
+        default=JUDGE["judge_retries"],
         help="retries of one judgment after its first attempt",
     )
-    p.add_argument("--judge-max-tokens", type=int, default=512, help="bound on each judge reply")
+    p.add_argument(
+        "--judge-max-tokens",
+        type=int,
+        default=JUDGE["judge_max_tokens"],
+        help="bound on each judge reply",
+    )
     p.add_argument(
         "--judge-on-error",
         choices=["skip", "raise"],
-        default="skip",
+        default=JUDGE["judge_on_error"],
         help="skip: count failed judgments and finish (default); raise: exit with an error",
     )
     p.add_argument(
@@ -435,8 +461,9 @@ def run_eval(args: argparse.Namespace) -> int:
     from prefalign.evaluation.core import evaluate_policy
     from prefalign.modeling import load_model, load_tokenizer
 
+    judge = judge_config(args)
     if args.compare:
-        return run_compare(args)
+        return run_compare(args, judge)
     reference_path, prompts = eval_inputs(args)
     tokenizer = load_tokenizer(args.model)
     policy = load_model(args.model)
@@ -452,10 +479,42 @@ def run_eval(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     summary = result.summary()
+    if judge is not None:  # the model against the reference's answers, as `--compare` does
+        from prefalign.evaluation.compare import judged, reference_answers_of
+
+        del policy
+        baseline = reference_answers_of(
+            reference, reference_path, args.task, prompts, args.max_new_tokens, args.seed
+        )
+        summary.update(judged(prompts, result, baseline, judge, args.samples_per_prompt))
     print(json.dumps(summary, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps({**summary, "samples": result.samples}, indent=2))
     return 0
+
+
+def judge_config(args: argparse.Namespace) -> JudgeConfig | None:
+    """The judge of `prefalign eval` (None without --judge-url); a judge option given without
+    the endpoint is refused rather than ignored."""
+    if not args.judge_url:
+        given = [k for k, default in JUDGE.items() if getattr(args, k) != default]
+        if given:
+            options = ", ".join("--" + k.replace("_", "-") for k in given)
+            raise ConfigError(f"{options} need --judge-url (the judge's endpoint)")
+        return None
+    from prefalign.evaluation.judge import JudgeConfig
+
+    return JudgeConfig(
+        base_url=args.judge_url,
+        model=args.judge_model,
+        api_key_env=args.judge_api_key_env,
+        concurrency=args.judge_concurrency,
+        timeout_s=args.judge_timeout,
+        max_retries=args.judge_retries,
+        max_tokens=args.judge_max_tokens,
+        on_error=args.judge_on_error,
+        json_mode=args.judge_json_mode,
+    )
 
 
 def eval_inputs(args: argparse.Namespace) -> tuple[str, list[str]]:
@@ -469,7 +528,7 @@ def eval_inputs(args: argparse.Namespace) -> tuple[str, list[str]]:
     return reference, task.prompts("eval")
 
 
-def run_compare(args: argparse.Namespace) -> int:
+def run_compare(args: argparse.Namespace, judge: JudgeConfig | None) -> int:
     from prefalign.evaluation.compare import compare_models, comparison_table
 
     models = {}
@@ -479,21 +538,6 @@ def run_compare(args: argparse.Namespace) -> int:
             raise ConfigError(f"--compare takes NAME=PATH items, got {item!r}")
         models[name] = path
     reference, prompts = eval_inputs(args)
-    judge = None
-    if args.judge_url:
-        from prefalign.evaluation.judge import JudgeConfig
-
-        judge = JudgeConfig(
-            base_url=args.judge_url,
-            model=args.judge_model,
-            api_key_env=args.judge_api_key_env,
-            concurrency=args.judge_concurrency,
-            timeout_s=args.judge_timeout,
-            max_retries=args.judge_retries,
-            max_tokens=args.judge_max_tokens,
-            on_error=args.judge_on_error,
-            json_mode=args.judge_json_mode,
-        )
     rows = compare_models(
         models,
         args.task,

@@ -227,15 +227,20 @@ def tokenize_preference(
         prompt, cut_p = budget.cut_prompt(prompt, record)
         chosen, cut_c = budget.cut_response(prompt, chosen, record, "chosen")
         rejected, cut_r = budget.cut_response(prompt, rejected, record, "rejected")
-        if (cut_c or cut_r) and chosen == rejected:  # they differed only past the budget
-            raise DataError(
-                record.source,
-                record.line,
-                f"identical to 'chosen' once cut to max_length={budget.max_length} "
-                f"({len(prompt)} prompt + {len(chosen)} response tokens); raise max_length",
-                field="rejected",
-                reason="identical_after_truncation",
-            )
+        if chosen == rejected:  # the loss would see no difference between the two
+            if cut_c or cut_r:  # they differed only past the budget
+                message = (
+                    f"identical to 'chosen' once cut to max_length={budget.max_length} "
+                    f"({len(prompt)} prompt + {len(chosen)} response tokens); raise max_length"
+                )
+                reason = "identical_after_truncation"
+            else:  # different texts, same ids: a normalizing or unknown-token tokenizer
+                message = (
+                    f"tokenizes to the same {len(chosen)} ids as 'chosen' (no truncation): "
+                    "the pair carries no preference"
+                )
+                reason = "identical_token_ids"
+            raise DataError(record.source, record.line, message, field="rejected", reason=reason)
         return TokenizedPair(prompt, chosen, rejected, truncated=cut_p or cut_c or cut_r)
 
     return _check_rows(records, rows, skip_invalid, build)

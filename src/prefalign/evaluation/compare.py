@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from prefalign.evaluation.core import RewardFn, evaluate_policy
+from prefalign.evaluation.core import EvalResult, RewardFn, evaluate_policy
 from prefalign.evaluation.judge import JudgeConfig, judge_pairwise
 
 TABLE_COLUMNS = ("gold_reward", "gold_reward_se", "kl", "kl_se", "accuracy",
@@ -43,17 +43,9 @@ def compare_models(
         )
     ref_model = load_model(reference, device=device)
     if judge is not None and reference_answers is None:
-        own = evaluate_policy(
-            ref_model,
-            load_tokenizer(reference),
-            task,
-            prompts,
-            reference=None,
-            max_new_tokens=max_new_tokens,
-            seed=seed,
-            reward_fn=reward_fn,
+        reference_answers = reference_answers_of(
+            ref_model, reference, task, prompts, max_new_tokens, seed, reward_fn
         )
-        reference_answers = [s["response"] for s in own.samples]
     rows = []
     for name, path in models.items():
         policy = load_model(path, device=device)
@@ -70,28 +62,50 @@ def compare_models(
         )
         row: dict[str, Any] = {"model": name, **result.summary()}
         if judge is not None:
-            answers = [s["response"] for s in result.samples[::samples_per_prompt]]
-            verdict = judge_pairwise(prompts, answers, reference_answers or [], judge).summary()
-            row.update(
-                {
-                    k: verdict[k]
-                    for k in (
-                        "win_rate",
-                        "win_rate_ci",
-                        "lc_win_rate",
-                        "lc_ci",
-                        "wins",
-                        "losses",
-                        "ties",
-                        "cache_hits",
-                    )
-                }
-            )
-            # Judgments lost to errors or never parsed: left out of the win rate, shown here.
-            row.update(judge_failed=verdict["failed"], judge_unparsed=verdict["unparsed"])
+            row.update(judged(prompts, result, reference_answers or [], judge, samples_per_prompt))
         rows.append(row)
         del policy  # one policy in memory at a time
     return rows
+
+
+def reference_answers_of(
+    ref_model: Any,
+    reference: str | Path,
+    task: str,
+    prompts: Sequence[str],
+    max_new_tokens: int = 24,
+    seed: int = 0,
+    reward_fn: RewardFn | None = None,
+) -> list[str]:
+    """The reference model's own answer to each prompt: the judge's baseline."""
+    from prefalign.modeling import load_tokenizer
+
+    own = evaluate_policy(
+        ref_model, load_tokenizer(reference), task, prompts, reference=None,
+        max_new_tokens=max_new_tokens, seed=seed, reward_fn=reward_fn,
+    )  # fmt: skip
+    return [s["response"] for s in own.samples]
+
+
+JUDGE_COLUMNS = ("win_rate", "win_rate_ci", "lc_win_rate", "lc_ci", "wins", "losses", "ties",
+                 "cache_hits")  # fmt: skip
+
+
+def judged(
+    prompts: Sequence[str],
+    result: EvalResult,
+    reference_answers: Sequence[str],
+    judge: JudgeConfig,
+    samples_per_prompt: int = 1,
+) -> dict[str, Any]:
+    """The judge's figures for `result` (its first sample per prompt) against the reference
+    answers: win rates with intervals, counts, and the judgments it lost to errors or never
+    parsed (left out of the win rate, shown as judge_failed / judge_unparsed)."""
+    answers = [s["response"] for s in result.samples[::samples_per_prompt]]
+    verdict = judge_pairwise(prompts, answers, reference_answers, judge).summary()
+    out = {k: verdict[k] for k in JUDGE_COLUMNS}
+    out.update(judge_failed=verdict["failed"], judge_unparsed=verdict["unparsed"])
+    return out
 
 
 def comparison_table(rows: Sequence[dict[str, Any]]) -> str:

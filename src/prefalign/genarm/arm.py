@@ -38,8 +38,9 @@ class ArmConfig(PreferenceConfig):
 
     objective: ObjectiveSpec = field(default_factory=lambda: ObjectiveSpec(name="genarm"))
     reference: ReferenceSpec = field(default_factory=lambda: ReferenceSpec(mode="none"))
+    # Dropout off, as in every preference run (`trainer.disable_dropout=false` keeps it).
     trainer: TrainerConfig = field(
-        default_factory=lambda: TrainerConfig(out_dir="runs/arm", lr=5e-6)
+        default_factory=lambda: TrainerConfig(out_dir="runs/arm", lr=5e-6, disable_dropout=True)
     )
 
 

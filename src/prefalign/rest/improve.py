@@ -65,8 +65,11 @@ class ImproveSpec:
     # ReST lowers the learning rate in later Improve steps: step k trains at lr * lr_decay ** k
     # (k counts within a Grow step, or across the run with schedule_scope=run, as thresholds do).
     lr_decay: float = bounded(1.0, gt=0)
-    # out_dir and seed are set per step
-    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(lr=1e-5))
+    # out_dir and seed are set per step; dropout is off, as in `prefalign train`: the policy's
+    # samples were drawn without it (`improve.trainer.disable_dropout=false` keeps it)
+    trainer: TrainerConfig = field(
+        default_factory=lambda: TrainerConfig(lr=1e-5, disable_dropout=True)
+    )
 
 
 # An Improve loss once resolved: an NLL loss by name, or an objective with its parameters.

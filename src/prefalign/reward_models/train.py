@@ -50,8 +50,9 @@ class RMData(PreferenceData):
 class RewardModelConfig:
     model: ModelSpec = field(default_factory=ModelSpec)  # the backbone: usually the SFT policy
     data: RMData = field(default_factory=RMData)
+    # Dropout off, as TRL's RewardTrainer (`trainer.disable_dropout=false` keeps it).
     trainer: TrainerConfig = field(
-        default_factory=lambda: TrainerConfig(out_dir="runs/rm", lr=1e-4)
+        default_factory=lambda: TrainerConfig(out_dir="runs/rm", lr=1e-4, disable_dropout=True)
     )
 
 

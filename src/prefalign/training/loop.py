@@ -31,6 +31,8 @@ from tqdm.auto import tqdm
 from prefalign.config import bounded
 from prefalign.errors import UserError
 from prefalign.io import append_jsonl, atomic_write, flatten
+from prefalign.training import step_in_backward as in_backward
+from prefalign.training.bf16_weights import Bf16MasterWeights
 from prefalign.training.checkpoint import (
     MODEL_DIR,
     checkpoints,
@@ -40,7 +42,14 @@ from prefalign.training.checkpoint import (
     save_model,
     set_rng_state,
 )
-from prefalign.training.fsdp import full_state_dict, is_sharded, local_norm_to_float
+from prefalign.training.fsdp import (
+    full_optimizer_state,
+    full_state_dict,
+    is_sharded,
+    load_full_optimizer_state,
+    local_norm_to_float,
+)
+from prefalign.training.precision import resolve_bf16_path, resolve_mixed_precision, world_size
 
 # A metric is a batch mean (a scalar tensor) or a (sum, count) pair: pairs are summed over
 # micro-batches and processes before dividing, so a metric that only some examples have (KTO's
@@ -64,7 +73,11 @@ class TrainerConfig:
     warmup_ratio: float = bounded(0.0, min=0, max=1)
     schedule: Literal["constant", "linear", "cosine"] = "linear"
     max_grad_norm: float = bounded(1.0, min=0)  # 0 disables clipping
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    # "auto": bf16 where the device multiplies bf16 natively (prefalign.training.precision).
+    mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "no"
+    # How bf16 runs: bf16 weights with fp32 masters ("weights", one process without FSDP) or
+    # autocast over fp32 weights; "auto" takes "weights" where it applies.
+    bf16_path: Literal["auto", "weights", "autocast"] = "auto"
     seed: int = 0
     log_every: int = bounded(10, min=1)
     save_every: int = bounded(0, min=0)  # 0: a checkpoint only at the end
@@ -78,6 +91,11 @@ class TrainerConfig:
     # Zero every dropout probability for the whole run (TRL's DPO/KTO default); the model is in
     # train mode from the first step to the last either way.
     disable_dropout: bool = False
+    # Step each parameter inside backward once its gradient is complete and drop the gradient
+    # (prefalign.training.step_in_backward): one copy of the weights less at the peak, the
+    # same update. "auto": wherever that is exact (max_grad_norm 0, grad_accum 1, one process,
+    # no fp16, no FSDP); "off": always after backward.
+    step_in_backward: Literal["auto", "off"] = "auto"
 
 
 class TrainingDiverged(UserError):
@@ -162,8 +180,18 @@ class Trainer:
                 f"{config.batch_size} x {config.grad_accum} x {acc.num_processes} processes"
             )
         self.total_steps = config.max_steps or max(1, math.ceil(per_epoch * config.epochs))
-        params = [p for p in model.parameters() if p.requires_grad]
         self.sharded = is_sharded(model)
+        # bf16 working weights: the optimizer steps their fp32 masters (refreshed after each step).
+        self.master: Bf16MasterWeights | None = None
+        # An accelerator that autocasts (one the caller built for bf16) keeps the autocast path.
+        if bf16_weights(config, acc.num_processes, self.sharded) and acc.mixed_precision == "no":
+            self.master = Bf16MasterWeights(model)
+        params = (
+            self.master.masters
+            if self.master is not None
+            else [p for p in model.parameters() if p.requires_grad]
+        )
+        self.trained_params = params  # what is clipped and stepped
         optimizer = torch.optim.AdamW(
             params,
             lr=config.lr,
@@ -180,6 +208,16 @@ class Trainer:
             self.model, self.optimizer = model, optimizer
         else:
             self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.in_backward = None
+        # bf16 master weights get their gradients by hand, not from autograd: no hook fires.
+        if self.master is None and config.step_in_backward == "auto" and in_backward.fits(
+            config.max_grad_norm,
+            config.grad_accum,
+            acc.num_processes,
+            config.mixed_precision,
+            self.sharded,
+        ):
+            self.in_backward = in_backward.StepInBackward(optimizer, self._bad_gradient)
         name = {"constant": "constant_with_warmup"}.get(config.schedule, config.schedule)
         from transformers import get_scheduler  # 4 s of imports: not paid by a config error
 
@@ -249,19 +287,28 @@ class Trainer:
                 sync = m == len(micro) - 1
                 with acc.no_sync(self.model) if not sync else nullcontext(), acc.autocast():
                     loss, metrics = loss_fn(self.model, batch)
+                if self.in_backward is not None:  # backward steps: check the loss before it
+                    self._check_finite(float(loss.detach()), None)
                 acc.backward(loss / cfg.grad_accum)
                 totals.add({"loss": loss, **metrics})
                 seen += len(indices)
             # Reduced before the optimizer step: a non-finite loss on any process reaches every
             # process through the mean, so all of them stop at the same step, with nothing applied.
             record = totals.reduce(acc, check_keys=self.step == start_step)
-            # Clipping at infinity still measures the norm (and unscales fp16 gradients). DeepSpeed
-            # clips inside its engine and returns no norm.
-            norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm or math.inf)
-            grad_norm = None if norm is None else local_norm_to_float(norm)
-            # fp16's loss scaler expects overflows: it skips those steps and lowers the scale.
-            self._check_finite(record["loss"], grad_norm if acc.scaler is None else None)
-            self.optimizer.step()
+            if self.in_backward is not None:  # every parameter stepped inside backward
+                grad_norm = self.in_backward.grad_norm()
+                # What LR schedulers check to warn of a schedule stepped before its optimizer.
+                self.optimizer._opt_called = True
+            else:
+                # Clipping at infinity still measures the norm (and unscales fp16 gradients).
+                # DeepSpeed clips inside its engine and returns no norm.
+                norm = acc.clip_grad_norm_(self.trained_params, cfg.max_grad_norm or math.inf)
+                grad_norm = None if norm is None else local_norm_to_float(norm)
+                # fp16's loss scaler expects overflows: it skips those steps and lowers the scale.
+                self._check_finite(record["loss"], grad_norm if acc.scaler is None else None)
+                self.optimizer.step()
+                if self.master is not None:
+                    self.master.refresh()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
@@ -305,6 +352,13 @@ class Trainer:
             raise self._diverged(
                 f"gradient norm became {grad_norm} at step {step} (the loss was {loss:.4g})"
             )
+
+    def _bad_gradient(self, norm: float) -> None:
+        """A non-finite gradient met inside backward: stop before anything is saved."""
+        raise self._diverged(
+            f"a gradient became {norm} at step {self.step + 1}",
+            "parameters stepped earlier in its backward pass moved in memory, nothing was saved",
+        )
 
     def _check_parameters(self) -> None:
         """Raise if a trained parameter is not finite: such weights are never written."""
@@ -358,19 +412,28 @@ class Trainer:
         root = self.out_dir / "checkpoints"
         done = root / f"step-{self.step}"
         tmp = root / f".tmp-step-{self.step}"
-        # Sharded weights are gathered by every process together; only the main one keeps them.
+        # Sharded weights, optimizer and reference states are gathered by every process
+        # together (collectives) into the single-process formats; only the main one writes them.
         state = full_state_dict(self.model) if self.sharded else None
+        optimizer_state = (
+            full_optimizer_state(self.model, self.optimizer)
+            if self.sharded
+            else self.optimizer.state_dict()
+        )
+        extra = self.extra_state.state_dict() if self.extra_state is not None else None
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            save_model(self.unwrapped, self.tokenizer, tmp / MODEL_DIR, state_dict=state)
-            if not self.sharded:  # sharded optimizer and reference states: not saved (no resume)
-                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            with self._fp32_parameters():  # bf16 working weights: the fp32 masters are saved
+                save_model(self.unwrapped, self.tokenizer, tmp / MODEL_DIR, state_dict=state)
+            torch.save(optimizer_state, tmp / "optimizer.pt")
             torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
-            if self.extra_state is not None and not self.sharded:
-                torch.save(self.extra_state.state_dict(), tmp / "extra_state.pt")
+            if extra is not None:
+                torch.save(extra, tmp / "extra_state.pt")
             (tmp / "state.json").write_text(
-                json.dumps({"step": self.step, "num_processes": acc.num_processes})
+                json.dumps(
+                    {"step": self.step, "num_processes": acc.num_processes, "fsdp": self.sharded}
+                )
             )
         acc.wait_for_everyone()
         # Each process saves its own RNG state (sampling in dropout and data differ per rank).
@@ -391,19 +454,25 @@ class Trainer:
         if not found:
             return False
         step, path = found[-1]
-        if self.sharded:
-            raise NotImplementedError(
-                f"resuming an FSDP2 run is not implemented ({path}): its sharded optimizer and "
-                "reference states are not checkpointed; start a new run from the saved model"
-            )
         state = json.loads((path / "state.json").read_text())
         if state["num_processes"] != self.accelerator.num_processes:
-            raise ValueError(
+            raise UserError(
                 f"checkpoint {path} was written by {state['num_processes']} processes; "
                 "resume with the same number"
             )
-        load_trained_weights(self.unwrapped, path / MODEL_DIR)
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+        if state.get("fsdp", False) != self.sharded:
+            written = "true" if state.get("fsdp", False) else "false"
+            raise UserError(
+                f"checkpoint {path} was written with trainer.fsdp={written}; "
+                "resume with the same setting"
+            )
+        with self._fp32_parameters():  # into the fp32 masters; the bf16 weights follow
+            load_trained_weights(self.unwrapped, path / MODEL_DIR)
+        optimizer_state = torch.load(path / "optimizer.pt", weights_only=False)
+        if self.sharded:  # the full state by parameter name: each process keeps its slices
+            load_full_optimizer_state(self.model, self.optimizer, optimizer_state)
+        else:
+            self.optimizer.load_state_dict(optimizer_state)
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
         if self.extra_state is not None:
             self.extra_state.load_state_dict(
@@ -416,6 +485,9 @@ class Trainer:
         if self.accelerator.is_main_process:
             print(f"resumed from {path} at step {step}")
         return True
+
+    def _fp32_parameters(self):
+        return self.master.fp32_parameters() if self.master is not None else nullcontext()
 
     def end(self) -> None:
         if self.config.report_to:
@@ -476,11 +548,20 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.attention_dropout = 0.0
 
 
+def bf16_weights(config: TrainerConfig, num_processes: int, sharded: bool) -> bool:
+    """Whether this run trains bf16 working weights with fp32 masters (instead of autocast)."""
+    path = resolve_bf16_path(config.mixed_precision, config.bf16_path, num_processes, sharded)
+    return path == "weights"
+
+
 def make_accelerator(config: TrainerConfig) -> Accelerator:
+    precision = resolve_mixed_precision(config.mixed_precision)
+    if bf16_weights(config, world_size(), config.fsdp):
+        precision = "no"  # the weights themselves are bf16: no autocast on top
     return Accelerator(
         # On a machine without CUDA, `cpu=True` lets torchrun processes join one gloo group.
         cpu=not torch.cuda.is_available(),
-        mixed_precision=config.mixed_precision,
+        mixed_precision=precision,
         log_with=config.report_to or None,
         project_dir=config.out_dir,
     )

@@ -1,0 +1,84 @@
+"""bf16 working weights with fp32 master weights: mixed precision without per-op casts.
+
+The model's parameters are cast to bf16 once; each trainable one keeps an fp32 master copy that
+the optimizer updates. Forward and backward run entirely in bf16 (no autocast, so no weight is
+re-cast on every forward and no activation is cast back and forth), each micro-batch's bf16
+gradient is added into the master's fp32 gradient as soon as autograd has accumulated it, and
+after every optimizer step the bf16 weights are refreshed from the masters in one fused copy.
+Rounding a weight to bf16 therefore never loses an update: small steps accumulate in fp32.
+This is the master-weights scheme of Micikevicius et al., "Mixed Precision Training" (ICLR 2018),
+with bf16 (no loss scaling needed). Buffers (rotary frequencies) stay fp32, and prefalign's
+log-probs keep their fp32 log-sum-exp, so the loss is computed in fp32.
+
+Frozen parameters (a LoRA model's base, a frozen embedding) are held in bf16 only: they never
+change, so they need no master. Single-process runs only: DDP and FSDP2 all-reduce or shard the
+parameters' own gradients, which this scheme moves to the masters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+WORKING_DTYPE = torch.bfloat16
+
+
+class Bf16MasterWeights:
+    """Casts `model`'s floating-point parameters to bf16 in place and keeps fp32 masters of the
+    trainable ones; give `masters` to the optimizer and call `refresh()` after each step."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.working: list[torch.nn.Parameter] = []
+        self.masters: list[torch.nn.Parameter] = []
+        self._hooks = []
+        seen: set[int] = set()
+        for param in model.parameters():  # a tied weight is one Parameter: seen once
+            if id(param) in seen or not param.is_floating_point():
+                continue
+            seen.add(id(param))
+            if param.requires_grad:
+                master = torch.nn.Parameter(param.detach().float().clone())
+                self.working.append(param)
+                self.masters.append(master)
+                self._hooks.append(
+                    param.register_post_accumulate_grad_hook(self._to_master(master))
+                )
+            with torch.no_grad():
+                param.data = param.data.to(WORKING_DTYPE)
+
+    @staticmethod
+    def _to_master(master: torch.nn.Parameter):
+        def hook(param: torch.nn.Parameter) -> None:
+            # fp32 accumulation across micro-batches; the bf16 gradient is freed at once.
+            grad = param.grad.to(torch.float32)
+            master.grad = grad if master.grad is None else master.grad.add_(grad)
+            param.grad = None
+
+        return hook
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Round the fp32 masters into the bf16 working weights (after an optimizer step)."""
+        if self.working:
+            torch._foreach_copy_(self.working, self.masters)
+
+    @contextlib.contextmanager
+    def fp32_parameters(self) -> Iterator[None]:
+        """The trainable parameters are their fp32 masters inside the block (saving and loading
+        checkpoints); on leaving, the bf16 weights are refreshed from the masters."""
+        held = [p.data for p in self.working]
+        for param, master in zip(self.working, self.masters, strict=True):
+            param.data = master.data
+        try:
+            yield
+        finally:
+            for param, data in zip(self.working, held, strict=True):
+                param.data = data
+            self.refresh()
+
+    def remove(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
