@@ -259,3 +259,43 @@ def test_real_proxy_training_runs_confined_and_catches_a_reversal(
     assert plain["valid"] and plain["metrics"]["checked_calls"] >= 3
     json.loads((tmp_path / "run" / "fitness_cache.json").read_text())  # only the good one
     assert len(json.loads((tmp_path / "run" / "fitness_cache.json").read_text())) == 1
+
+
+@pytest.mark.slow
+def test_proxy_training_scores_a_task_registered_only_in_this_process(
+    tmp_path: Path, mini_worlds: dict
+) -> None:
+    """The worker used to resolve the task by name, so with a task registered by user code
+    (here a closure no other process could rebuild) it could not start and every candidate
+    was rejected for it. The parent now scores the worker's samples itself."""
+    from openai_server import ScriptedOpenAIServer
+
+    from prefalign.discovery.recipe import DiscoverConfig, ProposerSpec, ProxySpec, run_discover
+    from prefalign.tasks import Task, per_sample, register_task
+
+    world = mini_worlds["sentiment"]
+    scored: list[str] = []
+
+    def constant(prompt: str, response: str) -> float:
+        scored.append(response)
+        return 0.25
+
+    task = register_task(Task(
+        "lab:constant", lambda split: world.prompts(split), per_sample(constant),
+        policy=lambda: world.policy_path, files=lambda name: world.file(f"{name}.jsonl"),
+    ), replace=True)  # fmt: skip
+    with ScriptedOpenAIServer() as server:
+        server.push_json({"thought": "t", "name": "plain", "code": named(DPO, "plain")})
+        config = DiscoverConfig(
+            out_dir=str(tmp_path / "run"), generations=1, candidates_per_generation=1,
+            baselines=False,
+            proposer=ProposerSpec(kind="llm", base_url=server.base_url, model="m",
+                                  api_key_env="NONE"),
+            proxy=ProxySpec(steps=2, batch_size=24, n_eval_prompts=3, samples_per_prompt=2),
+        )  # fmt: skip
+        archive = run_discover(config, log=lambda *_: None, task=task)
+    (plain,) = archive.load()
+    assert plain["valid"], plain
+    assert plain["metrics"]["gold"] == 0.25 and plain["fitness"] == 0.25  # KL within budget
+    assert len(scored) == 3 * 2  # every held-out sample, scored here
+    assert "responses" not in plain["metrics"]
