@@ -84,6 +84,9 @@ class TrainerConfig:
     # Zero every dropout probability for the whole run (TRL's DPO/KTO default); the model is in
     # train mode from the first step to the last either way.
     disable_dropout: bool = False
+    # torch's intra-op threads from the start of the run (0: torch's own, the cores or
+    # OMP_NUM_THREADS); 1 on a shared machine: idle threads spin-wait on contended cores.
+    threads: int = bounded(0, min=0)
 
 
 class TrainingDiverged(UserError):
@@ -153,6 +156,8 @@ class Trainer:
         """`lengths`: the token count of every training example (the epoch's batches are planned
         from them). Seed with `seed_everything(config.seed)` before building the model."""
         self.config = config
+        if config.threads:
+            torch.set_num_threads(config.threads)
         self.lengths = list(lengths)
         n_examples = len(self.lengths)
         self.tokenizer = tokenizer  # saved beside every checkpoint so each one loads on its own
