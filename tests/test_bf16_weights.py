@@ -18,6 +18,12 @@ from test_train_preference import tiny as tiny_run  # noqa: F401  (a fixture)
 from prefalign.objectives import compute_loss, get
 from prefalign.shared_prompt import collate_shared_pairs, pair_logps
 from prefalign.training.bf16_weights import Bf16MasterWeights
+from prefalign.training.cpu_attention import (
+    EAGER_MAX_WIDTH,
+    EAGER_MEMORY_BYTES,
+    eager_attention_bytes,
+    use_eager_attention_for_bf16,
+)
 from prefalign.training.precision import resolve_bf16_path
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -98,9 +104,7 @@ def test_updates_below_bf16_resolution_accumulate_in_the_masters():
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_a_bf16_run_keeps_fp32_masters_saves_them_and_resumes_bit_exact(
-    request, tmp_path, layout
-):
+def test_a_bf16_run_keeps_fp32_masters_saves_them_and_resumes_bit_exact(request, tmp_path, layout):
     tiny = request.getfixturevalue("tiny_run")  # test_train_preference's pairs and tiny Llama
     a, b = straight_and_resumed(tiny, tmp_path, layout, "trainer.mixed_precision=bf16")
     assert a.keys() == b.keys()
@@ -148,3 +152,25 @@ def test_the_bf16_path_follows_the_config_and_the_process_layout():
     assert resolve_bf16_path("bf16", "autocast", 1, False) == "autocast"
     with pytest.raises(ValueError, match="trainer.bf16_path"):
         resolve_bf16_path("bf16", "weights", 2, False)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_short_bf16_rows_take_eager_attention_with_the_same_logps(arch):
+    model = tiny_model(arch)
+    Bf16MasterWeights(model)
+    batch = collate_shared_pairs(*random_pairs(3, n=6), pad_id=0)
+    with torch.no_grad():
+        chosen, rejected = pair_logps(model, batch)
+        assert use_eager_attention_for_bf16(model, rows=6, width=batch["input_ids"].shape[1])
+        assert model.config._attn_implementation == "eager"
+        eager_chosen, eager_rejected = pair_logps(model, batch)  # the additive form of the mask
+    torch.testing.assert_close(eager_chosen.sum, chosen.sum, rtol=1e-2, atol=0.1)
+    torch.testing.assert_close(eager_rejected.sum, rejected.sum, rtol=1e-2, atol=0.1)
+
+
+def test_long_or_many_rows_keep_sdpa():
+    model = tiny_model("llama")
+    assert not use_eager_attention_for_bf16(model, rows=4, width=EAGER_MAX_WIDTH + 1)
+    too_many = EAGER_MEMORY_BYTES // eager_attention_bytes(model.config, 1, 128) + 1
+    assert not use_eager_attention_for_bf16(model, rows=too_many, width=128)
+    assert model.config._attn_implementation == "sdpa"

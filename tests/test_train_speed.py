@@ -121,3 +121,34 @@ def test_trust_region_references_are_scored_live(tiny, tmp_path):
     assert "shared-prompt forward: on" in logs
     assert not any("reference log-probs" in line for line in logs)
     assert cache_files(tiny) == []
+
+
+def test_a_cached_frozen_reference_keeps_no_copy_and_resumes_either_way(tiny, tmp_path):
+    logs, _ = train(tiny, tmp_path / "a", "trainer.max_steps=8")
+    assert any("no copy kept" in line for line in logs)
+    # Held-out pairs score with the reference live: it is a full copy there.
+    logs, _ = train(tiny, tmp_path / "e", f"data.eval_path={tiny['pairs']}")
+    assert not any("no copy kept" in line for line in logs)
+    # A checkpoint of a copy-free run resumes with a copied reference too (the cache off).
+    train(tiny, tmp_path / "b", "trainer.max_steps=4")
+    train(tiny, tmp_path / "b", "trainer.max_steps=8", "speed.reference_cache=off", resume=True)
+    wa = load_file(tmp_path / "a" / "final" / "model.safetensors")
+    wb = load_file(tmp_path / "b" / "final" / "model.safetensors")
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_released_reference_never_scores_again(tiny):
+    from prefalign.modeling import load_model
+    from prefalign.reference import InitialPolicyReference
+
+    policy = load_model(str(tiny["model"]), device="cpu").train()
+    reference = InitialPolicyReference(policy)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    mask = torch.ones_like(ids)
+    before = reference.logps(ids, mask, mask.bool()).sum
+    assert policy.training  # scored in eval mode, the policy's own mode restored
+    reference.release()
+    with pytest.raises(RuntimeError, match="released"):
+        reference.logps(ids, mask, mask.bool())
+    assert torch.isfinite(before).all()

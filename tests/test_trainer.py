@@ -202,3 +202,76 @@ def test_final_link_is_replaced_atomically_and_kept_by_a_rename(tmp_path):
     keep_final(out)
     assert not (out / "checkpoints" / "step-1" / "model").exists()
     assert (out / "final" / "weights").read_text() == "1"
+
+
+def train_steps(tmp_path, name: str, **kw) -> tuple[Trainer, torch.nn.Module, list[dict]]:
+    prompts, responses = rows()
+    model = gpt2()  # tied input and output embeddings: two uses of one parameter
+    cfg = config(tmp_path / name, max_steps=3, weight_decay=0.01, schedule="linear", **kw)
+    trainer = Trainer(model, cfg, [7] * 16)
+    result = trainer.fit(collate_fn(prompts, responses), lambda m, b: (nll_loss(m, b), {}))
+    return trainer, model, result.history
+
+
+def test_stepping_inside_backward_equals_the_step_after_it(tmp_path, monkeypatch):
+    import prefalign.logprobs as logprobs
+
+    monkeypatch.setattr(logprobs, "HEAD_CHUNK_ELEMENTS", VOCAB * 5)  # several checkpointed chunks
+    inside, model_inside, history_inside = train_steps(tmp_path, "inside", max_grad_norm=0)
+    after, model_after, history_after = train_steps(
+        tmp_path, "after", max_grad_norm=0, step_in_backward="off"
+    )
+    assert inside.in_backward is not None and after.in_backward is None
+    for (name, a), b in zip(model_inside.named_parameters(), model_after.parameters(), strict=True):
+        assert torch.equal(a, b), name
+    for x, y in zip(history_inside, history_after, strict=True):
+        assert x["loss"] == y["loss"]
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-6)
+    state_in, state_after = inside.optimizer.state_dict(), after.optimizer.state_dict()
+    for key, s in state_in["state"].items():
+        for field, value in s.items():
+            assert torch.equal(value, state_after["state"][key][field]), (key, field)
+
+
+def test_gradients_stepped_inside_backward_never_coexist(tmp_path):
+    prompts, responses = rows()
+    model = gpt2()
+    trainer = Trainer(model, config(tmp_path, max_grad_norm=0), [7] * 16)
+    params = [p for p in model.parameters() if p.requires_grad]
+    alive: list[int] = []
+    for p in params:  # runs after the trainer's own hook on the same parameter
+        p.register_post_accumulate_grad_hook(
+            lambda _: alive.append(sum(q.grad is not None for q in params))
+        )
+    trainer.fit(collate_fn(prompts, responses), lambda m, b: (nll_loss(m, b), {}))
+    assert len(alive) == 2 * len(params) and max(alive) == 0
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(max_grad_norm=1.0),
+        dict(max_grad_norm=0, grad_accum=2, batch_size=2),
+        # bf16 working weights hand their gradients to fp32 masters: no autograd hook would fire
+        dict(max_grad_norm=0, mixed_precision="bf16", bf16_path="weights"),
+    ],
+)
+def test_clipping_accumulation_or_bf16_masters_keep_the_step_after_backward(tmp_path, kw):
+    assert Trainer(gpt2(), config(tmp_path, **kw), [7] * 16).in_backward is None
+
+
+def test_a_non_finite_gradient_inside_backward_stops_the_run_unsaved(tmp_path):
+    prompts, responses = rows()
+
+    def loss_fn(model, batch):
+        loss = nll_loss(model, batch)
+        return loss + 0.0 * torch.sqrt(torch.zeros(()) * loss), {}
+
+    trainer = Trainer(gpt2(), config(tmp_path, max_grad_norm=0, save_every=1), [7] * 16)
+    assert trainer.in_backward is not None
+    with pytest.raises(TrainingDiverged, match="gradient became nan at step 1") as err:
+        trainer.fit(collate_fn(prompts, responses), loss_fn)
+    assert "nothing was saved" in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any(
+        (tmp_path / "run" / "checkpoints").iterdir()
+    )

@@ -235,6 +235,43 @@ class ModelReference(ReferencePolicy):
             return fn(self.model)
 
 
+class InitialPolicyReference(ReferencePolicy):
+    """A frozen full-model reference that is never copied: before the first optimizer step the
+    policy *is* the initial policy, so it scores the pairs once (eval mode, no autograd) for a
+    log-prob cache, and `release()` then drops it, so it can never score again.
+
+    It saves a full copy of the weights (as large as the policy) for runs whose reference is
+    only read through such a cache. Its checkpoint state holds no weights: a frozen reference
+    is the initial policy, which a resumed run loads from the same source.
+    """
+
+    def __init__(self, policy: torch.nn.Module) -> None:
+        super().__init__(ReferenceSpec(mode="frozen"))
+        self.model: torch.nn.Module | None = unwrap(policy)
+
+    def _score(self, fn):
+        if self.model is None:
+            raise RuntimeError(
+                "the frozen reference was released after its log-probs were cached; "
+                "nothing may score with it again"
+            )
+        with _eval_mode(self.model):
+            return fn(self.model)
+
+    def release(self) -> None:
+        self.model = None
+
+    def state_dict(self) -> dict:
+        return {"spec": asdict(self.spec), "weights": {}, "initial_policy": True}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["spec"]["mode"] != "frozen":
+            raise ValueError(
+                f"checkpoint holds a {state['spec']['mode']!r} reference, this run uses 'frozen'"
+            )
+        # Saved frozen weights (older checkpoints) are the initial policy's: nothing to load.
+
+
 class FullReference(ReferencePolicy):
     """The reference is a full copy of the policy."""
 
@@ -264,6 +301,15 @@ class FullReference(ReferencePolicy):
     # be wrong.
     def _weights(self) -> dict[str, torch.Tensor]:
         return self.model.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("initial_policy"):  # saved by an InitialPolicyReference: no weights
+            if self.spec.mode != "frozen":
+                raise ValueError(
+                    f"checkpoint holds a 'frozen' reference, this run uses {self.spec.mode!r}"
+                )
+            return  # this copy, made before resuming, is the initial policy
+        super().load_state_dict(state)
 
     def _load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         self.model.load_state_dict(weights)

@@ -42,7 +42,9 @@ class Bf16MasterWeights:
                 master = torch.nn.Parameter(param.detach().float().clone())
                 self.working.append(param)
                 self.masters.append(master)
-                self._hooks.append(param.register_post_accumulate_grad_hook(self._to_master(master)))
+                self._hooks.append(
+                    param.register_post_accumulate_grad_hook(self._to_master(master))
+                )
             with torch.no_grad():
                 param.data = param.data.to(WORKING_DTYPE)
 

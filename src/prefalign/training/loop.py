@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from prefalign.config import bounded
 from prefalign.errors import UserError
 from prefalign.io import append_jsonl, atomic_write, flatten
+from prefalign.training import step_in_backward as in_backward
 from prefalign.training.bf16_weights import Bf16MasterWeights
 from prefalign.training.checkpoint import (
     MODEL_DIR,
@@ -84,6 +85,11 @@ class TrainerConfig:
     # Zero every dropout probability for the whole run (TRL's DPO/KTO default); the model is in
     # train mode from the first step to the last either way.
     disable_dropout: bool = False
+    # Step each parameter inside backward once its gradient is complete and drop the gradient
+    # (prefalign.training.step_in_backward): one copy of the weights less at the peak, the
+    # same update. "auto": wherever that is exact (max_grad_norm 0, grad_accum 1, one process,
+    # no fp16, no FSDP); "off": always after backward.
+    step_in_backward: Literal["auto", "off"] = "auto"
     # torch's intra-op threads from the start of the run (0: torch's own, the cores or
     # OMP_NUM_THREADS); 1 on a shared machine: idle threads spin-wait on contended cores.
     threads: int = bounded(0, min=0)
@@ -201,6 +207,16 @@ class Trainer:
             self.model, self.optimizer = model, optimizer
         else:
             self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.in_backward = None
+        # bf16 master weights get their gradients by hand, not from autograd: no hook fires.
+        if self.master is None and config.step_in_backward == "auto" and in_backward.fits(
+            config.max_grad_norm,
+            config.grad_accum,
+            acc.num_processes,
+            config.mixed_precision,
+            self.sharded,
+        ):
+            self.in_backward = in_backward.StepInBackward(optimizer, self._bad_gradient)
         name = {"constant": "constant_with_warmup"}.get(config.schedule, config.schedule)
         from transformers import get_scheduler  # 4 s of imports: not paid by a config error
 
@@ -270,21 +286,28 @@ class Trainer:
                 sync = m == len(micro) - 1
                 with acc.no_sync(self.model) if not sync else nullcontext(), acc.autocast():
                     loss, metrics = loss_fn(self.model, batch)
+                if self.in_backward is not None:  # backward steps: check the loss before it
+                    self._check_finite(float(loss.detach()), None)
                 acc.backward(loss / cfg.grad_accum)
                 totals.add({"loss": loss, **metrics})
                 seen += len(indices)
             # Reduced before the optimizer step: a non-finite loss on any process reaches every
             # process through the mean, so all of them stop at the same step, with nothing applied.
             record = totals.reduce(acc, check_keys=self.step == start_step)
-            # Clipping at infinity still measures the norm (and unscales fp16 gradients). DeepSpeed
-            # clips inside its engine and returns no norm.
-            norm = acc.clip_grad_norm_(self.trained_params, cfg.max_grad_norm or math.inf)
-            grad_norm = None if norm is None else local_norm_to_float(norm)
-            # fp16's loss scaler expects overflows: it skips those steps and lowers the scale.
-            self._check_finite(record["loss"], grad_norm if acc.scaler is None else None)
-            self.optimizer.step()
-            if self.master is not None:
-                self.master.refresh()
+            if self.in_backward is not None:  # every parameter stepped inside backward
+                grad_norm = self.in_backward.grad_norm()
+                # What LR schedulers check to warn of a schedule stepped before its optimizer.
+                self.optimizer._opt_called = True
+            else:
+                # Clipping at infinity still measures the norm (and unscales fp16 gradients).
+                # DeepSpeed clips inside its engine and returns no norm.
+                norm = acc.clip_grad_norm_(self.trained_params, cfg.max_grad_norm or math.inf)
+                grad_norm = None if norm is None else local_norm_to_float(norm)
+                # fp16's loss scaler expects overflows: it skips those steps and lowers the scale.
+                self._check_finite(record["loss"], grad_norm if acc.scaler is None else None)
+                self.optimizer.step()
+                if self.master is not None:
+                    self.master.refresh()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
@@ -328,6 +351,13 @@ class Trainer:
             raise self._diverged(
                 f"gradient norm became {grad_norm} at step {step} (the loss was {loss:.4g})"
             )
+
+    def _bad_gradient(self, norm: float) -> None:
+        """A non-finite gradient met inside backward: stop before anything is saved."""
+        raise self._diverged(
+            f"a gradient became {norm} at step {self.step + 1}",
+            "parameters stepped earlier in its backward pass moved in memory, nothing was saved",
+        )
 
     def _check_parameters(self) -> None:
         """Raise if a trained parameter is not finite: such weights are never written."""

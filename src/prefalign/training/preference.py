@@ -17,9 +17,16 @@ from prefalign import objectives
 from prefalign.data.tokenize import TruncationSettings
 from prefalign.logprobs import SequenceLogps, sequence_logps
 from prefalign.manifest import write_manifest
-from prefalign.modeling import ModelSpec, load_model, load_tokenizer
-from prefalign.reference import ModelReference, ReferencePolicy, ReferenceSpec, make_reference
+from prefalign.modeling import ModelSpec, is_peft_model, load_model, load_tokenizer
+from prefalign.reference import (
+    InitialPolicyReference,
+    ModelReference,
+    ReferencePolicy,
+    ReferenceSpec,
+    make_reference,
+)
 from prefalign.shared_prompt import pair_logps
+from prefalign.training.cpu_attention import use_eager_attention_for_bf16
 from prefalign.training.forward import (
     PairLogps,
     SpeedSpec,
@@ -208,6 +215,17 @@ def run_preference(
         gradient_checkpointing=config.model.gradient_checkpointing,
     )
     ref_spec = config.reference if objective.needs_reference else ReferenceSpec(mode="none")
+    use_cache = (
+        not unpaired and ref_spec.mode == "frozen" and config.speed.reference_cache == "auto"
+    )
+    # A frozen full-model reference read only through its cache (held-out pairs would score
+    # with it live) needs no copy of the weights: the cache is built from the untrained policy.
+    cached_only = (
+        use_cache
+        and not config.data.eval_path
+        and not config.trainer.fsdp
+        and not is_peft_model(model)
+    )
     run = dict(lengths=[e.length for e in examples], run_config=asdict(config), tokenizer=tokenizer)
     if config.trainer.fsdp:
         from prefalign.training.fsdp import local_fraction, shard_with_reference
@@ -221,8 +239,18 @@ def run_preference(
         trainer = Trainer(model, config.trainer, accelerator=accelerator, **run)
     else:
         trainer = Trainer(model, config.trainer, **run)
-        # Built after prepare() so a full-copy reference lands on the training device.
-        reference = make_reference(trainer.model, ref_spec)
+        if trainer.master is not None and not unpaired:  # bf16 weights: the attention kernel
+            rows, width = widest_batch(
+                examples,
+                config.trainer.batch_size,
+                use_shared_prompt(config.speed, model, examples),
+            )
+            if use_eager_attention_for_bf16(trainer.unwrapped, rows, width):
+                log(f"bf16 on the CPU, rows of at most {width} tokens: eager attention")
+        if cached_only:  # the policy scores the cache before its first step: no copy at all
+            reference = InitialPolicyReference(trainer.model)
+        else:  # built after prepare() so a full copy lands on the training device
+            reference = make_reference(trainer.model, ref_spec)
     trainer.extra_state = reference  # checkpointed with the run: a trust-region reference moves
     pad = tokenizer.pad_token_id
     if unpaired:
@@ -242,30 +270,37 @@ def run_preference(
     evaluate = None
     if config.eval.task or config.data.eval_path:
         evaluate = make_evaluator(config, tokenizer, trainer, reference, objective)
+
+    def reference_cache():
+        from prefalign.training.ref_cache import build_reference_cache
+
+        settings = {
+            "layout": "shared" if shared else "stacked",
+            "mixed_precision": config.trainer.mixed_precision,
+            # bf16 weights and autocast round differently: their caches differ.
+            "bf16_weights": trainer.master is not None,
+        }
+        return build_reference_cache(
+            reference,
+            examples,
+            collate,
+            config.data.path,
+            trainer.accelerator,
+            config.trainer.batch_size,
+            settings,
+            log=log,
+        )
+
+    cached = None
+    if cached_only:  # before resume, which loads trained weights into the policy
+        cached = reference_cache()
+        reference.release()
+        log("frozen reference: scored by the untrained policy into the cache, no copy kept")
     if resume:
         trainer.resume()
-    if not unpaired:  # after resume: a resumed reference is the one the cache must fingerprint
-        cached = None
-        frozen = objective.needs_reference and ref_spec.mode == "frozen"
-        if config.speed.reference_cache == "auto" and frozen:
-            from prefalign.training.ref_cache import build_reference_cache
-
-            settings = {
-                "layout": "shared" if shared else "stacked",
-                "mixed_precision": config.trainer.mixed_precision,
-                # bf16 weights and autocast round differently: their caches differ.
-                "bf16_weights": trainer.master is not None,
-            }
-            cached = build_reference_cache(
-                reference,
-                examples,
-                collate,
-                config.data.path,
-                trainer.accelerator,
-                config.trainer.batch_size,
-                settings,
-                log=log,
-            )
+    if use_cache and cached is None:  # after resume: the resumed reference is fingerprinted
+        cached = reference_cache()
+    if not unpaired:
         loss_fn = pairwise_loss_fn(objective, reference, reference_logps=cached)
 
     def after_step(step: int) -> dict[str, float]:
@@ -281,6 +316,16 @@ def run_preference(
     )
     trainer.end()
     return result
+
+
+def widest_batch(examples, batch_size: int, shared: bool) -> tuple[int, int]:
+    """Rows and width of the widest training batch in the packed or the stacked layout."""
+    if shared:
+        return batch_size, max(
+            len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in examples
+        )
+    width = max(len(e.prompt_ids) + max(len(e.chosen_ids), len(e.rejected_ids)) for e in examples)
+    return 2 * batch_size, width
 
 
 def make_evaluator(

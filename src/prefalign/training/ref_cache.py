@@ -24,7 +24,13 @@ from safetensors.torch import load_file, save_file
 from prefalign.data.tokenize import TokenizedPair
 from prefalign.io import cache_root
 from prefalign.logprobs import SequenceLogps
-from prefalign.reference import REFERENCE_ADAPTER, FullReference, LoraReference, ReferencePolicy
+from prefalign.reference import (
+    REFERENCE_ADAPTER,
+    FullReference,
+    InitialPolicyReference,
+    LoraReference,
+    ReferencePolicy,
+)
 from prefalign.training.forward import PairLogps, live_reference_logps
 from prefalign.training.fsdp import local_tensor
 
@@ -33,9 +39,9 @@ FIELDS = ("chosen_sum", "chosen_n", "rejected_sum", "rejected_n")
 
 
 def reference_tensors(reference: ReferencePolicy) -> Iterable[tuple[str, torch.Tensor]]:
-    """The tensors a frozen reference's outputs depend on: the copy's state, or a LoRA policy's
-    base plus its reference adapter (none when the reference is the bare base)."""
-    if isinstance(reference, FullReference):
+    """The tensors a frozen reference's outputs depend on: the copy's (or the untrained policy's)
+    state, or a LoRA policy's base plus its reference adapter (none when it is the bare base)."""
+    if isinstance(reference, (FullReference, InitialPolicyReference)):
         return sorted(reference.model.state_dict().items())
     if isinstance(reference, LoraReference):  # the base, and the reference adapter if it has one
         state = reference.model.state_dict()
