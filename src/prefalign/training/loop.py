@@ -28,8 +28,8 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from prefalign.config import bounded
-from prefalign.errors import UserError
+from prefalign.config import ConfigError, bounded
+from prefalign.errors import RunDirError, UserError
 from prefalign.io import append_jsonl, atomic_write, flatten
 from prefalign.training import step_in_backward as in_backward
 from prefalign.training.bf16_weights import Bf16MasterWeights
@@ -174,7 +174,7 @@ class Trainer:
         self.global_micro_batch = config.batch_size * acc.num_processes
         per_epoch = n_examples // self.global_micro_batch // config.grad_accum
         if per_epoch == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"{n_examples} examples cannot fill one optimizer step of "
                 f"{config.batch_size} x {config.grad_accum} x {acc.num_processes} processes"
             )
@@ -452,7 +452,7 @@ class Trainer:
             )
         state = json.loads((path / "state.json").read_text())
         if state["num_processes"] != self.accelerator.num_processes:
-            raise ValueError(
+            raise RunDirError(
                 f"checkpoint {path} was written by {state['num_processes']} processes; "
                 "resume with the same number"
             )
