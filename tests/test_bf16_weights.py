@@ -14,6 +14,7 @@ from test_logprobs import tiny_model
 from test_shared_prompt import random_pairs
 from test_train_preference import LAYOUTS, straight_and_resumed
 from test_train_preference import tiny as tiny_run  # noqa: F401  (a fixture)
+from test_trainer import train_steps
 
 from prefalign.objectives import compute_loss, get
 from prefalign.shared_prompt import collate_shared_pairs, pair_logps
@@ -174,3 +175,35 @@ def test_long_or_many_rows_keep_sdpa():
     too_many = EAGER_MEMORY_BYTES // eager_attention_bytes(model.config, 1, 128) + 1
     assert not use_eager_attention_for_bf16(model, rows=too_many, width=128)
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_bf16_masters_stepped_inside_backward_equal_the_step_after_it(tmp_path):
+    kw = dict(max_grad_norm=0, mixed_precision="bf16")
+    inside, model_inside, history_inside = train_steps(tmp_path, "inside", **kw)
+    after, model_after, history_after = train_steps(tmp_path, "after", step_in_backward="off", **kw)
+    assert inside.in_backward is not None and inside.master is not None
+    assert after.in_backward is None
+    for a, b in zip(inside.master.masters, after.master.masters, strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(model_inside.parameters(), model_after.parameters(), strict=True):
+        assert a.dtype == torch.bfloat16 and torch.equal(a, b)  # refreshed in backward
+    assert [h["loss"] for h in history_inside] == [h["loss"] for h in history_after]
+
+
+def test_fp32_master_gradients_stepped_inside_backward_never_coexist(tmp_path):
+    from test_trainer import collate_fn, config, gpt2, rows
+
+    from prefalign.logprobs import nll_loss
+    from prefalign.training.loop import Trainer
+
+    model = gpt2()
+    cfg = config(tmp_path, max_grad_norm=0, mixed_precision="bf16")
+    trainer = Trainer(model, cfg, [7] * 16)
+    masters = trainer.master.masters
+    alive: list[int] = []
+    for p in trainer.master.working:  # runs after the master hook on the same parameter
+        p.register_post_accumulate_grad_hook(
+            lambda _: alive.append(sum(m.grad is not None for m in masters))
+        )
+    trainer.fit(collate_fn(*rows()), lambda m, b: (nll_loss(m, b), {}))
+    assert len(alive) == 2 * len(masters) and max(alive) == 0

@@ -214,8 +214,7 @@ class Trainer:
         else:
             self.model, self.optimizer = acc.prepare(model, optimizer)
         self.in_backward = None
-        # bf16 master weights get their gradients by hand, not from autograd: no hook fires.
-        if self.master is None and config.step_in_backward == "auto" and in_backward.fits(
+        if config.step_in_backward == "auto" and in_backward.fits(
             config.max_grad_norm,
             config.grad_accum,
             acc.num_processes,
@@ -223,6 +222,8 @@ class Trainer:
             self.sharded,
         ):
             self.in_backward = in_backward.StepInBackward(optimizer, self._bad_gradient)
+            if self.master is not None:  # fp32 masters get their gradients from the bf16 hooks
+                self.master.step_master = self.in_backward.step_parameter
         name = {"constant": "constant_with_warmup"}.get(config.schedule, config.schedule)
         from transformers import get_scheduler  # 4 s of imports: not paid by a config error
 
