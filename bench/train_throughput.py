@@ -23,12 +23,14 @@ off, no eval, saving or logging). Sizes:
   timed steps (the first 32 of a deterministic 96-pair set; `--steps 23` trains all 96).
 
 Variants (`--variants`, `+`-joined flags on a reference mode): `bf16` (prefalign
-`trainer.mixed_precision=bf16`, TRL `bf16=True`: autocast with fp32 master weights), `lora`
+`trainer.mixed_precision=bf16`: bf16 weights with fp32 masters; TRL `bf16=True`: autocast over
+fp32 weights), `lora`
 (r 8, alpha 16, every linear layer but the head, on both sides; TRL cannot run a soft reference
 with LoRA, so that row has no TRL side), `noclip` (no gradient-norm clipping on either side,
 `max_grad_norm` 0: prefalign then steps each parameter inside backward, one copy of the weights
 less in memory), and prefalign-only ablations that switch one lever off:
 `nocache` (frozen reference scored live), `noshare` (stacked [chosen; rejected] rows),
+`autocast` (with bf16: autocast over fp32 weights instead of bf16 weights with fp32 masters),
 `fullhead` (the full-vocabulary logits path, implies noshare).
 
 A frozen reference's cache is built before the first step (one reference forward per pair):
@@ -90,8 +92,8 @@ RESULTS = Path(__file__).parent / "results" / "train_throughput.json"
 FRAMEWORKS = ("prefalign", "trl")
 BETA, ALPHA, LR, SEED = 0.1, 0.6, 1e-6, 0
 LORA_R, LORA_ALPHA = 8, 16
-FLAGS = ("bf16", "lora", "noclip", "nocache", "noshare", "fullhead")
-ABLATIONS = ("nocache", "noshare", "fullhead")  # prefalign-only: one lever off
+FLAGS = ("bf16", "lora", "noclip", "nocache", "noshare", "fullhead", "autocast")
+ABLATIONS = ("nocache", "noshare", "fullhead", "autocast")  # prefalign-only: one lever off
 
 # Model shape, batch (pairs per step), max_length, warm-up and timed optimizer steps of each size.
 SIZES = {
@@ -458,6 +460,7 @@ def run_prefalign(
             log_every=10**9,
             progress=False,
             mixed_precision="bf16" if "bf16" in flags else "no",
+            bf16_path="autocast" if "autocast" in flags else "auto",
         ),
         speed=SpeedSpec(
             shared_prompt="off" if flags & {"noshare", "fullhead"} else "auto",

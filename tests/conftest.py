@@ -8,6 +8,8 @@ the objects they return as read-only (``copy.deepcopy`` them before changing any
 from __future__ import annotations
 
 import random
+import socket
+import sys
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -207,3 +209,23 @@ def save_tiny_review_model(
     LlamaForCausalLM(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(processes: int = 2) -> list[str]:
+    """The command prefix that starts `processes` local processes under torchrun (a free port:
+    tests may run side by side); append `-m module` or a script and its arguments."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(processes),
+        "--master_port",
+        str(free_port()),
+    ]

@@ -14,10 +14,17 @@ from test_logprobs import tiny_model
 from test_shared_prompt import random_pairs
 from test_train_preference import LAYOUTS, straight_and_resumed
 from test_train_preference import tiny as tiny_run  # noqa: F401  (a fixture)
+from test_trainer import train_steps
 
 from prefalign.objectives import compute_loss, get
 from prefalign.shared_prompt import collate_shared_pairs, pair_logps
 from prefalign.training.bf16_weights import Bf16MasterWeights
+from prefalign.training.cpu_attention import (
+    EAGER_MAX_WIDTH,
+    EAGER_MEMORY_BYTES,
+    eager_attention_bytes,
+    use_eager_attention_for_bf16,
+)
 from prefalign.training.precision import resolve_bf16_path
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -98,9 +105,7 @@ def test_updates_below_bf16_resolution_accumulate_in_the_masters():
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_a_bf16_run_keeps_fp32_masters_saves_them_and_resumes_bit_exact(
-    request, tmp_path, layout
-):
+def test_a_bf16_run_keeps_fp32_masters_saves_them_and_resumes_bit_exact(request, tmp_path, layout):
     tiny = request.getfixturevalue("tiny_run")  # test_train_preference's pairs and tiny Llama
     a, b = straight_and_resumed(tiny, tmp_path, layout, "trainer.mixed_precision=bf16")
     assert a.keys() == b.keys()
@@ -148,3 +153,57 @@ def test_the_bf16_path_follows_the_config_and_the_process_layout():
     assert resolve_bf16_path("bf16", "autocast", 1, False) == "autocast"
     with pytest.raises(ValueError, match="trainer.bf16_path"):
         resolve_bf16_path("bf16", "weights", 2, False)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_short_bf16_rows_take_eager_attention_with_the_same_logps(arch):
+    model = tiny_model(arch)
+    Bf16MasterWeights(model)
+    batch = collate_shared_pairs(*random_pairs(3, n=6), pad_id=0)
+    with torch.no_grad():
+        chosen, rejected = pair_logps(model, batch)
+        assert use_eager_attention_for_bf16(model, rows=6, width=batch["input_ids"].shape[1])
+        assert model.config._attn_implementation == "eager"
+        eager_chosen, eager_rejected = pair_logps(model, batch)  # the additive form of the mask
+    torch.testing.assert_close(eager_chosen.sum, chosen.sum, rtol=1e-2, atol=0.1)
+    torch.testing.assert_close(eager_rejected.sum, rejected.sum, rtol=1e-2, atol=0.1)
+
+
+def test_long_or_many_rows_keep_sdpa():
+    model = tiny_model("llama")
+    assert not use_eager_attention_for_bf16(model, rows=4, width=EAGER_MAX_WIDTH + 1)
+    too_many = EAGER_MEMORY_BYTES // eager_attention_bytes(model.config, 1, 128) + 1
+    assert not use_eager_attention_for_bf16(model, rows=too_many, width=128)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_bf16_masters_stepped_inside_backward_equal_the_step_after_it(tmp_path):
+    kw = dict(max_grad_norm=0, mixed_precision="bf16")
+    inside, model_inside, history_inside = train_steps(tmp_path, "inside", **kw)
+    after, model_after, history_after = train_steps(tmp_path, "after", step_in_backward="off", **kw)
+    assert inside.in_backward is not None and inside.master is not None
+    assert after.in_backward is None
+    for a, b in zip(inside.master.masters, after.master.masters, strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(model_inside.parameters(), model_after.parameters(), strict=True):
+        assert a.dtype == torch.bfloat16 and torch.equal(a, b)  # refreshed in backward
+    assert [h["loss"] for h in history_inside] == [h["loss"] for h in history_after]
+
+
+def test_fp32_master_gradients_stepped_inside_backward_never_coexist(tmp_path):
+    from test_trainer import collate_fn, config, gpt2, rows
+
+    from prefalign.logprobs import nll_loss
+    from prefalign.training.loop import Trainer
+
+    model = gpt2()
+    cfg = config(tmp_path, max_grad_norm=0, mixed_precision="bf16")
+    trainer = Trainer(model, cfg, [7] * 16)
+    masters = trainer.master.masters
+    alive: list[int] = []
+    for p in trainer.master.working:  # runs after the master hook on the same parameter
+        p.register_post_accumulate_grad_hook(
+            lambda _: alive.append(sum(m.grad is not None for m in masters))
+        )
+    trainer.fit(collate_fn(*rows()), lambda m, b: (nll_loss(m, b), {}))
+    assert len(alive) == 2 * len(masters) and max(alive) == 0

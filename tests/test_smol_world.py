@@ -176,3 +176,31 @@ def test_real_preference_rows_sweep_beta_for_the_frontier(tmp_path, tiny_gguf, m
     assert all(p["steps"] == 2 for p in sweep)
     quick = SmolDemoSettings(quick=True, out_dir=tmp_path / "quick", steps=2, batch_size=2)
     assert "sweep" not in run_smol_preference_row(world, quick, "tr-dpo-soft", row)
+
+
+@pytest.mark.slow  # trains two ARMs and a reward model, decodes eight times: ~1 min
+def test_real_genarm_row_decodes_each_arm_mix_once(tmp_path, tiny_gguf, monkeypatch):
+    from prefalign.demo.smol_genarm import method_genarm
+    from prefalign.demo.smollm2 import SmolDemoSettings
+    from prefalign.io import write_jsonl
+
+    monkeypatch.setenv("PREFALIGN_CACHE", str(tmp_path / "cache"))
+    world = get_smol_world(config=mini("sentiment", f"gguf:{tiny_gguf}"), log=lambda *_: None)
+    # The tiny random model's samples rarely have two clauses, which the brevity ARM needs.
+    prompts = world.prompts("train")
+    write_jsonl(
+        world.file("pairs.jsonl"),
+        [
+            {"prompt": p, "chosen": "a fine film, warm and bright.", "rejected": "dull, flat."}
+            for p in prompts
+        ],
+    )
+    settings = SmolDemoSettings(quick=True, out_dir=tmp_path / "demo", steps=2, batch_size=2)
+    row = method_genarm(world, settings, log=lambda *_: None)
+    by_alpha = {p["alpha"]: p for p in row["sweep"]}
+    sentiment_only = next(p for p in row["tradeoff"] if p["weights"] == [2.0, 0.0])
+    # The trade-off's (2, 0) is the sweep's alpha 2: one decoding, the same samples.
+    assert sentiment_only["sentiment"] == by_alpha[2.0]["gold_reward"]
+    assert sentiment_only["kl"] == by_alpha[2.0]["kl"]
+    assert row["base"]["gold_reward"] == by_alpha[0.0]["gold_reward"]
+    assert {r["name"] for r in row["baselines"]} == {"ARGS k=2", "best-of-2"}

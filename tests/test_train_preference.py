@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny_review_model
+from conftest import save_tiny_review_model, torchrun
 from safetensors.torch import load_file
 
 from prefalign import objectives
@@ -397,17 +397,7 @@ def test_two_processes_match_one_process_with_double_batch(tiny, tmp_path):
     one = cli_train(tiny, tmp_path / "one", *common, "trainer.batch_size=8")
     assert one.wait(timeout=300) == 0, one.stdout.read()
     # torchrun starts the processes; accelerate joins them in one gloo group on CPU.
-    launch = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-        "-m",
-        "prefalign.cli",
-    ]
+    launch = [*torchrun(2), "-m", "prefalign.cli"]
     two = subprocess.run(
         [*launch, "train", *overrides(tiny, tmp_path / "two", *common), "trainer.batch_size=4"],
         cwd=ROOT,
@@ -429,17 +419,7 @@ def test_kto_with_two_processes_whose_batches_hold_different_labels(tiny, tmp_pa
     kept = [r for i, r in enumerate(rows) if r["label"] or i % 6 == 1]
     data = tmp_path / "skewed.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    launch = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-        "-m",
-        "prefalign.cli",
-    ]
+    launch = [*torchrun(2), "-m", "prefalign.cli"]
     args = overrides(
         tiny,
         tmp_path / "two",
@@ -461,14 +441,6 @@ def test_kto_with_two_processes_whose_batches_hold_different_labels(tiny, tmp_pa
     assert len(keys) == 1 and {"rewards/chosen", "rewards/rejected", "kl"} <= next(iter(keys))
     assert all(r["rewards/chosen"] is not None for r in records)  # every global batch has some
     assert all(math.isfinite(r["loss"]) for r in records)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow  # a fresh interpreter imports torch: 4 s

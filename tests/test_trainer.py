@@ -252,11 +252,9 @@ def test_gradients_stepped_inside_backward_never_coexist(tmp_path):
     [
         dict(max_grad_norm=1.0),
         dict(max_grad_norm=0, grad_accum=2, batch_size=2),
-        # bf16 working weights hand their gradients to fp32 masters: no autograd hook would fire
-        dict(max_grad_norm=0, mixed_precision="bf16", bf16_path="weights"),
     ],
 )
-def test_clipping_accumulation_or_bf16_masters_keep_the_step_after_backward(tmp_path, kw):
+def test_clipping_or_accumulation_keep_the_step_after_backward(tmp_path, kw):
     assert Trainer(gpt2(), config(tmp_path, **kw), [7] * 16).in_backward is None
 
 

@@ -13,11 +13,19 @@ times `[A; A_ref]`, which is the mixture exactly, and recompressed through QR of
 and an SVD of the small (r+R) x (r+R) core. Truncation rule: keep the R largest singular
 directions (Eckart-Young: the best rank-R approximation in Frobenius norm); the mixture is
 exact whenever its rank is at most R, and the dropped share of its Frobenius norm is reported.
+
+Under FSDP2 the factors are sharded by rows, and neither QR nor SVD splits by rows of only one
+factor, so the update gathers each layer's four factors whole (adapter-sized: a few MB where
+the model is hundreds), mixes them as above on every process, and each process keeps its own
+rows of process 0's result, so all shards come from one factorization (the SVD's signs and
+order are the same everywhere).
 """
 
 from __future__ import annotations
 
 import torch
+
+from prefalign.training.fsdp import full_tensor, load_full_
 
 
 @torch.no_grad()
@@ -75,3 +83,15 @@ def copy_factors_(
     b_ref.zero_()
     a_ref[:r].copy_(a)
     b_ref[:, :r].copy_(b)
+
+
+@torch.no_grad()
+def mix_sharded_layers_(layers: list[tuple[torch.Tensor, ...]], weight: float) -> float:
+    """`mix_layers_` on sharded (DTensor) factors: gathered whole, mixed, and each process's
+    reference shards set from process 0's mixture. Collectives: call on every process."""
+    whole = [tuple(full_tensor(t).clone() for t in layer) for layer in layers]
+    worst = mix_layers_(whole, weight)
+    for layer, mixed in zip(layers, whole, strict=True):
+        for sharded, full in zip(layer[:2], mixed[:2], strict=True):  # A_ref, B_ref
+            load_full_(sharded, full, src_rank=0)
+    return worst

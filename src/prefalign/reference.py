@@ -34,8 +34,16 @@ import torch
 
 from prefalign.config import bounded
 from prefalign.logprobs import SequenceLogps, sequence_logps
-from prefalign.lora_mix import copy_factors_, mix_layers_
+from prefalign.lora_mix import copy_factors_, mix_layers_, mix_sharded_layers_
 from prefalign.modeling import is_peft_model
+from prefalign.training.fsdp import (
+    full_state_dict,
+    full_tensor,
+    is_dtensor,
+    is_sharded,
+    load_full_,
+    local_tensor,
+)
 
 REFERENCE_ADAPTER = "reference"
 Mode = Literal["frozen", "soft", "hard", "none"]
@@ -90,7 +98,7 @@ class _TensorPairs:
         for ref, pol in pairs:
             # Sharded (DTensor) parameters: update this process's shards in place, a purely
             # local operation, as policy and reference are sharded alike.
-            ref, pol = _local(ref), _local(pol)
+            ref, pol = local_tensor(ref), local_tensor(pol)
             if ref.shape != pol.shape or ref.dtype != pol.dtype or ref.device != pol.device:
                 raise ValueError(
                     "reference/policy tensor mismatch: "
@@ -114,11 +122,6 @@ class _TensorPairs:
     def copy_(self) -> None:
         for refs, pols in self.groups:
             torch._foreach_copy_(refs, pols)
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This process's shard of a DTensor (a view of its storage); a plain tensor as it is."""
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 @contextlib.contextmanager
@@ -169,6 +172,11 @@ class ReferencePolicy:
     def rebind(self, policy: torch.nn.Module) -> None:
         """Pair the reference with the policy's parameters again after both were replaced in
         place (sharded by FSDP2): updates then run on the new (local-shard) tensors."""
+
+    def separate_model(self) -> torch.nn.Module | None:
+        """The model this reference holds apart from the policy (a full copy), which a sharded
+        run shards like the policy; None where it lives inside the policy (a LoRA adapter)."""
+        return None
 
     def update_metrics(self) -> dict[str, float]:
         """What to log about the last update (the LoRA soft mixture's truncation error)."""
@@ -291,6 +299,9 @@ class FullReference(ReferencePolicy):
         if self._tensor_pairs is not None:
             self._tensor_pairs = _TensorPairs(_full_pairs(self.model, unwrap(policy)))
 
+    def separate_model(self) -> torch.nn.Module:
+        return self.model
+
     def _score(self, fn):
         return fn(self.model)
 
@@ -300,6 +311,8 @@ class FullReference(ReferencePolicy):
     # Frozen weights are state too: on resume the policy has moved, so a fresh copy of it would
     # be wrong.
     def _weights(self) -> dict[str, torch.Tensor]:
+        if is_sharded(self.model):  # gathered (a collective): the main process keeps it
+            return full_state_dict(self.model)
         return self.model.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
@@ -312,7 +325,19 @@ class FullReference(ReferencePolicy):
         super().load_state_dict(state)
 
     def _load_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        self.model.load_state_dict(weights)
+        if not is_sharded(self.model):
+            self.model.load_state_dict(weights)
+            return
+        # Sharded: each process copies its slice into its shards in place, so the tensor pairs
+        # of the trust-region update keep pointing at the live storage.
+        own = self.model.state_dict()
+        if set(own) != set(weights):
+            raise ValueError(
+                "checkpoint reference does not match this model: "
+                f"{sorted(set(own) ^ set(weights))[:3]}"
+            )
+        for name, tensor in own.items():
+            load_full_(tensor, weights[name])
 
     def save_pretrained(self, path: str | Path) -> None:
         self.model.save_pretrained(str(path))
@@ -379,7 +404,8 @@ class LoraReference(ReferencePolicy):
         if self.spec.mode == "soft" and step % self.spec.period == 0:
             # Whole weights (modules_to_save) mix linearly; LoRA layers mix their products.
             self._tensor_pairs.lerp_(self.spec.alpha)
-            self.truncation_error = mix_layers_(self._factors, self.spec.alpha)
+            mix = mix_sharded_layers_ if is_dtensor(self._factors[0][0]) else mix_layers_
+            self.truncation_error = mix(self._factors, self.spec.alpha)
             return True
         if self.spec.mode == "hard" and step % self.spec.tau == 0:
             self._sync()
@@ -396,12 +422,6 @@ class LoraReference(ReferencePolicy):
             copy_factors_(*group)
 
     def rebind(self, policy: torch.nn.Module) -> None:
-        if self._factors:
-            raise NotImplementedError(
-                "a soft LoRA reference mixes whole factor products (an SVD per layer), which "
-                "sharded factors do not allow; under trainer.fsdp use reference.mode hard or "
-                "frozen, or a full-model policy"
-            )
         if self._tensor_pairs is not None:
             self._bind()
 
@@ -430,7 +450,11 @@ class LoraReference(ReferencePolicy):
     def _weights(self) -> dict[str, torch.Tensor]:
         if self.uses_base:
             return {}  # the base model, which training never changes
-        return {name: p.detach() for name, p in zip(self._ref_names, self._ref_params, strict=True)}
+        # A sharded adapter is gathered whole (a collective: every process calls this).
+        return {
+            name: full_tensor(p.detach())
+            for name, p in zip(self._ref_names, self._ref_params, strict=True)
+        }
 
     def _load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         if self.uses_base:
@@ -442,12 +466,8 @@ class LoraReference(ReferencePolicy):
             raise ValueError(
                 "checkpoint reference adapter does not match this model's adapter layout"
             )
-        with torch.no_grad():
-            sources = [
-                weights[name].to(p.device)
-                for name, p in zip(self._ref_names, self._ref_params, strict=True)
-            ]
-            torch._foreach_copy_(self._ref_params, sources)
+        for name, p in zip(self._ref_names, self._ref_params, strict=True):
+            load_full_(p, weights[name])  # a sharded adapter keeps its own slice, in place
 
     def save_pretrained(self, path: str | Path) -> None:
         path = Path(path)
@@ -540,12 +560,6 @@ def _soft_adapter_config(config, spec: ReferenceSpec):
     return config
 
 
-def _is_sharded(tensor: torch.Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(tensor, DTensor)
-
-
 def _lora_factors(model: torch.nn.Module, adapter: str) -> list[tuple[torch.Tensor, ...]]:
     """(A_ref, B_ref, A, B) weights of every LoRA linear layer, the reference's scale set to the
     policy's exactly (peft would recompute it from the config as alpha / r)."""
@@ -556,13 +570,6 @@ def _lora_factors(model: torch.nn.Module, adapter: str) -> list[tuple[torch.Tens
                 "reference.mode 'soft' does not support LoRA on embeddings yet"
             )
         module.scaling[REFERENCE_ADAPTER] = module.scaling[adapter]
-        if any(
-            _is_sharded(w) for w in (module.lora_A[adapter].weight, module.lora_B[adapter].weight)
-        ):
-            raise NotImplementedError(
-                "reference.mode 'soft' mixes whole LoRA factors (QR and SVD); under FSDP they are "
-                "sharded: use mode 'hard' or 'frozen', or data parallel for a LoRA policy"
-            )
         groups.append(
             (
                 module.lora_A[REFERENCE_ADAPTER].weight,

@@ -75,7 +75,9 @@ def method_genarm(world, settings, log=print) -> dict:
     prompts = world.prompts("eval")[: settings.n_eval_prompts]
     expanded = [p for p in prompts for _ in range(settings.samples_per_prompt)]
     max_new = world.info()["config"]["max_new_tokens"]
-    params = SamplingParams(max_new_tokens=max_new, temperature=1.0, seed=0, batch_size=32)
+    params = SamplingParams(
+        max_new_tokens=max_new, temperature=1.0, seed=0, batch_size=len(expanded)
+    )
 
     pairs, pairs_eval = world.file("pairs.jsonl"), world.file("pairs_eval.jsonl")
     sentiment_fit = fit_lora_arm(world, settings, pairs, pairs_eval, work / "arm_sentiment")
@@ -91,11 +93,19 @@ def method_genarm(world, settings, log=print) -> dict:
     log(f"  sentiment ARM held-out pair accuracy {accuracy_change(sentiment_fit)}")
     lap("train_arms")
 
+    decoded: dict[tuple, dict] = {}
+
     def guided(arms) -> dict:
+        # A weight-0 ARM changes nothing but costs a forward per token: dropped. The same ARMs
+        # at the same weights are one decoding (the trade-off's (2, 0) is the sweep's alpha 2).
+        arms = [a for a in arms if a.alpha != 0]
+        key = tuple((id(a.model), a.alpha) for a in arms)
+        if key in decoded:
+            return decoded[key]
         recorder = SampledLogps(len(expanded))
         t0 = time.perf_counter()
         gens = guided_generate(base, arms, tokenizer, expanded, params, on_step=recorder)
-        return measure(
+        decoded[key] = measure(
             expanded,
             gens,
             recorder.logps,
@@ -104,6 +114,7 @@ def method_genarm(world, settings, log=print) -> dict:
             time.perf_counter() - t0,
             rewards=rewards,
         )
+        return decoded[key]
 
     sweep = []
     for alpha in ALPHAS:

@@ -18,7 +18,7 @@ parameters' own gradients, which this scheme moves to the masters.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -33,6 +33,9 @@ class Bf16MasterWeights:
         self.working: list[torch.nn.Parameter] = []
         self.masters: list[torch.nn.Parameter] = []
         self._hooks = []
+        # Set to step one master as soon as its gradient is complete (the optimizer step inside
+        # backward, `prefalign.training.step_in_backward`); its bf16 weight is refreshed at once.
+        self.step_master: Callable[[torch.nn.Parameter], None] | None = None
         seen: set[int] = set()
         for param in model.parameters():  # a tied weight is one Parameter: seen once
             if id(param) in seen or not param.is_floating_point():
@@ -42,17 +45,22 @@ class Bf16MasterWeights:
                 master = torch.nn.Parameter(param.detach().float().clone())
                 self.working.append(param)
                 self.masters.append(master)
-                self._hooks.append(param.register_post_accumulate_grad_hook(self._to_master(master)))
+                self._hooks.append(
+                    param.register_post_accumulate_grad_hook(self._to_master(master))
+                )
             with torch.no_grad():
                 param.data = param.data.to(WORKING_DTYPE)
 
-    @staticmethod
-    def _to_master(master: torch.nn.Parameter):
+    def _to_master(self, master: torch.nn.Parameter):
         def hook(param: torch.nn.Parameter) -> None:
             # fp32 accumulation across micro-batches; the bf16 gradient is freed at once.
             grad = param.grad.to(torch.float32)
             master.grad = grad if master.grad is None else master.grad.add_(grad)
             param.grad = None
+            if self.step_master is not None:  # stepping inside backward: this master now
+                self.step_master(master)
+                with torch.no_grad():
+                    param.copy_(master)
 
         return hook
 

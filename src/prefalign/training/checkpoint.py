@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from prefalign.modeling import is_peft_model
+from prefalign.training.fsdp import load_full_
 
 MODEL_DIR = "model"
 
@@ -54,7 +55,8 @@ def save_model(
 
 
 def load_trained_weights(model: torch.nn.Module, model_dir: Path) -> None:
-    """Copy the trainable tensors of `model` from a directory written by `save_model`."""
+    """Copy the trainable tensors of `model` from a directory written by `save_model` (a
+    sharded, FSDP2, parameter takes its own slice of the saved tensor)."""
     saved: dict[str, torch.Tensor] = {}
     for file in sorted(model_dir.glob("*.safetensors")):  # one file, or the shards of a large model
         saved.update(load_file(file))
@@ -68,7 +70,7 @@ def load_trained_weights(model: torch.nn.Module, model_dir: Path) -> None:
             if key is None:
                 missing.append(name)
             else:
-                param.copy_(saved[key])
+                load_full_(param, saved[key])
     if missing:
         raise ValueError(f"checkpoint {model_dir} lacks trained weights {missing[:3]}")
 

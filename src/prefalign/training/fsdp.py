@@ -10,17 +10,26 @@ the same units); its reference adapter lives on the same sharded modules.
 
 On CPU, accelerate's FSDP plugin does not engage (it falls back to data parallel), so the
 training command applies `fully_shard` itself once the gloo process group exists; on GPUs the
-same code runs on a CUDA mesh (see the README's "Multi-GPU" notes). Zhao et al., "PyTorch FSDP:
-Experiences on Scaling Fully Sharded Data Parallel" (2023) describe the scheme.
+same code runs on a CUDA mesh (see the README's "Multi-process and clusters"). Zhao et al.,
+"PyTorch FSDP: Experiences on Scaling Fully Sharded Data Parallel" (2023) describe the scheme.
+
+Checkpoints gather the shards into the ordinary single-process files (a Hugging Face model, a
+full optimizer state keyed by parameter name), so `final` loads as a plain model; on resume
+every process reads the full tensors and keeps its own slice of them.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from prefalign.errors import UserError
 from prefalign.modeling import is_peft_model
+
+if TYPE_CHECKING:
+    from prefalign.reference import ReferencePolicy
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
@@ -63,14 +72,12 @@ def shard(model: torch.nn.Module, mesh=None, reshard_root: bool | None = None) -
     return model
 
 
-def shard_with_reference(model: torch.nn.Module, reference) -> torch.nn.Module:
+def shard_with_reference(model: torch.nn.Module, reference: ReferencePolicy) -> torch.nn.Module:
     """Shard the policy, and a full-copy reference the same way (a LoRA reference adapter is
     inside the policy already); the reference is re-paired with the sharded parameters."""
-    from prefalign.reference import FullReference
-
     shard(model)
-    if isinstance(reference, FullReference):
-        shard(reference.model, reshard_root=True)
+    if (copy := reference.separate_model()) is not None:
+        shard(copy, reshard_root=True)
     reference.rebind(model)
     return model
 
@@ -90,6 +97,56 @@ def local_norm_to_float(norm: torch.Tensor) -> float:
     """A gradient norm as a float; a DTensor norm (sharded gradients) is reduced first."""
     full = getattr(norm, "full_tensor", None)
     return float(full() if full is not None else norm)
+
+
+def load_full_(tensor: torch.Tensor, full: torch.Tensor, src_rank: int | None = None) -> None:
+    """Set `tensor` to the whole tensor `full`, in place. A DTensor keeps its own slice: with
+    `src_rank=None` every process cuts it from its own `full` (the same file read everywhere: no
+    communication); with `src_rank=r` the slices come from process r's `full` (a scatter), for
+    values computed on each process that must agree bit for bit."""
+    with torch.no_grad():
+        if not is_dtensor(tensor):
+            tensor.copy_(full)
+            return
+        from torch.distributed.tensor import distribute_tensor
+
+        full = full.to(device=tensor.to_local().device, dtype=tensor.dtype)
+        mine = distribute_tensor(
+            full, tensor.device_mesh, tensor.placements, src_data_rank=src_rank
+        ).to_local()
+        tensor.to_local().copy_(mine)
+
+
+def is_dtensor(tensor: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor gathered whole (a collective: call on every process); a plain tensor as it is."""
+    return tensor.full_tensor() if is_dtensor(tensor) else tensor
+
+
+def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer state gathered in full on CPU, keyed by parameter name, on process 0
+    (empty elsewhere); a collective: call on every process."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(
+        model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+
+
+def load_full_optimizer_state(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict
+) -> None:
+    """Load a `full_optimizer_state` (read by every process): each keeps its own slices."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(
+        model, optimizer, state, options=StateDictOptions(full_state_dict=True)
+    )
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -42,7 +42,13 @@ from prefalign.training.checkpoint import (
     save_model,
     set_rng_state,
 )
-from prefalign.training.fsdp import full_state_dict, is_sharded, local_norm_to_float
+from prefalign.training.fsdp import (
+    full_optimizer_state,
+    full_state_dict,
+    is_sharded,
+    load_full_optimizer_state,
+    local_norm_to_float,
+)
 from prefalign.training.precision import resolve_bf16_path, resolve_mixed_precision, world_size
 
 # A metric is a batch mean (a scalar tensor) or a (sum, count) pair: pairs are summed over
@@ -203,8 +209,7 @@ class Trainer:
         else:
             self.model, self.optimizer = acc.prepare(model, optimizer)
         self.in_backward = None
-        # bf16 master weights get their gradients by hand, not from autograd: no hook fires.
-        if self.master is None and config.step_in_backward == "auto" and in_backward.fits(
+        if config.step_in_backward == "auto" and in_backward.fits(
             config.max_grad_norm,
             config.grad_accum,
             acc.num_processes,
@@ -212,6 +217,8 @@ class Trainer:
             self.sharded,
         ):
             self.in_backward = in_backward.StepInBackward(optimizer, self._bad_gradient)
+            if self.master is not None:  # fp32 masters get their gradients from the bf16 hooks
+                self.master.step_master = self.in_backward.step_parameter
         name = {"constant": "constant_with_warmup"}.get(config.schedule, config.schedule)
         from transformers import get_scheduler  # 4 s of imports: not paid by a config error
 
@@ -406,20 +413,28 @@ class Trainer:
         root = self.out_dir / "checkpoints"
         done = root / f"step-{self.step}"
         tmp = root / f".tmp-step-{self.step}"
-        # Sharded weights are gathered by every process together; only the main one keeps them.
+        # Sharded weights, optimizer and reference states are gathered by every process
+        # together (collectives) into the single-process formats; only the main one writes them.
         state = full_state_dict(self.model) if self.sharded else None
+        optimizer_state = (
+            full_optimizer_state(self.model, self.optimizer)
+            if self.sharded
+            else self.optimizer.state_dict()
+        )
+        extra = self.extra_state.state_dict() if self.extra_state is not None else None
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             with self._fp32_parameters():  # bf16 working weights: the fp32 masters are saved
                 save_model(self.unwrapped, self.tokenizer, tmp / MODEL_DIR, state_dict=state)
-            if not self.sharded:  # sharded optimizer and reference states: not saved (no resume)
-                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(optimizer_state, tmp / "optimizer.pt")
             torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
-            if self.extra_state is not None and not self.sharded:
-                torch.save(self.extra_state.state_dict(), tmp / "extra_state.pt")
+            if extra is not None:
+                torch.save(extra, tmp / "extra_state.pt")
             (tmp / "state.json").write_text(
-                json.dumps({"step": self.step, "num_processes": acc.num_processes})
+                json.dumps(
+                    {"step": self.step, "num_processes": acc.num_processes, "fsdp": self.sharded}
+                )
             )
         acc.wait_for_everyone()
         # Each process saves its own RNG state (sampling in dropout and data differ per rank).
@@ -440,20 +455,25 @@ class Trainer:
         if not found:
             return False
         step, path = found[-1]
-        if self.sharded:
-            raise NotImplementedError(
-                f"resuming an FSDP2 run is not implemented ({path}): its sharded optimizer and "
-                "reference states are not checkpointed; start a new run from the saved model"
-            )
         state = json.loads((path / "state.json").read_text())
         if state["num_processes"] != self.accelerator.num_processes:
-            raise ValueError(
+            raise UserError(
                 f"checkpoint {path} was written by {state['num_processes']} processes; "
                 "resume with the same number"
             )
+        if state.get("fsdp", False) != self.sharded:
+            written = "true" if state.get("fsdp", False) else "false"
+            raise UserError(
+                f"checkpoint {path} was written with trainer.fsdp={written}; "
+                "resume with the same setting"
+            )
         with self._fp32_parameters():  # into the fp32 masters; the bf16 weights follow
             load_trained_weights(self.unwrapped, path / MODEL_DIR)
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+        optimizer_state = torch.load(path / "optimizer.pt", weights_only=False)
+        if self.sharded:  # the full state by parameter name: each process keeps its slices
+            load_full_optimizer_state(self.model, self.optimizer, optimizer_state)
+        else:
+            self.optimizer.load_state_dict(optimizer_state)
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
         if self.extra_state is not None:
             self.extra_state.load_state_dict(

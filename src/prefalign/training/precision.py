@@ -43,7 +43,7 @@ def native_bf16(on_gpu: bool | None = None, cpuinfo: str | Path = "/proc/cpuinfo
 
 
 def resolve_mixed_precision(mixed_precision: str, on_gpu: bool | None = None) -> str:
-    """"auto" as "bf16" or "no" for this machine; other values unchanged."""
+    """ "auto" as "bf16" or "no" for this machine; other values unchanged."""
     if mixed_precision != "auto":
         return mixed_precision
     return "bf16" if native_bf16(on_gpu) else "no"
@@ -57,7 +57,7 @@ def world_size() -> int:
 def resolve_bf16_path(
     mixed_precision: str, bf16_path: str, num_processes: int, fsdp: bool
 ) -> str | None:
-    """"weights" or "autocast" for a bf16 run (None for any other precision)."""
+    """ "weights" or "autocast" for a bf16 run (None for any other precision)."""
     if bf16_path not in BF16_PATHS:
         raise ValueError(
             f"config key trainer.bf16_path must be one of {BF16_PATHS}, got {bf16_path!r}"

@@ -26,6 +26,7 @@ from prefalign.reference import (
     make_reference,
 )
 from prefalign.shared_prompt import pair_logps
+from prefalign.training.cpu_attention import use_eager_attention_for_bf16
 from prefalign.training.forward import (
     PairLogps,
     SpeedSpec,
@@ -238,6 +239,14 @@ def run_preference(
         trainer = Trainer(model, config.trainer, accelerator=accelerator, **run)
     else:
         trainer = Trainer(model, config.trainer, **run)
+        if trainer.master is not None and not unpaired:  # bf16 weights: the attention kernel
+            rows, width = widest_batch(
+                examples,
+                config.trainer.batch_size,
+                use_shared_prompt(config.speed, model, examples),
+            )
+            if use_eager_attention_for_bf16(trainer.unwrapped, rows, width):
+                log(f"bf16 on the CPU, rows of at most {width} tokens: eager attention")
         if cached_only:  # the policy scores the cache before its first step: no copy at all
             reference = InitialPolicyReference(trainer.model)
         else:  # built after prepare() so a full copy lands on the training device
@@ -307,6 +316,16 @@ def run_preference(
     )
     trainer.end()
     return result
+
+
+def widest_batch(examples, batch_size: int, shared: bool) -> tuple[int, int]:
+    """Rows and width of the widest training batch in the packed or the stacked layout."""
+    if shared:
+        return batch_size, max(
+            len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in examples
+        )
+    width = max(len(e.prompt_ids) + max(len(e.chosen_ids), len(e.rejected_ids)) for e in examples)
+    return 2 * batch_size, width
 
 
 def make_evaluator(

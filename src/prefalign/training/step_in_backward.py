@@ -75,6 +75,11 @@ class StepInBackward:
         single.step()
         param.grad = None
 
+    def step_parameter(self, param: torch.Tensor) -> None:
+        """Step `param` now, its gradient complete (bf16 working weights call this for their
+        fp32 masters, whose gradients autograd does not accumulate)."""
+        self._step(param)
+
     def grad_norm(self) -> float:
         """The norm over the gradients of the last backward pass; resets for the next one."""
         total = float(torch.stack(self.squares).sum().sqrt()) if self.squares else 0.0
