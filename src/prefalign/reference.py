@@ -275,7 +275,7 @@ class InitialPolicyReference(ReferencePolicy):
 
     def load_state_dict(self, state: dict) -> None:
         if state["spec"]["mode"] != "frozen":
-            raise ValueError(
+            raise RunDirError(
                 f"checkpoint holds a {state['spec']['mode']!r} reference, this run uses 'frozen'"
             )
         # Saved frozen weights (older checkpoints) are the initial policy's: nothing to load.
@@ -319,7 +319,7 @@ class FullReference(ReferencePolicy):
     def load_state_dict(self, state: dict) -> None:
         if state.get("initial_policy"):  # saved by an InitialPolicyReference: no weights
             if self.spec.mode != "frozen":
-                raise ValueError(
+                raise RunDirError(
                     f"checkpoint holds a 'frozen' reference, this run uses {self.spec.mode!r}"
                 )
             return  # this copy, made before resuming, is the initial policy
