@@ -7,8 +7,9 @@ Levers, cumulative: full-logits head on stacked [chosen; rejected] rows (the pla
 response-only chunked head -> shared-prompt packed rows -> cached frozen reference (its forward
 skipped). Each row times one policy forward+backward plus one reference forward (no_grad) of
 DPO, median of `--repeats` after a warm-up, wall-clock and CPU seconds, in one process on the
-same weights and pairs. `--data long`: 256-token prompts, 64-token responses; `short`: toy review
-pairs. Writes bench/results/levers.json.
+same weights and pairs. `--data long`: 256-token prompts, 64-token responses; `chat`: chat-template
+review requests (~47 tokens) with ~35-token responses (train_throughput's smol-chat); `short`:
+toy review pairs. Writes bench/results/levers.json.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ LEVERS = ("plain", "response-only head", "+ shared prompt", "+ cached reference"
 
 
 def batches(tokenizer, data: str, n: int) -> tuple[dict, dict]:
-    from train_throughput import make_long_pairs, make_pairs
+    from train_throughput import make_chat_pairs, make_long_pairs, make_pairs
 
     from prefalign.data.records import PreferenceRecord
     from prefalign.data.tokenize import tokenize_preference
@@ -36,11 +37,12 @@ def batches(tokenizer, data: str, n: int) -> tuple[dict, dict]:
     from prefalign.shared_prompt import collate_shared_pairs
 
     rng = random.Random(1)
-    rows = (
-        make_long_pairs(rng, n, tokenizer, 256, 64)
-        if data == "long"
-        else make_pairs(rng, n, long=False)
-    )
+    if data == "long":
+        rows = make_long_pairs(rng, n, tokenizer, 256, 64)
+    elif data == "chat":
+        rows = make_chat_pairs(rng, n, tokenizer)
+    else:
+        rows = make_pairs(rng, n, long=False)
     records = [
         PreferenceRecord(r["prompt"], r["chosen"], r["rejected"], "bench", i + 1)
         for i, r in enumerate(rows)
@@ -89,7 +91,7 @@ def step(policy, reference, batch, lever: str, cached) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--data", choices=("long", "short"), default="long")
+    parser.add_argument("--data", choices=("long", "chat", "short"), default="long")
     parser.add_argument("--pairs", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)

@@ -1,8 +1,11 @@
 """Micro-benchmark: soft reference update (TR-DPO) of a ~20M-parameter Llama.
 
 Compares, in the same run and on the same tensors, the fused foreach update used by
-`prefalign.reference` with a naive per-parameter Python loop, plus the adapter-only update of a
-LoRA reference. Prints a table and writes bench/results/reference_update.json.
+`prefalign.reference` with a naive per-parameter Python loop, plus the update the trainer runs
+for a LoRA policy (r 16): the exact mixture of the weight updates B @ A into a reference adapter
+of rank `reference.lora_rank` (default 4x r: batched QR and SVD per layer shape,
+`prefalign.lora_mix`), beside the elementwise mix of the factors it replaced (inexact, for
+scale). Prints a table and writes bench/results/reference_update.json.
 
     .venv/bin/python bench/reference_update.py [--repeats 30] [--device cpu] [--threads 1]
 """
@@ -43,23 +46,27 @@ def build_llama(device: torch.device) -> LlamaForCausalLM:
 
 def time_ms(
     fns: dict[str, Callable[[], None]], repeats: int, device: torch.device
-) -> dict[str, float]:
-    """Median wall time of each function in milliseconds.
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Median wall time and median CPU time (this process, all its threads) of each function,
+    in milliseconds.
 
     Runs are interleaved (a, b, a, b, ...) so that load from other processes on a shared machine
-    hits every variant alike.
+    hits every variant alike; CPU time is what a loaded machine does not inflate.
     """
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times: dict[str, list[float]] = {name: [] for name in fns}
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
     for round_ in range(repeats + 3):
         for name, fn in fns.items():
             sync()
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             fn()
             sync()
             if round_ >= 3:  # the first rounds are warm-up
                 times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+                cpu[name].append((time.process_time() - start_cpu) * 1e3)
+    median = statistics.median
+    return {n: median(t) for n, t in times.items()}, {n: median(t) for n, t in cpu.items()}
 
 
 def naive_update(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> Callable[[], None]:
@@ -90,14 +97,25 @@ def main() -> None:
     pairs += [(t, policy_tensors[n]) for n, t in ref.model.named_buffers() if t.is_floating_point()]
 
     lora_policy = add_lora(build_llama(device), LoraSpec(r=16))
-    lora_ref = make_reference(lora_policy, ReferenceSpec(mode="soft", alpha=ALPHA))
+    with torch.no_grad():  # a trained adapter: B is no longer zero, so the mixture is full rank
+        for name, p in lora_policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.02)
+    lora_spec = ReferenceSpec(mode="soft", alpha=ALPHA)
+    lora_ref = make_reference(lora_policy, lora_spec)
     n_adapter = sum(p.numel() for n, p in lora_policy.named_parameters() if ".reference." in n)
+    # The old update: each factor of a same-shape copy lerped toward the policy's.
+    policy_factors = [p for n, p in lora_policy.named_parameters() if ".default." in n]
+    factor_copies = [p.detach().clone() for p in policy_factors]
 
-    rows = time_ms(
+    rows, cpu_rows = time_ms(
         {
             "full_foreach": lambda: ref.after_optimizer_step(1),
             "full_python_loop": naive_update(pairs),
-            "lora_r16_foreach": lambda: lora_ref.after_optimizer_step(1),
+            "lora_r16_exact_mix": lambda: lora_ref.after_optimizer_step(1),
+            "lora_r16_factor_lerp_old": lambda: torch._foreach_lerp_(
+                factor_copies, policy_factors, ALPHA
+            ),
         },
         args.repeats,
         device,
@@ -112,16 +130,20 @@ def main() -> None:
         "model_params": n_params,
         "model_tensors": len(pairs),
         "lora_reference_params": n_adapter,
+        "lora_reference_rank": lora_spec.lora_rank or 4 * 16,
+        "lora_truncation_error": lora_ref.update_metrics().get("reference/truncation_error"),
         "alpha": ALPHA,
         "repeats": args.repeats,
         "ms_per_update": rows,
+        "cpu_ms_per_update": cpu_rows,
         "loop_over_foreach": rows["full_python_loop"] / rows["full_foreach"],
     }
     print(f"Llama {n_params / 1e6:.1f}M params, {len(pairs)} tensors, device {result['device']}")
-    print(f"{'update':<20}{'ms/update':>12}")
+    print(f"{'update':<26}{'ms/update':>12}{'CPU ms':>12}")
     for name, ms in rows.items():
-        print(f"{name:<20}{ms:>12.3f}")
+        print(f"{name:<26}{ms:>12.3f}{cpu_rows[name]:>12.3f}")
     print(f"python loop / foreach: {result['loop_over_foreach']:.2f}x")
+    print(f"LoRA reference adapter: rank {result['lora_reference_rank']}, {n_adapter} params")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")

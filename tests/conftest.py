@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -83,6 +84,22 @@ def tiny_llama_config(**overrides) -> LlamaConfig:
     )
     kwargs.update(overrides)
     return LlamaConfig(**kwargs)
+
+
+def save_tiny_llama(out: Path, tokenizer: Any, **overrides) -> Path:
+    """A tiny random Llama sized to `tokenizer` (its vocabulary and special ids), saved with it
+    in `out`; `overrides` go to its config."""
+    torch.manual_seed(0)
+    config = tiny_llama_config(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **overrides,
+    )
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
 
 
 def tiny_qwen2_config(**overrides) -> Qwen2Config:

@@ -12,11 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import tiny_llama_config
+from conftest import save_tiny_llama
 from test_bad_inputs import CASES as DATA_CASES
 from test_bad_inputs import TOKENIZERS
-from transformers import LlamaForCausalLM
 
 from prefalign.cli import main
 
@@ -404,17 +402,7 @@ def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny random Llama saved beside each tokenizer of the data catalogue."""
     dirs = {}
     for name, tokenizer in TOKENIZERS.items():
-        out = tmp_path_factory.mktemp(f"model_{name}")
-        torch.manual_seed(0)
-        config = tiny_llama_config(
-            vocab_size=len(tokenizer),
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        LlamaForCausalLM(config).save_pretrained(out)
-        tokenizer.save_pretrained(out)
-        dirs[name] = out
+        dirs[name] = save_tiny_llama(tmp_path_factory.mktemp(f"model_{name}"), tokenizer)
     return dirs
 
 

@@ -230,6 +230,20 @@ def _first_input(seed: int) -> float:
     return random_inputs(seed)[0][0].item()
 
 
+def scripted_llm_config(tmp_path: Path, server, candidates: int, **proxy):
+    """One generation of `candidates` proposals from the scripted server, no baselines, a short
+    toy proxy (`proxy`: ProxySpec fields)."""
+    from prefalign.discovery.recipe import DiscoverConfig, ProposerSpec, ProxySpec
+
+    proxy = {"batch_size": 24, "samples_per_prompt": 1, **proxy}
+    return DiscoverConfig(
+        out_dir=str(tmp_path / "run"), generations=1, candidates_per_generation=candidates,
+        baselines=False,
+        proposer=ProposerSpec(kind="llm", base_url=server.base_url, model="m", api_key_env="NONE"),
+        proxy=ProxySpec(**proxy),
+    )  # fmt: skip
+
+
 @pytest.mark.slow
 def test_real_proxy_training_runs_confined_and_catches_a_reversal(
     tmp_path: Path, mini_worlds: dict, monkeypatch: pytest.MonkeyPatch
@@ -238,19 +252,13 @@ def test_real_proxy_training_runs_confined_and_catches_a_reversal(
 
     from openai_server import ScriptedOpenAIServer
 
-    from prefalign.discovery.recipe import DiscoverConfig, ProposerSpec, ProxySpec, run_discover
+    from prefalign.discovery.recipe import run_discover
     from prefalign.toy.tasks import world_task
 
     with ScriptedOpenAIServer() as server:
         for name, code in (("sly_reverse", hostile("reverse")), ("plain", named(DPO, "plain"))):
             server.push_json({"thought": "t", "name": name, "code": code})
-        config = DiscoverConfig(
-            out_dir=str(tmp_path / "run"), generations=1, candidates_per_generation=2,
-            baselines=False,
-            proposer=ProposerSpec(kind="llm", base_url=server.base_url, model="m",
-                                  api_key_env="NONE"),
-            proxy=ProxySpec(steps=3, batch_size=24, n_eval_prompts=4, samples_per_prompt=1),
-        )  # fmt: skip
+        config = scripted_llm_config(tmp_path, server, 2, steps=3, n_eval_prompts=4)
         task = world_task(mini_worlds["sentiment"])
         archive = run_discover(config, log=lambda *_: None, task=task)
     reverse, plain = archive.load()
@@ -259,3 +267,39 @@ def test_real_proxy_training_runs_confined_and_catches_a_reversal(
     assert plain["valid"] and plain["metrics"]["checked_calls"] >= 3
     json.loads((tmp_path / "run" / "fitness_cache.json").read_text())  # only the good one
     assert len(json.loads((tmp_path / "run" / "fitness_cache.json").read_text())) == 1
+
+
+@pytest.mark.slow
+def test_proxy_training_scores_a_task_registered_only_in_this_process(
+    tmp_path: Path, mini_worlds: dict
+) -> None:
+    """The worker used to resolve the task by name, so with a task registered by user code
+    (here a closure no other process could rebuild) it could not start and every candidate
+    was rejected for it. The parent now scores the worker's samples itself."""
+    from openai_server import ScriptedOpenAIServer
+
+    from prefalign.discovery.recipe import run_discover
+    from prefalign.tasks import Task, per_sample, register_task
+
+    world = mini_worlds["sentiment"]
+    scored: list[str] = []
+
+    def constant(prompt: str, response: str) -> float:
+        scored.append(response)
+        return 0.25
+
+    task = register_task(Task(
+        "lab:constant", lambda split: world.prompts(split), per_sample(constant),
+        policy=lambda: world.policy_path, files=lambda name: world.file(f"{name}.jsonl"),
+    ), replace=True)  # fmt: skip
+    with ScriptedOpenAIServer() as server:
+        server.push_json({"thought": "t", "name": "plain", "code": named(DPO, "plain")})
+        config = scripted_llm_config(
+            tmp_path, server, 1, steps=2, n_eval_prompts=3, samples_per_prompt=2
+        )
+        archive = run_discover(config, log=lambda *_: None, task=task)
+    (plain,) = archive.load()
+    assert plain["valid"], plain
+    assert plain["metrics"]["gold"] == 0.25 and plain["fitness"] == 0.25  # KL within budget
+    assert len(scored) == 3 * 2  # every held-out sample, scored here
+    assert "responses" not in plain["metrics"]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny_tokenizer, tiny_llama_config
+from conftest import build_tiny_tokenizer, save_tiny_llama
 from transformers import LlamaForCausalLM
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -45,18 +45,7 @@ def active_dropout() -> Iterator[list[str]]:
 @pytest.fixture(scope="module")
 def dropout_model(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dropout_llama")
-    tokenizer = build_tiny_tokenizer()
-    torch.manual_seed(0)
-    config = tiny_llama_config(
-        attention_dropout=0.3,
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return save_tiny_llama(out, build_tiny_tokenizer(), attention_dropout=0.3)
 
 
 @pytest.fixture(scope="module")

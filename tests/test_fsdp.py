@@ -93,7 +93,7 @@ def train_two_processes(tiny, jobs: list[tuple[Path, str, tuple[str, ...]]]) -> 
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=1500,  # all the runs of a module, on a loaded 2-core machine
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 

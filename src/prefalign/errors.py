@@ -9,3 +9,8 @@ class UserError(Exception):
     Say where (file, line, field, or the config key) and what is allowed. Anything else that
     escapes a command is a bug and keeps its traceback.
     """
+
+
+class RunDirError(UserError, ValueError):
+    """A run directory that does not fit the command: an out_dir holding another run (without
+    --resume), or a resumed run whose files contradict its saved state."""

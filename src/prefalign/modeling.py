@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from prefalign.config import bounded
+from prefalign.config import ConfigError, bounded
 from prefalign.errors import UserError
 from prefalign.models import resolve_model_source
 
@@ -55,7 +55,7 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     return DTYPES[dtype]
 
 
@@ -81,7 +81,7 @@ def load_tokenizer(
             tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise ValueError(f"tokenizer at {name_or_path} has neither a pad nor an EOS token")
+            raise ConfigError(f"tokenizer at {name_or_path} has neither a pad nor an EOS token")
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = padding_side
     return tokenizer
@@ -192,7 +192,7 @@ def apply_chat_template(
 ) -> str:
     """Render a conversation with the tokenizer's chat template as text."""
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(
+        raise ConfigError(
             "conversational data needs a tokenizer with a chat template; this tokenizer has none "
             "(give prompt/completion strings instead, or set tokenizer.chat_template)"
         )

@@ -32,7 +32,8 @@ from typing import Literal, TypeVar
 
 import torch
 
-from prefalign.config import bounded
+from prefalign.config import ConfigError, bounded
+from prefalign.errors import RunDirError
 from prefalign.logprobs import SequenceLogps, sequence_logps
 from prefalign.lora_mix import copy_factors_, mix_layers_, mix_sharded_layers_
 from prefalign.modeling import is_peft_model
@@ -68,17 +69,17 @@ class ReferenceSpec:
 
     def __post_init__(self) -> None:
         if self.mode not in ("frozen", "soft", "hard", "none"):
-            raise ValueError(
+            raise ConfigError(
                 f"reference mode must be frozen, soft, hard or none, got {self.mode!r}"
             )
         if not 0.0 < self.alpha <= 1.0:
-            raise ValueError(f"reference alpha must be in (0, 1], got {self.alpha}")
+            raise ConfigError(f"reference alpha must be in (0, 1], got {self.alpha}")
         if self.lora_rank < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"reference lora_rank must be >= 0 (0: 4x the policy's rank), got {self.lora_rank}"
             )
         if self.period < 1 or self.tau < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"reference period and tau must be >= 1, got {self.period}, {self.tau}"
             )
 
@@ -189,7 +190,7 @@ class ReferencePolicy:
     def load_state_dict(self, state: dict) -> None:
         saved_mode = state["spec"]["mode"]
         if saved_mode != self.spec.mode:
-            raise ValueError(
+            raise RunDirError(
                 f"checkpoint holds a {saved_mode!r} reference, this run uses {self.spec.mode!r}"
             )
         self._load_weights(state["weights"])
@@ -274,7 +275,7 @@ class InitialPolicyReference(ReferencePolicy):
 
     def load_state_dict(self, state: dict) -> None:
         if state["spec"]["mode"] != "frozen":
-            raise ValueError(
+            raise RunDirError(
                 f"checkpoint holds a {state['spec']['mode']!r} reference, this run uses 'frozen'"
             )
         # Saved frozen weights (older checkpoints) are the initial policy's: nothing to load.
@@ -318,7 +319,7 @@ class FullReference(ReferencePolicy):
     def load_state_dict(self, state: dict) -> None:
         if state.get("initial_policy"):  # saved by an InitialPolicyReference: no weights
             if self.spec.mode != "frozen":
-                raise ValueError(
+                raise RunDirError(
                     f"checkpoint holds a 'frozen' reference, this run uses {self.spec.mode!r}"
                 )
             return  # this copy, made before resuming, is the initial policy
@@ -463,7 +464,7 @@ class LoraReference(ReferencePolicy):
             weights[n].shape != p.shape
             for n, p in zip(self._ref_names, self._ref_params, strict=True)
         ):
-            raise ValueError(
+            raise RunDirError(
                 "checkpoint reference adapter does not match this model's adapter layout"
             )
         for name, p in zip(self._ref_names, self._ref_params, strict=True):

@@ -134,7 +134,7 @@ _loaded: set[str] = set()
 def register_task(task: Task, replace: bool = False, aliases: Sequence[str] = ()) -> Task:
     """Make `task` resolvable by its name (and by `aliases`); returns it."""
     if task.name in _TASKS and not replace and _TASKS[task.name] is not task:
-        raise ValueError(f"task {task.name!r} is already registered")
+        raise TaskError(f"task {task.name!r} is already registered")
     _TASKS[task.name] = task
     for alias in aliases:
         _ALIASES[alias] = task.name

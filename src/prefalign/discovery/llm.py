@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from prefalign.config import ConfigError
 from prefalign.discovery.archive import Archive
 from prefalign.discovery.candidate import Candidate, ProposalError
 from prefalign.discovery.static_check import FUNCTIONAL, MATH, MAX_CODE_CHARS, TORCH_FUNCTIONS
@@ -90,7 +91,7 @@ class LLMProposer:
     ) -> None:
         minimum = len(SYSTEM_PROMPT) + len(archive_prompt_minimal())
         if max_prompt_chars < minimum:
-            raise ValueError(
+            raise ConfigError(
                 f"LLM proposer: max_prompt_chars={max_prompt_chars} cannot hold the fixed "
                 f"instructions ({minimum} characters); raise it (and the endpoint's context)"
             )

@@ -19,10 +19,12 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from prefalign.config import ConfigError
 from prefalign.discovery.archive import Archive
 from prefalign.discovery.candidate import Candidate, ProposalError, Proposer, code_hash
 from prefalign.discovery.fitness import CandidateRejected, FitnessResult
 from prefalign.discovery.sandbox import Sandbox, SandboxError, SandboxLimits
+from prefalign.errors import RunDirError
 
 BASELINE_GENERATION = -1
 
@@ -50,10 +52,10 @@ def run_discovery(
     a candidate computing the same losses as an earlier one under that call reuses its fitness.
     """
     if generations < 0 or candidates_per_generation < 1:
-        raise ValueError("discovery needs generations >= 0 and candidates_per_generation >= 1")
+        raise ConfigError("discovery needs generations >= 0 and candidates_per_generation >= 1")
     archive = Archive(archive_path)
     if len(archive) and not resume:
-        raise ValueError(
+        raise RunDirError(
             f"{archive_path} already holds {len(archive)} records: pass resume=True "
             "(--resume) to continue that run, or choose a new archive path"
         )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -50,7 +51,9 @@ class ConfinedFitness:
     """Train each candidate in the worker; use as a context manager (the worker goes away).
 
     `kind="synthetic"`: `settings` holds kl_penalty and seed; `kind="toy"`: proxy (the
-    ProxySpec as a dict), policy_path, pairs_path, prompts and out_dir.
+    ProxySpec as a dict), policy_path, pairs_path, prompts and out_dir, and `score` turns the
+    worker's metrics (KL and held-out responses) into the fitness here, in this process, where
+    the task's gold reward lives.
     """
 
     def __init__(
@@ -59,11 +62,15 @@ class ConfinedFitness:
         settings: dict[str, Any],
         limits: TrainingLimits | None = None,
         cwd: Path | None = None,
+        score: Callable[[dict[str, Any]], FitnessResult] | None = None,
     ) -> None:
+        if kind == "toy" and score is None:
+            raise ValueError("the toy proxy needs `score` (the task's gold reward over samples)")
         self.kind = kind
         self.settings = dict(settings)
         self.limits = limits or TrainingLimits()
         self.cwd = Path(cwd or Path.cwd())
+        self.score = score
         self._worker: ConfinedProcess | None = None
 
     def __enter__(self) -> ConfinedFitness:
@@ -100,7 +107,10 @@ class ConfinedFitness:
             raise CandidateRejected(f"in proxy training: {reason}", flag) from None
         if not reply.get("ok"):
             raise CandidateRejected(str(reply.get("reason")), str(reply.get("flag") or "training"))
-        return FitnessResult(float(reply["fitness"]), dict(reply.get("metrics") or {}))
+        metrics = dict(reply.get("metrics") or {})
+        if self.score is not None:
+            return self.score(metrics)
+        return FitnessResult(float(reply["fitness"]), metrics)
 
     def _running_worker(self) -> ConfinedProcess:
         if self._worker is not None and self._worker.alive():

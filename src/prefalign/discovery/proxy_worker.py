@@ -16,7 +16,8 @@ A violation ends that candidate's training with a reason; the worker goes on to 
 
 Protocol (one JSON object per line): config {"kind": "synthetic" | "toy", "proxy", ...} ->
 {"ready": true}; then {"code", "function", "key", "cpu_s"} -> {"ok", "fitness", "metrics"}
-or {"ok": false, "reason", "flag"}.
+or {"ok": false, "reason", "flag"}. The toy proxy's fitness is null: its metrics hold the KL
+and the held-out responses, which the parent scores with the task's gold reward.
 """
 
 from __future__ import annotations
@@ -129,14 +130,15 @@ def synthetic_proxy(settings: dict[str, Any]) -> Callable[[GuardedObjective], tu
     return run
 
 
-def toy_proxy(settings: dict[str, Any]) -> Callable[[GuardedObjective], tuple[float, dict]]:
-    """Train the toy sentiment SFT policy with the objective; score gold reward against KL."""
+def toy_proxy(settings: dict[str, Any]) -> Callable[[GuardedObjective], tuple[None, dict]]:
+    """Train the task's policy with the objective; return its KL to the start and its samples
+    on the held-out prompts. The parent scores them with the task's gold reward: a task may
+    exist only in the parent (registered by user code), and the reward is not the candidate's
+    to see."""
     from prefalign import objectives
     from prefalign.config import load_config
-    from prefalign.discovery.fitness import score
     from prefalign.evaluation.core import evaluate_policy
     from prefalign.modeling import load_model, load_tokenizer
-    from prefalign.tasks import resolve_task
     from prefalign.training.preference import PreferenceConfig, run_preference
 
     proxy = settings["proxy"]
@@ -145,9 +147,11 @@ def toy_proxy(settings: dict[str, Any]) -> Callable[[GuardedObjective], tuple[fl
     tokenizer = load_tokenizer(policy_path)
     sft = load_model(policy_path, device="cpu")
     prompts = list(settings["prompts"])
-    task = resolve_task(settings["task"])  # its gold reward; prompts and policy are given
 
-    def run(objective: GuardedObjective, key: str) -> tuple[float, dict]:
+    def unscored(prompt: str, response: str) -> float:
+        return 0.0  # the gold reward is the parent's (see above)
+
+    def run(objective: GuardedObjective, key: str) -> tuple[None, dict]:
         name = f"candidate_{key}"
         registered = objectives.register(name, objective, overwrite=True)
         run_dir = out_dir / "proxy_runs" / key
@@ -166,13 +170,11 @@ def toy_proxy(settings: dict[str, Any]) -> Callable[[GuardedObjective], tuple[fl
         run_preference(config, log=lambda *_: None, objective=resolved)
         policy = load_model(run_dir / "final", device="cpu")
         result = evaluate_policy(
-            policy, tokenizer, task, prompts, reference=sft,
+            policy, tokenizer, settings["task"], prompts, reference=sft,
             samples_per_prompt=proxy["samples_per_prompt"], seed=proxy["seed"],
+            reward_fn=unscored,
         )  # fmt: skip
-        fit = proxy["fitness"]
-        value = score(result.gold_reward, result.kl, fit["mode"], fit["kl_budget"],
-                      fit["kl_penalty"])  # fmt: skip
-        return value, {"gold": result.gold_reward, "kl": result.kl}
+        return None, {"kl": result.kl, "responses": [s["response"] for s in result.samples]}
 
     return run  # type: ignore[return-value]
 

@@ -10,14 +10,15 @@ resumed or repeated run trains nothing twice.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from prefalign.discovery.archive import Archive
 from prefalign.discovery.candidate import Candidate
 from prefalign.discovery.export import save_objective
-from prefalign.discovery.fitness import FitnessCache
+from prefalign.discovery.fitness import FitnessCache, FitnessResult, score
 from prefalign.discovery.llm import LLMProposer
 from prefalign.discovery.loop import run_discovery
 from prefalign.discovery.offline import OfflineProposer, baseline_codes
@@ -105,25 +106,51 @@ def make_proposer(spec: ProposerSpec, call_params: dict | None = None, log=print
     )
 
 
+# The toy proxy's fitness, computed here from what the worker sends back.
+Scorer = Callable[[dict[str, Any]], FitnessResult]
+
+
 def proxy_settings(
     config: DiscoverConfig, out_dir: Path, log=print, task: Task | None = None
-) -> tuple[str, dict]:
-    """(kind, settings) of the confined proxy training (`ConfinedFitness`). The toy proxy
-    trains the task's policy on its preference pairs; `task` defaults to toy:<proxy.task>.
-    The worker resolves the task's gold reward by its name."""
+) -> tuple[Literal["synthetic", "toy"], dict, Scorer | None]:
+    """(kind, settings, score) of the confined proxy training (`ConfinedFitness`). The toy
+    proxy trains the task's policy on its preference pairs (`task` defaults to
+    toy:<proxy.task>); the worker sends back KL and held-out responses, and `score` rates them
+    with the task's gold reward in this process, so any task works, one registered only here
+    included."""
     proxy = config.proxy
     if proxy.task == "synthetic":
         settings = {"kl_penalty": proxy.fitness.kl_penalty, "seed": proxy.seed, "threads": 1}
-        return "synthetic", settings
+        return "synthetic", settings, None
     task = task or resolve_task(f"toy:{proxy.task}")
-    return "toy", {
+    prompts = task.prompts("eval")[: proxy.n_eval_prompts]
+    settings = {
         "proxy": asdict(proxy),
-        "task": task.name,
+        "task": task.name,  # a label: the worker does not resolve it
         "policy_path": str(task.policy_path()),
         "pairs_path": str(task.file("pairs")),
-        "prompts": task.prompts("eval")[: proxy.n_eval_prompts],
+        "prompts": prompts,
         "out_dir": str(out_dir.resolve()),
     }
+    return "toy", settings, gold_scorer(task, prompts, proxy)
+
+
+def gold_scorer(task: Task, prompts: list[str], proxy: ProxySpec) -> Scorer:
+    """Fitness from the worker's metrics: the mean gold reward of its responses (each prompt
+    sampled `proxy.samples_per_prompt` times, in order) scored against its KL."""
+    expanded = [p for p in prompts for _ in range(proxy.samples_per_prompt)]
+    fit = proxy.fitness
+
+    def scored(metrics: dict[str, Any]) -> FitnessResult:
+        responses = metrics.pop("responses")
+        if len(responses) != len(expanded):
+            raise RuntimeError(f"proxy worker sent {len(responses)} responses for {len(expanded)}")
+        rewards = task.gold_reward(expanded, responses)
+        gold = sum(rewards) / len(rewards)
+        value = score(gold, metrics["kl"], fit.mode, fit.kl_budget, fit.kl_penalty)
+        return FitnessResult(value, {"gold": gold, **metrics})
+
+    return scored
 
 
 def run_discover(
@@ -142,9 +169,9 @@ def run_discover(
     training = TrainingLimits(
         timeout_s=box.train_timeout_s, cpu_s=box.train_cpu_s, memory_mb=box.train_memory_mb
     )
-    kind, settings = proxy_settings(config, out_dir, log=log, task=task)
+    kind, settings, scorer = proxy_settings(config, out_dir, log=log, task=task)
     # Every candidate trains in a confined worker, never in this process.
-    with ConfinedFitness(kind, settings, training, cwd=out_dir) as raw:  # type: ignore[arg-type]
+    with ConfinedFitness(kind, settings, training, cwd=out_dir, score=scorer) as raw:
         fitness = FitnessCache(out_dir / "fitness_cache.json").wrap(raw, asdict(config.proxy))
         archive = run_discovery(
             proposer,

@@ -42,6 +42,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from prefalign.config import ConfigError
 from prefalign.errors import UserError
 from prefalign.io import atomic_write
 from prefalign.llm_client import ChatClient, resolve_api_key
@@ -128,13 +129,13 @@ class JudgeConfig:
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
-            raise ValueError(f"judge: concurrency must be >= 1, got {self.concurrency}")
+            raise ConfigError(f"judge: concurrency must be >= 1, got {self.concurrency}")
         if self.max_retries < 0:
-            raise ValueError(f"judge: max_retries must be >= 0, got {self.max_retries}")
+            raise ConfigError(f"judge: max_retries must be >= 0, got {self.max_retries}")
         if self.on_error not in ("raise", "skip"):
-            raise ValueError(f"judge: on_error must be 'raise' or 'skip', got {self.on_error!r}")
+            raise ConfigError(f"judge: on_error must be 'raise' or 'skip', got {self.on_error!r}")
         if self.timeout_s <= 0:
-            raise ValueError(f"judge: timeout_s must be > 0, got {self.timeout_s}")
+            raise ConfigError(f"judge: timeout_s must be > 0, got {self.timeout_s}")
 
 
 @dataclass

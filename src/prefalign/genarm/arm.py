@@ -17,8 +17,9 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from prefalign import objectives
+from prefalign.config import ConfigError
 from prefalign.evaluation.pairs import pair_metrics
-from prefalign.io import read_jsonl, write_jsonl
+from prefalign.io import FileContentError, read_jsonl, write_jsonl
 from prefalign.manifest import write_manifest
 from prefalign.reference import ReferenceSpec
 from prefalign.tasks import PairFn as RewardFn
@@ -73,12 +74,12 @@ def check_arm_config(config: PreferenceConfig) -> objectives.Resolved:
     Returns the objective, resolved once for the run (a user file is imported here)."""
     objective = arm_objective(config)
     if objective.needs_reference or objective.kind != "pairwise":
-        raise ValueError(
+        raise ConfigError(
             f"config key 'objective.name': an ARM needs a pairwise objective with no reference "
             f"policy (e.g. genarm), got '{objective.name}'"
         )
     if config.reference.mode != "none":
-        raise ValueError(
+        raise ConfigError(
             "config key 'reference.mode': an ARM is trained with no reference, "
             f"got '{config.reference.mode}'"
         )
@@ -123,7 +124,9 @@ def arm_pair_accuracy(
     """Share of pairs where the ARM's implied reward `beta_r * log pi_arm(y|x)` prefers chosen."""
     metrics = pair_metrics(arm, None, tokenizer, str(pairs_path), beta_r, data or PreferenceData())
     if not metrics:
-        raise ValueError(f"{pairs_path}: no usable preference pairs to measure ARM accuracy on")
+        raise FileContentError(
+            f"{pairs_path}: no usable preference pairs to measure ARM accuracy on"
+        )
     return metrics["pair_accuracy"]
 
 

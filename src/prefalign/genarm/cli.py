@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 from prefalign import io
-from prefalign.config import load_config
+from prefalign.config import ConfigError, load_config
+from prefalign.io import FileContentError
 
 
 def run_arm_train_cli(args: argparse.Namespace, config=None) -> int:
@@ -52,7 +53,7 @@ def arm_weights(arms: list[str], alphas: list[float]) -> list[float]:
     if not alphas:
         return [1.0] * len(arms)
     if len(alphas) != len(arms):
-        raise ValueError(
+        raise ConfigError(
             f"got {len(arms)} --arm and {len(alphas)} --alpha: "
             "give one --alpha per --arm (or none for 1.0 each)"
         )
@@ -69,7 +70,7 @@ def run_generate_cli(args: argparse.Namespace) -> int:
     alphas = arm_weights(arm_paths, [float(a) for a in (args.alpha or [])])
     prompts = read_prompts(args.prompts)
     if not prompts:
-        raise ValueError(f"prompts file {args.prompts} holds no prompts")
+        raise FileContentError(f"prompts file {args.prompts} holds no prompts")
     tokenizer = load_tokenizer(args.model)
     base = load_model(args.model).eval()
     device = str(next(base.parameters()).device)
@@ -96,12 +97,12 @@ def run_generate_cli(args: argparse.Namespace) -> int:
 
 def check_params(params) -> None:
     if params.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be at least 1, got {params.max_new_tokens}")
+        raise ConfigError(f"--max-new-tokens must be at least 1, got {params.max_new_tokens}")
     if params.temperature < 0:
-        raise ValueError(f"--temperature must be >= 0 (0 is greedy), got {params.temperature}")
+        raise ConfigError(f"--temperature must be >= 0 (0 is greedy), got {params.temperature}")
     if params.top_k < 0:
-        raise ValueError(f"--top-k must be >= 0 (0 disables), got {params.top_k}")
+        raise ConfigError(f"--top-k must be >= 0 (0 disables), got {params.top_k}")
     if not 0 < params.top_p <= 1:
-        raise ValueError(f"--top-p must lie in (0, 1], got {params.top_p}")
+        raise ConfigError(f"--top-p must lie in (0, 1], got {params.top_p}")
     if params.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {params.batch_size}")
+        raise ConfigError(f"--batch-size must be at least 1, got {params.batch_size}")

@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from prefalign.config import ConfigError
 from prefalign.generation import Generation, SamplingParams, StepFn, generate
 from prefalign.modeling import load_model, load_tokenizer
 
@@ -62,14 +63,14 @@ def check_tokenizers(
     """Raise a one-line ValueError unless both tokenizers map the same strings to the same ids."""
     specials = ("eos_token_id", "bos_token_id", "pad_token_id", "unk_token_id")
     if base.get_vocab() != arm.get_vocab():
-        raise ValueError(
+        raise ConfigError(
             f"tokenizer mismatch: ARM '{arm_name}' ({len(arm)} tokens) does not share the "
             f"vocabulary of base '{base_name}' ({len(base)} tokens); GenARM adds log-probs "
             "token by token, so both must use one tokenizer"
         )
     for name in specials:
         if getattr(base, name) != getattr(arm, name):
-            raise ValueError(
+            raise ConfigError(
                 f"tokenizer mismatch: ARM '{arm_name}' has {name}={getattr(arm, name)} "
                 f"but base '{base_name}' "
                 f"has {getattr(base, name)}"
@@ -92,7 +93,7 @@ def check_models(
             check_tokenizers(tokenizer, arm.tokenizer, base_name, arm_name)
         arm_width = logits_width(arm.model)
         if min(width, arm_width) < len(tokenizer):
-            raise ValueError(
+            raise ConfigError(
                 f"tokenizer mismatch: ARM '{arm_name}' scores {arm_width} tokens "
                 f"and base '{base_name}' "
                 f"{width}, but the tokenizer has {len(tokenizer)}"
@@ -103,7 +104,7 @@ def check_models(
             and tokenizer.eos_token_id is not None
             and tokenizer.eos_token_id not in _ids(arm_eos)
         ):
-            raise ValueError(
+            raise ConfigError(
                 f"tokenizer mismatch: ARM '{arm_name}' ends sequences with token {arm_eos}, "
                 f"base '{base_name}' with {tokenizer.eos_token_id}"
             )

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from torch import Tensor
 
+from prefalign.config import ConfigError
 from prefalign.objectives import kto, pairwise
 from prefalign.objectives.params import check_params
 from prefalign.userfiles import import_python_file
@@ -136,7 +137,9 @@ def _check_signature(
 ) -> None:
     """Fail early, at registration, on a kind or signature a trainer could not call."""
     if kind not in N_INPUTS:
-        raise ValueError(f"objective '{name}': kind must be 'pairwise' or 'unpaired', got {kind!r}")
+        raise ConfigError(
+            f"objective '{name}': kind must be 'pairwise' or 'unpaired', got {kind!r}"
+        )
     try:
         parameters = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):
@@ -144,14 +147,14 @@ def _check_signature(
     positional = [p for p in parameters if p.kind in _POSITIONAL]
     takes_varargs = any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters)
     if len(positional) < N_INPUTS[kind] and not takes_varargs:
-        raise ValueError(
+        raise ConfigError(
             f"objective '{name}': a {kind} objective takes {N_INPUTS[kind]} positional tensors, "
             f"{getattr(fn, '__name__', fn)!s} accepts {len(positional)}"
         )
     allowed = _hyperparameters(fn, kind)[0]
     unknown = sorted(set(defaults) - set(allowed)) if allowed is not None else []
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"objective '{name}': defaults name unknown parameter(s) {', '.join(unknown)}; "
             f"allowed: {', '.join(allowed) or '(none)'}"
         )
@@ -194,7 +197,7 @@ def get(name: str) -> Objective:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown objective '{name}'; known: {', '.join(names())}") from None
+        raise ConfigError(f"unknown objective '{name}'; known: {', '.join(names())}") from None
 
 
 def names() -> list[str]:
@@ -206,7 +209,7 @@ def _check_params(objective: Objective, params: Mapping[str, Any], key: str) -> 
     allowed = objective.param_names
     unknown = sorted(set(params) - set(allowed)) if allowed is not None else []
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"{key}: objective '{objective.name}' got unknown parameter(s) {', '.join(unknown)}; "
             f"allowed: {', '.join(allowed) or '(none)'}"
         )
@@ -250,13 +253,13 @@ def load_user_objective(
     """
     path_text, sep, fn_name = spec.rpartition(":")  # rpartition: Windows paths contain ':'
     if not sep or not path_text or not fn_name:
-        raise ValueError(f"user objective spec must be 'path/to/file.py:function', got {spec!r}")
+        raise ConfigError(f"user objective spec must be 'path/to/file.py:function', got {spec!r}")
     module = import_python_file(path_text, "user objective", "_prefalign_user_objective")
     if not hasattr(module, fn_name):
-        raise ValueError(f"user objective file {path_text} has no function '{fn_name}'")
+        raise ConfigError(f"user objective file {path_text} has no function '{fn_name}'")
     fn = getattr(module, fn_name)
     if not callable(fn):
-        raise ValueError(
+        raise ConfigError(
             f"user objective {path_text}:{fn_name} is not callable ({type(fn).__name__})"
         )
     defaults = dict(defaults or {})
@@ -273,7 +276,9 @@ def _reward_scale(name: str, fn: Callable[..., Any], kind: str, given: str | Non
             return "beta"
         return next((p for p in ("beta", "beta_r") if p in accepted), None)
     if given is not None and accepted is not None and given not in accepted:
-        raise ValueError(f"objective '{name}': reward_scale '{given}' is not one of its parameters")
+        raise ConfigError(
+            f"objective '{name}': reward_scale '{given}' is not one of its parameters"
+        )
     return given
 
 
@@ -291,7 +296,7 @@ def resolve(
         try:
             objective = get(name)
         except ValueError as e:
-            raise ValueError(f"config key '{key}.name': {e}") from None
+            raise ConfigError(f"config key '{key}.name': {e}") from None
     return objective.resolve(params, key=f"{key}.params")
 
 

@@ -24,6 +24,8 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from prefalign.config import ConfigError
+
 Normalize = Literal["none", "min_max", "global_percentile", "per_prompt_percentile"]
 
 
@@ -41,7 +43,7 @@ def threshold_list(
     uses `start`, step `steps - 1` and later ones `end`)."""
     if values:
         if len(values) != n_steps:
-            raise ValueError(
+            raise ConfigError(
                 f"config key 'improve.thresholds': {len(values)} values for {n_steps} "
                 "Improve steps; give one per step"
             )
@@ -55,7 +57,7 @@ def threshold_list(
             for k in range(n_steps)
         ]
     if any(b < a for a, b in zip(out, out[1:], strict=False)):
-        raise ValueError(f"config key 'improve.thresholds': the schedule must not fall, got {out}")
+        raise ConfigError(f"config key 'improve.thresholds': the schedule must not fall, got {out}")
     return out
 
 
@@ -97,7 +99,7 @@ def normalized_scores(
     if mode == "global_percentile":
         return percentiles(rewards)
     if mode != "per_prompt_percentile":
-        raise ValueError(
+        raise ConfigError(
             f"config key 'improve.normalize': got {mode!r}, "
             "allowed: none, min_max, global_percentile, per_prompt_percentile"
         )

@@ -18,7 +18,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from prefalign import tasks
-from prefalign.config import bounded
+from prefalign.config import ConfigError, bounded
 from prefalign.generation import SamplingParams, generate
 from prefalign.io import read_jsonl, read_prompts, write_jsonl
 from prefalign.rest.rewards import Reward
@@ -65,7 +65,7 @@ def load_prompts(
     """Prompts from a JSONL file of {"prompt": ...} rows, or a task's prompts of `split` (a task
     name such as toy:sentiment, see prefalign.tasks)."""
     if not spec:
-        raise ValueError(
+        raise ConfigError(
             f"config key '{key}' is required: a JSONL file of {{\"prompt\": ...}} "
             "rows, or a task such as toy:sentiment / toy:arith"
         )
@@ -75,7 +75,7 @@ def load_prompts(
         prompts = read_prompts(spec, label=f"config key '{key}':")
     prompts = prompts[:n] if n else prompts
     if not prompts:
-        raise ValueError(f"config key '{key}': {spec} holds no prompts")
+        raise ConfigError(f"config key '{key}': {spec} holds no prompts")
     return prompts
 
 

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import torch
 
 from prefalign import objectives
-from prefalign.config import bounded
+from prefalign.config import ConfigError, bounded
 from prefalign.data import TokenizedPair, TokenizedUnpaired, collate_pairs, collate_unpaired
 from prefalign.logprobs import collate_prompt_response, sequence_logps
 from prefalign.reference import ReferencePolicy, ReferenceSpec, make_reference
@@ -89,7 +89,7 @@ def resolve_loss(loss: Loss, params: dict[str, Any] | None = None) -> Loss:
         except ValueError:
             allowed = ", ".join(["bc", "reward_weighted", "path.py:function", *objectives.names()])
             message = f"config key 'improve.loss': got {loss!r}, allowed: {allowed}"
-            raise ValueError(message) from None
+            raise ConfigError(message) from None
     return objective.resolve(params, key="improve.objective_params")
 
 
@@ -102,7 +102,7 @@ def resolve_losses(spec: ImproveSpec) -> list[Loss]:
             params = spec.objective_params if name not in NLL_LOSSES else None
             resolved[name] = resolve_loss(name, params)
     if spec.objective_params and all(name in NLL_LOSSES for name in names):
-        raise ValueError(
+        raise ConfigError(
             f"config key 'improve.objective_params': loss {spec.loss!r} takes no "
             f"parameters, got {sorted(spec.objective_params)}"
         )
@@ -179,7 +179,7 @@ def with_original(
     if not original:
         return data
     if data.kind != "sequences":
-        raise ValueError(
+        raise ConfigError(
             "config key 'improve.original_data' mixes SFT rows into bc / "
             f"reward_weighted steps; this step's loss trains on {data.kind}"
         )
@@ -260,7 +260,7 @@ def reference_spec(loss: Loss, spec: ReferenceSpec) -> ReferenceSpec:
     if isinstance(objective, str) or not objective.needs_reference:
         return ReferenceSpec(mode="none")
     if spec.mode == "none":
-        raise ValueError(
+        raise ConfigError(
             f"config key 'improve.reference.mode': objective {objective.name!r} needs "
             "a reference (frozen, soft or hard)"
         )

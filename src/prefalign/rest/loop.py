@@ -34,6 +34,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from prefalign import tasks
+from prefalign.config import ConfigError
+from prefalign.errors import RunDirError
 from prefalign.manifest import write_manifest
 from prefalign.modeling import ModelSpec, load_model, load_tokenizer, resolve_device
 from prefalign.rest.evaluate import EvalSpec, HeldOutEval
@@ -146,7 +148,7 @@ def run_rest(
         data_file = out / "grown" / f"grow_{g:03d}.jsonl"
         if state.done(f"grow-{g}"):
             if not data_file.exists():
-                raise ValueError(
+                raise RunDirError(
                     f"{data_file} is missing but state.json says Grow step {g} finished; "
                     "restore it or start a new out_dir"
                 )
@@ -424,7 +426,7 @@ def resolve_model_path(name: str) -> str:
     """A task name (e.g. `toy:arith`) is that task's default policy; local paths become absolute
     (saved adapters name their base)."""
     if not name:
-        raise ValueError(
+        raise ConfigError(
             "config key 'model.name_or_path' is required (a model directory, hub id, "
             "or a task such as toy:sentiment / toy:arith)"
         )
@@ -442,7 +444,9 @@ def check(config: RestConfig) -> list[Loss]:
     """Fail on a bad config before any sampling; returns each Improve step's resolved loss."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Every process would grow and write the same files; Grow is not sharded across ranks yet.
-        raise ValueError("prefalign rest runs in one process; start it without `accelerate launch`")
+        raise ConfigError(
+            "prefalign rest runs in one process; start it without `accelerate launch`"
+        )
     for key, value in (
         ("grow_steps", config.grow_steps),
         ("improve.steps_per_grow", config.improve.steps_per_grow),
@@ -450,32 +454,32 @@ def check(config: RestConfig) -> list[Loss]:
         ("grow.max_new_tokens", config.grow.max_new_tokens),
     ):
         if value < 1:
-            raise ValueError(f"config key '{key}' must be at least 1, got {value}")
+            raise ConfigError(f"config key '{key}' must be at least 1, got {value}")
     if config.reward.kind == "gold" and not config.reward.task:
-        raise ValueError(
+        raise ConfigError(
             "config key 'reward.task' is required with reward.kind=gold (a task: "
             "toy:sentiment, toy:arith, toy:brevity, or user:PROMPTS.jsonl:module:fn)"
         )
     if config.improve.max_per_prompt < 0:
-        raise ValueError(
+        raise ConfigError(
             "config key 'improve.max_per_prompt' must be >= 0 (0: no cap), "
             f"got {config.improve.max_per_prompt}"
         )
     spec = config.improve
     if spec.losses and len(spec.losses) != spec.steps_per_grow:
-        raise ValueError(
+        raise ConfigError(
             f"config key 'improve.losses': {len(spec.losses)} losses for "
             f"{spec.steps_per_grow} Improve steps; give one per step"
         )
     if not spec.lr_decay > 0:
-        raise ValueError(
+        raise ConfigError(
             f"config key 'improve.lr_decay' must be > 0 (1: constant), got {spec.lr_decay}"
         )
     losses = resolve_losses(spec)
     for loss in losses:
         reference_spec(loss, spec.reference)
     if spec.original_data and not all(isinstance(loss, str) for loss in losses):
-        raise ValueError(
+        raise ConfigError(
             "config key 'improve.original_data': original SFT rows mix into bc / "
             f"reward_weighted steps only, got losses {spec.losses or [spec.loss]}"
         )

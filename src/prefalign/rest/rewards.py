@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from prefalign import tasks
+from prefalign.config import ConfigError
 
 PairFn = Callable[[str, str], float]
 
@@ -76,10 +77,10 @@ def load_reward(spec: RewardSpec, device: str = "cpu") -> Reward:
         return gold_reward(spec.task, "reward.task")
     if spec.kind == "function":
         if not spec.function:
-            raise ValueError("config key 'reward.function' is required with reward.kind=function")
+            raise ConfigError("config key 'reward.function' is required with reward.kind=function")
         return FunctionReward(load_function(spec.function), spec.function)
     if not spec.model_path:
-        raise ValueError("config key 'reward.model_path' is required with reward.kind=model")
+        raise ConfigError("config key 'reward.model_path' is required with reward.kind=model")
     from prefalign.reward_models.scoring import RewardModel
 
     return RewardModel.from_pretrained(spec.model_path, device=device, batch_size=spec.batch_size)

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from prefalign.errors import RunDirError
 from prefalign.io import atomic_write, flatten, json_line
 
 STATE_VERSION = 1
@@ -41,14 +42,14 @@ class RunState:
         path = out_dir / "state.json"
         if not path.exists():
             if not resume and out_dir.exists() and any(out_dir.iterdir()):
-                raise ValueError(
+                raise RunDirError(
                     f"out_dir {out_dir} is not empty; pass --resume to continue the run there, "
                     "or choose another out_dir"
                 )
             out_dir.mkdir(parents=True, exist_ok=True)
             return cls(out_dir, config, [])
         if not resume:
-            raise ValueError(
+            raise RunDirError(
                 f"out_dir {out_dir} holds a ReST run ({path}); pass --resume to continue it, "
                 "or choose another out_dir"
             )

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from prefalign.config import ConfigError
 from prefalign.logprobs import collate_prompt_response
 
 if TYPE_CHECKING:
@@ -38,7 +39,7 @@ class SequenceRewardModel(torch.nn.Module):
     def __init__(self, classifier: PreTrainedModel):
         super().__init__()
         if not hasattr(classifier, "score"):
-            raise ValueError(
+            raise ConfigError(
                 f"{type(classifier).__name__} has no `score` head: a reward model must be a "
                 "one-label AutoModelForSequenceClassification of a causal LM (Llama, GPT-2, ...)"
             )
@@ -124,7 +125,7 @@ def reward_model_dir(path: str | Path) -> Path:
     if (path / "final").is_dir() and not any(path.glob("*.safetensors")):
         path = path / "final"  # accept the run directory of `prefalign rm train` too
     if not (path / "config.json").exists():
-        raise ValueError(
+        raise ConfigError(
             f"reward model path {path} holds no model (train one with `prefalign rm train`)"
         )
     return path

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
+from prefalign.config import ConfigError
 from prefalign.data import TokenizedPair, collate_pairs, load_preference_data, tokenize_preference
 from prefalign.manifest import write_manifest
 from prefalign.modeling import ModelSpec, load_tokenizer, resolve_dtype
@@ -136,7 +137,7 @@ def split_held_out(
     pairs: list[TokenizedPair], fraction: float, seed: int
 ) -> tuple[list[TokenizedPair], list[TokenizedPair]]:
     if not 0 < fraction < 1:
-        raise ValueError(f"config key 'data.eval_fraction' must lie in (0, 1), got {fraction}")
+        raise ConfigError(f"config key 'data.eval_fraction' must lie in (0, 1), got {fraction}")
     order = list(range(len(pairs)))
     random.Random(seed).shuffle(order)
     n_eval = max(1, int(len(pairs) * fraction))
@@ -147,13 +148,13 @@ def train_reward_model(config: RewardModelConfig, resume: bool = False, log=prin
     """Train on `data.path`, report held-out pair accuracy, write `rm_metrics.json` beside
     `final/`."""
     if not config.model.name_or_path:
-        raise ValueError(
+        raise ConfigError(
             "config key 'model.name_or_path' is required (the backbone, e.g. the SFT policy)"
         )
     if not config.data.path:
-        raise ValueError("config key 'data.path' is required (preference pairs)")
+        raise ConfigError("config key 'data.path' is required (preference pairs)")
     if config.model.lora is not None:
-        raise ValueError(
+        raise ConfigError(
             "config key 'model.lora': LoRA reward models are not supported; train the full model"
         )
     write_manifest(config.trainer.out_dir, "rm")

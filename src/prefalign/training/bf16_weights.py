@@ -10,9 +10,12 @@ This is the master-weights scheme of Micikevicius et al., "Mixed Precision Train
 with bf16 (no loss scaling needed). Buffers (rotary frequencies) stay fp32, and prefalign's
 log-probs keep their fp32 log-sum-exp, so the loss is computed in fp32.
 
-Frozen parameters (a LoRA model's base, a frozen embedding) are held in bf16 only: they never
-change, so they need no master. Single-process runs only: DDP and FSDP2 all-reduce or shard the
-parameters' own gradients, which this scheme moves to the masters.
+Where the trainer steps inside backward (no clipping, no accumulation), each master steps as
+soon as its gradient is complete and its bf16 weight is refreshed at once, so the fp32
+gradients of the whole model are never alive together. Frozen parameters (a LoRA model's base,
+a frozen embedding) are held in bf16 only: they never change, so they need no master.
+Single-process runs only: DDP and FSDP2 all-reduce or shard the parameters' own gradients,
+which this scheme moves to the masters.
 """
 
 from __future__ import annotations
@@ -32,7 +35,6 @@ class Bf16MasterWeights:
     def __init__(self, model: torch.nn.Module) -> None:
         self.working: list[torch.nn.Parameter] = []
         self.masters: list[torch.nn.Parameter] = []
-        self._hooks = []
         # Set to step one master as soon as its gradient is complete (the optimizer step inside
         # backward, `prefalign.training.step_in_backward`); its bf16 weight is refreshed at once.
         self.step_master: Callable[[torch.nn.Parameter], None] | None = None
@@ -45,9 +47,7 @@ class Bf16MasterWeights:
                 master = torch.nn.Parameter(param.detach().float().clone())
                 self.working.append(param)
                 self.masters.append(master)
-                self._hooks.append(
-                    param.register_post_accumulate_grad_hook(self._to_master(master))
-                )
+                param.register_post_accumulate_grad_hook(self._to_master(master))
             with torch.no_grad():
                 param.data = param.data.to(WORKING_DTYPE)
 
@@ -83,8 +83,3 @@ class Bf16MasterWeights:
             for param, data in zip(self.working, held, strict=True):
                 param.data = data
             self.refresh()
-
-    def remove(self) -> None:
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks.clear()

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from prefalign.errors import RunDirError
 from prefalign.modeling import is_peft_model
 from prefalign.training.fsdp import load_full_
 
@@ -72,7 +73,7 @@ def load_trained_weights(model: torch.nn.Module, model_dir: Path) -> None:
             else:
                 load_full_(param, saved[key])
     if missing:
-        raise ValueError(f"checkpoint {model_dir} lacks trained weights {missing[:3]}")
+        raise RunDirError(f"checkpoint {model_dir} lacks trained weights {missing[:3]}")
 
 
 def saved_name(name: str, saved: dict[str, Any], adapter: str | None) -> str | None:

@@ -28,8 +28,8 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from prefalign.config import bounded
-from prefalign.errors import UserError
+from prefalign.config import ConfigError, bounded
+from prefalign.errors import RunDirError, UserError
 from prefalign.io import append_jsonl, atomic_write, flatten
 from prefalign.training import step_in_backward as in_backward
 from prefalign.training.bf16_weights import Bf16MasterWeights
@@ -96,6 +96,9 @@ class TrainerConfig:
     # same update. "auto": wherever that is exact (max_grad_norm 0, grad_accum 1, one process,
     # no fp16, no FSDP); "off": always after backward.
     step_in_backward: Literal["auto", "off"] = "auto"
+    # torch's intra-op threads from the start of the run (0: torch's own, the cores or
+    # OMP_NUM_THREADS); 1 on a shared machine: idle threads spin-wait on contended cores.
+    threads: int = bounded(0, min=0)
 
 
 class TrainingDiverged(UserError):
@@ -165,6 +168,8 @@ class Trainer:
         """`lengths`: the token count of every training example (the epoch's batches are planned
         from them). Seed with `seed_everything(config.seed)` before building the model."""
         self.config = config
+        if config.threads:
+            torch.set_num_threads(config.threads)
         self.lengths = list(lengths)
         n_examples = len(self.lengths)
         self.tokenizer = tokenizer  # saved beside every checkpoint so each one loads on its own
@@ -175,7 +180,7 @@ class Trainer:
         self.global_micro_batch = config.batch_size * acc.num_processes
         per_epoch = n_examples // self.global_micro_batch // config.grad_accum
         if per_epoch == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"{n_examples} examples cannot fill one optimizer step of "
                 f"{config.batch_size} x {config.grad_accum} x {acc.num_processes} processes"
             )
@@ -457,7 +462,7 @@ class Trainer:
         step, path = found[-1]
         state = json.loads((path / "state.json").read_text())
         if state["num_processes"] != self.accelerator.num_processes:
-            raise UserError(
+            raise RunDirError(
                 f"checkpoint {path} was written by {state['num_processes']} processes; "
                 "resume with the same number"
             )

@@ -18,6 +18,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from prefalign.config import ConfigError
+
 BF16_MATMUL_FLAGS = ("amx_bf16", "avx512_bf16")
 BF16_PATHS = ("auto", "weights", "autocast")
 
@@ -59,14 +61,14 @@ def resolve_bf16_path(
 ) -> str | None:
     """ "weights" or "autocast" for a bf16 run (None for any other precision)."""
     if bf16_path not in BF16_PATHS:
-        raise ValueError(
+        raise ConfigError(
             f"config key trainer.bf16_path must be one of {BF16_PATHS}, got {bf16_path!r}"
         )
     if resolve_mixed_precision(mixed_precision) != "bf16":
         return None
     weights_apply = num_processes == 1 and not fsdp
     if bf16_path == "weights" and not weights_apply:
-        raise ValueError(
+        raise ConfigError(
             "config key trainer.bf16_path: 'weights' runs in one process without FSDP "
             f"(this run: {num_processes} processes, fsdp={fsdp}); use 'autocast' or 'auto'"
         )

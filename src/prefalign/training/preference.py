@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from prefalign import objectives
+from prefalign.config import ConfigError
 from prefalign.data.tokenize import TruncationSettings
 from prefalign.logprobs import SequenceLogps, sequence_logps
 from prefalign.manifest import write_manifest
@@ -180,13 +181,13 @@ def run_preference(
     # Resolving checks the params by config key (names, kinds) before anything is loaded.
     objective = objective or resolve_objective(config.objective)
     if not config.model.name_or_path:
-        raise ValueError(
+        raise ConfigError(
             "config key 'model.name_or_path' is required (a model directory or hub id)"
         )
     if not config.data.path:
-        raise ValueError("config key 'data.path' is required")
+        raise ConfigError("config key 'data.path' is required")
     if objective.needs_reference and config.reference.mode == "none":
-        raise ValueError(
+        raise ConfigError(
             f"objective '{objective.name}' needs a reference policy; "
             "reference.mode 'none' is for reference-free objectives"
         )
