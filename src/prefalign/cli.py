@@ -49,29 +49,29 @@ class Command:
     overrides: bool = False  # takes key=value overrides without a config schema
 
 
-def describe_worlds() -> str:
-    from prefalign.demo.worlds import world_family_names
-
-    return ", ".join(world_family_names())
-
-
 # Help text naming what is registered (tasks, demo worlds): filled in only when help is
 # printed, since the registries import their providers (torch, transformers), which a plain
 # command should not pay for.
 REGISTERED_TASKS = "<registered tasks>"
 REGISTERED_WORLDS = "<registered worlds>"
-LAZY_HELP: dict[str, Callable[[], str]] = {
-    REGISTERED_TASKS: lambda: importlib.import_module("prefalign.tasks").describe_tasks(),
-    REGISTERED_WORLDS: describe_worlds,
+# "module:function" like the handlers: the CLI names the demo's registry, it does not import it.
+LAZY_HELP: dict[str, str] = {
+    REGISTERED_TASKS: "prefalign.tasks:describe_tasks",
+    REGISTERED_WORLDS: "prefalign.demo.worlds:describe_world_families",
 }
+
+
+def describe_registered(target: str) -> str:
+    module, function = target.split(":")
+    return getattr(importlib.import_module(module), function)()
 
 
 class HelpFormatter(argparse.HelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help
-        for mark, describe in LAZY_HELP.items():
+        for mark, target in LAZY_HELP.items():
             if text and mark in text:
-                text = text.replace(mark, describe())
+                text = text.replace(mark, describe_registered(target))
         return text
 
 

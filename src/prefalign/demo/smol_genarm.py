@@ -53,7 +53,7 @@ def method_genarm(world, settings, log=print) -> dict:
         run_best_of_n,
         sweep_tradeoff,
     )
-    from prefalign.demo.smollm2 import frozen_model
+    from prefalign.demo.smol_reference import frozen_model
     from prefalign.genarm.arm import concise_pairs
     from prefalign.genarm.decoding import Arm, SampledLogps, guided_generate
     from prefalign.modeling import load_model, load_tokenizer

@@ -9,7 +9,6 @@ held-out prompts from the policy's own samples at temperature 1.
 
 from __future__ import annotations
 
-import functools
 import shutil
 import time
 from collections.abc import Callable
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prefalign.config import load_config
+from prefalign.demo.smol_reference import frozen_model
 from prefalign.demo.worlds import WorldFamily, register_world_family
 from prefalign.evaluation.core import evaluate_policy
 from prefalign.modeling import load_model, load_tokenizer
@@ -68,14 +68,6 @@ def smol_settings(settings) -> SmolDemoSettings:
         return settings
     full = getattr(settings, "world", "") == "smollm2-full"
     return SmolDemoSettings.make(settings.quick, settings.out_dir, full_finetune=full)
-
-
-@functools.lru_cache(maxsize=2)
-def frozen_model(path: str, dtype: str):
-    """SmolLM2 itself, loaded once per process: every row's KL reference (it is never trained)."""
-    from prefalign.demo.genarm import frozen
-
-    return frozen(load_model(path, dtype=dtype, device="cpu"))
 
 
 def evaluate_smol(world: SmolWorld, settings: SmolDemoSettings, model_path, reference=None) -> dict:

@@ -86,6 +86,11 @@ def world_family_names() -> list[str]:
     return sorted(set(FAMILY_MODULES) | set(_FAMILIES))
 
 
+def describe_world_families() -> str:
+    """The families `prefalign demo --world` accepts, for its help text."""
+    return ", ".join(world_family_names())
+
+
 def get_world_family(name: str) -> WorldFamily:
     if name not in _FAMILIES and name in FAMILY_MODULES:
         importlib.import_module(FAMILY_MODULES[name])
