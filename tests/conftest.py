@@ -68,15 +68,21 @@ def build_tiny_tokenizer(
     return tokenizer
 
 
+# The tiny test models' sizes, shared by the Llama and Qwen2 builders.
+TINY_DIMS = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
+
+
 def tiny_llama_config(**overrides) -> LlamaConfig:
     kwargs = dict(
         vocab_size=VOCAB_SIZE,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
+        **TINY_DIMS,
         bos_token_id=VOCAB.index(BOS),
         eos_token_id=VOCAB.index(EOS),
         pad_token_id=VOCAB.index(PAD),
@@ -104,15 +110,7 @@ def save_tiny_llama(out: Path, tokenizer: Any, **overrides) -> Path:
 
 def tiny_qwen2_config(**overrides) -> Qwen2Config:
     """Biased q/k/v projections and grouped-query attention, at the tiny Llama's sizes."""
-    kwargs = dict(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
+    kwargs = dict(vocab_size=VOCAB_SIZE, **TINY_DIMS)
     kwargs.update(overrides)
     return Qwen2Config(**kwargs)
 
@@ -211,21 +209,26 @@ def save_tiny_review_model(
     tokenizer = train_tokenizer(
         ["".join(review(rng)) for _ in range(n_texts)], vocab_size=vocab_size
     )
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=128,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+    tiny_llama_for(tokenizer, num_key_value_heads=4, max_position_embeddings=128).save_pretrained(
+        out
     )
-    LlamaForCausalLM(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def tiny_llama_for(tokenizer: Any, **overrides) -> LlamaForCausalLM:
+    """A tiny random Llama (seed 0) sized to `tokenizer`'s vocabulary, eos and pad ids."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        **{
+            **TINY_DIMS,
+            "vocab_size": len(tokenizer),
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+            **overrides,
+        }
+    )
+    return LlamaForCausalLM(config)
 
 
 def free_port() -> int:

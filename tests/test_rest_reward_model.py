@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_llama_for
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from prefalign.rest.rewards import RewardSpec, load_reward
 from prefalign.reward_models import RewardModel
@@ -51,19 +52,7 @@ def toy_pairs(n: int, seed: int) -> list[dict]:
 def rm_setup(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("rm")
     tokenizer = word_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(root / "policy")
+    tiny_llama_for(tokenizer, num_key_value_heads=4).save_pretrained(root / "policy")
     tokenizer.save_pretrained(root / "policy")
     for name, n, seed in (("pairs.jsonl", 192, 0), ("pairs_eval.jsonl", 64, 1)):
         (root / name).write_text("".join(json.dumps(p) + "\n" for p in toy_pairs(n, seed)))

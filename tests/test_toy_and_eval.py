@@ -7,7 +7,8 @@ import random
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import tiny_llama_for
+from transformers import LlamaForCausalLM
 
 from prefalign.evaluation.core import evaluate_policy, mean_and_se
 from prefalign.toy.corpus import review
@@ -55,18 +56,8 @@ def test_tokenizer_round_trips_text_and_splits_digits(tokenizer):
 
 
 def tiny_model(tokenizer) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return LlamaForCausalLM(config).eval()
+    # LlamaConfig's default context (2048), as before the shared builder.
+    return tiny_llama_for(tokenizer, num_key_value_heads=4, max_position_embeddings=2048).eval()
 
 
 def test_kl_is_zero_for_the_same_policy_and_positive_after_perturbation(tokenizer):
