@@ -250,7 +250,7 @@ def test_real_genarm_row_decodes_each_arm_mix_once(tmp_path, tiny_gguf, monkeypa
     assert {r["name"] for r in row["baselines"]} == {"ARGS k=2", "best-of-2"}
     # SmolLM2 guided by itself at the headline alpha: the sharpening an untrained ARM brings,
     # decoded apart from the trained ARM's point (another mix, other samples).
-    untrained = row["untrained_arm"]
+    untrained = row["control"]
     assert untrained["alpha"] == 1.0 and {"gold_reward", "brevity", "kl"} <= set(untrained)
     assert untrained["kl"] != by_alpha[1.0]["kl"]
     assert row["arm"]["steps_per_third"] >= 1 and row["arm"]["accuracy_first_third"] is not None

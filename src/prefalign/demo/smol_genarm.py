@@ -12,6 +12,7 @@ prompts as the other rows: gold reward, brevity, KL(decoding || SmolLM2).
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from prefalign.config import load_config
@@ -23,7 +24,10 @@ TRADEOFF = ((2.0, 0.0), (1.0, 1.0), (0.0, 2.0))  # (sentiment, brevity) ARM weig
 HEADLINE_ALPHA = 1.0  # fixed in advance, not picked from the sweep
 
 
-def fit_lora_arm(world, settings, pairs: Path, eval_pairs: Path | None, out: Path):
+def fit_lora_arm(
+    world, settings, pairs: Path, eval_pairs: Path | None, out: Path, extra: Sequence[str] = ()
+):
+    """The demo's LoRA ARM on `pairs` (`extra`: config overrides on top, for bench/smol_arm.py)."""
     from prefalign.genarm.arm import ArmConfig, train_arm
 
     overrides = [
@@ -42,6 +46,7 @@ def fit_lora_arm(world, settings, pairs: Path, eval_pairs: Path | None, out: Pat
     ]
     if eval_pairs is not None:
         overrides.append(f"data.eval_path={eval_pairs}")
+    overrides += list(extra)
     return train_arm(load_config(ArmConfig, None, overrides), log=lambda *_: None)
 
 
@@ -148,13 +153,18 @@ def method_genarm(world, settings, log=print) -> dict:
         sweep.append({"alpha": alpha, **point})
         log(f"  alpha {alpha:g}: gold {point['gold_reward']:.3f} kl {point['kl']:.3f}")
     headline = next(p for p in sweep if p["alpha"] == HEADLINE_ALPHA)
-    # An ARM that is SmolLM2 plus an adapter makes `pi_base * pi_arm^alpha` about
-    # `pi_base^(1 + alpha)`: sampling at temperature 1 / (1 + alpha). SmolLM2 itself as the
-    # ARM is that sharpening alone; the ARM's own contribution is the difference.
-    sharpened = {"alpha": HEADLINE_ALPHA, **guided([Arm(base, HEADLINE_ALPHA)])}
+    # Control, as in the toy demo: an ARM that is SmolLM2 plus an adapter makes
+    # `pi_base * pi_arm^alpha` about `pi_base^(1 + alpha)`, sampling at temperature
+    # 1 / (1 + alpha). SmolLM2 itself as the ARM is that sharpening alone; what the trained
+    # ARM adds is the gap between the two at the same alpha.
+    control = {
+        "alpha": HEADLINE_ALPHA,
+        "arm": "SmolLM2 itself (untrained)",
+        **guided([Arm(base, HEADLINE_ALPHA)]),
+    }
     log(
-        f"  untrained ARM (SmolLM2 itself) at alpha {HEADLINE_ALPHA:g}: "
-        f"gold {sharpened['gold_reward']:.3f} kl {sharpened['kl']:.3f}"
+        f"  control (untrained ARM, alpha {HEADLINE_ALPHA:g}): "
+        f"gold {control['gold_reward']:.3f} kl {control['kl']:.3f}"
     )
     lap("alpha_sweep")
 
@@ -202,7 +212,7 @@ def method_genarm(world, settings, log=print) -> dict:
             "lora": not settings.full_finetune,
             **curve,
         },
-        "untrained_arm": sharpened,
+        "control": control,
         "brevity_arm": {"train_pairs": brevity["pairs"], "steps": brevity_fit.train.steps},
         "base": {
             "gold_reward": sweep[0]["gold_reward"],
