@@ -303,3 +303,20 @@ def test_proxy_training_scores_a_task_registered_only_in_this_process(
     assert plain["metrics"]["gold"] == 0.25 and plain["fitness"] == 0.25  # KL within budget
     assert len(scored) == 3 * 2  # every held-out sample, scored here
     assert "responses" not in plain["metrics"]
+
+
+def test_best_objective_of_an_offline_run_names_its_real_origin(tmp_path: Path) -> None:
+    """best_objective.py used to say "origin: llm" for every candidate: the record's origin
+    was dropped when the file was written."""
+    from prefalign.discovery.recipe import DiscoverConfig, ProxySpec, run_discover
+
+    config = DiscoverConfig(
+        out_dir=str(tmp_path / "run"), generations=1, candidates_per_generation=2,
+        baselines=False, proxy=ProxySpec(task="synthetic"),
+    )  # fmt: skip
+    archive = run_discover(config, log=lambda *_: None)
+    best = archive.best_proposed()
+    assert best is not None and best["origin"] == "offline"
+    header = (tmp_path / "run" / "best_objective.py").read_text().splitlines()[0]
+    assert "(origin: offline)" in header, header
+

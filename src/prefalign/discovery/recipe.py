@@ -188,7 +188,10 @@ def run_discover(
     record = archive.best_proposed()
     if record is not None:
         spec = save_objective(
-            Candidate(record["name"], record["code"], record.get("thought", "")),
+            Candidate(
+                record["name"], record["code"], record.get("thought", ""),
+                origin=record.get("origin", "unknown"),
+            ),
             out_dir / "best_objective.py",
         )
         log(
