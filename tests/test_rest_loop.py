@@ -372,3 +372,16 @@ def test_rest_errors_list_every_registered_task_not_only_the_toy_ones(
     message = str(err.value)
     assert "smol:arith" in message, message
     assert set(tasks.task_names()) <= set(re.findall(r"[\w:]+", message)), message
+
+
+def test_a_missing_model_leaves_no_run_directory_so_the_fixed_command_runs(
+    files, tiny_llama_dir, tmp_path
+):
+    """run.json was written before the model was loaded: after a typo in the model path the
+    corrected command was refused ("out_dir ... is not empty; pass --resume")."""
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match="no-such-model"):
+        run_rest(config(files, tmp_path / "no-such-model", out), log=lambda *_: None)
+    assert not out.exists()
+    run_rest(config(files, tiny_llama_dir, out, "grow_steps=1"), log=lambda *_: None)
+    assert (out / "state.json").exists()

@@ -103,8 +103,6 @@ def run_rest(
         spec.thresholds,
         spec.schedule,
     )
-    state = RunState.open(out, asdict(config), resume, log)
-    write_manifest(out, "rest")
     base = resolve_model_path(config.model.name_or_path)
     device = str(resolve_device(config.model.device))
     tokenizer = load_tokenizer(base)
@@ -120,6 +118,9 @@ def run_rest(
     evaluate = HeldOutEval(
         config.eval, tokenizer, initial, reward, reward_is_gold, config.grow.max_new_tokens
     )
+    # Only once every input has loaded: a typo must not leave a run directory behind.
+    state = RunState.open(out, asdict(config), resume, log)
+    write_manifest(out, "rest")
 
     def finish(record: dict) -> None:
         state.add(record)
