@@ -20,6 +20,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     GPT2Config,
+    GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
@@ -129,6 +130,14 @@ def tiny_gpt2_config(**overrides) -> GPT2Config:
     )
     kwargs.update(overrides)
     return GPT2Config(**kwargs)
+
+
+def tiny_gpt2(seed: int = 0, dropout: float = 0.0, **overrides) -> GPT2LMHeadModel:
+    """A tiny random GPT-2 (lm_head tied to wte) built after `torch.manual_seed(seed)`, with
+    `dropout` on residuals, embeddings and attention; `overrides`: GPT2Config fields."""
+    torch.manual_seed(seed)
+    drops = dict(resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
+    return GPT2LMHeadModel(tiny_gpt2_config(**{**drops, **overrides}))
 
 
 @pytest.fixture(scope="session")
