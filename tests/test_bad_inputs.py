@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+from conftest import CHAT_TEMPLATE, trained_word_tokenizer
 from transformers import PreTrainedTokenizerFast
 
 from prefalign.data import (
@@ -21,10 +21,6 @@ from prefalign.data import (
     tokenize_preference,
 )
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
-)
 # Renders the generation prompt in front: the prompt is not a prefix of the whole conversation.
 UNSTABLE_TEMPLATE = (
     "{% if add_generation_prompt %}ANSWER: {% endif %}"
@@ -33,23 +29,7 @@ UNSTABLE_TEMPLATE = (
 
 
 def make_tokenizer(chat_template: str | None) -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.train_from_iterator(
-        ["one two three four five six seven"],
-        trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "<s>", "</s>"]),
-    )
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-    )
-    if chat_template:
-        fast.chat_template = chat_template
-    return fast
+    return trained_word_tokenizer(["one two three four five six seven"], True, chat_template)
 
 
 TOKENIZERS = {
