@@ -7,7 +7,8 @@ import math
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from conftest import tiny_gpt2
+from transformers import GPT2LMHeadModel
 
 from prefalign.errors import UserError
 from prefalign.logprobs import collate_prompt_response, nll_loss
@@ -19,20 +20,10 @@ VOCAB = 48
 
 
 def gpt2(dropout: float = 0.0) -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    config = GPT2Config(
-        vocab_size=VOCAB,
-        n_embd=16,
-        n_layer=1,
-        n_head=2,
-        n_positions=32,
-        resid_pdrop=dropout,
-        embd_pdrop=dropout,
-        attn_pdrop=dropout,
-        bos_token_id=1,
-        eos_token_id=1,
-    )
-    return GPT2LMHeadModel(config)
+    return tiny_gpt2(
+        dropout=dropout, vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=32,
+        bos_token_id=1, eos_token_id=1,
+    )  # fmt: skip
 
 
 def rows(n: int = 16) -> tuple[list[list[int]], list[list[int]]]:

@@ -135,9 +135,10 @@ def load_model(
     if (path / "adapter_config.json").exists():
         from peft import AutoPeftModelForCausalLM
 
-        model = AutoPeftModelForCausalLM.from_pretrained(
-            str(path), dtype=torch_dtype, is_trainable=True, trust_remote_code=trust_remote_code
-        )
+        with quiet_peft_deprecation():
+            model = AutoPeftModelForCausalLM.from_pretrained(
+                str(path), dtype=torch_dtype, is_trainable=True, trust_remote_code=trust_remote_code
+            )
     else:
         from transformers import AutoModelForCausalLM
 
@@ -174,13 +175,20 @@ def add_lora(
         target_modules=spec.target_modules,
         task_type="CAUSAL_LM",
     )
+    with quiet_peft_deprecation():
+        return get_peft_model(model, config, adapter_name=adapter_name)
+
+
+@contextlib.contextmanager
+def quiet_peft_deprecation() -> Iterator[None]:
+    """Around a call into peft that builds a PeftModel (a new adapter, a saved one loaded):
+    its constructor asks transformers for the old `is_gradient_checkpointing` name, which
+    warns on every LoRA run. The call is peft's, so that message alone is silenced."""
     with warnings.catch_warnings():
-        # peft asks transformers for the old `is_gradient_checkpointing` name, which warns on
-        # every LoRA run; the call is peft's, so it is silenced here, for that message only.
         warnings.filterwarnings(
             "ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning
         )
-        return get_peft_model(model, config, adapter_name=adapter_name)
+        yield
 
 
 def is_peft_model(model: torch.nn.Module) -> bool:
