@@ -35,8 +35,8 @@ class SmolDemoSettings:
     out_dir: Path
     # All 32 held-out prompts of the world, sampled twice, in one batch: with one sample the
     # standard errors (~0.085 on gold) were as large as the gaps between methods. A second
-    # sample is worth almost a new prompt: the prompt explains ~5% of the variance of VADER
-    # over the world's own samples. An evaluation costs about its number of samples.
+    # sample is worth almost a new prompt: prompts explain 6% of VADER's variance over the
+    # world's own samples (bench/smol_variance.py). An evaluation costs about its samples.
     n_eval_prompts: int = 32
     samples_per_prompt: int = 2
     full_finetune: bool = False
