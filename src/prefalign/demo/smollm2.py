@@ -25,6 +25,9 @@ from prefalign.smol.tasks import world_task
 from prefalign.smol.world import SmolWorld, get_smol_world
 
 LORA = "{r: 8, alpha: 16}"
+# Token budget of a training sequence: the chat prompt (about 49 tokens, at most 64) and a reply
+# of up to the world's 64 sampled tokens with its EOS, so no reply loses its end.
+DATA_LIMITS = ["data.max_length=128", "data.max_prompt_length=64"]
 
 
 @dataclass
@@ -150,8 +153,7 @@ def preference_overrides(settings: SmolDemoSettings, unpaired: bool = False) -> 
         "trainer.warmup_ratio=0",
         "trainer.log_every=4",
         *settings.trust_region_overrides(),
-        "data.max_length=96",
-        "data.max_prompt_length=64",
+        *DATA_LIMITS,
     ]
 
 
