@@ -554,3 +554,30 @@ def test_bad_prompt_files_are_one_line_errors(
     line = assert_refused(capsys, argv, tmp_path / "run")
     assert f"{tmp_path}/{expected}" in line, line
     assert not out.exists()
+
+
+@pytest.mark.parametrize("where", ["--model", "--arm", "gguf:"])
+def test_a_directory_that_holds_no_model_is_a_one_line_error(
+    tmp_path: Path, capsys, model_dirs, where: str
+) -> None:
+    """A directory without a checkpoint (an empty one, or named like a GGUF file) ended in
+    transformers' ValueError traceback ("Unrecognized model in ..."); `gguf:DIR` was called
+    "no such GGUF file" though it exists."""
+    empty = tmp_path / "weights.gguf"
+    empty.mkdir()
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("one two\n")
+    model = str(model_dirs["plain"])
+    out = tmp_path / "out.jsonl"
+    argv = ["generate", "--model", model, "--prompts", str(prompts), "--out", str(out)]
+    if where == "--model":
+        argv[2] = str(empty)
+    elif where == "--arm":
+        argv += ["--arm", str(empty)]
+    else:
+        argv[2] = f"gguf:{empty}"
+    line = assert_refused(capsys, argv, tmp_path / "run")
+    assert str(empty) in line, line
+    expected = "is a directory, not a GGUF file" if where == "gguf:" else "no model files in it"
+    assert expected in line, line
+    assert not out.exists()
