@@ -39,8 +39,22 @@ def main() -> None:
     parser.add_argument("--inside", action="store_true", help="step inside backward")
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument(
+        "--threshold-kib", type=int, default=0, help="fix glibc's mmap threshold (0: adaptive)"
+    )
+    parser.add_argument("--lean", action="store_true", help="lean RMSNorm / MLP activations")
+    parser.add_argument("--trim", action="store_true", help="malloc_trim(0) after each step")
+    parser.add_argument(
+        "--trim-before-backward", action="store_true", help="malloc_trim(0) before backward"
+    )
+    parser.add_argument(
+        "--prealloc", action="store_true", help="create Adam's state before the first step"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
+    from prefalign.training import malloc
+
+    malloc.set_mmap_threshold(args.threshold_kib)
     from train_throughput import SEED, make_chat_pairs
 
     from prefalign.data.records import PreferenceRecord
@@ -52,7 +66,9 @@ def main() -> None:
 
     source = resolve_model_source(SMOLLM2)
     tokenizer = load_tokenizer(source)
-    policy = load_model(source, device="cpu", gradient_checkpointing=args.checkpointing).train()
+    policy = load_model(
+        source, device="cpu", gradient_checkpointing=args.checkpointing, lean_activations=args.lean
+    ).train()
     rows = make_chat_pairs(random.Random(SEED + 1), 4, tokenizer)
     records = [
         PreferenceRecord(r["prompt"], r["chosen"], r["rejected"], "bench", i + 1)
@@ -67,23 +83,35 @@ def main() -> None:
     )
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-6, fused=True)
+    if args.prealloc:
+        for p in params:
+            optimizer.state[p] = {
+                "step": torch.tensor(0.0),
+                "exp_avg": torch.zeros_like(p),
+                "exp_avg_sq": torch.zeros_like(p),
+            }
     if args.inside:
         StepInBackward(optimizer, lambda norm: sys.exit(f"non-finite gradient {norm}"))
     print(f"loaded: resident {resident_mb():.0f} MB", flush=True)
     for step in range(args.steps):
-        start = time.process_time()
+        start, faults = time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         chosen, rejected = pair_logps(policy, batch)
         loss = -torch.nn.functional.logsigmoid(0.1 * (chosen.sum - rejected.sum)).mean()
         after_forward = resident_mb()
+        if args.trim_before_backward:
+            malloc.glibc().malloc_trim(0)
         loss.backward()
         after_backward = resident_mb()
         if not args.inside:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        if args.trim:
+            malloc.glibc().malloc_trim(0)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
         print(
             f"step {step}: resident after forward {after_forward:.0f} MB, after backward "
             f"{after_backward:.0f} MB, after the step {resident_mb():.0f} MB, peak "
-            f"{peak_mb():.0f} MB, {time.process_time() - start:.2f} CPU s",
+            f"{peak_mb():.0f} MB, {time.process_time() - start:.2f} CPU s, {faults} page faults",
             flush=True,
         )
 
