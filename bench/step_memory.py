@@ -1,16 +1,20 @@
 """Where a full fine-tuning step's memory goes: resident memory after the forward, the backward
 and the optimizer step, with the optimizer stepped after backward or inside it.
 
-    MALLOC_MMAP_THRESHOLD_=65536 .venv/bin/python bench/step_memory.py [--inside] [--checkpointing]
+    .venv/bin/python bench/step_memory.py [--lean] [--threshold-kib 1024] [--inside]
+        [--checkpointing]
 
 One process per configuration (ru_maxrss is a process's peak): SmolLM2-135M-Instruct, the
 policy half of a DPO step (fused AdamW, no clipping) on 4 smol-chat pairs in shared-prompt rows,
 4 steps, 1 thread. `--inside` steps each parameter inside backward
-(`prefalign.training.step_in_backward`); `--checkpointing` recomputes activations in backward.
-With MALLOC_MMAP_THRESHOLD_=65536 every buffer of 64 KiB or more is returned to the system when
-freed, so the resident figures are live memory; with glibc's default adaptive threshold freed
-buffers stay in the heap and the peak also holds what the allocator kept. Prints one line per
-phase and writes nothing.
+(`prefalign.training.step_in_backward`); `--checkpointing` recomputes activations in backward;
+`--lean` takes the lean RMSNorm / MLP forwards (`prefalign.training.lean_activations`, the
+trainer's default). `--threshold-kib N` fixes glibc's mmap threshold as the trainer does
+(`trainer.malloc_mmap_threshold_kib`): every buffer of N KiB or more is returned to the system
+when freed, so the resident figures are close to live memory; without it (glibc's adaptive
+threshold) freed buffers stay in the heap and the peak also holds what the allocator kept.
+Prints one line per step (resident memory after each phase, peak, CPU seconds, page faults)
+and writes nothing.
 """
 
 from __future__ import annotations
@@ -83,13 +87,6 @@ def main() -> None:
     )
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-6, fused=True)
-    if args.prealloc:
-        for p in params:
-            optimizer.state[p] = {
-                "step": torch.tensor(0.0),
-                "exp_avg": torch.zeros_like(p),
-                "exp_avg_sq": torch.zeros_like(p),
-            }
     if args.inside:
         StepInBackward(optimizer, lambda norm: sys.exit(f"non-finite gradient {norm}"))
     print(f"loaded: resident {resident_mb():.0f} MB", flush=True)
@@ -105,8 +102,6 @@ def main() -> None:
         if not args.inside:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        if args.trim:
-            malloc.glibc().malloc_trim(0)
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
         print(
             f"step {step}: resident after forward {after_forward:.0f} MB, after backward "
