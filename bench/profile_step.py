@@ -1,31 +1,93 @@
-"""Where one soft trust-region DPO step's CPU time goes: a torch.profiler table.
+"""Where one soft trust-region DPO step's CPU time goes, and what bounds its FLOP/s share.
 
-    .venv/bin/python bench/profile_step.py [--pairs 4]
+    .venv/bin/python bench/profile_step.py [--pairs 4] [--repeats 3] [--out bench/results/x.json]
 
 SmolLM2-135M-Instruct, smol-chat pairs (train_throughput's chat shape) in shared-prompt rows,
 1 thread: the policy forward, the reference forward (no autograd), backward, clipping, fused
 AdamW and the soft update (alpha 0.6), each under its own `record_function` label, after one
-warm-up step. Prints the operators by self CPU time (which SDPA kernel runs shows here) and the
-labelled phases' totals; writes nothing.
+warm-up step. Prints the operators by self CPU time (which SDPA kernel runs shows here), then
+per phase its CPU time and the time and FLOPs of its matmuls (`aten::mm`/`addmm`/`bmm`, 2MKN
+each, from the recorded shapes), for `--repeats` profiled steps (medians).
+
+The ceiling: the step's effective FLOP/s (8 P per real token of the unshared pair, as
+train_throughput.py counts it) over the fp32 matmul peak (2048x2048) measured in the same
+process; and each matmul shape of the step timed on its own (`--shape-repeats`), so the step's
+matmuls can be compared with what those shapes reach alone. A frozen row skips the reference
+forward and the soft update (its log-probs are cached): its share is given from the same
+phases. `--out` writes the figures as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
+import statistics
 import sys
+import time
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
+PHASES = ("policy forward", "reference forward", "backward", "clip", "adamw", "soft update")
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm")
+
+
+def matmul_flops_of(name: str, shapes: list) -> float:
+    """2 M K N (times the batch) of one recorded matmul call."""
+    a, b = (shapes[1], shapes[2]) if name == "aten::addmm" else (shapes[0], shapes[1])
+    batch = a[0] if name == "aten::bmm" else 1
+    return 2.0 * batch * a[-2] * a[-1] * b[-1]
+
+
+def phase_table(events) -> dict[str, dict[str, float]]:
+    """Self CPU seconds of every operator, and of the matmuls, summed per labelled phase."""
+    spans = [(e.time_range.start, e.time_range.end, e.name) for e in events if e.name in PHASES]
+    out: dict[str, dict[str, float]] = defaultdict(Counter)
+    for e in events:
+        if e.name in PHASES:
+            continue
+        phase = next((n for s, t, n in spans if s <= e.time_range.start <= t), "loss and rest")
+        out[phase]["cpu_s"] += e.self_cpu_time_total / 1e6
+        if e.name in MATMULS and e.input_shapes:
+            out[phase]["matmul_s"] += e.self_cpu_time_total / 1e6
+            out[phase]["matmul_flop"] += matmul_flops_of(e.name, e.input_shapes)
+    return {k: dict(v) for k, v in out.items()}
+
+
+def matmul_shapes(events) -> Counter:
+    """(name, shapes) -> calls, for every matmul of the step."""
+    return Counter(
+        (e.name, json.dumps(e.input_shapes)) for e in events if e.name in MATMULS and e.input_shapes
+    )
+
+
+def time_shape_alone(name: str, shapes: list, repeats: int) -> float:
+    """Median CPU seconds of one call of this matmul shape on fresh contiguous operands (the
+    profile records shapes, not strides: the step multiplies by transposed weight views)."""
+    args = [torch.randn(s) for s in shapes]
+    op = {"aten::mm": torch.mm, "aten::bmm": torch.bmm, "aten::addmm": torch.addmm}[name]
+    op(*args)
+    times = []
+    for _ in range(repeats):
+        start = time.process_time()
+        op(*args)
+        times.append(time.process_time() - start)
+    return statistics.median(times)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3, help="profiled steps (medians)")
+    parser.add_argument("--shape-repeats", type=int, default=5, help="timings of each shape alone")
+    parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
     args = parser.parse_args()
     torch.set_num_threads(1)
     from levers import batches
+    from matmul_peak import matmul_flops
 
     from prefalign.modeling import load_model, load_tokenizer
     from prefalign.models import SMOLLM2, resolve_model_source
@@ -40,6 +102,11 @@ def main() -> None:
     reference = make_reference(policy, ReferenceSpec(mode="soft", alpha=0.6))
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-6, fused=True)
+    # What train_throughput credits: 8 P per real token of the unshared pair (prompt twice).
+    lp, lc, lr = batch["segments"].sum(dim=0).tolist()
+    unshared_tokens = 2 * lp + lc + lr
+    n_params = sum(p.numel() for p in policy.parameters())  # tied embeddings: all in matmuls
+    credited_flop = 8.0 * n_params * unshared_tokens
 
     def step() -> None:
         with record_function("policy forward"):
@@ -60,9 +127,80 @@ def main() -> None:
             reference.after_optimizer_step(1)
 
     step()  # warm-up: Adam's state, allocator
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        step()
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    peaks = [matmul_flops(2048, repeats=7, threads=1)["median_flops_per_cpu_s"]]
+    tables, shapes = [], Counter()
+    for i in range(args.repeats):
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            step()
+        if i == 0:
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+        tables.append(phase_table(prof.events()))
+        shapes = matmul_shapes(prof.events())
+        peaks.append(matmul_flops(2048, repeats=7, threads=1)["median_flops_per_cpu_s"])
+    peak = statistics.median(peaks)
+    phases = {
+        name: {
+            key: statistics.median(t.get(name, {}).get(key, 0.0) for t in tables)
+            for key in ("cpu_s", "matmul_s", "matmul_flop")
+        }
+        for name in (*PHASES, "loss and rest")
+    }
+    # Each distinct matmul of the step on its own: what the model's own shapes reach.
+    alone_s, step_flop = 0.0, 0.0
+    for (name, shape_json), calls in shapes.items():
+        shape = json.loads(shape_json)
+        alone_s += calls * time_shape_alone(name, shape, args.shape_repeats)
+        step_flop += calls * matmul_flops_of(name, shape)
+    shape_ceiling = step_flop / alone_s
+
+    step_s = sum(p["cpu_s"] for p in phases.values())
+    frozen = {k: v for k, v in phases.items() if k not in ("reference forward", "soft update")}
+    frozen_s = sum(p["cpu_s"] for p in frozen.values())
+    matmul_s = sum(p["matmul_s"] for p in phases.values())
+    print(f"\n{'phase':<20}{'CPU s':>8}{'share':>7}{'matmul s':>10}{'GFLOP':>8}{'GFLOP/s':>9}")
+    for name, p in phases.items():
+        rate = p["matmul_flop"] / p["matmul_s"] / 1e9 if p["matmul_s"] else 0.0
+        print(
+            f"{name:<20}{p['cpu_s']:>8.3f}{p['cpu_s'] / step_s:>7.1%}{p['matmul_s']:>10.3f}"
+            f"{p['matmul_flop'] / 1e9:>8.1f}{rate:>9.1f}"
+        )
+    summary = {
+        "pairs": args.pairs,
+        "unshared_real_tokens": unshared_tokens,
+        "computed_positions": int(batch["input_ids"].numel()),
+        "n_params": n_params,
+        "fp32_peak_flops_per_cpu_s": peak,
+        "fp32_peak_runs": peaks,
+        "step_cpu_s": step_s,
+        "frozen_step_cpu_s": frozen_s,
+        "matmul_share": matmul_s / step_s,
+        "matmul_flop": sum(p["matmul_flop"] for p in phases.values()),
+        "credited_flop": credited_flop,
+        "step_matmul_flops_per_cpu_s": step_flop / matmul_s,
+        "shape_ceiling_flops_per_cpu_s": shape_ceiling,
+        "soft_fraction_of_peak": credited_flop / step_s / peak,
+        "frozen_fraction_of_peak": credited_flop / frozen_s / peak,
+        # Every matmul at the 2048x2048 peak and nothing else costing time:
+        "soft_fraction_matmul_only_at_peak": credited_flop
+        / (sum(p["matmul_flop"] for p in phases.values()) / peak)
+        / peak,
+        "phases": phases,
+    }
+    print(
+        f"\nfp32 matmul peak (2048^2, median of {len(peaks)} runs around the steps): "
+        f"{peak / 1e9:.1f} GFLOP/s per CPU-s; the step's matmuls ran at "
+        f"{summary['step_matmul_flops_per_cpu_s'] / 1e9:.1f}, the same shapes alone at "
+        f"{shape_ceiling / 1e9:.1f}\n"
+        f"step {step_s:.2f} CPU-s (frozen phases {frozen_s:.2f}), matmuls "
+        f"{summary['matmul_share']:.0%} of it; credited 8 P x {unshared_tokens} tokens = "
+        f"{credited_flop / 1e9:.0f} GFLOP against {summary['matmul_flop'] / 1e9:.0f} GFLOP of "
+        f"matmuls done\nshare of peak: soft {summary['soft_fraction_of_peak']:.2f}, frozen "
+        f"{summary['frozen_fraction_of_peak']:.2f}; soft with only its matmuls, all at the peak: "
+        f"{summary['soft_fraction_matmul_only_at_peak']:.2f}"
+    )
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(summary, indent=2) + "\n")
 
 
 if __name__ == "__main__":

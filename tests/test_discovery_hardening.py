@@ -303,3 +303,78 @@ def test_proxy_training_scores_a_task_registered_only_in_this_process(
     assert plain["metrics"]["gold"] == 0.25 and plain["fitness"] == 0.25  # KL within budget
     assert len(scored) == 3 * 2  # every held-out sample, scored here
     assert "responses" not in plain["metrics"]
+
+
+def test_best_objective_of_an_offline_run_names_its_real_origin(tmp_path: Path) -> None:
+    """best_objective.py used to say "origin: llm" for every candidate: the record's origin
+    was dropped when the file was written."""
+    from prefalign.discovery.recipe import DiscoverConfig, ProxySpec, run_discover
+
+    config = DiscoverConfig(
+        out_dir=str(tmp_path / "run"), generations=1, candidates_per_generation=2,
+        baselines=False, proxy=ProxySpec(task="synthetic"),
+    )  # fmt: skip
+    archive = run_discover(config, log=lambda *_: None)
+    best = archive.best_proposed()
+    assert best is not None and best["origin"] == "offline"
+    header = (tmp_path / "run" / "best_objective.py").read_text().splitlines()[0]
+    assert "(origin: offline)" in header, header
+
+
+@pytest.mark.slow
+def test_a_fitness_scored_on_one_task_is_not_reused_for_another(
+    tmp_path: Path, mini_worlds: dict
+) -> None:
+    """The fitness cache was keyed by the code and the proxy settings only, so a repeated run
+    in the same directory (its archive removed, the cache kept) on another task got the first
+    task's fitness for the same candidate without training."""
+    from openai_server import ScriptedOpenAIServer
+
+    from prefalign.discovery.recipe import run_discover
+    from prefalign.tasks import Task, per_sample, register_task
+
+    world = mini_worlds["sentiment"]
+
+    def constant_task(name: str, value: float) -> Task:
+        return register_task(Task(
+            name, lambda split: world.prompts(split), per_sample(lambda p, r: value),
+            policy=lambda: world.policy_path, files=lambda f: world.file(f"{f}.jsonl"),
+        ), replace=True)  # fmt: skip
+
+    fitness = {}
+    for name, value in (("lab:quarter", 0.25), ("lab:three_quarters", 0.75)):
+        with ScriptedOpenAIServer() as server:
+            server.push_json({"thought": "t", "name": "plain", "code": named(DPO, "plain")})
+            config = scripted_llm_config(tmp_path, server, 1, steps=2, n_eval_prompts=2)
+            archive = run_discover(config, log=lambda *_: None, task=constant_task(name, value))
+        (plain,) = archive.load()
+        fitness[name] = plain["fitness"]
+        (tmp_path / "run" / "archive.jsonl").unlink()  # a repeated run; the cache stays
+    assert fitness == {"lab:quarter": 0.25, "lab:three_quarters": 0.75}
+
+
+@pytest.mark.parametrize(
+    "line",
+    ['{"foo": 1}', "[1, 2]", '{"generation": 0, "index": 0}'],
+    ids=["object", "list", "partial"],
+)
+def test_a_resumed_archive_with_a_foreign_line_is_a_located_error(
+    tmp_path: Path, capsys, line: str
+) -> None:
+    """A complete line that is no archive record (an edit, a file copied over) made --resume
+    fail with a KeyError traceback, or (not an object) was dropped without a word; only a torn
+    last line, what a crash leaves, is skipped."""
+    from prefalign.cli import main
+
+    argv = ["discover", "proxy.task=synthetic", "generations=1", "candidates_per_generation=1",
+            f"out_dir={tmp_path / 'run'}"]  # fmt: skip
+    assert main(argv) == 0
+    archive = tmp_path / "run" / "archive.jsonl"
+    n = len(archive.read_text().splitlines())
+    with archive.open("a") as f:
+        f.write(line + "\n")
+    capsys.readouterr()
+    assert main([*argv, "--resume", "generations=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert f"{archive}:{n + 1}: not a discovery archive record" in err, err

@@ -113,6 +113,29 @@ def test_models_that_transform_logits_take_the_full_logits_path():
     assert causal_lm_parts(model) is None
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+@pytest.mark.parametrize("grad", [True, False])
+def test_head_runs_over_response_positions_only(arch, grad):
+    # The model's own head call (after the body hook) must not project any position: with
+    # `logits_to_keep=1` it ran one more [rows, V] matmul per forward (the last position).
+    model = tiny_model(arch)
+    batch = random_batch(n=4)
+    projected: list[int] = []
+    head = causal_lm_parts(model).head
+    handle = head.register_forward_hook(
+        lambda module, args, out: projected.append(args[0].shape[:-1].numel())
+    )
+    with torch.set_grad_enabled(grad):
+        out = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+    handle.remove()
+    response_positions = int(batch["loss_mask"][:, 1:].sum())
+    assert sum(projected) == response_positions
+    expected = full_logits_sequence_logps(
+        model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+    )
+    torch.testing.assert_close(out.sum, expected.sum)
+
+
 def test_the_head_backward_runs_once_and_says_so():
     """Its saved logits become the gradient in place: a second backward would be wrong, so it
     raises instead."""

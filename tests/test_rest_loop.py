@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import prefalign.rest.loop as loop
 from prefalign.config import ConfigError, load_config
 from prefalign.errors import UserError
 from prefalign.rest.cli import run_rest_cli
+from prefalign.rest.grow import load_prompts
 from prefalign.rest.loop import RestConfig, run_rest
 from prefalign.rest.state import step_key
 
@@ -344,3 +346,42 @@ def test_a_task_as_the_model_fills_in_its_prompts_and_tasks():
         "p.jsonl",
         "sentiment",
     )
+
+
+
+@pytest.mark.parametrize(
+    "fails",
+    [
+        lambda: run_rest(load_config(RestConfig, None, ["reward.kind=function"])),  # no model
+        lambda: run_rest(
+            load_config(RestConfig, None, ["model.name_or_path=m", "reward.kind=gold"])
+        ),
+        lambda: load_prompts(""),
+    ],
+    ids=["model.name_or_path", "reward.task", "grow.prompts"],
+)
+def test_rest_errors_list_every_registered_task_not_only_the_toy_ones(
+    fails, monkeypatch, tmp_path
+):
+    """The messages named only toy:sentiment / toy:arith, though the smol:* tasks work too."""
+    from prefalign import tasks
+
+    monkeypatch.chdir(tmp_path)  # the default out_dir is relative
+    with pytest.raises(ConfigError) as err:
+        fails()
+    message = str(err.value)
+    assert "smol:arith" in message, message
+    assert set(tasks.task_names()) <= set(re.findall(r"[\w:]+", message)), message
+
+
+def test_a_missing_model_leaves_no_run_directory_so_the_fixed_command_runs(
+    files, tiny_llama_dir, tmp_path
+):
+    """run.json was written before the model was loaded: after a typo in the model path the
+    corrected command was refused ("out_dir ... is not empty; pass --resume")."""
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match="no-such-model"):
+        run_rest(config(files, tmp_path / "no-such-model", out), log=lambda *_: None)
+    assert not out.exists()
+    run_rest(config(files, tiny_llama_dir, out, "grow_steps=1"), log=lambda *_: None)
+    assert (out / "state.json").exists()

@@ -112,6 +112,8 @@ def _chunk_logps(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tens
     weight = getattr(head, "weight", None)
     if (
         type(head) is torch.nn.Linear  # not a LoRA-wrapped or quantized head
+        and not (head._forward_hooks or head._forward_pre_hooks)  # FSDP's unshard, observers
+        and type(weight) is torch.nn.Parameter  # not a DTensor shard
         and weight.dtype == torch.float32
         and hidden.dtype == torch.float32
         and torch.is_grad_enabled()
@@ -160,7 +162,7 @@ def gathered_token_logps(
     has no exact response-only head (callers then use the full logits).
 
     The head runs inside the model's own forward call (a hook on the decoder body), so DDP and
-    FSDP wrappers see one ordinary forward; the model's own head computes one position per row.
+    FSDP wrappers see one ordinary forward; the model's own head call projects no position.
     """
     parts = causal_lm_parts(model)
     if parts is None:
@@ -172,13 +174,17 @@ def gathered_token_logps(
         result.append(head_token_logps(parts.head, hidden, labels, parts.vocab_size))
 
     handle = parts.body.register_forward_hook(on_body_output)
+    # No position for the model's own head call: `logits_to_keep=1` would project each row's
+    # last position through the full vocabulary once more for nothing (an empty index list is
+    # transformers' `slice_logits_to_keep` API).
+    none_kept = torch.empty(0, dtype=torch.long, device=input_ids.device)
     try:
         kwargs = {} if position_ids is None else {"position_ids": position_ids}
         model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             use_cache=False,
-            logits_to_keep=1,
+            logits_to_keep=none_kept,
             **kwargs,
         )
     finally:

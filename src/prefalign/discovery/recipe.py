@@ -4,8 +4,8 @@ The proxy trains the toy sentiment SFT policy with the candidate objective for a
 seeded steps and scores gold reward on held-out prompts under a KL budget (or with a KL
 penalty); the registry's objectives are scored the same way as baselines. Each candidate
 trains in a confined worker process (discovery.proxy: CPU, memory and wall-clock limits,
-restricted globals, behaviour checks on every batch). Results are cached by code hash, so a
-resumed or repeated run trains nothing twice.
+restricted globals, behaviour checks on every batch). Results are cached by code hash, proxy
+settings and task, so a resumed or repeated run trains nothing twice.
 """
 
 from __future__ import annotations
@@ -153,6 +153,14 @@ def gold_scorer(task: Task, prompts: list[str], proxy: ProxySpec) -> Scorer:
     return scored
 
 
+def cache_identity(proxy: ProxySpec, settings: dict[str, Any]) -> dict[str, Any]:
+    """What a cached fitness depends on: the proxy's settings and, for a task proxy, the task
+    (its name, policy and pairs), so a candidate scored on one task is trained again on
+    another."""
+    task_keys = ("task", "policy_path", "pairs_path")
+    return {**asdict(proxy), **{k: settings[k] for k in task_keys if k in settings}}
+
+
 def run_discover(
     config: DiscoverConfig, resume: bool = False, log=print, task: Task | None = None
 ) -> Archive:
@@ -172,7 +180,9 @@ def run_discover(
     kind, settings, scorer = proxy_settings(config, out_dir, log=log, task=task)
     # Every candidate trains in a confined worker, never in this process.
     with ConfinedFitness(kind, settings, training, cwd=out_dir, score=scorer) as raw:
-        fitness = FitnessCache(out_dir / "fitness_cache.json").wrap(raw, asdict(config.proxy))
+        fitness = FitnessCache(out_dir / "fitness_cache.json").wrap(
+            raw, cache_identity(config.proxy, settings)
+        )
         archive = run_discovery(
             proposer,
             fitness,
@@ -188,7 +198,10 @@ def run_discover(
     record = archive.best_proposed()
     if record is not None:
         spec = save_objective(
-            Candidate(record["name"], record["code"], record.get("thought", "")),
+            Candidate(
+                record["name"], record["code"], record.get("thought", ""),
+                origin=record.get("origin", "unknown"),
+            ),
             out_dir / "best_objective.py",
         )
         log(

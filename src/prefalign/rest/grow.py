@@ -67,7 +67,7 @@ def load_prompts(
     if not spec:
         raise ConfigError(
             f"config key '{key}' is required: a JSONL file of {{\"prompt\": ...}} "
-            "rows, or a task such as toy:sentiment / toy:arith"
+            f"rows, or a task: {tasks.describe_tasks()}"
         )
     if tasks.is_task_spec(spec):
         prompts = tasks.resolve_task(spec).prompts(split)

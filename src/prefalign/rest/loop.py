@@ -103,8 +103,6 @@ def run_rest(
         spec.thresholds,
         spec.schedule,
     )
-    state = RunState.open(out, asdict(config), resume, log)
-    write_manifest(out, "rest")
     base = resolve_model_path(config.model.name_or_path)
     device = str(resolve_device(config.model.device))
     tokenizer = load_tokenizer(base)
@@ -120,6 +118,9 @@ def run_rest(
     evaluate = HeldOutEval(
         config.eval, tokenizer, initial, reward, reward_is_gold, config.grow.max_new_tokens
     )
+    # Only once every input has loaded: a typo must not leave a run directory behind.
+    state = RunState.open(out, asdict(config), resume, log)
+    write_manifest(out, "rest")
 
     def finish(record: dict) -> None:
         state.add(record)
@@ -429,7 +430,7 @@ def resolve_model_path(name: str) -> str:
     if not name:
         raise ConfigError(
             "config key 'model.name_or_path' is required (a model directory, hub id, "
-            "or a task such as toy:sentiment / toy:arith)"
+            f"or a task: {tasks.describe_tasks()})"
         )
     if tasks.is_task_spec(name) and not Path(name).exists():
         return tasks.resolve_task(name).policy_path()
@@ -459,7 +460,7 @@ def check(config: RestConfig) -> list[Loss]:
     if config.reward.kind == "gold" and not config.reward.task:
         raise ConfigError(
             "config key 'reward.task' is required with reward.kind=gold (a task: "
-            "toy:sentiment, toy:arith, toy:brevity, or user:PROMPTS.jsonl:module:fn)"
+            f"{tasks.describe_tasks()}, or user:PROMPTS.jsonl:module:fn)"
         )
     if config.improve.max_per_prompt < 0:
         raise ConfigError(
