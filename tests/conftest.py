@@ -17,9 +17,10 @@ from typing import Any
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     GPT2Config,
+    GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
@@ -66,6 +67,29 @@ def build_tiny_tokenizer(
     if chat_template is not None:
         tokenizer.chat_template = chat_template
     return tokenizer
+
+
+def trained_word_tokenizer(
+    corpus: list[str], bos: bool = True, chat_template: str | None = None
+) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer trained on `corpus` (one token per word, so expected token counts
+    are easy to read), pad/unk/BOS/EOS ids 0-3, BOS prepended unless `bos` is false."""
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.train_from_iterator(
+        corpus, trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "<s>", "</s>"])
+    )
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", 2)]
+        )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        unk_token="<unk>",
+    )  # fmt: skip
+    if chat_template:
+        fast.chat_template = chat_template
+    return fast
 
 
 # The tiny test models' sizes, shared by the Llama and Qwen2 builders.
@@ -129,6 +153,14 @@ def tiny_gpt2_config(**overrides) -> GPT2Config:
     )
     kwargs.update(overrides)
     return GPT2Config(**kwargs)
+
+
+def tiny_gpt2(seed: int = 0, dropout: float = 0.0, **overrides) -> GPT2LMHeadModel:
+    """A tiny random GPT-2 (lm_head tied to wte) built after `torch.manual_seed(seed)`, with
+    `dropout` on residuals, embeddings and attention; `overrides`: GPT2Config fields."""
+    torch.manual_seed(seed)
+    drops = dict(resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
+    return GPT2LMHeadModel(tiny_gpt2_config(**{**drops, **overrides}))
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+from conftest import CHAT_TEMPLATE, trained_word_tokenizer
 from transformers import PreTrainedTokenizerFast
 
 from prefalign.data import (
@@ -21,10 +21,6 @@ from prefalign.data import (
     tokenize_preference,
 )
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
-)
 # Renders the generation prompt in front: the prompt is not a prefix of the whole conversation.
 UNSTABLE_TEMPLATE = (
     "{% if add_generation_prompt %}ANSWER: {% endif %}"
@@ -33,23 +29,7 @@ UNSTABLE_TEMPLATE = (
 
 
 def make_tokenizer(chat_template: str | None) -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.train_from_iterator(
-        ["one two three four five six seven"],
-        trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "<s>", "</s>"]),
-    )
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-    )
-    if chat_template:
-        fast.chat_template = chat_template
-    return fast
+    return trained_word_tokenizer(["one two three four five six seven"], True, chat_template)
 
 
 TOKENIZERS = {
@@ -64,6 +44,9 @@ KTO = json.dumps({"prompt": "p", "completion": "a", "label": True})
 SFT = json.dumps({"prompt": "p", "completion": "a"})
 USER = [{"role": "user", "content": "hi"}]
 ASSISTANT = [{"role": "assistant", "content": "yes"}]
+REFUSAL = [{"role": "assistant", "content": "no"}]
+# A valid conversational pair: bad only for a tokenizer that cannot render it.
+CONVERSATION = dict(prompt=USER, chosen=ASSISTANT, rejected=REFUSAL)
 GOOD = {"preference": PAIR, "unpaired": KTO, "sft": SFT}
 LOADERS = {"preference": load_preference_data, "unpaired": load_unpaired_data, "sft": load_sft_data}
 
@@ -157,11 +140,7 @@ CASES = {
         "data.jsonl:2: field 'prompt[0]': message needs a string 'role', got missing",
         "bad_message",
         tokenizer="chat",
-        bad=row(
-            prompt=[{"content": "hi"}],
-            chosen=ASSISTANT,
-            rejected=[{"role": "assistant", "content": "no"}],
-        ),
+        bad=row(prompt=[{"content": "hi"}], chosen=ASSISTANT, rejected=REFUSAL),
     ),
     "message_content_not_string": Case(
         "data.jsonl:2: field 'chosen[0]': message needs a string 'content', got int",
@@ -179,19 +158,19 @@ CASES = {
         "data.jsonl:2: field 'prompt': conversational data needs a tokenizer with a chat template",
         "no_chat_template",
         tokenizer="plain",
-        bad=row(prompt=USER, chosen=ASSISTANT, rejected=[{"role": "assistant", "content": "no"}]),
+        bad=row(**CONVERSATION),
     ),
     "no_tokenizer_at_all": Case(
         "data.jsonl:2: field 'prompt': conversational data needs a tokenizer",
         "no_chat_template",
         tokenizer=None,
-        bad=row(prompt=USER, chosen=ASSISTANT, rejected=[{"role": "assistant", "content": "no"}]),
+        bad=row(**CONVERSATION),
     ),
     "template_not_prefix_stable": Case(
         "data.jsonl:2: field 'chosen': the chat template does not render the prompt as a prefix",
         "template_not_prefix",
         tokenizer="unstable",
-        bad=row(prompt=USER, chosen=ASSISTANT, rejected=[{"role": "assistant", "content": "no"}]),
+        bad=row(**CONVERSATION),
     ),
     # --- implicit prompt
     "implicit_no_common_prefix": Case(
@@ -299,11 +278,7 @@ CASES = {
         "user, assistant, tool (ShareGPT's 'human' is 'user')",
         "bad_role",
         tokenizer="chat",
-        bad=row(
-            prompt=[{"role": "human", "content": "hi"}],
-            chosen=ASSISTANT,
-            rejected=[{"role": "assistant", "content": "no"}],
-        ),
+        bad=row(prompt=[{"role": "human", "content": "hi"}], chosen=ASSISTANT, rejected=REFUSAL),
     ),
     "lone_surrogate": Case(
         "data.jsonl:2: string holds a lone UTF-16 surrogate (\\ud800), which is not text",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+from conftest import CHAT_TEMPLATE, trained_word_tokenizer
 from transformers import PreTrainedTokenizerFast
 
 from prefalign.data import (
@@ -40,32 +40,10 @@ CORPUS = [
     "Q: is the film good ? A: yes it is great no it is bad",
     "<|user|> <|assistant|> <|system|> hello hi there good bad",
 ]
-SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
-)
 
 
 def make_tokenizer(bos: bool = True, chat_template: str | None = None) -> PreTrainedTokenizerFast:
-    """Word-level tokenizer: one token per word, so expected token counts are easy to read."""
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.train_from_iterator(CORPUS, trainers.WordLevelTrainer(special_tokens=SPECIALS))
-    if bos:
-        tok.post_processor = processors.TemplateProcessing(
-            single="<s> $A", special_tokens=[("<s>", 2)]
-        )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-    )
-    if chat_template:
-        fast.chat_template = chat_template
-    return fast
+    return trained_word_tokenizer(CORPUS, bos, chat_template)
 
 
 @pytest.fixture(scope="module")

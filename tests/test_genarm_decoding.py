@@ -7,9 +7,9 @@ import copy
 
 import pytest
 import torch
-from conftest import VOCAB, VOCAB_SIZE, build_tiny_tokenizer, tiny_llama_config
+from conftest import VOCAB, VOCAB_SIZE, build_tiny_tokenizer, tiny_gpt2, tiny_llama_config
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from prefalign.evaluation.core import response_logps
 from prefalign.genarm import (
@@ -116,16 +116,7 @@ def test_guided_scores_are_the_weighted_sum(base, arm, tok):
 def gpt2_base() -> torch.nn.Module:
     """Absolute position embeddings: unlike RoPE, a wrong position offset under left padding
     shows."""
-    torch.manual_seed(5)
-    config = GPT2Config(
-        vocab_size=VOCAB_SIZE,
-        n_embd=32,
-        n_layer=2,
-        n_head=4,
-        n_positions=64,
-        eos_token_id=VOCAB.index("</s>"),
-    )
-    return GPT2LMHeadModel(config).eval()
+    return tiny_gpt2(seed=5, eos_token_id=VOCAB.index("</s>")).eval()
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])

@@ -6,13 +6,8 @@ import io
 
 import pytest
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-)
+from conftest import tiny_gpt2
+from transformers import AutoModelForCausalLM, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from prefalign.logprobs import nll_loss, sequence_logps
 from prefalign.modeling import LoraSpec, add_lora
@@ -36,18 +31,7 @@ def llama(seed: int = 0, layers: int = 2, hidden: int = 32, tie: bool = False) -
 
 
 def gpt2(seed: int = 0, dropout: float = 0.0) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    config = GPT2Config(
-        vocab_size=VOCAB,
-        n_embd=32,
-        n_layer=2,
-        n_head=4,
-        n_positions=32,
-        resid_pdrop=dropout,
-        embd_pdrop=dropout,
-        attn_pdrop=dropout,
-    )
-    return GPT2LMHeadModel(config)  # ties wte and lm_head
+    return tiny_gpt2(seed, dropout, vocab_size=VOCAB, n_positions=32)  # ties wte and lm_head
 
 
 def lora(model: torch.nn.Module, dropout: float = 0.0) -> torch.nn.Module:

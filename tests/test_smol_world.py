@@ -7,6 +7,7 @@ on a tiny random Llama written as a GGUF file, so every step but the model's qua
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from gguf_files import byte_level_bpe, tiny, write_gguf
@@ -180,6 +181,47 @@ def test_real_preference_rows_sweep_beta_for_the_frontier(tmp_path, tiny_gguf, m
     assert "sweep" not in run_smol_preference_row(world, quick, "tr-dpo-soft", row)
 
 
+def test_the_full_real_demo_trains_one_epoch_and_samples_each_prompt_twice(
+    tmp_path, tiny_gguf, monkeypatch
+):
+    from prefalign.demo.preference import PREFERENCE_ROWS
+    from prefalign.demo.smollm2 import SmolDemoSettings, run_smol_preference_row
+
+    monkeypatch.setenv("PREFALIGN_CACHE", str(tmp_path / "cache"))
+    world = get_smol_world(config=mini("sentiment", f"gguf:{tiny_gguf}"), log=lambda *_: None)
+    settings = SmolDemoSettings.make(quick=False, out_dir=tmp_path / "demo")
+    settings.batch_size = 2  # the mini world has a dozen pairs, not 96
+    pairs = len(world.file("pairs.jsonl").read_text().splitlines())
+    unpaired = len(world.file("unpaired.jsonl").read_text().splitlines())
+    ipo = run_smol_preference_row(world, settings, "ipo", PREFERENCE_ROWS["ipo"])
+    assert ipo["steps"] == pairs // 2  # one epoch, not a fixed handful of steps
+    assert ipo["n"] == 2 * len(world.prompts("eval"))  # every held-out prompt, sampled twice
+    # KTO: half an epoch of its unpaired examples, as many steps as a pairwise row
+    kto = run_smol_preference_row(world, settings, "kto", PREFERENCE_ROWS["kto"])
+    assert kto["steps"] == math.ceil(unpaired // 2 * 0.5)
+    quick = SmolDemoSettings.make(quick=True, out_dir=tmp_path / "quick")
+    assert (quick.steps, quick.samples_per_prompt, quick.n_eval_prompts) == (4, 1, 8)
+
+
+def test_the_arm_learning_curve_reads_unseen_pairs_per_third_of_the_epoch():
+    from prefalign.demo.smol_genarm import learning_curve
+
+    history = [
+        {"step": i + 1, "loss": loss, "rewards/accuracies": acc}
+        for i, (loss, acc) in enumerate(
+            [(0.9, 0.25), (0.8, 0.5), (0.7, 0.5), (0.6, 0.5), (0.5, 0.75), (0.4, 1.0)]
+        )
+    ]
+    history.append({"step": 6, "eval/pair_accuracy": 0.5})  # an eval record is not a step
+    curve = learning_curve(history)
+    assert curve["steps_per_third"] == 2
+    assert curve["accuracy_first_third"] == pytest.approx(0.375)
+    assert curve["accuracy_last_third"] == pytest.approx(0.875)
+    assert curve["loss_first_third"] == pytest.approx(0.85)
+    assert curve["loss_last_third"] == pytest.approx(0.45)
+    assert learning_curve([])["accuracy_first_third"] is None
+
+
 @pytest.mark.slow  # trains two ARMs and a reward model, decodes eight times: ~1 min
 def test_real_genarm_row_decodes_each_arm_mix_once(tmp_path, tiny_gguf, monkeypatch):
     from prefalign.demo.smol_genarm import method_genarm
@@ -206,3 +248,9 @@ def test_real_genarm_row_decodes_each_arm_mix_once(tmp_path, tiny_gguf, monkeypa
     assert sentiment_only["kl"] == by_alpha[2.0]["kl"]
     assert row["base"]["gold_reward"] == by_alpha[0.0]["gold_reward"]
     assert {r["name"] for r in row["baselines"]} == {"ARGS k=2", "best-of-2"}
+    # SmolLM2 guided by itself at the headline alpha: the sharpening an untrained ARM brings,
+    # decoded apart from the trained ARM's point (another mix, other samples).
+    untrained = row["control"]
+    assert untrained["alpha"] == 1.0 and {"gold_reward", "brevity", "kl"} <= set(untrained)
+    assert untrained["kl"] != by_alpha[1.0]["kl"]
+    assert row["arm"]["steps_per_third"] >= 1 and row["arm"]["accuracy_first_third"] is not None

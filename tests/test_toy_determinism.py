@@ -8,23 +8,13 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import MINI_WORLD
 from safetensors.torch import load_file
 
-from prefalign.toy.world import ToyConfig, ToyModelSize, build_world
+from prefalign.toy.world import ToyConfig, build_world
 
-TINY = dict(
-    model=ToyModelSize(hidden_size=32, layers=2, heads=4, intermediate_size=64),
-    corpus_size=800,
-    pretrain_steps=20,
-    sft_steps=10,
-    batch_size=16,
-    n_pair_prompts=48,
-    samples_per_prompt=2,
-    n_eval_pairs=16,
-    n_train_prompts=16,
-    n_eval_prompts=8,
-    max_new_tokens=8,
-)
+# The mini world of the end-to-end tests, at this test's own step counts.
+TINY = {**MINI_WORLD, "pretrain_steps": 20, "sft_steps": 10}
 DATA_FILES = (
     "sft.jsonl",
     "pairs.jsonl",

@@ -468,3 +468,25 @@ def test_logged_rewards_use_the_objectives_own_scale():
     assert reward_beta(objectives.get("dpo"), {}) == objectives.get("dpo").params()["beta"]
     assert reward_beta(objectives.get("genarm"), {"beta_r": 0.02}) == 0.02
     assert reward_beta(objectives.get("genarm"), {}) == objectives.get("genarm").params()["beta_r"]
+
+
+@pytest.mark.parametrize("mode", ["frozen", "soft", "hard"])
+def test_a_lora_train_and_reload_emits_no_future_warning(tiny, tmp_path, mode):
+    """peft asks transformers for the deprecated `is_gradient_checkpointing` in PeftModel's
+    constructor too (loading a saved adapter, a trained adapter's reference copy), so every
+    LoRA row of the real demo printed the FutureWarning."""
+    import warnings
+
+    from prefalign.modeling import load_model
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = tmp_path / "first"
+        train(tiny, first, "model.lora={r: 4, alpha: 8}", f"reference.mode={mode}",
+              "reference.tau=2", "trainer.max_steps=2")  # fmt: skip
+        # from the trained adapter: the policy and its reference are loaded from disk
+        train(tiny, tmp_path / "again", f"model.name_or_path={first / 'final'}",
+              f"reference.mode={mode}", "reference.tau=2", "trainer.max_steps=2")  # fmt: skip
+        load_model(tmp_path / "again" / "final", device="cpu")
+    future = [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
+    assert not future, future

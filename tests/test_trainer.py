@@ -7,7 +7,8 @@ import math
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from conftest import tiny_gpt2
+from transformers import GPT2LMHeadModel
 
 from prefalign.errors import UserError
 from prefalign.logprobs import collate_prompt_response, nll_loss
@@ -19,20 +20,10 @@ VOCAB = 48
 
 
 def gpt2(dropout: float = 0.0) -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    config = GPT2Config(
-        vocab_size=VOCAB,
-        n_embd=16,
-        n_layer=1,
-        n_head=2,
-        n_positions=32,
-        resid_pdrop=dropout,
-        embd_pdrop=dropout,
-        attn_pdrop=dropout,
-        bos_token_id=1,
-        eos_token_id=1,
-    )
-    return GPT2LMHeadModel(config)
+    return tiny_gpt2(
+        dropout=dropout, vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=32,
+        bos_token_id=1, eos_token_id=1,
+    )  # fmt: skip
 
 
 def rows(n: int = 16) -> tuple[list[list[int]], list[list[int]]]:
@@ -204,11 +195,15 @@ def test_final_link_is_replaced_atomically_and_kept_by_a_rename(tmp_path):
     assert (out / "final" / "weights").read_text() == "1"
 
 
-def train_steps(tmp_path, name: str, **kw) -> tuple[Trainer, torch.nn.Module, list[dict]]:
+def train_steps(
+    tmp_path, name: str, before_fit=None, **kw
+) -> tuple[Trainer, torch.nn.Module, list[dict]]:
     prompts, responses = rows()
     model = gpt2()  # tied input and output embeddings: two uses of one parameter
     cfg = config(tmp_path / name, max_steps=3, weight_decay=0.01, schedule="linear", **kw)
     trainer = Trainer(model, cfg, [7] * 16)
+    if before_fit is not None:
+        before_fit(trainer)
     result = trainer.fit(collate_fn(prompts, responses), lambda m, b: (nll_loss(m, b), {}))
     return trainer, model, result.history
 

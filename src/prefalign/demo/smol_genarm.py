@@ -2,7 +2,8 @@
 
 A sentiment ARM (a LoRA adapter on SmolLM2 trained with the GenARM objective on the world's
 pairs) and a brevity ARM (the same responses against their own first clause, labelled by
-brevity); decoding SmolLM2 guided by the sentiment ARM over a sweep of alpha; the two objectives
+brevity); decoding SmolLM2 guided by the sentiment ARM over a sweep of alpha, beside SmolLM2
+guided by itself (the sharpening any ARM initialised from its base brings); the two objectives
 traded off by weighting both ARMs; ARGS (Khanov et al., 2024) and best-of-N at GenARM's compute,
 driven by a reward model trained on the same pairs. Every point is measured on the same held-out
 prompts as the other rows: gold reward, brevity, KL(decoding || SmolLM2).
@@ -11,6 +12,7 @@ prompts as the other rows: gold reward, brevity, KL(decoding || SmolLM2).
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from prefalign.config import load_config
@@ -22,7 +24,10 @@ TRADEOFF = ((2.0, 0.0), (1.0, 1.0), (0.0, 2.0))  # (sentiment, brevity) ARM weig
 HEADLINE_ALPHA = 1.0  # fixed in advance, not picked from the sweep
 
 
-def fit_lora_arm(world, settings, pairs: Path, eval_pairs: Path | None, out: Path):
+def fit_lora_arm(
+    world, settings, pairs: Path, eval_pairs: Path | None, out: Path, extra: Sequence[str] = ()
+):
+    """The demo's LoRA ARM on `pairs` (`extra`: config overrides on top, for bench/smol_arm.py)."""
     from prefalign.genarm.arm import ArmConfig, train_arm
 
     overrides = [
@@ -33,15 +38,36 @@ def fit_lora_arm(world, settings, pairs: Path, eval_pairs: Path | None, out: Pat
         "data.max_prompt_length=64",
         "objective.params={beta_r: 0.1}",
         f"trainer.out_dir={out}",
-        f"trainer.batch_size={settings.batch_size}",
-        f"trainer.max_steps={settings.steps}",
+        *settings.schedule_overrides(),
         f"trainer.lr={settings.lr}",
         "trainer.schedule=constant",
         "trainer.progress=false",
+        "trainer.log_every=1",  # every step's batch accuracy, for `learning_curve`
     ]
     if eval_pairs is not None:
         overrides.append(f"data.eval_path={eval_pairs}")
+    overrides += list(extra)
     return train_arm(load_config(ArmConfig, None, overrides), log=lambda *_: None)
+
+
+def learning_curve(history: list[dict]) -> dict:
+    """Loss and pair accuracy of the first and last third of a one-epoch run, from each step's
+    batch before its update: every pair is then unseen, so the accuracy is held-out (96 pairs
+    in thirds of 32, against the world's 16 held-out pairs)."""
+    steps = [h for h in history if "rewards/accuracies" in h]
+    third = max(1, len(steps) // 3)
+
+    def mean(rows: list[dict], key: str) -> float:
+        return round(sum(r[key] for r in rows) / len(rows), 4)
+
+    first, last = steps[:third], steps[-third:]
+    return {
+        "steps_per_third": third,
+        "accuracy_first_third": mean(first, "rewards/accuracies") if steps else None,
+        "accuracy_last_third": mean(last, "rewards/accuracies") if steps else None,
+        "loss_first_third": mean(first, "loss") if steps else None,
+        "loss_last_third": mean(last, "loss") if steps else None,
+    }
 
 
 def method_genarm(world, settings, log=print) -> dict:
@@ -90,7 +116,12 @@ def method_genarm(world, settings, log=print) -> dict:
     dtype = settings.eval_dtype
     sentiment_arm = frozen(load_model(sentiment_fit.model_path, dtype=dtype, device="cpu"))
     brevity_arm = frozen(load_model(brevity_fit.model_path, dtype=dtype, device="cpu"))
-    log(f"  sentiment ARM held-out pair accuracy {accuracy_change(sentiment_fit)}")
+    curve = learning_curve(sentiment_fit.train.history)
+    log(
+        f"  sentiment ARM held-out pair accuracy {accuracy_change(sentiment_fit)}; on unseen "
+        f"training pairs {curve['accuracy_first_third']} (first third of the epoch) -> "
+        f"{curve['accuracy_last_third']} (last third)"
+    )
     lap("train_arms")
 
     decoded: dict[tuple, dict] = {}
@@ -122,13 +153,26 @@ def method_genarm(world, settings, log=print) -> dict:
         sweep.append({"alpha": alpha, **point})
         log(f"  alpha {alpha:g}: gold {point['gold_reward']:.3f} kl {point['kl']:.3f}")
     headline = next(p for p in sweep if p["alpha"] == HEADLINE_ALPHA)
+    # Control, as in the toy demo: an ARM that is SmolLM2 plus an adapter makes
+    # `pi_base * pi_arm^alpha` about `pi_base^(1 + alpha)`, sampling at temperature
+    # 1 / (1 + alpha). SmolLM2 itself as the ARM is that sharpening alone; what the trained
+    # ARM adds is the gap between the two at the same alpha.
+    control = {
+        "alpha": HEADLINE_ALPHA,
+        "arm": "SmolLM2 itself (untrained)",
+        **guided([Arm(base, HEADLINE_ALPHA)]),
+    }
+    log(
+        f"  control (untrained ARM, alpha {HEADLINE_ALPHA:g}): "
+        f"gold {control['gold_reward']:.3f} kl {control['kl']:.3f}"
+    )
     lap("alpha_sweep")
 
     tradeoff = sweep_tradeoff(guided, sentiment_arm, brevity_arm, TRADEOFF, log)
     lap("tradeoff")
 
     # The reward model of ARGS and best-of-N: SmolLM2 with a score head, every weight trained
-    # (the reward-model trainer takes no LoRA), bf16, as many steps as an ARM.
+    # (the reward-model trainer takes no LoRA), bf16, one epoch like an ARM.
     rm_config = load_config(
         RewardModelConfig,
         None,
@@ -140,8 +184,7 @@ def method_genarm(world, settings, log=print) -> dict:
             "data.max_length=96",
             "data.max_prompt_length=64",
             f"trainer.out_dir={work / 'reward_model'}",
-            f"trainer.batch_size={settings.batch_size}",
-            f"trainer.max_steps={settings.steps}",
+            *settings.schedule_overrides(),
             "trainer.lr=2e-5",
             "trainer.progress=false",
         ],
@@ -167,7 +210,9 @@ def method_genarm(world, settings, log=print) -> dict:
             "initial_pair_accuracy": sentiment_fit.initial_pair_accuracy,
             "steps": sentiment_fit.train.steps,
             "lora": not settings.full_finetune,
+            **curve,
         },
+        "control": control,
         "brevity_arm": {"train_pairs": brevity["pairs"], "steps": brevity_fit.train.steps},
         "base": {
             "gold_reward": sweep[0]["gold_reward"],

@@ -97,7 +97,7 @@ def train_arm(config: ArmConfig, resume: bool = False, log=print) -> ArmResult:
     if eval_path and not resume:
         tokenizer = load_tokenizer(config.model.name_or_path)
         initial = arm_pair_accuracy(
-            load_model(config.model.name_or_path, device="cpu"),
+            load_model(config.model.name_or_path, dtype=config.model.dtype, device="cpu"),
             tokenizer,
             eval_path,
             beta_r,
@@ -108,9 +108,9 @@ def train_arm(config: ArmConfig, resume: bool = False, log=print) -> ArmResult:
     final = Path(config.trainer.out_dir) / "final"
     accuracy = None
     if eval_path:
-        accuracy = arm_pair_accuracy(
-            load_model(final, device="cpu"), load_tokenizer(final), eval_path, beta_r, config.data
-        )
+        # In the dtype it trained in: a bf16 run's weights, measured as they were trained.
+        arm = load_model(final, dtype=config.model.dtype, device="cpu")
+        accuracy = arm_pair_accuracy(arm, load_tokenizer(final), eval_path, beta_r, config.data)
     return ArmResult(final, result, accuracy, initial)
 
 
