@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import sys
@@ -133,6 +134,8 @@ def main() -> None:
         )
     matmul_flop = sum(p["matmul_flop"] for p in phases.values())
     summary = {
+        "command": "python bench/profile_step.py " + " ".join(sys.argv[1:]),
+        "load_avg_1m": os.getloadavg()[0],  # other jobs' load slows the matmuls most
         "pairs": args.pairs,
         "unshared_real_tokens": unshared_tokens,
         "computed_positions": int(batch["input_ids"].numel()),
