@@ -9,7 +9,11 @@ policy's forward and backward, gradient clipping and a fused AdamW step); `--ref
 adds a no-grad reference forward (a soft trust region's step). Paths:
 
 - `autocast`: fp32 weights under `torch.autocast(bfloat16)` (accelerate's bf16);
-- `weights`: bf16 working weights with fp32 masters (`prefalign.training.bf16_weights`);
+- `weights`: bf16 working weights with fp32 masters (`prefalign.training.bf16_weights`),
+  stepped as the trainer steps them: clipping, AdamW and the bf16 refresh in one chunked pass
+  over the bf16 gradients (`prefalign.training.master_step`);
+- `weights-plain`: the same weights with the plain step (fp32 master gradients, clipping,
+  fused AdamW, a refresh copy): the difference is the fused step's gain;
 - `fp32`: no mixed precision.
 
 Shapes: `short49` = the issue's data (prompts ~49 tokens, responses ~35, 4 pairs a step),
@@ -27,6 +31,7 @@ import itertools
 import json
 import os
 import random
+import resource
 import subprocess
 import sys
 import time
@@ -125,6 +130,7 @@ def worker(job: dict) -> dict:
     from prefalign.objectives import compute_loss, get
     from prefalign.shared_prompt import pair_logps
     from prefalign.training.bf16_weights import Bf16MasterWeights
+    from prefalign.training.master_step import clip_coefficient
 
     torch.set_num_threads(job["threads"])
     torch.manual_seed(0)
@@ -141,10 +147,16 @@ def worker(job: dict) -> dict:
     with torch.no_grad():
         c, r = pair_logps(model, batch)
         cached = (c.sum + 0.5, r.sum - 0.5)
-    master = Bf16MasterWeights(model) if path == "weights" else None
+    master = Bf16MasterWeights(model) if path.startswith("weights") else None
+    fused = path == "weights"  # the trainer's default: one pass over the bf16 gradients
+    if master is not None:
+        master.keep_bf16_grads = fused
     reference = (
         copy.deepcopy(model).eval().requires_grad_(False) if job["reference"] == "live" else None
     )
+    if job.get("compile"):  # each decoder layer through torch.compile (inductor, CPU)
+        for layer in model.model.layers:
+            layer.compile(dynamic=False)
     params = master.masters if master else [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-6, fused=True)
     model.train()
@@ -161,22 +173,29 @@ def worker(job: dict) -> dict:
                 ref = cached
             loss = compute_loss(get("dpo"), chosen.sum, rejected.sum, *ref, beta=0.1).mean()
         loss.backward()
+        if fused:
+            master.step(optimizer, clip_coefficient(master.grad_norm(), 1.0))
+            return
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if master is not None:
             master.refresh()
 
-    step()  # warm-up
+    start = time.process_time()
+    step()  # warm-up (and compilation)
+    compile_s = time.process_time() - start if job.get("compile") else 0.0
     from torch.profiler import ProfilerActivity, profile
 
     walls, cpus = [], []
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(job["steps"]):  # the fastest step: the least disturbed by other processes
         wall, cpu = time.perf_counter(), time.process_time()
         step()
         walls.append(time.perf_counter() - wall)
         cpus.append(time.process_time() - cpu)
     wall, cpu = min(walls), min(cpus)
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / job["steps"]
     ctx = profile(activities=[ProfilerActivity.CPU]) if job["profile"] else contextlib.nullcontext()
     with ctx as prof:
         step()
@@ -195,6 +214,8 @@ def worker(job: dict) -> dict:
         **job,
         "step_s": wall,
         "step_cpu_s": cpu,
+        "page_faults_per_step": faults,
+        "warmup_cpu_s": compile_s,
         "positions": int(batch["input_ids"].numel()),
         "buckets_s": buckets,
         "top_ops": top,
@@ -211,6 +232,9 @@ def main() -> None:
     parser.add_argument("--attn", default="sdpa", help="comma-separated attention kernels")
     parser.add_argument("--steps", type=int, default=2, help="timed steps (the fastest counts)")
     parser.add_argument("--no-profile", action="store_true", help="time the step only")
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile every decoder layer (a trial)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -230,6 +254,7 @@ def main() -> None:
                     reference=args.reference,
                     steps=args.steps,
                     profile=not args.no_profile,
+                    compile=args.compile,
                 )
                 env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
                 proc = subprocess.run(
@@ -249,7 +274,8 @@ def main() -> None:
                 )
                 print(
                     f"{shape:<9}{threads} thr {path:<9}{attn:<6} step {run['step_s']:6.2f} s "
-                    f"({run['step_cpu_s']:6.2f} cpu-s, {run['positions']} positions)  {shares}",
+                    f"({run['step_cpu_s']:6.2f} cpu-s, {run['positions']} positions, "
+                    f"{run['page_faults_per_step'] / 1e3:.0f}k faults)  {shares}",
                     flush=True,
                 )
     result = {

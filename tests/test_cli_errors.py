@@ -554,3 +554,79 @@ def test_bad_prompt_files_are_one_line_errors(
     line = assert_refused(capsys, argv, tmp_path / "run")
     assert f"{tmp_path}/{expected}" in line, line
     assert not out.exists()
+
+
+@pytest.mark.parametrize("where", ["--model", "--arm", "gguf:"])
+def test_a_directory_that_holds_no_model_is_a_one_line_error(
+    tmp_path: Path, capsys, model_dirs, where: str
+) -> None:
+    """A directory without a checkpoint (an empty one, or named like a GGUF file) ended in
+    transformers' ValueError traceback ("Unrecognized model in ..."); `gguf:DIR` was called
+    "no such GGUF file" though it exists."""
+    empty = tmp_path / "weights.gguf"
+    empty.mkdir()
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("one two\n")
+    model = str(model_dirs["plain"])
+    out = tmp_path / "out.jsonl"
+    argv = ["generate", "--model", model, "--prompts", str(prompts), "--out", str(out)]
+    if where == "--model":
+        argv[2] = str(empty)
+    elif where == "--arm":
+        argv += ["--arm", str(empty)]
+    else:
+        argv[2] = f"gguf:{empty}"
+    line = assert_refused(capsys, argv, tmp_path / "run")
+    assert str(empty) in line, line
+    expected = "is a directory, not a GGUF file" if where == "gguf:" else "no model files in it"
+    assert expected in line, line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["generate", "eval"])
+def test_an_empty_prompt_for_a_tokenizer_without_bos_names_the_file_and_prompt(
+    tmp_path: Path, capsys, command: str
+) -> None:
+    """It was a bare "prompt '' encodes to no tokens", naming neither the file nor which, and
+    came after every model had loaded."""
+    from conftest import trained_word_tokenizer
+
+    model = save_tiny_llama(tmp_path / "model", trained_word_tokenizer(["one two"], bos=False))
+    capsys.readouterr()  # the save's progress bar
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "one"}\n{"prompt": ""}\n')
+    out = tmp_path / "out.jsonl"
+    argv = [command, "--model", str(model), "--prompts", str(prompts), "--out", str(out)]
+    if command == "eval":
+        argv += ["--reference", str(model), "--task", "toy:sentiment"]
+    line = assert_refused(capsys, argv, tmp_path / "run")
+    assert f"{prompts}: prompt 2 ('') encodes to no tokens" in line, line
+    assert "adds no BOS" in line, line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "override,key,words",
+    [
+        ("generations=-1", "generations", "at least 0"),
+        ("candidates_per_generation=0", "candidates_per_generation", "at least 1"),
+        ("sandbox.timeout_s=0", "sandbox.timeout_s", "greater than 0"),
+        ("sandbox.train_memory_mb=0", "sandbox.train_memory_mb", "at least 1"),
+        ("proxy.steps=0", "proxy.steps", "at least 1"),
+        ("proxy.lr=-1", "proxy.lr", "greater than 0"),
+        ("proxy.samples_per_prompt=0", "proxy.samples_per_prompt", "at least 1"),
+        ("proxy.fitness.kl_budget=-1", "proxy.fitness.kl_budget", "at least 0"),
+        ("proposer.max_retries=-1", "proposer.max_retries", "at least 0"),
+        ("proposer.max_tokens=0", "proposer.max_tokens", "at least 1"),
+    ],
+)
+def test_out_of_range_discovery_settings_are_refused_naming_the_key(
+    tmp_path: Path, capsys, override: str, key: str, words: str
+) -> None:
+    """These ran: a 0 s sandbox rejected every candidate, 0 proxy steps scored the untrained
+    policy, a negative KL budget made every candidate infeasible; and the two counts' message
+    named no key. Nothing is written for a refused config."""
+    out = tmp_path / "run"
+    line = assert_refused(capsys, ["discover", f"out_dir={out}", override], out)
+    assert line.startswith(f"prefalign discover: error: config key '{key}': must be {words}, got")
+    assert not out.exists()

@@ -351,3 +351,30 @@ def test_a_fitness_scored_on_one_task_is_not_reused_for_another(
         fitness[name] = plain["fitness"]
         (tmp_path / "run" / "archive.jsonl").unlink()  # a repeated run; the cache stays
     assert fitness == {"lab:quarter": 0.25, "lab:three_quarters": 0.75}
+
+
+@pytest.mark.parametrize(
+    "line",
+    ['{"foo": 1}', "[1, 2]", '{"generation": 0, "index": 0}'],
+    ids=["object", "list", "partial"],
+)
+def test_a_resumed_archive_with_a_foreign_line_is_a_located_error(
+    tmp_path: Path, capsys, line: str
+) -> None:
+    """A complete line that is no archive record (an edit, a file copied over) made --resume
+    fail with a KeyError traceback, or (not an object) was dropped without a word; only a torn
+    last line, what a crash leaves, is skipped."""
+    from prefalign.cli import main
+
+    argv = ["discover", "proxy.task=synthetic", "generations=1", "candidates_per_generation=1",
+            f"out_dir={tmp_path / 'run'}"]  # fmt: skip
+    assert main(argv) == 0
+    archive = tmp_path / "run" / "archive.jsonl"
+    n = len(archive.read_text().splitlines())
+    with archive.open("a") as f:
+        f.write(line + "\n")
+    capsys.readouterr()
+    assert main([*argv, "--resume", "generations=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert f"{archive}:{n + 1}: not a discovery archive record" in err, err

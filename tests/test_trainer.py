@@ -195,11 +195,15 @@ def test_final_link_is_replaced_atomically_and_kept_by_a_rename(tmp_path):
     assert (out / "final" / "weights").read_text() == "1"
 
 
-def train_steps(tmp_path, name: str, **kw) -> tuple[Trainer, torch.nn.Module, list[dict]]:
+def train_steps(
+    tmp_path, name: str, before_fit=None, **kw
+) -> tuple[Trainer, torch.nn.Module, list[dict]]:
     prompts, responses = rows()
     model = gpt2()  # tied input and output embeddings: two uses of one parameter
     cfg = config(tmp_path / name, max_steps=3, weight_decay=0.01, schedule="linear", **kw)
     trainer = Trainer(model, cfg, [7] * 16)
+    if before_fit is not None:
+        before_fit(trainer)
     result = trainer.fit(collate_fn(prompts, responses), lambda m, b: (nll_loss(m, b), {}))
     return trainer, model, result.history
 

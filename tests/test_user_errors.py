@@ -72,7 +72,51 @@ def generate_options() -> None:
     check_params(SamplingParams(max_new_tokens=0))
 
 
+def smol_unknown_task() -> None:
+    from prefalign.smol.tasks import smol_task
+
+    smol_task("poetry")
+
+
+def smol_config_unknown_task() -> None:
+    from prefalign.smol.world import SmolConfig
+
+    SmolConfig.for_task("poetry")
+
+
+def smol_not_an_arithmetic_prompt() -> None:
+    from prefalign.smol.rewards import arith_reward
+
+    arith_reward("Tell me a story.", "42")
+
+
+def toy_not_an_arithmetic_prompt() -> None:  # int("hello ") raised inside Python: a traceback
+    from prefalign.toy.rewards import arith_reward
+
+    arith_reward("hello there", "42")
+
+
+def smol_operand_range_too_small() -> None:
+    from prefalign.smol.prompts import arith_problems
+
+    arith_problems(2, 4, n_train=64, n_eval=32, seed=0)
+
+
+def report_without_run_dirs() -> None:
+    import argparse
+
+    from prefalign.report import report_cli
+
+    report_cli(argparse.Namespace(run_dirs=[], out=None))
+
+
 CASES: dict[str, Callable[[], None]] = {
+    "smol_unknown_task": smol_unknown_task,
+    "smol_config_unknown_task": smol_config_unknown_task,
+    "smol_not_an_arithmetic_prompt": smol_not_an_arithmetic_prompt,
+    "toy_not_an_arithmetic_prompt": toy_not_an_arithmetic_prompt,
+    "smol_operand_range_too_small": smol_operand_range_too_small,
+    "report_without_run_dirs": report_without_run_dirs,
     "rest_threshold_count": rest_threshold_count,
     "reference_alpha": reference_alpha,
     "judge_concurrency": judge_concurrency,

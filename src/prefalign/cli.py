@@ -459,6 +459,7 @@ def run_discover(args: argparse.Namespace, config) -> int:
 
 def run_eval(args: argparse.Namespace) -> int:
     from prefalign.evaluation.core import evaluate_policy
+    from prefalign.generation import check_prompts
     from prefalign.modeling import load_model, load_tokenizer
 
     judge = judge_config(args)
@@ -466,6 +467,7 @@ def run_eval(args: argparse.Namespace) -> int:
         return run_compare(args, judge)
     reference_path, prompts = eval_inputs(args)
     tokenizer = load_tokenizer(args.model)
+    check_prompts(tokenizer, prompts, args.prompts or f"task {args.task}")
     policy = load_model(args.model)
     reference = load_model(reference_path)
     result = evaluate_policy(

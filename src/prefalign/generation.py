@@ -16,6 +16,8 @@ from typing import Any, Protocol
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from prefalign.errors import UserError
+
 ScoreFn = Callable[[torch.Tensor, Any], torch.Tensor]
 # on_step(rows, tokens, scores): the prompt indices that produced a token this step, those tokens,
 # and the scores [len(rows), V] they were picked from (before temperature and truncation).
@@ -195,7 +197,12 @@ def generate(
     generator = torch.Generator(device="cpu").manual_seed(params.seed)
     if next(model.parameters()).device.type != "cpu":
         generator = torch.Generator(device=next(model.parameters()).device).manual_seed(params.seed)
-    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    encoded = []
+    for prompt in prompts:
+        ids = encode_prompt(tokenizer, prompt)
+        if not ids:
+            raise EmptyPromptError(prompt)
+        encoded.append(ids)
     cached_guides = [
         CachedModel(g.eval(), use_cache) if isinstance(g, torch.nn.Module) else g for g in guides
     ]
@@ -226,8 +233,27 @@ def generate(
     return results
 
 
+class EmptyPromptError(UserError, ValueError):
+    """A prompt with no tokens to condition on: its text is empty and the tokenizer adds no
+    BOS. `where` locates it ("prompts.jsonl: prompt 3"), when the caller knows."""
+
+    def __init__(self, prompt: str, where: str = "") -> None:
+        self.prompt = prompt
+        super().__init__(
+            f"{where + ' ' if where else 'prompt '}({prompt[:80]!r}) encodes to no tokens: the "
+            "tokenizer adds no BOS token, so a prompt needs text"
+        )
+
+
+def check_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], source: str) -> None:
+    """Refuse, before any model is loaded, a prompt `generate` could not start from, naming
+    `source` (a file, a task) and the prompt's number."""
+    for i, prompt in enumerate(prompts):
+        if not encode_prompt(tokenizer, prompt):
+            raise EmptyPromptError(prompt, f"{source}: prompt {i + 1}")
+
+
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
-    ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    if not ids:
-        raise ValueError(f"prompt {prompt!r} encodes to no tokens")
-    return ids
+    """The prompt's ids with the tokenizer's special tokens (empty for an empty prompt when it
+    adds no BOS)."""
+    return tokenizer(prompt, add_special_tokens=True)["input_ids"]

@@ -43,6 +43,9 @@ class ModelSpec:
     gradient_checkpointing: bool = False
     lora: LoraSpec | None = None
     trust_remote_code: bool = False
+    # RMSNorm and SwiGLU MLP forwards that save fewer activations for backward, same values
+    # (prefalign.training.lean_activations); "off": the model's own forwards.
+    lean_activations: Literal["auto", "off"] = "auto"
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -94,12 +97,31 @@ def model_source_errors(name_or_path: str | Path, what: str) -> Iterator[None]:
     path = Path(str(name_or_path))
     if not path.exists() and str(name_or_path).startswith((".", "/", "~")):
         raise UserError(f"model {name_or_path}: no such directory")
+    if path.is_dir() and not any((path / name).is_file() for name in MODEL_FILES):
+        raise UserError(f"model {name_or_path}: no model files in it ({', '.join(MODEL_FILES)})")
     try:
         yield
-    except OSError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except (OSError, ValueError) as exc:
+        # A ValueError from a local directory is about its files ("Unrecognized model in ...")
+        if isinstance(exc, ValueError) and not path.is_dir():
+            raise
+        first = first_line(exc)
         where = "" if path.exists() else ", not a local directory"
         raise UserError(f"model {name_or_path}{where}: cannot load its {what} ({first})") from None
+
+
+def first_line(exc: BaseException, limit: int = 240) -> str:
+    """The gist of a library's multi-line message: its first line, or (when that line only
+    introduces a list, "... from one of:") the whole message on one line, cut at `limit`."""
+    lines = str(exc).strip().splitlines()
+    if not lines:
+        return type(exc).__name__
+    text = " ".join(str(exc).split()) if lines[0].rstrip().endswith(":") else lines[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# A directory holding none of these is no checkpoint (nor a saved adapter or tokenizer).
+MODEL_FILES = ("config.json", "adapter_config.json", "tokenizer.json", "tokenizer_config.json")
 
 
 def saved_generic_tokenizer(name_or_path: str | Path) -> bool:
@@ -123,11 +145,13 @@ def load_model(
     lora: LoraSpec | None = None,
     gradient_checkpointing: bool = False,
     trust_remote_code: bool = False,
+    lean_activations: bool = False,
 ) -> PreTrainedModel:
     """Load a causal LM by hub id or local path; wrap it in a trainable LoRA adapter if asked.
 
     A directory holding a saved peft adapter (adapter_config.json) is loaded on top of its base.
     GGUF sources (`smollm2`, `gguf:PATH`, `PATH.gguf`) are imported once into the cache first.
+    `lean_activations`: swap in RMSNorm and MLP forwards that save less for backward (training).
     """
     name_or_path = resolve_model_source(name_or_path)
     path = Path(str(name_or_path))
@@ -150,6 +174,10 @@ def load_model(
         enable_gradient_checkpointing(model)
     if lora is not None and not is_peft_model(model):
         model = add_lora(model, lora)
+    if lean_activations:  # after LoRA: the check against the plain forward sees the adapter
+        from prefalign.training.lean_activations import lean_activations as make_lean
+
+        make_lean(model)
     return model.to(resolve_device(device))
 
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from prefalign.io import iter_jsonl
+from prefalign.io import JsonlError, iter_jsonl
 
 # Keys every record carries; the loop may add more (e.g. "seconds", "meta").
 RECORD_KEYS = (
@@ -32,10 +32,18 @@ class Archive:
     def load(self) -> list[dict[str, Any]]:
         """(Re)read the file; return the records."""
         self.records = []
-        if self.path.exists():  # a torn last line (a crash mid-append) is skipped
-            self.records = [
-                r for _, r in iter_jsonl(self.path, errors="yield") if isinstance(r, dict)
-            ]
+        if not self.path.exists():
+            return self.records
+        for n, record in iter_jsonl(self.path, errors="yield"):
+            if isinstance(record, JsonlError):
+                continue  # a torn record (a crash mid-append), sealed by the next append
+            missing = [k for k in RECORD_KEYS if not isinstance(record, dict) or k not in record]
+            if missing:  # a complete line, so no crash wrote it: an edit or another file
+                raise JsonlError(
+                    self.path, n,
+                    f"not a discovery archive record (lacks {', '.join(missing)})", "not_record",
+                )  # fmt: skip
+            self.records.append(record)
         return self.records
 
     def append(self, record: dict[str, Any]) -> None:

@@ -63,7 +63,7 @@ def arm_weights(arms: list[str], alphas: list[float]) -> list[float]:
 def run_generate_cli(args: argparse.Namespace) -> int:
     """Guided (or plain, with no --arm) generation of a prompts file into a JSONL of responses."""
     from prefalign.genarm.decoding import guided_generate, load_arm
-    from prefalign.generation import SamplingParams
+    from prefalign.generation import SamplingParams, check_prompts
     from prefalign.modeling import load_model, load_tokenizer
 
     arm_paths = list(args.arm or [])
@@ -72,6 +72,7 @@ def run_generate_cli(args: argparse.Namespace) -> int:
     if not prompts:
         raise FileContentError(f"prompts file {args.prompts} holds no prompts")
     tokenizer = load_tokenizer(args.model)
+    check_prompts(tokenizer, prompts, args.prompts)
     base = load_model(args.model).eval()
     device = str(next(base.parameters()).device)
     arms = [

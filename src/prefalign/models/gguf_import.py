@@ -52,6 +52,8 @@ def gguf_path(source: str | Path) -> Path:
     if text == SMOLLM2:
         return find_smollm2_gguf()
     path = Path(text.removeprefix("gguf:")).expanduser()
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, not a GGUF file")
     if not path.is_file():
         raise UserError(f"{path}: no such GGUF file")
     return path

@@ -26,6 +26,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
+from prefalign.config import ConfigError
 from prefalign.report.blocks import (
     COLUMNS,
     Block,
@@ -147,7 +148,7 @@ def report_cli(args: argparse.Namespace) -> int:
     several runs or --out, also merge them into one report in --out (default prefalign_report)."""
     run_dirs = [Path(d) for d in args.run_dirs]
     if not run_dirs:
-        raise ValueError("report: give at least one run directory")
+        raise ConfigError("report: give at least one run directory")
     for d in run_dirs:
         if not d.is_dir():
             raise FileNotFoundError(f"report: no such run directory: {d}")

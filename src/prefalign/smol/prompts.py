@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import random
 
+from prefalign.config import ConfigError
+
 ADJECTIVES = (
     "Silent Crimson Hollow Last Distant Broken Golden Hidden Frozen Burning Quiet Endless Lost "
     "Velvet Iron Paper Midnight Scarlet Wandering Forgotten Northern Electric Shallow Lonely"
@@ -69,7 +71,10 @@ def arith_problems(low: int, high: int, n_train: int, n_eval: int, seed: int):
     rng = random.Random(seed)
     rng.shuffle(pairs)
     if n_train + n_eval > len(pairs):
-        raise ValueError(f"only {len(pairs)} problems with operands in [{low}, {high}]")
+        raise ConfigError(
+            f"config keys 'arith_low', 'arith_high': only {len(pairs)} problems with operands in "
+            f"[{low}, {high}], {n_train + n_eval} needed (n_train_prompts + n_eval_prompts)"
+        )
     return pairs[n_eval : n_eval + n_train], pairs[:n_eval]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+from prefalign.tasks import TaskError
 from prefalign.toy.rewards import sentiment_reward
 
 __all__ = ["arith_correct", "arith_reward", "brevity_reward", "final_number", "sentiment_reward"]
@@ -23,7 +24,9 @@ def expected_sum(prompt: str) -> int:
     """The answer to the last `What is a + b?` in a (chat-rendered) prompt."""
     questions = _QUESTION.findall(prompt)
     if not questions:
-        raise ValueError(f"not an arithmetic prompt (no 'What is a + b?'): {prompt[-80:]!r}")
+        raise TaskError(
+            f"smol:arith: not an arithmetic prompt (no 'What is a + b?'): {prompt[-80:]!r}"
+        )
     a, b = questions[-1]
     return int(a) + int(b)
 

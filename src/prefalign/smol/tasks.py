@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from prefalign.smol.rewards import arith_correct, arith_reward, brevity_reward, sentiment_reward
 from prefalign.smol.world import SmolWorld, get_smol_world
-from prefalign.tasks import Task, per_sample, register_task
+from prefalign.tasks import Task, TaskError, per_sample, register_task
 
 # task -> (world it reads prompts and policy from, gold reward, extra metrics)
 SMOL_TASKS = {
@@ -24,7 +24,7 @@ SMOL_TASKS = {
 def smol_task(task: str, world: SmolWorld | None = None) -> Task:
     """The task `smol:<task>` on `world` (default: the cached world of the default config)."""
     if task not in SMOL_TASKS:
-        raise ValueError(f"unknown SmolLM2 task {task!r}, allowed: {', '.join(SMOL_TASKS)}")
+        raise TaskError(f"unknown SmolLM2 task {task!r}, allowed: {', '.join(SMOL_TASKS)}")
     world_name, reward, metrics = SMOL_TASKS[task]
 
     def the_world() -> SmolWorld:

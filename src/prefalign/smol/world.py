@@ -27,6 +27,7 @@ from typing import Literal
 from prefalign.io import cache_root, read_prompts, write_jsonl
 from prefalign.smol import prompts as grammar
 from prefalign.smol.rewards import arith_correct, brevity_reward, sentiment_reward
+from prefalign.tasks import TaskError
 
 WORLD_VERSION = 2  # 2: pairs and KTO data from replies that stopped on EOS only
 TASKS = ("sentiment", "arith")
@@ -62,7 +63,7 @@ class SmolConfig:
     @classmethod
     def for_task(cls, task: str) -> SmolConfig:
         if task not in TASKS:
-            raise ValueError(f"unknown SmolLM2 task {task!r}, allowed: {', '.join(TASKS)}")
+            raise TaskError(f"unknown SmolLM2 task {task!r}, allowed: {', '.join(TASKS)}")
         if task == "arith":  # it explains before it answers: 48 tokens reach the answer
             return cls(task="arith", max_new_tokens=48, n_pair_prompts=0, n_eval_pair_prompts=0)
         return cls(task=task)

@@ -7,6 +7,8 @@ import re
 from collections.abc import Callable
 from functools import lru_cache
 
+from prefalign.tasks import TaskError
+
 _ANSWER = re.compile(r"^\s*(\d+)\s*$")
 
 
@@ -52,7 +54,12 @@ def brevity_reward(prompt: str, completion: str, max_words: int = 24) -> float:
 def parse_sum(prompt: str) -> int:
     left, _, _ = prompt.partition("=")
     a, _, b = left.partition("+")
-    return int(a) + int(b)
+    try:
+        return int(a) + int(b)
+    except ValueError:
+        raise TaskError(
+            f"toy:arith: not an arithmetic prompt (no 'a+b='): {prompt[-80:]!r}"
+        ) from None
 
 
 def arith_reward(prompt: str, completion: str) -> float:

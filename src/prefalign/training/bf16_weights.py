@@ -5,6 +5,9 @@ the optimizer updates. Forward and backward run entirely in bf16 (no autocast, s
 re-cast on every forward and no activation is cast back and forth), each micro-batch's bf16
 gradient is added into the master's fp32 gradient as soon as autograd has accumulated it, and
 after every optimizer step the bf16 weights are refreshed from the masters in one fused copy.
+Where the step follows backward without accumulation over micro-batches (the default), the bf16
+gradients stay on the working weights instead, and clipping, AdamW and the refresh run as one
+chunked pass over them (`prefalign.training.master_step`): no fp32 gradient is ever allocated.
 Rounding a weight to bf16 therefore never loses an update: small steps accumulate in fp32.
 This is the master-weights scheme of Micikevicius et al., "Mixed Precision Training" (ICLR 2018),
 with bf16 (no loss scaling needed). Buffers (rotary frequencies) stay fp32, and prefalign's
@@ -25,6 +28,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from prefalign.training.master_step import bf16_grad_norm, step_masters
+
 WORKING_DTYPE = torch.bfloat16
 
 
@@ -38,6 +43,9 @@ class Bf16MasterWeights:
         # Set to step one master as soon as its gradient is complete (the optimizer step inside
         # backward, `prefalign.training.step_in_backward`); its bf16 weight is refreshed at once.
         self.step_master: Callable[[torch.nn.Parameter], None] | None = None
+        # Set where the optimizer steps after backward without accumulation: each bf16
+        # gradient stays on its working weight for `step` (no fp32 gradient is ever made).
+        self.keep_bf16_grads = False
         seen: set[int] = set()
         for param in model.parameters():  # a tied weight is one Parameter: seen once
             if id(param) in seen or not param.is_floating_point():
@@ -53,6 +61,8 @@ class Bf16MasterWeights:
 
     def _to_master(self, master: torch.nn.Parameter):
         def hook(param: torch.nn.Parameter) -> None:
+            if self.keep_bf16_grads:
+                return
             # fp32 accumulation across micro-batches; the bf16 gradient is freed at once.
             grad = param.grad.to(torch.float32)
             master.grad = grad if master.grad is None else master.grad.add_(grad)
@@ -63,6 +73,16 @@ class Bf16MasterWeights:
                     param.copy_(master)
 
         return hook
+
+    def grad_norm(self) -> float:
+        """The L2 norm of the working weights' bf16 gradients (with `keep_bf16_grads`)."""
+        grads = [p.grad for p in self.working if p.grad is not None]
+        return float(bf16_grad_norm(grads)) if grads else 0.0
+
+    def step(self, optimizer: torch.optim.Optimizer, clip: float = 1.0) -> None:
+        """AdamW-step the masters from the bf16 gradients times `clip` and refresh the bf16
+        weights, in one chunked pass (`prefalign.training.master_step`)."""
+        step_masters(optimizer, self.masters, self.working, clip)
 
     @torch.no_grad()
     def refresh(self) -> None:

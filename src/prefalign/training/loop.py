@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from prefalign.config import ConfigError, bounded
 from prefalign.errors import RunDirError, UserError
 from prefalign.io import append_jsonl, atomic_write, flatten
+from prefalign.training import malloc
 from prefalign.training import step_in_backward as in_backward
 from prefalign.training.bf16_weights import Bf16MasterWeights
 from prefalign.training.checkpoint import (
@@ -49,6 +50,7 @@ from prefalign.training.fsdp import (
     load_full_optimizer_state,
     local_norm_to_float,
 )
+from prefalign.training.master_step import clip_coefficient
 from prefalign.training.precision import resolve_bf16_path, resolve_mixed_precision, world_size
 
 # A metric is a batch mean (a scalar tensor) or a (sum, count) pair: pairs are summed over
@@ -99,6 +101,10 @@ class TrainerConfig:
     # torch's intra-op threads from the start of the run (0: torch's own, the cores or
     # OMP_NUM_THREADS); 1 on a shared machine: idle threads spin-wait on contended cores.
     threads: int = bounded(0, min=0)
+    # Fix glibc's mmap threshold (KiB) for the run, so freed activation buffers above it go back
+    # to the system and the resident peak is the live peak (prefalign.training.malloc); 0 keeps
+    # glibc's adaptive default. Ignored off glibc and where MALLOC_MMAP_THRESHOLD_ is set.
+    malloc_mmap_threshold_kib: int = bounded(1024, min=0, max=malloc.MAX_THRESHOLD_KIB)
 
 
 class TrainingDiverged(UserError):
@@ -170,6 +176,7 @@ class Trainer:
         self.config = config
         if config.threads:
             torch.set_num_threads(config.threads)
+        malloc.set_mmap_threshold(config.malloc_mmap_threshold_kib)
         self.lengths = list(lengths)
         n_examples = len(self.lengths)
         self.tokenizer = tokenizer  # saved beside every checkpoint so each one loads on its own
@@ -224,6 +231,14 @@ class Trainer:
             self.in_backward = in_backward.StepInBackward(optimizer, self._bad_gradient)
             if self.master is not None:  # fp32 masters get their gradients from the bf16 hooks
                 self.master.step_master = self.in_backward.step_parameter
+        # bf16 masters stepped after backward without accumulation: clipping, AdamW and the
+        # refresh of the bf16 weights in one pass over the bf16 gradients (master_step).
+        self.fused_master_step = (
+            self.master is not None and self.in_backward is None and config.grad_accum == 1
+        )
+        if self.fused_master_step:
+            self.master.keep_bf16_grads = True
+        self.adamw = optimizer  # what the fused step updates (the prepared one wraps it)
         name = {"constant": "constant_with_warmup"}.get(config.schedule, config.schedule)
         from transformers import get_scheduler  # 4 s of imports: not paid by a config error
 
@@ -304,6 +319,11 @@ class Trainer:
             if self.in_backward is not None:  # every parameter stepped inside backward
                 grad_norm = self.in_backward.grad_norm()
                 # What LR schedulers check to warn of a schedule stepped before its optimizer.
+                self.optimizer._opt_called = True
+            elif self.fused_master_step:
+                grad_norm = self.master.grad_norm()
+                self._check_finite(record["loss"], grad_norm)
+                self.master.step(self.adamw, clip_coefficient(grad_norm, cfg.max_grad_norm))
                 self.optimizer._opt_called = True
             else:
                 # Clipping at infinity still measures the norm (and unscales fp16 gradients).
