@@ -134,3 +134,19 @@ def test_head_runs_over_response_positions_only(arch, grad):
         model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
     )
     torch.testing.assert_close(out.sum, expected.sum)
+
+
+def test_the_head_backward_runs_once_and_says_so():
+    """Its saved logits become the gradient in place: a second backward would be wrong, so it
+    raises instead."""
+    head = torch.nn.Linear(8, VOCAB_SIZE, bias=False)
+    hidden = torch.randn(5, 8, requires_grad=True)
+    labels = torch.randint(0, VOCAB_SIZE, (5,))
+    out = logprobs.head_token_logps(head, hidden, labels, VOCAB_SIZE)
+    plain = logprobs.token_logps(head(hidden), labels)
+    torch.testing.assert_close(out, plain)
+    (grad,) = torch.autograd.grad(plain.sum(), hidden)
+    out.sum().backward(retain_graph=True)
+    torch.testing.assert_close(hidden.grad, grad)
+    with pytest.raises(RuntimeError, match="runs once"):
+        out.sum().backward()
