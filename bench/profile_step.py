@@ -9,22 +9,21 @@ warm-up step. Prints the operators by self CPU time (which SDPA kernel runs show
 per phase its CPU time and the time and FLOPs of its matmuls (`aten::mm`/`addmm`/`bmm`, 2MKN
 each, from the recorded shapes), for `--repeats` profiled steps (medians).
 
-The ceiling: the step's effective FLOP/s (8 P per real token of the unshared pair, as
-train_throughput.py counts it) over the fp32 matmul peak (2048x2048) measured in the same
-process; and each matmul shape of the step timed on its own (`--shape-repeats`), so the step's
-matmuls can be compared with what those shapes reach alone. A frozen row skips the reference
-forward and the soft update (its log-probs are cached): its share is given from the same
-phases. `--out` writes the figures as JSON.
+The step's effective FLOP/s (8 P per real token of the unshared pair, as train_throughput.py
+counts it) is quoted over the fp32 matmul peak (2048x2048) measured around the steps in the same
+process, for the soft step and for its frozen-reference phases (a cached frozen reference skips
+the reference forward and the soft update). What the step's own GEMM shapes reach alone is
+bench/gemm_ceiling.py's figure; `--out` writes the figures as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import sys
-import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -57,32 +56,10 @@ def phase_table(events) -> dict[str, dict[str, float]]:
     return {k: dict(v) for k, v in out.items()}
 
 
-def matmul_shapes(events) -> Counter:
-    """(name, shapes) -> calls, for every matmul of the step."""
-    return Counter(
-        (e.name, json.dumps(e.input_shapes)) for e in events if e.name in MATMULS and e.input_shapes
-    )
-
-
-def time_shape_alone(name: str, shapes: list, repeats: int) -> float:
-    """Median CPU seconds of one call of this matmul shape on fresh contiguous operands (the
-    profile records shapes, not strides: the step multiplies by transposed weight views)."""
-    args = [torch.randn(s) for s in shapes]
-    op = {"aten::mm": torch.mm, "aten::bmm": torch.bmm, "aten::addmm": torch.addmm}[name]
-    op(*args)
-    times = []
-    for _ in range(repeats):
-        start = time.process_time()
-        op(*args)
-        times.append(time.process_time() - start)
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3, help="profiled steps (medians)")
-    parser.add_argument("--shape-repeats", type=int, default=5, help="timings of each shape alone")
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -128,14 +105,13 @@ def main() -> None:
 
     step()  # warm-up: Adam's state, allocator
     peaks = [matmul_flops(2048, repeats=7, threads=1)["median_flops_per_cpu_s"]]
-    tables, shapes = [], Counter()
+    tables = []
     for i in range(args.repeats):
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             step()
         if i == 0:
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
         tables.append(phase_table(prof.events()))
-        shapes = matmul_shapes(prof.events())
         peaks.append(matmul_flops(2048, repeats=7, threads=1)["median_flops_per_cpu_s"])
     peak = statistics.median(peaks)
     phases = {
@@ -145,14 +121,6 @@ def main() -> None:
         }
         for name in (*PHASES, "loss and rest")
     }
-    # Each distinct matmul of the step on its own: what the model's own shapes reach.
-    alone_s, step_flop = 0.0, 0.0
-    for (name, shape_json), calls in shapes.items():
-        shape = json.loads(shape_json)
-        alone_s += calls * time_shape_alone(name, shape, args.shape_repeats)
-        step_flop += calls * matmul_flops_of(name, shape)
-    shape_ceiling = step_flop / alone_s
-
     step_s = sum(p["cpu_s"] for p in phases.values())
     frozen = {k: v for k, v in phases.items() if k not in ("reference forward", "soft update")}
     frozen_s = sum(p["cpu_s"] for p in frozen.values())
@@ -164,7 +132,10 @@ def main() -> None:
             f"{name:<20}{p['cpu_s']:>8.3f}{p['cpu_s'] / step_s:>7.1%}{p['matmul_s']:>10.3f}"
             f"{p['matmul_flop'] / 1e9:>8.1f}{rate:>9.1f}"
         )
+    matmul_flop = sum(p["matmul_flop"] for p in phases.values())
     summary = {
+        "command": "python bench/profile_step.py " + " ".join(sys.argv[1:]),
+        "load_avg_1m": os.getloadavg()[0],  # other jobs' load slows the matmuls most
         "pairs": args.pairs,
         "unshared_real_tokens": unshared_tokens,
         "computed_positions": int(batch["input_ids"].numel()),
@@ -173,30 +144,25 @@ def main() -> None:
         "fp32_peak_runs": peaks,
         "step_cpu_s": step_s,
         "frozen_step_cpu_s": frozen_s,
-        "matmul_share": matmul_s / step_s,
-        "matmul_flop": sum(p["matmul_flop"] for p in phases.values()),
         "credited_flop": credited_flop,
-        "step_matmul_flops_per_cpu_s": step_flop / matmul_s,
-        "shape_ceiling_flops_per_cpu_s": shape_ceiling,
+        "matmul_flop": matmul_flop,
+        # soft share of peak = credited / matmul FLOP x matmul rate / peak x matmul time share
+        "credited_over_matmul_flop": credited_flop / matmul_flop,
+        "matmul_rate_over_peak": matmul_flop / matmul_s / peak,
+        "matmul_share": matmul_s / step_s,
         "soft_fraction_of_peak": credited_flop / step_s / peak,
         "frozen_fraction_of_peak": credited_flop / frozen_s / peak,
-        # Every matmul at the 2048x2048 peak and nothing else costing time:
-        "soft_fraction_matmul_only_at_peak": credited_flop
-        / (sum(p["matmul_flop"] for p in phases.values()) / peak)
-        / peak,
         "phases": phases,
     }
     print(
         f"\nfp32 matmul peak (2048^2, median of {len(peaks)} runs around the steps): "
-        f"{peak / 1e9:.1f} GFLOP/s per CPU-s; the step's matmuls ran at "
-        f"{summary['step_matmul_flops_per_cpu_s'] / 1e9:.1f}, the same shapes alone at "
-        f"{shape_ceiling / 1e9:.1f}\n"
-        f"step {step_s:.2f} CPU-s (frozen phases {frozen_s:.2f}), matmuls "
-        f"{summary['matmul_share']:.0%} of it; credited 8 P x {unshared_tokens} tokens = "
-        f"{credited_flop / 1e9:.0f} GFLOP against {summary['matmul_flop'] / 1e9:.0f} GFLOP of "
-        f"matmuls done\nshare of peak: soft {summary['soft_fraction_of_peak']:.2f}, frozen "
-        f"{summary['frozen_fraction_of_peak']:.2f}; soft with only its matmuls, all at the peak: "
-        f"{summary['soft_fraction_matmul_only_at_peak']:.2f}"
+        f"{peak / 1e9:.1f} GFLOP/s per CPU-s\n"
+        f"soft step {step_s:.2f} CPU-s (its frozen phases {frozen_s:.2f}); share of peak "
+        f"{summary['soft_fraction_of_peak']:.2f} (frozen {summary['frozen_fraction_of_peak']:.2f})"
+        f" = credited 8 P x {unshared_tokens} tokens over the matmul FLOPs done "
+        f"{summary['credited_over_matmul_flop']:.2f} x matmul rate over peak "
+        f"{summary['matmul_rate_over_peak']:.2f} x matmul share of the step "
+        f"{summary['matmul_share']:.2f}"
     )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

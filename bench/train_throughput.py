@@ -24,14 +24,15 @@ off, no eval, saving or logging). Sizes:
 
 Variants (`--variants`, `+`-joined flags on a reference mode): `bf16` (prefalign
 `trainer.mixed_precision=bf16`: bf16 weights with fp32 masters; TRL `bf16=True`: autocast over
-fp32 weights), `lora`
-(r 8, alpha 16, every linear layer but the head, on both sides; TRL cannot run a soft reference
-with LoRA, so that row has no TRL side), `noclip` (no gradient-norm clipping on either side,
-`max_grad_norm` 0: prefalign then steps each parameter inside backward, one copy of the weights
-less in memory), and prefalign-only ablations that switch one lever off:
+fp32 weights), `lora` (r 8, alpha 16, every linear layer but the head, on both sides; soft
+below), `noclip` (no gradient-norm clipping on either side, `max_grad_norm` 0: prefalign then
+steps each parameter inside backward, one copy of the weights less in memory), and
+prefalign-only ablations that switch one lever off:
 `nocache` (frozen reference scored live), `noshare` (stacked [chosen; rejected] rows),
 `autocast` (with bf16: autocast over fp32 weights instead of bf16 weights with fp32 masters),
-`fullhead` (the full-vocabulary logits path, implies noshare).
+`fullhead` (the full-vocabulary logits path, implies noshare). TRL cannot run a soft
+reference with LoRA (its peft reference is the base model), so a `soft+lora` row is set against
+TRL's `frozen+lora` row of the same run, which skips the reference update (marked `(*)`).
 
 A frozen reference's cache is built before the first step (one reference forward per pair):
 the time is reported (cache_build_s) and the first-epoch figure charges it to the timed steps
@@ -720,30 +721,55 @@ def summarize(
                     row[fw]["effective_flops_per_cpu_s"] / peak["cpu"]
                 )
             if by_fw["trl"]:
-                p, t = row["prefalign"], row["trl"]
-                row["speed_ratio"] = p["pairs_per_s"] / t["pairs_per_s"]
-                row["speed_ratio_first_epoch"] = p["pairs_per_s_first_epoch"] / t["pairs_per_s"]
-                row["speed_ratio_cpu"] = p["pairs_per_cpu_s"] / t["pairs_per_cpu_s"]
-                # Runs of one repeat ran back to back: their ratio saw the same machine load.
-                row["speed_ratio_per_repeat"] = [
-                    a["pairs_per_s"] / b["pairs_per_s"]
-                    for a, b in zip(by_fw["prefalign"], by_fw["trl"], strict=True)
-                ]
-                row["memory_ratio"] = p["peak_rss_mb"] / t["peak_rss_mb"]
-                # The timed steps (warm-up excluded) of the two sides hold different pairs:
-                # each side orders the epoch its own way. Per real token of those steps:
-                row["token_speed_ratio"] = p["real_tokens_per_s"] / t["real_tokens_per_s"]
-                row["token_speed_ratio_cpu"] = (
-                    p["real_tokens_per_cpu_s"] / t["real_tokens_per_cpu_s"]
-                )
-                row["timed_real_tokens_ratio"] = p["timed_real_tokens"] / t["timed_real_tokens"]
-                # Same pairs on both sides: whole-run real token counts must agree (tokenization
-                # parity).
-                row["real_token_mismatch"] = abs(
-                    p["real_tokens_all_steps"] / t["real_tokens_all_steps"] - 1
-                )
+                row["trl_variant"] = variant
+                row.update(compare(row["prefalign"], row["trl"], by_fw))
             rows[f"{size}/{variant}"] = row
+    add_trl_stand_ins(rows)
     return rows
+
+
+def trl_stand_in(variant: str) -> str | None:
+    """The TRL row a prefalign-only variant is compared with: TRL cannot mix a LoRA reference
+    (with peft its reference is the base model), so a soft LoRA row is set against TRL's frozen
+    LoRA row, which does less work (no reference update) and is labelled as such."""
+    mode, flags = parse_variant(variant)
+    if mode == "soft" and "lora" in flags and not flags & set(ABLATIONS):
+        return "+".join(["frozen", *sorted(flags)])
+    return None
+
+
+def add_trl_stand_ins(rows: dict) -> None:
+    for key, row in rows.items():
+        size, variant = key.split("/", 1)
+        stand_in = trl_stand_in(variant)
+        other = rows.get(f"{size}/{stand_in}") if stand_in else None
+        if "trl" in row or other is None or "trl" not in other:
+            continue
+        row["trl"], row["trl_variant"] = other["trl"], stand_in
+        row.update(compare(row["prefalign"], row["trl"], None))
+
+
+def compare(p: dict, t: dict, by_fw: dict | None) -> dict:
+    """Ratios prefalign / TRL of one row; per repeat only where both ran in the same repeats."""
+    out = {
+        "speed_ratio": p["pairs_per_s"] / t["pairs_per_s"],
+        "speed_ratio_first_epoch": p["pairs_per_s_first_epoch"] / t["pairs_per_s"],
+        "speed_ratio_cpu": p["pairs_per_cpu_s"] / t["pairs_per_cpu_s"],
+        "memory_ratio": p["peak_rss_mb"] / t["peak_rss_mb"],
+        # The timed steps (warm-up excluded) of the two sides hold different pairs: each side
+        # orders the epoch its own way. Per real token of those steps:
+        "token_speed_ratio": p["real_tokens_per_s"] / t["real_tokens_per_s"],
+        "token_speed_ratio_cpu": p["real_tokens_per_cpu_s"] / t["real_tokens_per_cpu_s"],
+        "timed_real_tokens_ratio": p["timed_real_tokens"] / t["timed_real_tokens"],
+        # Same pairs on both sides: whole-run real token counts must agree (tokenization parity).
+        "real_token_mismatch": abs(p["real_tokens_all_steps"] / t["real_tokens_all_steps"] - 1),
+    }
+    if by_fw is not None:  # runs of one repeat ran back to back: their ratio saw the same load
+        out["speed_ratio_per_repeat"] = [
+            a["pairs_per_s"] / b["pairs_per_s"]
+            for a, b in zip(by_fw["prefalign"], by_fw["trl"], strict=True)
+        ]
+    return out
 
 
 def print_table(
@@ -780,8 +806,12 @@ def print_table(
     )
     print(head)
     print("-" * len(head))
+    stand_ins = []
     for key, r in rows.items():
         p, t = r["prefalign"], r.get("trl", {})
+        if "trl_variant" in r and r["trl_variant"] != key.split("/", 1)[1]:
+            stand_ins.append(f"{key} against TRL's {r['trl_variant']}")
+            key += " (*)"
         print(
             f"{key:<30}{p['pairs_per_s']:>11.2f}{p['pairs_per_s_first_epoch']:>8.2f}"
             f"{fmt(t.get('pairs_per_s')):>7}"
@@ -802,6 +832,8 @@ def print_table(
         "eff. FLOP frac = 8*P*real unshared tokens/s over the dtype's matmul peak; "
         "tok ratio = prefalign / TRL real tokens per CPU second of the timed steps"
     )
+    for line in stand_ins:
+        print(f"(*) {line}: TRL cannot mix a LoRA reference, and its frozen row does less work")
 
 
 def main() -> None:

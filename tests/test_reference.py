@@ -204,6 +204,31 @@ def test_mixing_beyond_the_rank_keeps_the_best_approximation_and_reports_its_err
     assert 0 < error < 1
 
 
+def test_batched_mix_of_many_layers_is_each_layers_own_mix_bit_for_bit() -> None:
+    # mix_layers_ writes its float64 stacks in place; the plain per-layer mix is the definition.
+    from prefalign.lora_mix import mix_factors_, mix_layers_
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(32, 48), (48, 32), (32, 32), (12, 20)]  # (in, out); 12 x 20: fewer than R kept
+    r, rank = 4, 16
+    layers = [
+        tuple(
+            torch.randn(rows, cols, generator=g)
+            for rows, cols in ((rank, d_in), (d_out, rank), (r, d_in), (d_out, r))
+        )
+        for d_in, d_out in shapes * 3
+    ]
+    batched = [tuple(t.clone() for t in layer) for layer in layers]
+    for _ in range(2):  # the second mix starts from a recompressed reference
+        worst = mix_layers_(batched, 0.6)
+        errors = [float(mix_factors_(*layer, 0.6)) for layer in layers]
+        assert worst == max(errors) > 0
+        for mine, plain in zip(batched, layers, strict=True):
+            for x, y in zip(mine, plain, strict=True):
+                assert torch.equal(x, y)
+    assert not layers[-1][0][12:].any(), "directions past the layer's rank stay zero"
+
+
 def test_frozen_lora_reference_of_a_trained_adapter_is_the_initial_policy() -> None:
     model = lora(llama())
     randomize_adapter(model)  # the policy starts from a trained adapter (e.g. LoRA SFT)

@@ -40,37 +40,73 @@ def mix_factors_(
     dtype = torch.float64  # the factors are small: recompress at double precision
     b_stack = torch.cat([weight * b.to(dtype), (1 - weight) * b_ref.to(dtype)], dim=-1)
     a_stack = torch.cat([a.to(dtype), a_ref.to(dtype)], dim=-2)
+    new_b, new_a, dropped = _recompress(b_stack, a_stack, rank)
+    keep = new_b.shape[-1]
+    b_ref.zero_()
+    a_ref.zero_()
+    b_ref[..., :keep].copy_(new_b)
+    a_ref[..., :keep, :].copy_(new_a)
+    return dropped
+
+
+def _recompress(
+    b_stack: torch.Tensor, a_stack: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The best rank-`rank` factors (B [..., out, keep], A [..., keep, in], keep <= rank) of
+    `b_stack @ a_stack`, and the dropped share of its Frobenius norm."""
     q_b, r_b = torch.linalg.qr(b_stack)  # [out, k], [k, r+R]
     q_a, r_a = torch.linalg.qr(a_stack.mT)  # [in, k'], [k', r+R]
     u, sigma, vh = torch.linalg.svd(r_b @ r_a.mT, full_matrices=False)  # mixture: q_b core q_a^T
     keep = min(rank, sigma.shape[-1])
     root = sigma[..., :keep].sqrt()  # split the singular values evenly between the factors
-    new_b = torch.zeros_like(b_ref, dtype=dtype)
-    new_a = torch.zeros_like(a_ref, dtype=dtype)
-    new_b[..., :keep] = (q_b @ u[..., :keep]) * root[..., None, :]
-    new_a[..., :keep, :] = root[..., :, None] * (vh[..., :keep, :] @ q_a.mT)
-    b_ref.copy_(new_b)
-    a_ref.copy_(new_a)
+    new_b = (q_b @ u[..., :keep]) * root[..., None, :]
+    new_a = root[..., :, None] * (vh[..., :keep, :] @ q_a.mT)
     total = sigma.square().sum(-1)
     dropped = sigma[..., keep:].square().sum(-1)
-    return torch.where(total > 0, dropped / total.clamp(min=1e-300), 0.0).sqrt()
+    return new_b, new_a, torch.where(total > 0, dropped / total.clamp(min=1e-300), 0.0).sqrt()
 
 
 @torch.no_grad()
 def mix_layers_(layers: list[tuple[torch.Tensor, ...]], weight: float) -> float:
     """`mix_factors_` over many layers, each (A_ref, B_ref, A, B), batched by shape: one QR and
-    one SVD call per shape instead of per layer. Returns the largest dropped share."""
+    one SVD call per shape instead of per layer, bit for bit what `mix_factors_` gives each
+    layer. Returns the largest dropped share."""
     groups: dict[tuple, list[tuple[torch.Tensor, ...]]] = {}
     for layer in layers:
         groups.setdefault(tuple((t.shape, t.dtype, t.device) for t in layer), []).append(layer)
     worst = 0.0
     for members in groups.values():
-        a_ref, b_ref, a, b = (torch.stack(tensors) for tensors in zip(*members, strict=True))
-        dropped = mix_factors_(a_ref, b_ref, a, b, weight)
-        torch._foreach_copy_([m[0] for m in members], list(a_ref.unbind(0)))
-        torch._foreach_copy_([m[1] for m in members], list(b_ref.unbind(0)))
-        worst = max(worst, float(dropped.max()))
+        worst = max(worst, float(_mix_group_(members, weight).max()))
     return worst
+
+
+def _mix_group_(members: list[tuple[torch.Tensor, ...]], weight: float) -> torch.Tensor:
+    """`mix_factors_` of layers of one shape, the float64 stacks written in place: each factor
+    is read once into its slice of the stack (no float32 stack, concatenation or zero-filled
+    result; about 0.1 s of a 0.3 s update of SmolLM2's 210 layers)."""
+    a_ref0, b_ref0, a0, _ = members[0]
+    n, rank, r = len(members), a_ref0.shape[0], a0.shape[0]
+    dtype, device = torch.float64, a0.device
+    # Column-major, as LAPACK's QR reads it (a_stack.mT is already): no copy inside the QR.
+    b_stack = torch.empty(n, r + rank, b_ref0.shape[0], dtype=dtype, device=device).mT
+    a_stack = torch.empty(n, r + rank, a_ref0.shape[1], dtype=dtype, device=device)
+    torch._foreach_copy_(
+        [*(b_stack[i, :, :r] for i in range(n)), *(b_stack[i, :, r:] for i in range(n))],
+        [*(m[3] for m in members), *(m[1] for m in members)],
+    )
+    torch._foreach_copy_(
+        [*(a_stack[i, :r] for i in range(n)), *(a_stack[i, r:] for i in range(n))],
+        [*(m[2] for m in members), *(m[0] for m in members)],
+    )
+    b_stack[..., :r].mul_(weight)
+    b_stack[..., r:].mul_(1 - weight)
+    new_b, new_a, dropped = _recompress(b_stack, a_stack, rank)
+    keep = new_b.shape[-1]
+    if keep < rank:  # fewer directions than the rank holds: the rest stays zero
+        torch._foreach_zero_([t for m in members for t in (m[0][keep:], m[1][:, keep:])])
+    torch._foreach_copy_([m[1][:, :keep] for m in members], list(new_b.unbind(0)))
+    torch._foreach_copy_([m[0][:keep] for m in members], list(new_a.unbind(0)))
+    return dropped
 
 
 @torch.no_grad()
