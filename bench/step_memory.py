@@ -1,16 +1,20 @@
 """Where a full fine-tuning step's memory goes: resident memory after the forward, the backward
 and the optimizer step, with the optimizer stepped after backward or inside it.
 
-    MALLOC_MMAP_THRESHOLD_=65536 .venv/bin/python bench/step_memory.py [--inside] [--checkpointing]
+    .venv/bin/python bench/step_memory.py [--lean] [--threshold-kib 1024] [--inside]
+        [--checkpointing]
 
 One process per configuration (ru_maxrss is a process's peak): SmolLM2-135M-Instruct, the
 policy half of a DPO step (fused AdamW, no clipping) on 4 smol-chat pairs in shared-prompt rows,
 4 steps, 1 thread. `--inside` steps each parameter inside backward
-(`prefalign.training.step_in_backward`); `--checkpointing` recomputes activations in backward.
-With MALLOC_MMAP_THRESHOLD_=65536 every buffer of 64 KiB or more is returned to the system when
-freed, so the resident figures are live memory; with glibc's default adaptive threshold freed
-buffers stay in the heap and the peak also holds what the allocator kept. Prints one line per
-phase and writes nothing.
+(`prefalign.training.step_in_backward`); `--checkpointing` recomputes activations in backward;
+`--lean` takes the lean RMSNorm / MLP forwards (`prefalign.training.lean_activations`, the
+trainer's default). `--threshold-kib N` fixes glibc's mmap threshold as the trainer does
+(`trainer.malloc_mmap_threshold_kib`): every buffer of N KiB or more is returned to the system
+when freed, so the resident figures are close to live memory; without it (glibc's adaptive
+threshold) freed buffers stay in the heap and the peak also holds what the allocator kept.
+Prints one line per step (resident memory after each phase, peak, CPU seconds, page faults)
+and writes nothing.
 """
 
 from __future__ import annotations
@@ -39,8 +43,22 @@ def main() -> None:
     parser.add_argument("--inside", action="store_true", help="step inside backward")
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument(
+        "--threshold-kib", type=int, default=0, help="fix glibc's mmap threshold (0: adaptive)"
+    )
+    parser.add_argument("--lean", action="store_true", help="lean RMSNorm / MLP activations")
+    parser.add_argument("--trim", action="store_true", help="malloc_trim(0) after each step")
+    parser.add_argument(
+        "--trim-before-backward", action="store_true", help="malloc_trim(0) before backward"
+    )
+    parser.add_argument(
+        "--prealloc", action="store_true", help="create Adam's state before the first step"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
+    from prefalign.training import malloc
+
+    malloc.set_mmap_threshold(args.threshold_kib)
     from train_throughput import SEED, make_chat_pairs
 
     from prefalign.data.records import PreferenceRecord
@@ -52,7 +70,9 @@ def main() -> None:
 
     source = resolve_model_source(SMOLLM2)
     tokenizer = load_tokenizer(source)
-    policy = load_model(source, device="cpu", gradient_checkpointing=args.checkpointing).train()
+    policy = load_model(
+        source, device="cpu", gradient_checkpointing=args.checkpointing, lean_activations=args.lean
+    ).train()
     rows = make_chat_pairs(random.Random(SEED + 1), 4, tokenizer)
     records = [
         PreferenceRecord(r["prompt"], r["chosen"], r["rejected"], "bench", i + 1)
@@ -71,19 +91,22 @@ def main() -> None:
         StepInBackward(optimizer, lambda norm: sys.exit(f"non-finite gradient {norm}"))
     print(f"loaded: resident {resident_mb():.0f} MB", flush=True)
     for step in range(args.steps):
-        start = time.process_time()
+        start, faults = time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         chosen, rejected = pair_logps(policy, batch)
         loss = -torch.nn.functional.logsigmoid(0.1 * (chosen.sum - rejected.sum)).mean()
         after_forward = resident_mb()
+        if args.trim_before_backward:
+            malloc.glibc().malloc_trim(0)
         loss.backward()
         after_backward = resident_mb()
         if not args.inside:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
         print(
             f"step {step}: resident after forward {after_forward:.0f} MB, after backward "
             f"{after_backward:.0f} MB, after the step {resident_mb():.0f} MB, peak "
-            f"{peak_mb():.0f} MB, {time.process_time() - start:.2f} CPU s",
+            f"{peak_mb():.0f} MB, {time.process_time() - start:.2f} CPU s, {faults} page faults",
             flush=True,
         )
 

@@ -30,9 +30,11 @@ steps each parameter inside backward, one copy of the weights less in memory), a
 prefalign-only ablations that switch one lever off:
 `nocache` (frozen reference scored live), `noshare` (stacked [chosen; rejected] rows),
 `autocast` (with bf16: autocast over fp32 weights instead of bf16 weights with fp32 masters),
-`fullhead` (the full-vocabulary logits path, implies noshare). TRL cannot run a soft
-reference with LoRA (its peft reference is the base model), so a `soft+lora` row is set against
-TRL's `frozen+lora` row of the same run, which skips the reference update (marked `(*)`).
+`fullhead` (the full-vocabulary logits path, implies noshare), `keepheap` (glibc's adaptive
+mmap threshold, `trainer.malloc_mmap_threshold_kib=0`: freed activation buffers stay in the
+heap). TRL cannot run a soft reference with LoRA (its peft reference is the base model), so a
+`soft+lora` row is set against TRL's `frozen+lora` row of the same run, which skips the
+reference update (marked `(*)`).
 
 A frozen reference's cache is built before the first step (one reference forward per pair):
 the time is reported (cache_build_s) and the first-epoch figure charges it to the timed steps
@@ -93,8 +95,9 @@ RESULTS = Path(__file__).parent / "results" / "train_throughput.json"
 FRAMEWORKS = ("prefalign", "trl")
 BETA, ALPHA, LR, SEED = 0.1, 0.6, 1e-6, 0
 LORA_R, LORA_ALPHA = 8, 16
-FLAGS = ("bf16", "lora", "noclip", "nocache", "noshare", "fullhead", "autocast")
-ABLATIONS = ("nocache", "noshare", "fullhead", "autocast")  # prefalign-only: one lever off
+FLAGS = ("bf16", "lora", "noclip", "nocache", "noshare", "fullhead", "autocast", "keepheap")
+# prefalign-only: one lever off
+ABLATIONS = ("nocache", "noshare", "fullhead", "autocast", "keepheap")
 
 # Model shape, batch (pairs per step), max_length, warm-up and timed optimizer steps of each size.
 SIZES = {
@@ -462,6 +465,9 @@ def run_prefalign(
             progress=False,
             mixed_precision="bf16" if "bf16" in flags else "no",
             bf16_path="autocast" if "autocast" in flags else "auto",
+            malloc_mmap_threshold_kib=(
+                0 if "keepheap" in flags else TrainerConfig.malloc_mmap_threshold_kib
+            ),
         ),
         speed=SpeedSpec(
             shared_prompt="off" if flags & {"noshare", "fullhead"} else "auto",

@@ -43,6 +43,9 @@ class ModelSpec:
     gradient_checkpointing: bool = False
     lora: LoraSpec | None = None
     trust_remote_code: bool = False
+    # RMSNorm and SwiGLU MLP forwards that save fewer activations for backward, same values
+    # (prefalign.training.lean_activations); "off": the model's own forwards.
+    lean_activations: Literal["auto", "off"] = "auto"
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -142,11 +145,13 @@ def load_model(
     lora: LoraSpec | None = None,
     gradient_checkpointing: bool = False,
     trust_remote_code: bool = False,
+    lean_activations: bool = False,
 ) -> PreTrainedModel:
     """Load a causal LM by hub id or local path; wrap it in a trainable LoRA adapter if asked.
 
     A directory holding a saved peft adapter (adapter_config.json) is loaded on top of its base.
     GGUF sources (`smollm2`, `gguf:PATH`, `PATH.gguf`) are imported once into the cache first.
+    `lean_activations`: swap in RMSNorm and MLP forwards that save less for backward (training).
     """
     name_or_path = resolve_model_source(name_or_path)
     path = Path(str(name_or_path))
@@ -169,6 +174,10 @@ def load_model(
         enable_gradient_checkpointing(model)
     if lora is not None and not is_peft_model(model):
         model = add_lora(model, lora)
+    if lean_activations:  # after LoRA: the check against the plain forward sees the adapter
+        from prefalign.training.lean_activations import lean_activations as make_lean
+
+        make_lean(model)
     return model.to(resolve_device(device))
 
 

@@ -296,6 +296,7 @@ def improve_step(
         device="cpu",
         lora=config.model.lora,
         gradient_checkpointing=config.model.gradient_checkpointing,
+        lean_activations=config.model.lean_activations == "auto",
     )
     trainer_config = replace(spec.trainer, out_dir=str(step_dir), seed=seed, lr=lr)
     t0 = time.perf_counter()

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from prefalign.config import ConfigError, bounded
 from prefalign.errors import RunDirError, UserError
 from prefalign.io import append_jsonl, atomic_write, flatten
+from prefalign.training import malloc
 from prefalign.training import step_in_backward as in_backward
 from prefalign.training.bf16_weights import Bf16MasterWeights
 from prefalign.training.checkpoint import (
@@ -100,6 +101,10 @@ class TrainerConfig:
     # torch's intra-op threads from the start of the run (0: torch's own, the cores or
     # OMP_NUM_THREADS); 1 on a shared machine: idle threads spin-wait on contended cores.
     threads: int = bounded(0, min=0)
+    # Fix glibc's mmap threshold (KiB) for the run, so freed activation buffers above it go back
+    # to the system and the resident peak is the live peak (prefalign.training.malloc); 0 keeps
+    # glibc's adaptive default. Ignored off glibc and where MALLOC_MMAP_THRESHOLD_ is set.
+    malloc_mmap_threshold_kib: int = bounded(1024, min=0, max=malloc.MAX_THRESHOLD_KIB)
 
 
 class TrainingDiverged(UserError):
@@ -171,6 +176,7 @@ class Trainer:
         self.config = config
         if config.threads:
             torch.set_num_threads(config.threads)
+        malloc.set_mmap_threshold(config.malloc_mmap_threshold_kib)
         self.lengths = list(lengths)
         n_examples = len(self.lengths)
         self.tokenizer = tokenizer  # saved beside every checkpoint so each one loads on its own

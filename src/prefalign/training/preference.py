@@ -27,6 +27,7 @@ from prefalign.reference import (
     make_reference,
 )
 from prefalign.shared_prompt import pair_logps
+from prefalign.training import malloc
 from prefalign.training.cpu_attention import use_eager_attention_for_bf16
 from prefalign.training.forward import (
     PairLogps,
@@ -208,12 +209,14 @@ def run_preference(
 
     # After the data: a bad row is reported without waiting for the model to load.
     seed_everything(config.trainer.seed)  # the seed decides a LoRA adapter's init
+    malloc.set_mmap_threshold(config.trainer.malloc_mmap_threshold_kib)  # loading's peak too
     model = load_model(
         config.model.name_or_path,
         dtype=config.model.dtype,
         device="cpu",
         lora=config.model.lora,
         gradient_checkpointing=config.model.gradient_checkpointing,
+        lean_activations=config.model.lean_activations == "auto",
     )
     ref_spec = config.reference if objective.needs_reference else ReferenceSpec(mode="none")
     use_cache = (

@@ -79,6 +79,7 @@ def run_sft(config: SFTConfig, resume: bool = False) -> TrainResult:
         device="cpu",  # accelerate places it
         lora=config.model.lora,
         gradient_checkpointing=config.model.gradient_checkpointing,
+        lean_activations=config.model.lean_activations == "auto",
     )
     loaded = load_sft_data(
         config.data.path, tokenizer=tokenizer, skip_invalid=config.data.skip_invalid
