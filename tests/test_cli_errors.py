@@ -603,3 +603,30 @@ def test_an_empty_prompt_for_a_tokenizer_without_bos_names_the_file_and_prompt(
     assert f"{prompts}: prompt 2 ('') encodes to no tokens" in line, line
     assert "adds no BOS" in line, line
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "override,key,words",
+    [
+        ("generations=-1", "generations", "at least 0"),
+        ("candidates_per_generation=0", "candidates_per_generation", "at least 1"),
+        ("sandbox.timeout_s=0", "sandbox.timeout_s", "greater than 0"),
+        ("sandbox.train_memory_mb=0", "sandbox.train_memory_mb", "at least 1"),
+        ("proxy.steps=0", "proxy.steps", "at least 1"),
+        ("proxy.lr=-1", "proxy.lr", "greater than 0"),
+        ("proxy.samples_per_prompt=0", "proxy.samples_per_prompt", "at least 1"),
+        ("proxy.fitness.kl_budget=-1", "proxy.fitness.kl_budget", "at least 0"),
+        ("proposer.max_retries=-1", "proposer.max_retries", "at least 0"),
+        ("proposer.max_tokens=0", "proposer.max_tokens", "at least 1"),
+    ],
+)
+def test_out_of_range_discovery_settings_are_refused_naming_the_key(
+    tmp_path: Path, capsys, override: str, key: str, words: str
+) -> None:
+    """These ran: a 0 s sandbox rejected every candidate, 0 proxy steps scored the untrained
+    policy, a negative KL budget made every candidate infeasible; and the two counts' message
+    named no key. Nothing is written for a refused config."""
+    out = tmp_path / "run"
+    line = assert_refused(capsys, ["discover", f"out_dir={out}", override], out)
+    assert line.startswith(f"prefalign discover: error: config key '{key}': must be {words}, got")
+    assert not out.exists()

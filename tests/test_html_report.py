@@ -526,3 +526,38 @@ def test_rest_run_dir_uses_its_own_step_figure(tmp_path):
     assert "![ReST per-step curves: steps.png](steps.png)" in rest and "rest_0.png" not in md
     assert "| init | - | - | - | 0.300 | 0.300 | 0.200 | 0.000 | - |" in rest
     assert "Other plots" not in md
+
+
+@pytest.mark.parametrize(
+    "results,field,got",
+    [
+        ({"tasks": {"sentiment": 5}}, "tasks.sentiment", "int"),
+        ({"tasks": {"sentiment": {"methods": [1]}}}, "tasks.sentiment.methods", "list"),
+        ({"tasks": {"sentiment": {"methods": {"dpo": "x"}}}}, "tasks.sentiment.methods.dpo", "str"),
+    ],
+)
+def test_a_malformed_results_file_is_a_located_error(tmp_path, capsys, results, field, got):
+    """A results.json whose task or method entries were not objects ended in an
+    AttributeError traceback."""
+    from prefalign.cli import main
+
+    (tmp_path / "run.json").write_text('{"kind": "demo"}')
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"prefalign report: error: {tmp_path / 'results.json'}: field '{field}': expected an "
+        f"object, got {got}"
+    ), err
+
+
+def test_metrics_records_without_a_numeric_step_are_not_steps(tmp_path):
+    """A step that is not a number (a hand edit, another tool's file) made the report's sort
+    fail with a TypeError traceback; such records are no training steps."""
+    (tmp_path / "run.json").write_text('{"kind": "train"}')
+    (tmp_path / "metrics.jsonl").write_text(
+        '{"step": 1, "loss": 0.5}\n{"step": "a", "loss": 0.4}\n{"step": null, "loss": 0.3}\n'
+        '{"step": 2, "loss": 0.2}\n'
+    )
+    md, _ = write_run_report(tmp_path)
+    assert "loss" in md.read_text()

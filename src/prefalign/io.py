@@ -202,13 +202,13 @@ def read_jsonl(path: str | Path, *, objects: bool = True) -> list[Any]:
     for n, value in iter_jsonl(path):
         if objects and not isinstance(value, dict):
             raise JsonlError(
-                path, n, f"expected a JSON object, got {_type_name(value)}", "not_object"
+                path, n, f"expected a JSON object, got {json_type_name(value)}", "not_object"
             )
         rows.append(value)
     return rows
 
 
-def _type_name(value: Any) -> str:
+def json_type_name(value: Any) -> str:
     return {dict: "object", list: "list", type(None): "null"}.get(type(value), type(value).__name__)
 
 
@@ -224,7 +224,7 @@ def read_prompts(
         prompts = []
         for n, row in iter_jsonl(path):
             if not isinstance(row, dict) or not isinstance(row.get(field), str):
-                got = _type_name(row.get(field)) if isinstance(row, dict) else _type_name(row)
+                got = json_type_name(row.get(field) if isinstance(row, dict) else row)
                 raise JsonlError(
                     path,
                     n,

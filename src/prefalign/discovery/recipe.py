@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from prefalign.config import bounded
 from prefalign.discovery.archive import Archive
 from prefalign.discovery.candidate import Candidate
 from prefalign.discovery.export import save_objective
@@ -35,53 +36,53 @@ class ProposerSpec:
     base_url: str = "http://localhost:8000/v1"
     model: str = "gpt-4o-mini"
     api_key_env: str | None = "OPENAI_API_KEY"
-    max_retries: int = 3
-    timeout_s: float = 30.0
-    backoff_s: float = 1.0
-    temperature: float = 0.8
-    max_tokens: int | None = (
-        1024  # bound on each reply (a local server otherwise fills its context)
-    )
+    max_retries: int = bounded(3, min=0)
+    timeout_s: float = bounded(30.0, gt=0)
+    backoff_s: float = bounded(1.0, min=0)
+    temperature: float = bounded(0.8, min=0)
+    # bound on each reply (a local server otherwise fills its context)
+    max_tokens: int | None = bounded(1024, min=1)
     json_mode: bool = False  # response_format {"type": "json_object"}: grammar-constrained JSON
-    max_prompt_chars: int = 12_000  # system + user prompt; the archive is summarized to fit
+    max_prompt_chars: int = bounded(12_000, min=1)  # system + user; the archive is cut to fit
 
 
 @dataclass
 class FitnessSpec:
     mode: Literal["budget", "penalty"] = "budget"
-    kl_budget: float = 4.0  # nats per sequence
-    kl_penalty: float = 0.05
+    kl_budget: float = bounded(4.0, min=0)  # nats per sequence
+    kl_penalty: float = bounded(0.05, min=0)
 
 
 @dataclass
 class ProxySpec:
     task: Literal["sentiment", "synthetic"] = "sentiment"  # synthetic: seconds, no model
-    steps: int = 24
-    batch_size: int = 16
-    lr: float = 5e-4
-    beta: float = 0.1
+    steps: int = bounded(24, min=1)
+    batch_size: int = bounded(16, min=1)
+    lr: float = bounded(5e-4, gt=0)
+    beta: float = bounded(0.1, gt=0)
     reference: Literal["frozen", "soft", "hard"] = "frozen"
-    n_eval_prompts: int = 48
-    samples_per_prompt: int = 2
+    n_eval_prompts: int = bounded(48, min=1)
+    samples_per_prompt: int = bounded(2, min=1)
     seed: int = 0
     fitness: FitnessSpec = field(default_factory=FitnessSpec)
 
 
 @dataclass
 class SandboxSpec:
-    timeout_s: float = 10.0  # the check of one candidate
-    cpu_s: float = 5.0
-    memory_mb: int = 1024
-    train_timeout_s: float = 900.0  # the proxy training of one candidate, in its own worker
-    train_cpu_s: float = 600.0
-    train_memory_mb: int = 4096
+    timeout_s: float = bounded(10.0, gt=0)  # the check of one candidate
+    cpu_s: float = bounded(5.0, gt=0)
+    memory_mb: int = bounded(1024, min=1)
+    # the proxy training of one candidate, in its own worker
+    train_timeout_s: float = bounded(900.0, gt=0)
+    train_cpu_s: float = bounded(600.0, gt=0)
+    train_memory_mb: int = bounded(4096, min=1)
 
 
 @dataclass
 class DiscoverConfig:
     out_dir: str = "runs/discover"
-    generations: int = 3
-    candidates_per_generation: int = 4
+    generations: int = bounded(3, min=0)
+    candidates_per_generation: int = bounded(4, min=1)
     baselines: bool = True
     proposer: ProposerSpec = field(default_factory=ProposerSpec)
     sandbox: SandboxSpec = field(default_factory=SandboxSpec)

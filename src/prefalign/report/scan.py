@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prefalign.io import iter_jsonl
+from prefalign.io import FileContentError, iter_jsonl, json_type_name
 from prefalign.manifest import read_manifest
 
 PLOT_DIR = "report_plots"
@@ -85,6 +85,7 @@ def scan_run(run_dir: str | Path) -> RunContents:
                 and isinstance(data, dict)
                 and isinstance(data.get("tasks"), dict)
             ):
+                check_results(path, data["tasks"])
                 found.results = data
         elif path.suffix == ".jsonl" and path.stat().st_size <= MAX_JSONL_BYTES:
             records = read_jsonl(path)
@@ -93,6 +94,22 @@ def scan_run(run_dir: str | Path) -> RunContents:
             if section is not None:
                 getattr(found, section)[label] = records
     return found
+
+
+def check_results(path: Path, tasks: dict) -> None:
+    """The demo's results.json as the report reads it: tasks and their methods are objects."""
+    for task, block in tasks.items():
+        entries = [(f"tasks.{task}", block)]
+        if isinstance(block, dict) and "methods" in block:
+            methods = block["methods"]
+            entries.append((f"tasks.{task}.methods", methods))
+            if isinstance(methods, dict):
+                entries += [(f"tasks.{task}.methods.{m}", row) for m, row in methods.items()]
+        for field_name, value in entries:
+            if not isinstance(value, dict):
+                raise FileContentError(
+                    f"{path}: field '{field_name}': expected an object, got {json_type_name(value)}"
+                )
 
 
 def run_kind(directory: Path, root: Path, cache: dict[Path, str | None]) -> str | None:

@@ -201,10 +201,11 @@ def training_blocks(runs: dict[str, list[dict]], plots: Plotter) -> list[Block]:
 
 
 def dedupe_steps(records: Sequence[dict]) -> list[dict]:
-    """One record per step, the last written (a resumed run logs some steps again)."""
+    """One record per step, the last written (a resumed run logs some steps again); a record
+    whose step is not a number is no step."""
     by_step: dict[Any, dict] = {}
     for r in records:
-        if "step" in r:
+        if is_number(r.get("step")):
             by_step[r["step"]] = {**by_step.get(r["step"], {}), **r}
     return sorted(by_step.values(), key=lambda r: r["step"])
 
