@@ -136,6 +136,24 @@ def test_head_runs_over_response_positions_only(arch, grad):
     torch.testing.assert_close(out.sum, expected.sum)
 
 
+def test_a_bf16_head_gives_the_fp32_logps_of_its_bf16_logits():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, VOCAB_SIZE, bias=False).to(torch.bfloat16)
+    hidden = torch.randn(7, 16, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, VOCAB_SIZE, (7,))
+    ours = logprobs.head_token_logps(head, hidden, labels, VOCAB_SIZE, 3 * VOCAB_SIZE)
+    (ours * torch.arange(1.0, 8.0)).sum().backward()
+    ours_grads = hidden.grad.clone(), head.weight.grad.clone()
+    hidden.grad, head.weight.grad = None, None
+    plain = logprobs.token_logps(head(hidden), labels)  # widened, log-sum-exp, gather
+    (plain * torch.arange(1.0, 8.0)).sum().backward()
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-5)
+    for a, b in zip(ours_grads, (hidden.grad, head.weight.grad), strict=True):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=1e-2)
+
+
 def test_the_head_backward_runs_once_and_says_so():
     """Its saved logits become the gradient in place: a second backward would be wrong, so it
     raises instead."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 from gguf_files import byte_level_bpe, tiny, write_gguf
@@ -62,6 +63,8 @@ def mini(task: str, model: str) -> SmolConfig:
         n_pair_prompts=6,
         n_eval_pair_prompts=2,
         max_new_tokens=8,
+        pair_max_new_tokens=8,
+        complete_only=False,  # the tiny random model seldom samples EOS: pair every reply
         batch_size=8,
     )
 
@@ -101,6 +104,22 @@ def test_sentiment_world_builds_pairs_from_the_models_own_samples(tmp_path, tiny
         > 0.5
     )
     assert set(bound.metrics(["p"], ["ok"])) == {"brevity"}
+
+
+def test_sentiment_pairs_hold_only_replies_that_stopped_on_eos(tmp_path, tiny_gguf, monkeypatch):
+    # The training pipeline ends every response with EOS: a reply cut at the token cap would
+    # teach stopping mid-sentence. With `complete_only` (the default) such replies are dropped.
+    monkeypatch.setenv("PREFALIGN_CACHE", str(tmp_path / "cache"))
+    every = get_smol_world(config=mini("sentiment", f"gguf:{tiny_gguf}"), log=lambda *_: None)
+    config = replace(mini("sentiment", f"gguf:{tiny_gguf}"), complete_only=True)
+    complete = get_smol_world(config=config, log=lambda *_: None)
+    assert complete.root != every.root  # another world, cached under its own key
+    unpaired = complete.file("unpaired.jsonl").read_text().splitlines()
+    figures = complete.info()["figures"]
+    assert figures["complete_samples"] < every.info()["figures"]["complete_samples"]
+    assert len(unpaired) <= figures["complete_samples"]
+    assert 2 * (figures["pairs"] + figures["eval_pairs"]) <= figures["complete_samples"]
+    assert len(every.file("unpaired.jsonl").read_text().splitlines()) > figures["complete_samples"]
 
 
 def test_arith_world_measures_the_starting_accuracy(tmp_path, tiny_gguf, monkeypatch):

@@ -2,7 +2,7 @@
 
 The rows are the toy demo's, with settings a 135M-parameter model affords on two CPU cores:
 LoRA (r 8) on a bf16 base (`--world smollm2-full` trains every weight in fp32 instead), one
-epoch of the world's 96 preference pairs (24 steps of 4 pairs) per training run, short replies,
+epoch of the world's 92 preference pairs (23 steps of 4 pairs) per training run, short replies,
 and 32 held-out prompts sampled twice. Every row is evaluated the same way: gold reward (VADER,
 or exact sums on arith) and KL(policy || SmolLM2) on held-out prompts from the policy's own
 samples at temperature 1.
@@ -25,6 +25,9 @@ from prefalign.smol.tasks import world_task
 from prefalign.smol.world import SmolWorld, get_smol_world
 
 LORA = "{r: 8, alpha: 16}"
+# Token budget of a training sequence: the chat prompt (about 49 tokens, at most 64) and a reply
+# of up to the world's 64 sampled tokens with its EOS, so no reply loses its end.
+DATA_LIMITS = ["data.max_length=128", "data.max_prompt_length=64"]
 
 
 @dataclass
@@ -35,13 +38,13 @@ class SmolDemoSettings:
     out_dir: Path
     # All 32 held-out prompts of the world, sampled twice, in one batch: with one sample the
     # standard errors (~0.085 on gold) were as large as the gaps between methods. A second
-    # sample is worth almost a new prompt: the prompt explains ~5% of the variance of VADER
-    # over the world's own samples. An evaluation costs about its number of samples.
+    # sample is worth almost a new prompt: prompts explain 6% of VADER's variance over the
+    # world's own samples (bench/smol_variance.py). An evaluation costs about its samples.
     n_eval_prompts: int = 32
     samples_per_prompt: int = 2
     full_finetune: bool = False
     # Optimizer steps of every training run (preference rows, ARMs, the reward model); 0 runs
-    # one epoch of the run's data: 24 steps of 4 pairs on the world's 96 (8 steps, a third of
+    # one epoch of the run's data: 23 steps of 4 pairs on the world's 92 (8 steps, a third of
     # an epoch, moved SmolLM2 by only ~0.1 nats).
     steps: int = 0
     batch_size: int = 4  # pairs (or unpaired examples) per optimizer step
@@ -78,8 +81,8 @@ class SmolDemoSettings:
     def trust_region_overrides(self) -> list[str]:
         """TR-DPO's reference updates (Gorbatovski et al., 2024; alpha 0.6) scaled to the run,
         as the toy demo scales them to its 48 steps (soft mix every 4, hard reset every 12):
-        over one epoch (24 steps) a soft mix every 2 steps and a hard reset every 6, so the
-        reference trails the policy by a quarter of the run at most; --quick's 4 steps reset
+        over one epoch (about 24 steps) a soft mix every 2 steps and a hard reset every 6, so
+        the reference trails the policy by a quarter of the run at most; --quick's 4 steps reset
         once, halfway."""
         return ["reference.period=2", f"reference.tau={2 if self.quick else 6}"]
 
@@ -140,9 +143,9 @@ def method_sft(world: SmolWorld, settings: SmolDemoSettings) -> dict:
 
 def preference_overrides(settings: SmolDemoSettings, unpaired: bool = False) -> list[str]:
     """The toy row's overrides, rescaled: one epoch of 4 pairs a step, trust region to match.
-    An unpaired (KTO) row runs half an epoch of its 192 examples (the 96 pairs' responses):
-    24 steps of 4, each scored on its own prompt and on a mismatched one for KTO's KL point,
-    so as many steps on as many sequences as a pairwise row."""
+    An unpaired (KTO) row runs half an epoch of its examples (every reply of the pair prompts,
+    about twice the pairs): about as many steps of 4 as a pairwise row, each example scored on
+    its own prompt and on a mismatched one for KTO's KL point, so as many sequences a step."""
     return [
         *settings.model_overrides(),
         *settings.schedule_overrides(0.5 if unpaired else 1.0),
@@ -150,8 +153,7 @@ def preference_overrides(settings: SmolDemoSettings, unpaired: bool = False) -> 
         "trainer.warmup_ratio=0",
         "trainer.log_every=4",
         *settings.trust_region_overrides(),
-        "data.max_length=96",
-        "data.max_prompt_length=64",
+        *DATA_LIMITS,
     ]
 
 

@@ -29,7 +29,7 @@ from prefalign.smol import prompts as grammar
 from prefalign.smol.rewards import arith_correct, brevity_reward, sentiment_reward
 from prefalign.tasks import TaskError
 
-WORLD_VERSION = 1
+WORLD_VERSION = 2  # 2: pairs and KTO data from replies that stopped on EOS only
 TASKS = ("sentiment", "arith")
 MODEL = "smollm2"
 
@@ -44,11 +44,18 @@ class SmolConfig:
     system_prompt: str = "You are a helpful assistant."
     n_train_prompts: int = 64
     n_eval_prompts: int = 32
-    n_pair_prompts: int = 48  # sentiment: prompts sampled for preference pairs
-    n_eval_pair_prompts: int = 8
+    # Sentiment: prompts sampled for training and held-out preference pairs. About 80% of the
+    # replies stop within 64 tokens, 1.5 pairs a prompt: about 96 training pairs, 24 held-out.
+    n_pair_prompts: int = 64
+    n_eval_pair_prompts: int = 16
     samples_per_prompt: int = 4  # two pairs per prompt from four samples
     bt_temperature: float = 0.15  # Bradley-Terry noise of the simulated labeller, reward units
-    max_new_tokens: int = 32
+    max_new_tokens: int = 32  # evaluation and ReST replies
+    # Preference and KTO samples: room to finish, and only replies that stopped on EOS are kept.
+    # The training pipeline ends every response with EOS, so a reply cut at the cap (55% of
+    # them at 32 tokens) would teach stopping mid-sentence, the largest term of its log-prob.
+    pair_max_new_tokens: int = 64
+    complete_only: bool = True  # False pairs every reply (a tiny random model seldom stops)
     arith_low: int = 2  # operand range of smol:arith (measured accuracy in world.json)
     arith_high: int = 40
     batch_size: int = 32
@@ -170,16 +177,29 @@ def build_smol_world(config: SmolConfig, policy: Path, root: Path, log=print) ->
     return SmolWorld(config.task, root)
 
 
-def sample(model, tokenizer, prompts: list[str], config: SmolConfig, temperature: float, seed: int):
+def sample(
+    model,
+    tokenizer,
+    prompts: list[str],
+    config: SmolConfig,
+    temperature: float,
+    seed: int,
+    max_new_tokens: int | None = None,
+):
     from prefalign.generation import SamplingParams, generate
 
     params = SamplingParams(
-        max_new_tokens=config.max_new_tokens,
+        max_new_tokens=max_new_tokens or config.max_new_tokens,
         temperature=temperature,
         seed=seed,
         batch_size=config.batch_size,
     )
     return generate(model, tokenizer, prompts, params)
+
+
+def stopped_on_eos(generation, eos_id: int | None) -> bool:
+    """Whether a sampled reply ended on EOS rather than at the token cap."""
+    return eos_id is not None and generation.response_ids[-1:] == [eos_id]
 
 
 def bradley_terry_prefers_first(
@@ -190,20 +210,32 @@ def bradley_terry_prefers_first(
 
 
 def build_pairs(config: SmolConfig, root: Path, model, tokenizer, prompts: list[str], log) -> dict:
-    """Sample SmolLM2 `samples_per_prompt` times per prompt, score with VADER, label pairs."""
+    """Sample SmolLM2 `samples_per_prompt` times per prompt, score with VADER, label pairs of
+    the replies that stopped on EOS."""
     t0 = time.perf_counter()
     k = config.samples_per_prompt
     expanded = [p for p in prompts for _ in range(k)]
-    samples = sample(model, tokenizer, expanded, config, temperature=1.0, seed=config.seed)
+    samples = sample(
+        model,
+        tokenizer,
+        expanded,
+        config,
+        temperature=1.0,
+        seed=config.seed,
+        max_new_tokens=config.pair_max_new_tokens,
+    )
     sample_seconds = time.perf_counter() - t0
     rewards = [sentiment_reward(p, s.text) for p, s in zip(expanded, samples, strict=True)]
+    complete = [
+        stopped_on_eos(s, tokenizer.eos_token_id) or not config.complete_only for s in samples
+    ]
     median = sorted(rewards)[len(rewards) // 2]
     rng = random.Random(config.seed + 3)
     train_pairs, eval_pairs, unpaired = [], [], []
     n_train_prompts = len(prompts) - config.n_eval_pair_prompts
     for i, prompt in enumerate(prompts):
-        texts = [s.text for s in samples[i * k : (i + 1) * k]]
-        scored = dict(zip(texts, rewards[i * k : (i + 1) * k], strict=True))
+        rows = range(i * k, (i + 1) * k)
+        scored = {samples[j].text: rewards[j] for j in rows if complete[j]}
         group = [(text, r) for text, r in scored.items() if text.strip()]  # distinct, non-empty
         rng.shuffle(group)
         for (a, ra), (b, rb) in zip(group[0::2], group[1::2], strict=False):
@@ -229,7 +261,7 @@ def build_pairs(config: SmolConfig, root: Path, model, tokenizer, prompts: list[
     tokens = sum(len(s.response_ids) for s in samples)
     log(
         f"  {len(pairs)} pairs ({agree:.0%} agree with the gold reward), {len(unpaired)} unpaired, "
-        f"{len(samples)} samples in {sample_seconds:.0f}s"
+        f"{len(samples)} samples ({sum(complete)} stopped on EOS) in {sample_seconds:.0f}s"
     )
     brevity = [brevity_reward(p, s.text) for p, s in zip(expanded, samples, strict=True)]
     return {
@@ -237,6 +269,8 @@ def build_pairs(config: SmolConfig, root: Path, model, tokenizer, prompts: list[
         "eval_pairs": len(eval_pairs),
         "unpaired": len(unpaired),
         "pair_label_agreement": round(agree, 3),
+        # stopped on EOS: the only ones paired (every sample without `complete_only`)
+        "complete_samples": sum(complete),
         "start_sample_reward": round(sum(rewards) / len(rewards), 4),
         "start_sample_reward_min": round(min(rewards), 4),
         "start_sample_reward_max": round(max(rewards), 4),
