@@ -660,3 +660,14 @@ def test_eval_counts_below_one_are_refused(tmp_path: Path, capsys, model_dirs, o
             "--prompts", str(prompts), option, "0"]  # fmt: skip
     line = assert_refused(capsys, argv, tmp_path / "run")
     assert line == f"prefalign eval: error: {option} must be at least 1, got 0", line
+
+
+def test_a_refused_discovery_proposer_leaves_no_run_directory(tmp_path: Path, capsys, monkeypatch):
+    """run.json was written before the proposer was checked."""
+    monkeypatch.delenv("NO_SUCH_KEY_VARIABLE", raising=False)
+    out = tmp_path / "run"
+    argv = ["discover", f"out_dir={out}", "proposer.kind=llm",
+            "proposer.api_key_env=NO_SUCH_KEY_VARIABLE", "proxy.task=synthetic"]  # fmt: skip
+    line = assert_refused(capsys, argv, out)
+    assert "NO_SUCH_KEY_VARIABLE" in line, line
+    assert not out.exists()
