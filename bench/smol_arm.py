@@ -52,7 +52,7 @@ def main() -> None:
     wall, cpu = time.time(), time.process_time()
     fit = fit_lora_arm(world, settings, pairs, held_out, out / "arm", extra)
     seconds = {"wall": round(time.time() - wall, 1), "cpu": round(time.process_time() - cpu, 1)}
-    data = PreferenceData(max_length=128, max_prompt_length=64)  # the demo's DATA_LIMITS
+    data = PreferenceData(max_length=128, max_prompt_length=64)  # demo/smol_limits.py
     tokenizer = load_tokenizer(world.policy_path)
     accuracy = {}
     for name, path in (("smollm2", world.policy_path), ("arm", fit.model_path)):

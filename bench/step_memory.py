@@ -13,8 +13,8 @@ trainer's default). `--threshold-kib N` fixes glibc's mmap threshold as the trai
 (`trainer.malloc_mmap_threshold_kib`): every buffer of N KiB or more is returned to the system
 when freed, so the resident figures are close to live memory; without it (glibc's adaptive
 threshold) freed buffers stay in the heap and the peak also holds what the allocator kept.
-Prints one line per step (resident memory after each phase, peak, CPU seconds, page faults)
-and writes nothing.
+Prints one line per step (what autograd saved for backward, weights excluded; resident
+memory after each phase; peak; CPU seconds; page faults) and writes nothing.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import random
 import resource
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -36,6 +37,15 @@ def resident_mb() -> float:
 
 def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def pack(saved: dict[int, int], weights: set[int], t: torch.Tensor) -> torch.Tensor:
+    """A saved-tensor hook that records the bytes of each storage autograd keeps (weights
+    excluded)."""
+    storage = t.untyped_storage()
+    if storage.data_ptr() not in weights:
+        saved[storage.data_ptr()] = storage.nbytes()
+    return t
 
 
 def main() -> None:
@@ -89,10 +99,13 @@ def main() -> None:
     optimizer = torch.optim.AdamW(params, lr=1e-6, fused=True)
     if args.inside:
         StepInBackward(optimizer, lambda norm: sys.exit(f"non-finite gradient {norm}"))
+    weights = {p.untyped_storage().data_ptr() for p in policy.parameters()}
     print(f"loaded: resident {resident_mb():.0f} MB", flush=True)
     for step in range(args.steps):
         start, faults = time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        chosen, rejected = pair_logps(policy, batch)
+        saved: dict[int, int] = {}  # storage -> bytes autograd keeps for backward
+        with torch.autograd.graph.saved_tensors_hooks(partial(pack, saved, weights), lambda t: t):
+            chosen, rejected = pair_logps(policy, batch)
         loss = -torch.nn.functional.logsigmoid(0.1 * (chosen.sum - rejected.sum)).mean()
         after_forward = resident_mb()
         if args.trim_before_backward:
@@ -104,7 +117,8 @@ def main() -> None:
             optimizer.zero_grad(set_to_none=True)
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
         print(
-            f"step {step}: resident after forward {after_forward:.0f} MB, after backward "
+            f"step {step}: saved for backward {sum(saved.values()) / 2**20:.0f} MB, "
+            f"resident after forward {after_forward:.0f} MB, after backward "
             f"{after_backward:.0f} MB, after the step {resident_mb():.0f} MB, peak "
             f"{peak_mb():.0f} MB, {time.process_time() - start:.2f} CPU s, {faults} page faults",
             flush=True,

@@ -55,7 +55,9 @@ threshold, freed activation buffers stay in the heap and the peak of the same ru
 ~150 MB from one run to the next at the compute size: quote medians (each run is in the JSON).
 --fixed-mmap-threshold runs every worker with MALLOC_MMAP_THRESHOLD_=65536, so the peak is the
 live peak and repeats agree to the MB; use it for memory only, since the extra page faults
-slow both sides (the toy size by ~40%).
+slow both sides (the toy size by ~40%). Without it, prefalign's trainer still fixes its own
+threshold (`trainer.malloc_mmap_threshold_kib`, 256 KiB; the `keepheap` ablation turns that
+off) and TRL runs with glibc's adaptive one, as each side's users get them.
 
 Effective FLOP/s = (6 + 2) * P * tokens / s: 6 P per token for the policy's forward and backward
 plus 2 P for the reference forward, P = parameters that take part in matmuls (all but an untied

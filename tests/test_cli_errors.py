@@ -630,3 +630,44 @@ def test_out_of_range_discovery_settings_are_refused_naming_the_key(
     line = assert_refused(capsys, ["discover", f"out_dir={out}", override], out)
     assert line.startswith(f"prefalign discover: error: config key '{key}': must be {words}, got")
     assert not out.exists()
+
+
+def test_a_hub_dataset_that_cannot_be_loaded_is_a_one_line_error(
+    tmp_path: Path, capsys, monkeypatch, model_dirs
+) -> None:
+    """Offline (or for a name the Hub does not have) `datasets` raised ConnectionError and the
+    command ended in its traceback."""
+    import datasets
+    import huggingface_hub
+
+    # Offline from the start (the variable is read at import): no wait on unreachable hosts.
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    out_dir = tmp_path / "run"
+    hub = Path("hf:no-owner/no-such-set")  # as the config spells it
+    argv = ["train", *base_overrides(model_dirs["plain"], hub, out_dir)]
+    line = assert_refused(capsys, argv, out_dir)
+    assert "hf:no-owner/no-such-set: cannot load it from the Hugging Face Hub" in line, line
+
+
+@pytest.mark.parametrize("option", ["--samples-per-prompt", "--max-new-tokens"])
+def test_eval_counts_below_one_are_refused(tmp_path: Path, capsys, model_dirs, option) -> None:
+    """`--samples-per-prompt 0` printed NaN figures for n = 0 samples and exited 0."""
+    model = str(model_dirs["plain"])
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("one two\n")
+    argv = ["eval", "--model", model, "--reference", model, "--task", "toy:sentiment",
+            "--prompts", str(prompts), option, "0"]  # fmt: skip
+    line = assert_refused(capsys, argv, tmp_path / "run")
+    assert line == f"prefalign eval: error: {option} must be at least 1, got 0", line
+
+
+def test_a_refused_discovery_proposer_leaves_no_run_directory(tmp_path: Path, capsys, monkeypatch):
+    """run.json was written before the proposer was checked."""
+    monkeypatch.delenv("NO_SUCH_KEY_VARIABLE", raising=False)
+    out = tmp_path / "run"
+    argv = ["discover", f"out_dir={out}", "proposer.kind=llm",
+            "proposer.api_key_env=NO_SUCH_KEY_VARIABLE", "proxy.task=synthetic"]  # fmt: skip
+    line = assert_refused(capsys, argv, out)
+    assert "NO_SUCH_KEY_VARIABLE" in line, line
+    assert not out.exists()

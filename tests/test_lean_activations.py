@@ -151,3 +151,23 @@ def test_autocast_runs_the_plain_forward():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         plain = model(**inputs).logits
     torch.testing.assert_close(lean, plain, rtol=0, atol=0)
+
+
+def test_a_hooked_down_projection_runs_its_own_forward():
+    """A hook on down_proj (an FSDP unit of its own unshards there) sees every call, and the
+    values stay the plain ones."""
+    config = tiny_llama_config()
+    model = model_from(config)
+    plain = copy.deepcopy(model)
+    calls = []
+    for layer in model.model.layers:
+        layer.mlp.down_proj.register_forward_pre_hook(lambda module, args: calls.append(1))
+    lean_activations(model)
+    inputs = batch(config.vocab_size)
+    calls.clear()
+    lean_logits, lean_grads = loss_and_grads(model, inputs)
+    assert len(calls) == config.num_hidden_layers
+    plain_logits, plain_grads = loss_and_grads(plain, inputs)
+    torch.testing.assert_close(lean_logits, plain_logits, rtol=1e-5, atol=1e-5)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(lean_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -462,6 +462,12 @@ def run_eval(args: argparse.Namespace) -> int:
     from prefalign.generation import check_prompts
     from prefalign.modeling import load_model, load_tokenizer
 
+    for option, value in (
+        ("--samples-per-prompt", args.samples_per_prompt),
+        ("--max-new-tokens", args.max_new_tokens),
+    ):
+        if value < 1:
+            raise ConfigError(f"{option} must be at least 1, got {value}")
     judge = judge_config(args)
     if args.compare:
         return run_compare(args, judge)

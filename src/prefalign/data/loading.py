@@ -196,7 +196,16 @@ def _datasets_source(name: str, split: str, *, local: bool) -> Source:
         ds = datasets.load_from_disk(name)
     else:
         # A hub id, or a local folder of data files that `datasets` knows how to read.
-        ds = datasets.load_dataset(name, split=split)
+        try:
+            ds = datasets.load_dataset(name, split=split)
+        except (ConnectionError, FileNotFoundError) as exc:  # offline, or no such dataset
+            if local:
+                raise
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise DataError(
+                HUB_PREFIX + name, None, f"cannot load it from the Hugging Face Hub ({first})",
+                reason="bad_file", row_level=False,
+            ) from None  # fmt: skip
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise DataError(

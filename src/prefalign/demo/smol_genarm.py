@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from prefalign.config import load_config
-from prefalign.demo.smollm2 import DATA_LIMITS
+from prefalign.demo.smol_limits import DATA_LIMITS
 from prefalign.generation import SamplingParams
 from prefalign.smol.rewards import brevity_reward, sentiment_reward
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prefalign.config import load_config
+from prefalign.demo.smol_limits import DATA_LIMITS
 from prefalign.demo.smol_reference import frozen_model
 from prefalign.demo.worlds import WorldFamily, register_world_family
 from prefalign.evaluation.core import evaluate_policy
@@ -27,9 +28,6 @@ from prefalign.smol.world import SmolWorld, get_smol_world
 LORA = "{r: 8, alpha: 16}"
 # Token budget of a training sequence: the chat prompt (about 49 tokens, at most 64) and a reply
 # of up to the world's 64 sampled tokens with its EOS, so no reply loses its end.
-DATA_LIMITS = ["data.max_length=128", "data.max_prompt_length=64"]
-
-
 @dataclass
 class SmolDemoSettings:
     """What the toy demo's DemoSettings carries, plus the real model's training scale."""

@@ -166,8 +166,6 @@ def run_discover(
     config: DiscoverConfig, resume: bool = False, log=print, task: Task | None = None
 ) -> Archive:
     out_dir = Path(config.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_manifest(out_dir, "discover")
     # The proposer first: a bad proposer config fails before any world is built or trained.
     # How the fitness calls a candidate: the toy proxy passes its beta to those that take one;
     # the synthetic proxy uses the candidate's defaults.
@@ -179,6 +177,8 @@ def run_discover(
         timeout_s=box.train_timeout_s, cpu_s=box.train_cpu_s, memory_mb=box.train_memory_mb
     )
     kind, settings, scorer = proxy_settings(config, out_dir, log=log, task=task)
+    out_dir.mkdir(parents=True, exist_ok=True)  # only once the config has passed its checks
+    write_manifest(out_dir, "discover")
     # Every candidate trains in a confined worker, never in this process.
     with ConfinedFitness(kind, settings, training, cwd=out_dir, score=scorer) as raw:
         fitness = FitnessCache(out_dir / "fitness_cache.json").wrap(

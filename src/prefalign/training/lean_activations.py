@@ -123,7 +123,9 @@ def _lean_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._plain_forward(x)
     gate, up = self.gate_proj(x), self.up_proj(x)
     down = self.down_proj
-    if type(down) is nn.Linear:
+    # Its weight is read here, not through its forward: only a plain linear nothing hooks (an
+    # FSDP unit of its own would still hold a shard).
+    if type(down) is nn.Linear and not (down._forward_hooks or down._forward_pre_hooks):
         return _SwiGLUDown.apply(gate, up, down.weight, down.bias)
     return down(_SwiGLU.apply(gate, up))
 

@@ -104,7 +104,7 @@ class TrainerConfig:
     # Fix glibc's mmap threshold (KiB) for the run, so freed activation buffers above it go back
     # to the system and the resident peak is the live peak (prefalign.training.malloc); 0 keeps
     # glibc's adaptive default. Ignored off glibc and where MALLOC_MMAP_THRESHOLD_ is set.
-    malloc_mmap_threshold_kib: int = bounded(1024, min=0, max=malloc.MAX_THRESHOLD_KIB)
+    malloc_mmap_threshold_kib: int = bounded(256, min=0, max=malloc.MAX_THRESHOLD_KIB)
 
 
 class TrainingDiverged(UserError):
