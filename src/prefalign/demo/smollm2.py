@@ -26,8 +26,8 @@ from prefalign.smol.tasks import world_task
 from prefalign.smol.world import SmolWorld, get_smol_world
 
 LORA = "{r: 8, alpha: 16}"
-# Token budget of a training sequence: the chat prompt (about 49 tokens, at most 64) and a reply
-# of up to the world's 64 sampled tokens with its EOS, so no reply loses its end.
+
+
 @dataclass
 class SmolDemoSettings:
     """What the toy demo's DemoSettings carries, plus the real model's training scale."""
