@@ -188,7 +188,9 @@ def test_real_preference_rows_sweep_beta_for_the_frontier(tmp_path, tiny_gguf, m
 
     monkeypatch.setenv("PREFALIGN_CACHE", str(tmp_path / "cache"))
     world = get_smol_world(config=mini("sentiment", f"gguf:{tiny_gguf}"), log=lambda *_: None)
-    settings = SmolDemoSettings(quick=False, out_dir=tmp_path / "demo", steps=2, batch_size=2)
+    settings = SmolDemoSettings(
+        quick=False, out_dir=tmp_path / "demo", steps=2, batch_size=2, sweep=True
+    )
     row = PREFERENCE_ROWS["tr-dpo-soft"]
     result = run_smol_preference_row(world, settings, "tr-dpo-soft", row)
     assert result["beta"] == row.beta and row.sweep_betas
@@ -198,6 +200,10 @@ def test_real_preference_rows_sweep_beta_for_the_frontier(tmp_path, tiny_gguf, m
     assert all(p["steps"] == 2 for p in sweep)
     quick = SmolDemoSettings(quick=True, out_dir=tmp_path / "quick", steps=2, batch_size=2)
     assert "sweep" not in run_smol_preference_row(world, quick, "tr-dpo-soft", row)
+    # The full demo's default trains each row once (the sweep took it past 30 minutes).
+    default = SmolDemoSettings.make(False, tmp_path / "default")
+    default.steps, default.batch_size = 2, 2
+    assert "sweep" not in run_smol_preference_row(world, default, "tr-dpo-soft", row)
 
 
 def test_the_full_real_demo_trains_one_epoch_and_samples_each_prompt_twice(

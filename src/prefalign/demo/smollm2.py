@@ -47,6 +47,10 @@ class SmolDemoSettings:
     steps: int = 0
     batch_size: int = 4  # pairs (or unpaired examples) per optimizer step
     rest_steps: int = 8  # behaviour-cloning steps per ReST Improve step
+    # dpo and tr-dpo-soft also at their sweep betas (the toy demo's frontier curves): four more
+    # trainings, about 6 minutes on 2 idle cores, which took the full demo past its 30 minutes,
+    # so off by default; every row is still a point of the frontier plot.
+    sweep: bool = False
     eval_dtype: str = "bfloat16"
 
     @classmethod
@@ -156,11 +160,12 @@ def preference_overrides(settings: SmolDemoSettings, unpaired: bool = False) -> 
 
 
 def run_smol_preference_row(world: SmolWorld, settings: SmolDemoSettings, name: str, row) -> dict:
-    """Train the row at its beta (and, in the full demo, at its sweep betas for the frontier
-    plot, as the toy demo does); the row's figures are those of its own beta."""
+    """Train the row at its beta (and, with `settings.sweep`, at its sweep betas for the
+    frontier plot, as the toy demo does); the row's figures are those of its own beta."""
     from prefalign.training.preference import PreferenceConfig, run_preference
 
-    betas = [row.beta] + ([] if settings.quick else list(row.sweep_betas))
+    sweep_betas = list(row.sweep_betas) if settings.sweep and not settings.quick else []
+    betas = [row.beta] + sweep_betas
     reference = frozen_model(str(world.policy_path), settings.eval_dtype)
     sweep = []
     for beta in betas:
