@@ -348,7 +348,6 @@ def test_a_task_as_the_model_fills_in_its_prompts_and_tasks():
     )
 
 
-
 @pytest.mark.parametrize(
     "fails",
     [
@@ -360,9 +359,7 @@ def test_a_task_as_the_model_fills_in_its_prompts_and_tasks():
     ],
     ids=["model.name_or_path", "reward.task", "grow.prompts"],
 )
-def test_rest_errors_list_every_registered_task_not_only_the_toy_ones(
-    fails, monkeypatch, tmp_path
-):
+def test_rest_errors_list_every_registered_task_not_only_the_toy_ones(fails, monkeypatch, tmp_path):
     """The messages named only toy:sentiment / toy:arith, though the smol:* tasks work too."""
     from prefalign import tasks
 

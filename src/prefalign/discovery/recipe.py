@@ -200,7 +200,9 @@ def run_discover(
     if record is not None:
         spec = save_objective(
             Candidate(
-                record["name"], record["code"], record.get("thought", ""),
+                record["name"],
+                record["code"],
+                record.get("thought", ""),
                 origin=record.get("origin", "unknown"),
             ),
             out_dir / "best_objective.py",

@@ -150,10 +150,13 @@ def _is_rmsnorm_candidate(module: nn.Module) -> bool:
 
 
 def _is_swiglu_candidate(module: nn.Module) -> bool:
-    return all(
-        isinstance(getattr(module, name, None), nn.Module)
-        for name in ("gate_proj", "up_proj", "down_proj")
-    ) and "silu" in type(getattr(module, "act_fn", None)).__name__.lower()  # torch's or HF's
+    return (
+        all(
+            isinstance(getattr(module, name, None), nn.Module)
+            for name in ("gate_proj", "up_proj", "down_proj")
+        )
+        and "silu" in type(getattr(module, "act_fn", None)).__name__.lower()
+    )  # torch's or HF's
 
 
 def _hidden_size(module: nn.Module) -> int | None:
