@@ -93,6 +93,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from results_json import run_header, write_results
+
 RESULTS = Path(__file__).parent / "results" / "train_throughput.json"
 FRAMEWORKS = ("prefalign", "trl")
 BETA, ALPHA, LR, SEED = 0.1, 0.6, 1e-6, 0
@@ -961,12 +963,10 @@ def main() -> None:
                 "between the frameworks"
             )
     result = {
-        "command": "python bench/train_throughput.py " + " ".join(sys.argv[1:]),
-        "torch": torch.__version__,
+        **run_header(__file__, args.threads),
         "transformers": transformers.__version__,
         "trl": trl.__version__,
         "cpu": platform.processor() or platform.machine(),
-        "threads": args.threads,
         "malloc_mmap_threshold": env.get("MALLOC_MMAP_THRESHOLD_", "system"),
         "load_avg_1m": loads,  # other processes on a shared machine skew timings
         "matmul_peaks": peaks,
@@ -996,9 +996,8 @@ def main() -> None:
         "runs": runs,
         "wall_s": time.perf_counter() - start,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out} ({result['wall_s']:.0f}s)")
+    write_results(args.out, result)
+    print(f"in {result['wall_s']:.0f}s")
 
 
 if __name__ == "__main__":
