@@ -2,7 +2,7 @@
 the experiments that find why it learns to stop less.
 
     PREFALIGN_CACHE=... python bench/smol_arm.py [--pairs all|chosen-longer|chosen-shorter]
-        [--anchored] [--stats-only] [key=value ARM config overrides ...]
+        [--anchored] [--stats-only] [--brevity] [key=value ARM config overrides ...]
 
 Prints, as one JSON line: the learning curve (loss and pair accuracy of each step's batch
 before its update, i.e. on pairs not seen yet, first against last third of the epoch), and the
@@ -15,6 +15,8 @@ the modules the LoRA adapter adapts. The SmolLM2 sentiment world is built first 
   (fewer) tokens than the rejected one only.
 - `--anchored`: the same LoRA, data and schedule with GenARM's loss measured against frozen
   SmolLM2, i.e. DPO at beta = beta_r (Rafailov et al., 2023): what a reference changes.
+- `--brevity`: the brevity ARM's pairs instead (each training reply against its own first
+  clause, labelled by brevity, as the demo builds them); held-out figures stay sentiment's.
 - `--stats-only`: no training; SmolLM2's statistics of the pairs under the training pipeline's
   tokenization: token lengths, the summed log-prob margin with and without the EOS term,
   log P(EOS) at the end of each reply, whether tokenizing prompt and reply together gives the
@@ -37,10 +39,11 @@ from prefalign.config import load_config
 from prefalign.data import load_preference_data, tokenize_preference
 from prefalign.demo.smol_genarm import arm_overrides, fit_lora_arm, learning_curve
 from prefalign.demo.smollm2 import SmolDemoSettings
-from prefalign.genarm.arm import arm_pair_accuracy
+from prefalign.genarm.arm import arm_pair_accuracy, concise_pairs
 from prefalign.io import read_jsonl, write_jsonl
 from prefalign.logprobs import token_logps
 from prefalign.modeling import load_model, load_tokenizer
+from prefalign.smol.rewards import brevity_reward
 from prefalign.smol.world import get_smol_world
 from prefalign.training.preference import PreferenceConfig, PreferenceData, run_preference
 
@@ -147,10 +150,15 @@ def main() -> None:
     parser.add_argument("--pairs", choices=("all", "chosen-longer", "chosen-shorter"))
     parser.add_argument("--anchored", action="store_true")
     parser.add_argument("--stats-only", action="store_true")
+    parser.add_argument("--brevity", action="store_true")
     args, extra = parser.parse_known_args()
     world = get_smol_world("sentiment")
     tokenizer = load_tokenizer(world.policy_path)
     pairs, held_out = world.file("pairs.jsonl"), world.file("pairs_eval.jsonl")
+    out = Path(tempfile.mkdtemp(prefix="smol-arm-"))
+    if args.brevity:
+        concise_pairs(pairs, out / "pairs_brevity.jsonl", brevity_reward, seed=0)
+        pairs = out / "pairs_brevity.jsonl"
     if args.stats_only:
         model = load_model(world.policy_path, dtype="bfloat16", device="cpu").eval()
         stats = {
@@ -158,10 +166,11 @@ def main() -> None:
             for split, f in (("train", pairs), ("held_out", held_out))
         }
         print(json.dumps(stats))
+        shutil.rmtree(out, ignore_errors=True)
         return
-    out = Path(tempfile.mkdtemp(prefix="smol-arm-"))
     settings = SmolDemoSettings.make(False, out)
     result: dict = {"extra": extra, "pairs": args.pairs or "all", "anchored": args.anchored}
+    result["brevity"] = args.brevity
     if args.pairs not in (None, "all"):
         result["train_pairs"] = subset(tokenizer, pairs, out / "pairs.jsonl", args.pairs)
         pairs = out / "pairs.jsonl"
@@ -184,7 +193,7 @@ def main() -> None:
     accuracy = {}
     for name, path in (("smollm2", world.policy_path), ("arm", model_path)):
         model = load_model(path, dtype="bfloat16", device="cpu").eval()
-        for split, file in (("train", world.file("pairs.jsonl")), ("held_out", held_out)):
+        for split, file in (("train", pairs), ("held_out", held_out)):
             accuracy[f"{name}_eos_logp_{split}"] = eos_logp(model, tokenizer, file)
             # beta_r > 0 only scales the margins: their signs need none
             accuracy[f"{name}_{split}"] = round(
