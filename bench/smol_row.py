@@ -1,16 +1,20 @@
 """One row of the SmolLM2 demo, run alone exactly as `prefalign demo --world smollm2` runs it.
 
     PREFALIGN_CACHE=... python bench/smol_row.py ROW [--task sentiment] [--headline-only]
+        [--mmap-threshold-kib N]
 
 Prints the row's figures as one JSON line (a preference row's beta sweep left out of the print)
-with its wall and CPU seconds. `--headline-only` trains a preference row at its own beta only,
-without the frontier sweep's extra betas. The world is built first if the cache lacks it.
+with its wall and CPU seconds, system CPU seconds, minor page faults and peak RSS.
+`--headline-only` trains a preference row at its own beta only, without the frontier sweep's
+extra betas. `--mmap-threshold-kib` replaces the demo's process-wide mmap threshold (0, off).
+The world is built first if the cache lacks it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import shutil
 import tempfile
 import time
@@ -19,7 +23,9 @@ from pathlib import Path
 
 from prefalign.demo.preference import PREFERENCE_ROWS
 from prefalign.demo.smollm2 import SmolDemoSettings, run_smol_preference_row, smol_rows
+from prefalign.demo.worlds import get_world_family
 from prefalign.smol.world import get_smol_world
+from prefalign.training.malloc import decide_mmap_threshold
 
 
 def main() -> None:
@@ -27,7 +33,14 @@ def main() -> None:
     parser.add_argument("row")
     parser.add_argument("--task", default="sentiment")
     parser.add_argument("--headline-only", action="store_true")
+    parser.add_argument(
+        "--mmap-threshold-kib", type=int, help="the process's mmap threshold (default: the demo's)"
+    )
     args = parser.parse_args()
+    if args.mmap_threshold_kib is None:
+        threshold = get_world_family("smollm2").decide_mmap_threshold()
+    else:
+        threshold = decide_mmap_threshold(args.mmap_threshold_kib, "--mmap-threshold-kib")
     world = get_smol_world(args.task)
     out = Path(tempfile.mkdtemp(prefix="smol-row-"))
     settings = SmolDemoSettings.make(False, out)
@@ -37,8 +50,14 @@ def main() -> None:
         result = run_smol_preference_row(world, settings, args.row, row)
     else:
         result = smol_rows(args.task)[args.row](world, settings)
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # of the whole process, world load too
     result.update(
-        wall_seconds=round(time.time() - wall, 1), cpu_seconds=round(time.process_time() - cpu, 1)
+        wall_seconds=round(time.time() - wall, 1),
+        cpu_seconds=round(time.process_time() - cpu, 1),
+        system_seconds=round(usage.ru_stime, 1),
+        minor_faults=usage.ru_minflt,
+        peak_rss_mb=round(usage.ru_maxrss / 1024),
+        mmap_threshold_kib=threshold.kib,
     )
     long = ("sweep", "code", "candidates", "tradeoff", "baselines")
     shown = {k: v for k, v in result.items() if k not in long and not isinstance(v, list)}

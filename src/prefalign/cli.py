@@ -47,6 +47,9 @@ class Command:
     report_dir: str | None = None  # the config attribute naming the run directory to report
     arguments: Arguments | None = None
     overrides: bool = False  # takes key=value overrides without a config schema
+    # The config attribute holding the run's TrainerConfig: its mmap threshold is decided for
+    # the whole process here, before anything loads (prefalign.training.malloc).
+    trainer: str | None = None
 
 
 # Help text naming what is registered (tasks, demo worlds): filled in only when help is
@@ -233,6 +236,7 @@ COMMANDS: tuple[Command, ...] = (
         "supervised fine-tuning on prompt/completion data",
         "prefalign.cli:run_sft",
         schema="prefalign.training.sft:SFTConfig",
+        trainer="trainer",
     ),
     Command(
         "eval",
@@ -245,6 +249,7 @@ COMMANDS: tuple[Command, ...] = (
         "offline preference training (DPO, IPO, KTO, ...) with a frozen, soft or hard reference",
         "prefalign.cli:run_train",
         schema="prefalign.training.preference:PreferenceConfig",
+        trainer="trainer",
         report_dir="trainer.out_dir",
     ),
     Command(
@@ -265,6 +270,7 @@ COMMANDS: tuple[Command, ...] = (
         "ReST: Grow (sample + score) and Improve (filter + fine-tune), repeated",
         "prefalign.rest.cli:run_rest_cli",
         schema="prefalign.rest.loop:RestConfig",
+        trainer="improve.trainer",
         report_dir="out_dir",
     ),
     Command(
@@ -272,12 +278,14 @@ COMMANDS: tuple[Command, ...] = (
         "train a Bradley-Terry reward model on preference pairs",
         "prefalign.reward_models.cli:run_rm_train_cli",
         schema="prefalign.reward_models.train:RewardModelConfig",
+        trainer="trainer",
     ),
     Command(
         "arm train",
         "train an autoregressive reward model on preference pairs",
         "prefalign.genarm.cli:run_arm_train_cli",
         schema="prefalign.genarm.arm:ArmConfig",
+        trainer="trainer",
         report_dir="trainer.out_dir",
     ),
     Command(
@@ -322,6 +330,11 @@ def run(command: Command, args: argparse.Namespace) -> int:
     if command.schema is None:
         return int(handler(args) or 0)
     config = load_config(load_attr(command.schema), args.config, args.overrides)
+    if command.trainer:
+        from prefalign.training.malloc import decide_mmap_threshold
+
+        key = f"{command.trainer}.malloc_mmap_threshold_kib"
+        decide_mmap_threshold(attr_path(config, key), f"config key '{key}'")
     code = int(handler(args, config=config) or 0)
     if command.report_dir:
         write_reports(attr_path(config, command.report_dir))

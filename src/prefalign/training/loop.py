@@ -101,10 +101,15 @@ class TrainerConfig:
     # torch's intra-op threads from the start of the run (0: torch's own, the cores or
     # OMP_NUM_THREADS); 1 on a shared machine: idle threads spin-wait on contended cores.
     threads: int = bounded(0, min=0)
-    # Fix glibc's mmap threshold (KiB) for the run, so freed activation buffers above it go back
-    # to the system and the resident peak is the live peak (prefalign.training.malloc); 0 keeps
-    # glibc's adaptive default. Ignored off glibc and where MALLOC_MMAP_THRESHOLD_ is set.
-    malloc_mmap_threshold_kib: int = bounded(256, min=0, max=malloc.MAX_THRESHOLD_KIB)
+    # glibc's mmap threshold (KiB), so freed activation buffers above it go back to the system
+    # and the resident peak is the live peak (prefalign.training.malloc); 0 keeps glibc's
+    # adaptive default. Process-wide: the first run (or the CLI) of a process decides it, a
+    # later run asking for another value is warned and keeps it; unset (null) asks for nothing:
+    # 256 if nothing decided before. Ignored off glibc and where MALLOC_MMAP_THRESHOLD_ is set.
+    malloc_mmap_threshold_kib: int | None = bounded(None, min=0, max=malloc.MAX_THRESHOLD_KIB)
+
+
+THRESHOLD_KEY = "trainer.malloc_mmap_threshold_kib"
 
 
 class TrainingDiverged(UserError):
@@ -176,7 +181,9 @@ class Trainer:
         self.config = config
         if config.threads:
             torch.set_num_threads(config.threads)
-        malloc.set_mmap_threshold(config.malloc_mmap_threshold_kib)
+        malloc.decide_mmap_threshold(
+            config.malloc_mmap_threshold_kib, f"{THRESHOLD_KEY} of the run in {config.out_dir}"
+        )
         self.lengths = list(lengths)
         n_examples = len(self.lengths)
         self.tokenizer = tokenizer  # saved beside every checkpoint so each one loads on its own

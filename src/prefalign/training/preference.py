@@ -37,6 +37,7 @@ from prefalign.training.forward import (
     use_shared_prompt,
 )
 from prefalign.training.loop import (
+    THRESHOLD_KEY,
     Trainer,
     TrainerConfig,
     TrainResult,
@@ -209,7 +210,11 @@ def run_preference(
 
     # After the data: a bad row is reported without waiting for the model to load.
     seed_everything(config.trainer.seed)  # the seed decides a LoRA adapter's init
-    malloc.set_mmap_threshold(config.trainer.malloc_mmap_threshold_kib)  # loading's peak too
+    # Decided before loading, whose peak it lowers too.
+    malloc.decide_mmap_threshold(
+        config.trainer.malloc_mmap_threshold_kib,
+        f"{THRESHOLD_KEY} of the run in {config.trainer.out_dir}",
+    )
     model = load_model(
         config.model.name_or_path,
         dtype=config.model.dtype,
