@@ -44,7 +44,8 @@ class Command:
     help: str
     handler: str  # "module:function": f(args) -> int, or f(config, args) -> int with a schema
     schema: str | None = None  # "module:Class": a config command (--config, overrides, --resume)
-    report_dir: str | None = None  # the config attribute naming the run directory to report
+    out_dir: str | None = None  # the config attribute naming the run directory (--resume's)
+    report: bool = False  # writes report.md / report.html of out_dir when it is done
     arguments: Arguments | None = None
     overrides: bool = False  # takes key=value overrides without a config schema
     # The config attribute holding the run's TrainerConfig: its mmap threshold is decided for
@@ -237,6 +238,7 @@ COMMANDS: tuple[Command, ...] = (
         "prefalign.cli:run_sft",
         schema="prefalign.training.sft:SFTConfig",
         trainer="trainer",
+        out_dir="trainer.out_dir",
     ),
     Command(
         "eval",
@@ -250,14 +252,16 @@ COMMANDS: tuple[Command, ...] = (
         "prefalign.cli:run_train",
         schema="prefalign.training.preference:PreferenceConfig",
         trainer="trainer",
-        report_dir="trainer.out_dir",
+        out_dir="trainer.out_dir",
+        report=True,
     ),
     Command(
         "discover",
         "discover preference objectives: propose, sandbox, score on a toy proxy",
         "prefalign.cli:run_discover",
         schema="prefalign.discovery.recipe:DiscoverConfig",
-        report_dir="out_dir",
+        out_dir="out_dir",
+        report=True,
     ),
     Command(
         "report",
@@ -271,7 +275,8 @@ COMMANDS: tuple[Command, ...] = (
         "prefalign.rest.cli:run_rest_cli",
         schema="prefalign.rest.loop:RestConfig",
         trainer="improve.trainer",
-        report_dir="out_dir",
+        out_dir="out_dir",
+        report=True,
     ),
     Command(
         "rm train",
@@ -279,6 +284,7 @@ COMMANDS: tuple[Command, ...] = (
         "prefalign.reward_models.cli:run_rm_train_cli",
         schema="prefalign.reward_models.train:RewardModelConfig",
         trainer="trainer",
+        out_dir="trainer.out_dir",
     ),
     Command(
         "arm train",
@@ -286,7 +292,8 @@ COMMANDS: tuple[Command, ...] = (
         "prefalign.genarm.cli:run_arm_train_cli",
         schema="prefalign.genarm.arm:ArmConfig",
         trainer="trainer",
-        report_dir="trainer.out_dir",
+        out_dir="trainer.out_dir",
+        report=True,
     ),
     Command(
         "generate",
@@ -335,10 +342,31 @@ def run(command: Command, args: argparse.Namespace) -> int:
 
         key = f"{command.trainer}.malloc_mmap_threshold_kib"
         decide_mmap_threshold(attr_path(config, key), f"config key '{key}'")
+    if args.resume:
+        check_resumable(attr_path(config, command.out_dir), command.out_dir)
     code = int(handler(args, config=config) or 0)
-    if command.report_dir:
-        write_reports(attr_path(config, command.report_dir))
+    if command.report:
+        write_reports(attr_path(config, command.out_dir))
     return code
+
+
+def check_resumable(out_dir: str | Path, key: str) -> None:
+    """--resume continues a run that exists: a missing or empty out_dir is a mistyped path or a
+    run that never started, refused rather than silently trained from scratch. (A run killed
+    before its first checkpoint resumes from its start.)"""
+    path = Path(out_dir)
+    if not path.exists():
+        raise UserError(
+            f"--resume: out_dir {path} (config key '{key}') does not exist, so there is no run "
+            "to resume; check the path, or drop --resume to start a new run"
+        )
+    if not path.is_dir():
+        raise UserError(f"--resume: out_dir {path} (config key '{key}') is not a directory")
+    if not any(path.iterdir()):
+        raise UserError(
+            f"--resume: out_dir {path} (config key '{key}') is empty, so there is no run to "
+            "resume; drop --resume to start a new run there"
+        )
 
 
 def load_attr(target: str) -> Any:

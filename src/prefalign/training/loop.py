@@ -39,6 +39,7 @@ from prefalign.training.checkpoint import (
     checkpoints,
     load_trained_weights,
     point_final,
+    read_checkpoint_state,
     rng_state,
     save_model,
     set_rng_state,
@@ -487,7 +488,7 @@ class Trainer:
         if not found:
             return False
         step, path = found[-1]
-        state = json.loads((path / "state.json").read_text())
+        state = read_checkpoint_state(path, needs_extra=self.extra_state is not None)
         if state["num_processes"] != self.accelerator.num_processes:
             raise RunDirError(
                 f"checkpoint {path} was written by {state['num_processes']} processes; "
