@@ -1,12 +1,14 @@
-"""One row of the SmolLM2 demo, run alone exactly as `prefalign demo --world smollm2` runs it.
+"""One row of the SmolLM2 demo, run alone exactly as `prefalign demo --world smollm2` runs it
+(or of another demo world: `--world toy`).
 
     PREFALIGN_CACHE=... python bench/smol_row.py ROW [--task sentiment] [--headline-only]
-        [--mmap-threshold-kib N]
+        [--world smollm2] [--mmap-threshold-kib N]
 
 Prints the row's figures as one JSON line (a preference row's beta sweep left out of the print)
 with its wall and CPU seconds, system CPU seconds, minor page faults and peak RSS.
 `--headline-only` trains a preference row at its own beta only, without the frontier sweep's
-extra betas. `--mmap-threshold-kib` replaces the demo's process-wide mmap threshold (0, off).
+extra betas. `--mmap-threshold-kib` replaces the demo's process-wide mmap threshold (SmolLM2's
+is 0, off).
 The world is built first if the cache lacks it.
 """
 
@@ -21,10 +23,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from prefalign.demo.preference import PREFERENCE_ROWS
-from prefalign.demo.smollm2 import SmolDemoSettings, run_smol_preference_row, smol_rows
+from prefalign.demo import preference as toy_preference
+from prefalign.demo import smollm2
+from prefalign.demo.settings import DemoSettings
 from prefalign.demo.worlds import get_world_family
-from prefalign.smol.world import get_smol_world
 from prefalign.training.malloc import decide_mmap_threshold
 
 
@@ -36,20 +38,23 @@ def main() -> None:
     parser.add_argument(
         "--mmap-threshold-kib", type=int, help="the process's mmap threshold (default: the demo's)"
     )
+    parser.add_argument("--world", default="smollm2", help="the demo world family")
     args = parser.parse_args()
+    family = get_world_family(args.world)
     if args.mmap_threshold_kib is None:
-        threshold = get_world_family("smollm2").decide_mmap_threshold()
+        threshold = family.decide_mmap_threshold()
     else:
         threshold = decide_mmap_threshold(args.mmap_threshold_kib, "--mmap-threshold-kib")
-    world = get_smol_world(args.task)
-    out = Path(tempfile.mkdtemp(prefix="smol-row-"))
-    settings = SmolDemoSettings.make(False, out)
+    world = family.load(args.task)
+    out = Path(tempfile.mkdtemp(prefix="demo-row-"))
+    settings = DemoSettings.make(False, out, world=family.name)
     wall, cpu = time.time(), time.process_time()
-    if args.headline_only and args.row in PREFERENCE_ROWS:
-        row = replace(PREFERENCE_ROWS[args.row], sweep_betas=())
-        result = run_smol_preference_row(world, settings, args.row, row)
-    else:
-        result = smol_rows(args.task)[args.row](world, settings)
+    method = family.rows(args.task, False)[args.row]
+    if args.headline_only and args.row in toy_preference.PREFERENCE_ROWS:
+        row = replace(toy_preference.PREFERENCE_ROWS[args.row], sweep_betas=())
+        module = smollm2 if family.name.startswith("smollm2") else toy_preference
+        method = module.preference_method(args.row, row)
+    result = method(world, settings)
     usage = resource.getrusage(resource.RUSAGE_SELF)  # of the whole process, world load too
     result.update(
         wall_seconds=round(time.time() - wall, 1),

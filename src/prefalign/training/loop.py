@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from prefalign.config import ConfigError, bounded
 from prefalign.errors import RunDirError, UserError
 from prefalign.io import append_jsonl, atomic_write, flatten
+from prefalign.modeling import check_device, device_index
 from prefalign.training import malloc
 from prefalign.training import step_in_backward as in_backward
 from prefalign.training.bf16_weights import Bf16MasterWeights
@@ -176,9 +177,11 @@ class Trainer:
         accelerator: Accelerator | None = None,
         run_config: dict[str, Any] | None = None,
         tokenizer: Any = None,
+        device: str = "auto",
     ):
         """`lengths`: the token count of every training example (the epoch's batches are planned
-        from them). Seed with `seed_everything(config.seed)` before building the model."""
+        from them); `device`: where to train (`model.device`) unless `accelerator` is given.
+        Seed with `seed_everything(config.seed)` before building the model."""
         self.config = config
         if config.threads:
             torch.set_num_threads(config.threads)
@@ -189,7 +192,7 @@ class Trainer:
         n_examples = len(self.lengths)
         self.tokenizer = tokenizer  # saved beside every checkpoint so each one loads on its own
         self.out_dir = Path(config.out_dir)
-        self.accelerator = accelerator or make_accelerator(config)
+        self.accelerator = accelerator or make_accelerator(config, device)
         acc = self.accelerator
         torch.manual_seed(config.seed)
         self.global_micro_batch = config.batch_size * acc.num_processes
@@ -588,13 +591,22 @@ def bf16_weights(config: TrainerConfig, num_processes: int, sharded: bool) -> bo
     return path == "weights"
 
 
-def make_accelerator(config: TrainerConfig) -> Accelerator:
+def make_accelerator(config: TrainerConfig, device: str = "auto") -> Accelerator:
+    """The run's accelerator on `device` (`model.device`: auto, cpu, cuda, cuda:N)."""
+    index = device_index(check_device(device))
+    if index is not None:  # one GPU by number: accelerate trains on the current CUDA device
+        if world_size() > 1:
+            raise ConfigError(
+                f"config key 'model.device': {device!r} names one GPU, but this run has "
+                f"{world_size()} processes, each on its local rank's GPU: use auto or cuda"
+            )
+        torch.cuda.set_device(index)
     precision = resolve_mixed_precision(config.mixed_precision)
     if bf16_weights(config, world_size(), config.fsdp):
         precision = "no"  # the weights themselves are bf16: no autocast on top
     return Accelerator(
         # On a machine without CUDA, `cpu=True` lets torchrun processes join one gloo group.
-        cpu=not torch.cuda.is_available(),
+        cpu=device == "cpu" or not torch.cuda.is_available(),
         mixed_precision=precision,
         log_with=config.report_to or None,
         project_dir=config.out_dir,
