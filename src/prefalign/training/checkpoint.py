@@ -44,17 +44,12 @@ def checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
 CHECKPOINT_FILES = (MODEL_DIR, "optimizer.pt", "scheduler.pt")
 
 
-def read_checkpoint_state(path: Path, needs_extra: bool) -> dict[str, Any]:
-    """state.json of checkpoint `path`, after checking that the files resume reads are there: a
-    missing, unreadable or malformed one is a located one-line `RunDirError`."""
+def read_checkpoint_state(path: Path) -> dict[str, Any]:
+    """state.json of checkpoint `path`: a missing, unreadable or malformed one is a located
+    one-line `RunDirError`."""
     file = path / "state.json"
-    wanted = [*CHECKPOINT_FILES, "extra_state.pt"] if needs_extra else list(CHECKPOINT_FILES)
-    missing = [name for name in ["state.json", *wanted] if not (path / name).exists()]
-    if missing:
-        raise RunDirError(
-            f"checkpoint {path} lacks {', '.join(missing)} (a partial copy, or files deleted): "
-            f"delete {path} to resume from the checkpoint before it"
-        )
+    if not file.exists():
+        raise missing_files(path, ["state.json"])
     try:
         state = json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
@@ -70,6 +65,22 @@ def read_checkpoint_state(path: Path, needs_extra: bool) -> dict[str, Any]:
     if bad:
         raise RunDirError(f"{file}: field '{bad[0]}' must be an integer (a checkpoint's state)")
     return state
+
+
+def check_checkpoint_files(path: Path, needs_extra: bool) -> None:
+    """The files resume reads besides state.json are all in checkpoint `path` (a one-line
+    `RunDirError` naming those missing, instead of a bare Errno from the first load)."""
+    wanted = [*CHECKPOINT_FILES, "extra_state.pt"] if needs_extra else list(CHECKPOINT_FILES)
+    missing = [name for name in wanted if not (path / name).exists()]
+    if missing:
+        raise missing_files(path, missing)
+
+
+def missing_files(path: Path, names: list[str]) -> RunDirError:
+    return RunDirError(
+        f"checkpoint {path} lacks {', '.join(names)} (a partial copy, or files deleted): "
+        f"delete {path} to resume from the checkpoint before it"
+    )
 
 
 def save_model(

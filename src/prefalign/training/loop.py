@@ -37,6 +37,7 @@ from prefalign.training import step_in_backward as in_backward
 from prefalign.training.bf16_weights import Bf16MasterWeights
 from prefalign.training.checkpoint import (
     MODEL_DIR,
+    check_checkpoint_files,
     checkpoints,
     load_trained_weights,
     point_final,
@@ -491,7 +492,7 @@ class Trainer:
         if not found:
             return False
         step, path = found[-1]
-        state = read_checkpoint_state(path, needs_extra=self.extra_state is not None)
+        state = read_checkpoint_state(path)
         if state["num_processes"] != self.accelerator.num_processes:
             raise RunDirError(
                 f"checkpoint {path} was written by {state['num_processes']} processes; "
@@ -503,6 +504,7 @@ class Trainer:
                 f"checkpoint {path} was written with trainer.fsdp={written}; "
                 "resume with the same setting"
             )
+        check_checkpoint_files(path, needs_extra=self.extra_state is not None)
         with self._fp32_parameters():  # into the fp32 masters; the bf16 weights follow
             load_trained_weights(self.unwrapped, path / MODEL_DIR)
         optimizer_state = torch.load(path / "optimizer.pt", weights_only=False)

@@ -94,7 +94,7 @@ def decide_mmap_threshold(kib: int | None, source: str) -> Decision:
             if decision.kib:
                 apply(decision.kib)
         _decision = decision
-    elif kib is not None and kib != _decision.kib and (kib, _decision) not in _warned:
+    if kib is not None and kib != _decision.kib and (kib, _decision) not in _warned:
         _warned.add((kib, _decision))
         print(
             f"prefalign: warning: {source} asks for an mmap threshold of "
