@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from prefalign.training.tied_embedding import open_link
+
 # Logits per head chunk: 2^24 fp32 values = 64 MiB (341 positions of a 49,152-token vocabulary).
 HEAD_CHUNK_ELEMENTS = 2**24
 # Config fields of architectures that transform logits after the output embedding; the
@@ -84,12 +86,12 @@ class _LinearTokenLogps(torch.autograd.Function):
     49,152-token vocabulary). Its backward runs once (the saved logits are consumed)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels):
+    def forward(ctx, hidden, weight, bias, labels, link=None):
         logits = torch.nn.functional.linear(hidden, weight, bias)
         lse = torch.logsumexp(logits, dim=-1, keepdim=True)
         picked = logits.gather(-1, labels.unsqueeze(-1))
         ctx.save_for_backward(hidden, weight, logits, lse, labels)
-        ctx.has_bias, ctx.consumed = bias is not None, False
+        ctx.has_bias, ctx.consumed, ctx.link = bias is not None, False, link
         return (picked - lse).squeeze(-1)
 
     @staticmethod
@@ -103,12 +105,20 @@ class _LinearTokenLogps(torch.autograd.Function):
         softmax_grad = logits.sub_(lse).exp_().mul_(-grad)
         softmax_grad.scatter_add_(-1, labels.unsqueeze(-1), grad)
         grad_hidden = softmax_grad @ weight if ctx.needs_input_grad[0] else None
-        grad_weight = softmax_grad.t() @ hidden if ctx.needs_input_grad[1] else None
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            link = ctx.link
+            if link is not None and link.open:  # a tied weight: its lookup returns the sum
+                link.add_product(softmax_grad.t(), hidden)
+            else:
+                grad_weight = softmax_grad.t() @ hidden
         grad_bias = softmax_grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_hidden, grad_weight, grad_bias, None
+        return grad_hidden, grad_weight, grad_bias, None, None
 
 
-def _chunk_logps(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _chunk_logps(
+    head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, link=None
+) -> torch.Tensor:
     weight = getattr(head, "weight", None)
     if (
         type(head) is torch.nn.Linear  # not a LoRA-wrapped or quantized head
@@ -119,7 +129,7 @@ def _chunk_logps(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tens
         and torch.is_grad_enabled()
         and not torch.is_autocast_enabled(hidden.device.type)
     ):
-        return _LinearTokenLogps.apply(hidden, weight, head.bias, labels)
+        return _LinearTokenLogps.apply(hidden, weight, head.bias, labels, link)
     logits = head(hidden)
     if logits.dtype == torch.float32:  # the arithmetic of _LinearTokenLogps' forward: a
         return token_logps(logits, labels)  # no-grad reference equals the policy bit for bit
@@ -143,16 +153,19 @@ def head_token_logps(
     logits, so at most one chunk of logits is alive at any time.
     """
     rows = max(1, (chunk_elements or HEAD_CHUNK_ELEMENTS) // vocab_size)
+    # A tied weight's gradient buffer, taken now: a recomputed chunk must add to this forward's.
+    weight = getattr(head, "weight", None)
+    link = open_link(weight) if isinstance(weight, torch.Tensor) else None
     if hidden.shape[0] <= rows:
-        return _chunk_logps(head, hidden, labels)
+        return _chunk_logps(head, hidden, labels, link)
     recompute = torch.is_grad_enabled()
     out = []
     for start in range(0, hidden.shape[0], rows):
         h, y = hidden[start : start + rows], labels[start : start + rows]
         if recompute:
-            out.append(checkpoint(_chunk_logps, head, h, y, use_reentrant=False))
+            out.append(checkpoint(_chunk_logps, head, h, y, link, use_reentrant=False))
         else:
-            out.append(_chunk_logps(head, h, y))
+            out.append(_chunk_logps(head, h, y, link))
     return torch.cat(out)
 
 
