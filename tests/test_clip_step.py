@@ -18,18 +18,26 @@ SHAPES = [(300, 77), (5,), (1000,), (64, 3, 5)]
 
 
 class RecordOps(TorchDispatchMode):
-    """The names of the aten operators run inside the context on more than one element (the
-    clipping factor's own scalar arithmetic is left out)."""
+    """The names (and the tensor dtypes) of the aten operators run inside the context on more
+    than one element (the clipping factor's own scalar arithmetic is left out)."""
 
-    def __init__(self) -> None:
+    def __init__(self, dtypes: bool = False) -> None:
         super().__init__()
         self.names: list[str] = []
+        self.dtypes: set[torch.dtype] = set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        flat = [a for arg in args for a in (arg if isinstance(arg, list | tuple) else [arg])]
-        if any(isinstance(a, torch.Tensor) and a.numel() > 1 for a in flat):
+        out = func(*args, **(kwargs or {}))
+        flat = [
+            a
+            for arg in (*args, out)
+            for a in (arg if isinstance(arg, list | tuple) else [arg])
+            if isinstance(a, torch.Tensor)
+        ]
+        if any(a.numel() > 1 for a in flat):
             self.names.append(func.__name__)
-        return func(*args, **(kwargs or {}))
+            self.dtypes.update(a.dtype for a in flat)
+        return out
 
 
 def plain_and_folded(max_norm: float, fused: bool, steps: int = 3):
