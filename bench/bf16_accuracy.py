@@ -18,7 +18,6 @@ writes bench/results/bf16_accuracy.json.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import tempfile
@@ -26,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from results_json import write_results
 
 RESULTS = Path(__file__).parent / "results" / "bf16_accuracy.json"
 
@@ -138,8 +138,7 @@ def main() -> None:
                 print(f"{k + ' ' + kk:>30}: {vv}")
         else:
             print(f"{k:>30}: {v}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_results(args.out, result)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,8 @@ import sys
 import time
 from pathlib import Path
 
+from results_json import write_results
+
 RESULTS = Path(__file__).parent / "results" / "bf16_profile.json"
 SHAPES = {
     "short49": dict(prompt=49, response=35, pairs=4),
@@ -283,8 +285,7 @@ def main() -> None:
         "load_avg_1m": os.getloadavg()[0],
         "runs": runs,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_results(args.out, result)
 
 
 if __name__ == "__main__":

@@ -24,8 +24,6 @@ per-kind table, and writes bench/results/gemm_ceiling.json.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import time
@@ -33,6 +31,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from results_json import run_header, write_results
 from torch.utils._python_dispatch import TorchDispatchMode
 
 RESULTS = Path(__file__).parent / "results" / "gemm_ceiling.json"
@@ -242,16 +241,11 @@ def main() -> None:
                 )
             del model
     result = {
-        "command": "python bench/gemm_ceiling.py " + " ".join(sys.argv[1:]),
-        "torch": torch.__version__,
-        "threads": args.threads,
-        "load_avg_1m": os.getloadavg()[0],
+        **run_header(__file__, args.threads),
         "square_peaks_flops_per_cpu_s": peaks,
         "runs": runs,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_results(args.out, result)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ toy review pairs. Writes bench/results/levers.json.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import sys
@@ -23,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from results_json import run_header, write_results
 
 RESULTS = Path(__file__).parent / "results" / "levers.json"
 LEVERS = ("plain", "response-only head", "+ shared prompt", "+ cached reference")
@@ -135,15 +135,13 @@ def main() -> None:
     for r in rows.values():
         r["speedup_cpu"] = base / r["cpu_seconds"]
     result = {
-        "command": "python bench/levers.py " + " ".join(sys.argv[1:]),
+        **run_header(__file__, args.threads),
         "model": args.model,
         "data": args.data,
         "pairs": args.pairs,
-        "threads": args.threads,
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_results(args.out, result)
     print(" ".join(f"{k}: {v['speedup_cpu']:.2f}x" for k, v in rows.items()))
 
 

@@ -19,13 +19,13 @@ soft update of each scheme. Writes bench/results/lora_soft_mixing.json.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from results_json import write_results
 
 from prefalign.data import collate_pairs, load_preference_data, tokenize_preference
 from prefalign.logprobs import sequence_logps, split_pairs
@@ -175,8 +175,7 @@ def main() -> None:
         f"training step (median, {args.batch} pairs): "
         f"{1000 * result['seconds_per_training_step']:.1f} ms"
     )
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    write_results(RESULTS, result)
 
 
 if __name__ == "__main__":

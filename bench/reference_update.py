@@ -13,8 +13,6 @@ scale). Prints a table and writes bench/results/reference_update.json.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import statistics
 import time
@@ -22,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from results_json import run_header, write_results
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from prefalign.modeling import LoraSpec, add_lora
@@ -123,9 +122,7 @@ def main() -> None:
 
     result = {
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "load_avg_1m": os.getloadavg()[0],  # other processes on a shared machine skew timings
+        **run_header(__file__, torch.get_num_threads()),
         "cpu": platform.processor() or platform.machine(),
         "model_params": n_params,
         "model_tensors": len(pairs),
@@ -144,9 +141,7 @@ def main() -> None:
         print(f"{name:<26}{ms:>12.3f}{cpu_rows[name]:>12.3f}")
     print(f"python loop / foreach: {result['loop_over_foreach']:.2f}x")
     print(f"LoRA reference adapter: rank {result['lora_reference_rank']}, {n_adapter} params")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_results(args.out, result)
 
 
 if __name__ == "__main__":

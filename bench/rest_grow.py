@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import shutil
 import statistics
@@ -24,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from results_json import run_header, write_results
 
 from prefalign.config import load_config
 from prefalign.generation import SamplingParams, generate
@@ -143,9 +143,7 @@ def main() -> None:
     result = {
         "task": args.task,
         "device": "cpu",
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "load_avg_1m": os.getloadavg()[0],  # other processes on a shared machine skew timings
+        **run_header(__file__, torch.get_num_threads()),
         "cpu": platform.processor() or platform.machine(),
         "model_params": sum(p.numel() for p in model.parameters()),
         "max_new_tokens": max_new,
@@ -186,9 +184,7 @@ def main() -> None:
     for name, s in split.items():
         print(f"{name:<28}{s:>10.2f}{s / total:>8.0%}")
     print(f"{'(scoring with a reward model)':<28}{rm_seconds:>10.2f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_results(args.out, result)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from results_json import write_results
+
 RESULTS = Path(__file__).parent / "results" / "threads.json"
 
 
@@ -93,7 +95,7 @@ def main() -> None:
         ratio = medians[threads] / medians[counts[0]]
         print(f"{threads} threads: median training {medians[threads]:.1f} s ({ratio:.2f}x)")
     print(f"load average before {load_before[0]:.1f}, after {os.getloadavg()[0]:.1f}")
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_results(args.out, result)
     partial.unlink()
 
 

@@ -59,6 +59,15 @@ slow both sides (the toy size by ~40%). Without it, prefalign's trainer still fi
 threshold (`trainer.malloc_mmap_threshold_kib`, 256 KiB; the `keepheap` ablation turns that
 off) and TRL runs with glibc's adaptive one, as each side's users get them.
 
+The memory floor of each run (`prefalign.training.memory_floor`): the process's resident
+memory after its imports and data, just before the model loads (same process), plus the bytes
+of the tensors an exact step must hold at the end of backward, counted from that side's live
+objects after its first step: weights (LoRA's included), the gradient of every trained tensor
+(all of them with clipping; only the largest without, since a step inside backward needs no
+more), the optimizer's state and fp32 masters, and the reference's weights where it holds
+them. Per row: peak, floor, peak - floor, prefalign's floor over TRL's peak, and whether the
+0.6x memory target is reachable at all by a step holding that state (floor <= 0.6x TRL's peak).
+
 Effective FLOP/s = (6 + 2) * P * tokens / s: 6 P per token for the policy's forward and backward
 plus 2 P for the reference forward, P = parameters that take part in matmuls (all but an untied
 input embedding), tokens = the real tokens of the unshared pair (prompt twice, both responses;
@@ -93,10 +102,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from results_json import run_header, write_results
+
 RESULTS = Path(__file__).parent / "results" / "train_throughput.json"
 FRAMEWORKS = ("prefalign", "trl")
 BETA, ALPHA, LR, SEED = 0.1, 0.6, 1e-6, 0
 LORA_R, LORA_ALPHA = 8, 16
+MEMORY_TARGET = 0.6  # issue 13: peak memory at most 0.6x TRL's
 FLAGS = ("bf16", "lora", "noclip", "nocache", "noshare", "fullhead", "autocast", "keepheap")
 # prefalign-only: one lever off
 ABLATIONS = ("nocache", "noshare", "fullhead", "autocast", "keepheap")
@@ -389,16 +401,25 @@ def run_prefalign(
     from prefalign.training import preference as pref
     from prefalign.training.forward import SpeedSpec
     from prefalign.training.loop import Trainer, TrainerConfig
+    from prefalign.training.memory_floor import trainer_floor
 
     mode, flags = parse_variant(variant)
     make_collator, build_cache = pref.pair_collator, ref_cache.build_reference_cache
     counting = [True]
+
+    load_model = pref.load_model
+
+    def measured_load_model(*args, **kwargs):  # imports and data are in: the process baseline
+        extra["baseline_rss_mb"] = current_rss_mb()
+        return load_model(*args, **kwargs)
 
     fit = Trainer.fit
 
     def stamped_fit(self, collate, loss_fn, after_step=None, **kwargs):
         def stamped(step: int):  # after the optimizer step and the reference update
             hooked = after_step(step) if after_step is not None else None
+            if step == 1:  # Adam's moments exist from the first step on
+                extra["floor_parts"] = trainer_floor(self)
             stamps.append(
                 (
                     time.perf_counter(),
@@ -436,6 +457,7 @@ def run_prefalign(
             extra["cache_build_s"] = time.perf_counter() - start
 
     Trainer.fit = stamped_fit
+    pref.load_model = measured_load_model
     pref.pair_collator, ref_cache.build_reference_cache = counted_collator, timed_cache
     if "fullhead" in flags:  # every model takes the full-logits path (and so the stacked rows)
         logprobs.causal_lm_parts = lambda model: None
@@ -488,11 +510,14 @@ def run_trl(
     from trl import DPOConfig, DPOTrainer
 
     from prefalign.modeling import load_tokenizer
+    from prefalign.training.memory_floor import state_floor
 
     mode, flags = parse_variant(variant)
     tokenizer = load_tokenizer(spec["model_dir"])
-    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32)
     rows = [json.loads(line) for line in Path(spec["pairs"]).read_text().splitlines()]
+    dataset = Dataset.from_list(rows)
+    extra["baseline_rss_mb"] = current_rss_mb()  # imports and data are in: the process baseline
+    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32)
     args = DPOConfig(
         output_dir=out_dir,
         per_device_train_batch_size=spec["batch"],
@@ -534,7 +559,7 @@ def run_trl(
     trainer = DPOTrainer(
         model=model,
         args=args,
-        train_dataset=Dataset.from_list(rows),
+        train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=peft_config,
     )
@@ -545,6 +570,13 @@ def run_trl(
 
     class Stamp(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 1:  # Adam's moments exist from the first step on
+                extra["floor_parts"] = state_floor(
+                    trainer.model,
+                    trainer.optimizer,
+                    trainer.ref_model if trainer.ref_model is not None else (),
+                    clipping=args.max_grad_norm > 0 or args.gradient_accumulation_steps > 1,
+                )
             stamps.append(
                 (
                     time.perf_counter(),
@@ -614,7 +646,11 @@ def worker(
         "rss_at_warmup_end_mb": stamps[w - 1][2],
         "threads": torch.get_num_threads(),
         "cache_build_s": extra.get("cache_build_s", 0.0),
+        # The floor: the process before the model plus the state an exact step must hold.
+        "baseline_rss_mb": extra["baseline_rss_mb"],
+        "floor_parts_mb": {k: v / 2**20 for k, v in extra["floor_parts"].items()},
     }
+    result["floor_mb"] = result["baseline_rss_mb"] + sum(result["floor_parts_mb"].values())
     # The first epoch pays for the reference cache: charged to the timed steps pro rata.
     share = n / (w + n) if extra.get("cache_build_s") else 0.0
     result["pairs_per_s_first_epoch"] = (
@@ -705,6 +741,12 @@ def summarize(
                     "cache_build_s": statistics.median(r["cache_build_s"] for r in rs),
                     "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in rs),
                     "peak_rss_mb_each": [r["peak_rss_mb"] for r in rs],
+                    "baseline_rss_mb": statistics.median(r["baseline_rss_mb"] for r in rs),
+                    "floor_parts_mb": rs[0]["floor_parts_mb"],
+                    "floor_mb": statistics.median(r["floor_mb"] for r in rs),
+                    "peak_over_floor_mb": statistics.median(
+                        r["peak_rss_mb"] - r["floor_mb"] for r in rs
+                    ),
                     "real_tokens_all_steps": rs[0]["real_tokens_all_steps"],
                     "computed_tokens_all_steps": rs[0]["computed_tokens_all_steps"],
                     # Positions computed over the unshared pair's real tokens: below 1 where
@@ -764,6 +806,10 @@ def compare(p: dict, t: dict, by_fw: dict | None) -> dict:
         "speed_ratio_first_epoch": p["pairs_per_s_first_epoch"] / t["pairs_per_s"],
         "speed_ratio_cpu": p["pairs_per_cpu_s"] / t["pairs_per_cpu_s"],
         "memory_ratio": p["peak_rss_mb"] / t["peak_rss_mb"],
+        # prefalign's floor against TRL's peak: 0.6x is out of reach of an exact step with this
+        # state wherever the floor alone is above 0.6x.
+        "floor_ratio": p["floor_mb"] / t["peak_rss_mb"],
+        "memory_target_reachable": p["floor_mb"] <= MEMORY_TARGET * t["peak_rss_mb"],
         # The timed steps (warm-up excluded) of the two sides hold different pairs: each side
         # orders the epoch its own way. Per real token of those steps:
         "token_speed_ratio": p["real_tokens_per_s"] / t["real_tokens_per_s"],
@@ -844,6 +890,39 @@ def print_table(
         print(f"(*) {line}: TRL cannot mix a LoRA reference, and its frozen row does less work")
 
 
+def print_memory_table(rows: dict) -> None:
+    """Peak against floor per row: where the memory target is reachable at all, and the gap."""
+    head = (
+        f"{'size/variant':<30}{'peak MB pa':>11}{'floor':>7}{'gap':>6}{'base':>6}"
+        f"{'state':>7}{'trl peak':>9}{'floor':>7}{'gap':>6}"
+        f"{'pa/trl':>7}{'floor/trl':>10}{'0.6x reachable':>15}"
+    )
+    print("\n" + head)
+    print("-" * len(head))
+    for key, r in rows.items():
+        p, t = r["prefalign"], r.get("trl", {})
+        state = sum(p["floor_parts_mb"].values())
+        print(
+            f"{key:<30}{p['peak_rss_mb']:>11.0f}{p['floor_mb']:>7.0f}"
+            f"{p['peak_over_floor_mb']:>6.0f}{p['baseline_rss_mb']:>6.0f}{state:>7.0f}"
+            + (
+                f"{t['peak_rss_mb']:>9.0f}{t['floor_mb']:>7.0f}{t['peak_over_floor_mb']:>6.0f}"
+                f"{r['memory_ratio']:>7.2f}{r['floor_ratio']:>10.2f}"
+                f"{'yes' if r['memory_target_reachable'] else 'no':>15}"
+                if t
+                else ""
+            )
+        )
+        parts = ", ".join(f"{k} {v:.0f}" for k, v in p["floor_parts_mb"].items() if v >= 0.5)
+        print(f"{'':<30}prefalign state MB: {parts}")
+    print(
+        "floor = resident memory before the model (base) + the state an exact step holds at the "
+        "end of backward (weights, gradients: all with clipping, else the largest; Adam's "
+        "moments, fp32 masters, a held reference), counted from the live tensors; gap = peak - "
+        f"floor; reachable: prefalign's floor <= {MEMORY_TARGET} x TRL's peak"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -868,6 +947,11 @@ def main() -> None:
         "--fixed-mmap-threshold",
         action="store_true",
         help="MALLOC_MMAP_THRESHOLD_=65536 in the workers: exact live memory peaks, slower steps",
+    )
+    parser.add_argument(
+        "--frameworks",
+        default=",".join(FRAMEWORKS),
+        help="comma-separated: prefalign, trl (one side alone: for profiling, no ratios)",
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument(
@@ -902,6 +986,9 @@ def main() -> None:
             parse_variant(v)
         except ValueError as err:
             parser.error(str(err))
+    chosen = [f for f in args.frameworks.split(",") if f]
+    if unknown := set(chosen) - set(FRAMEWORKS):
+        parser.error(f"unknown frameworks {sorted(unknown)}; choose from {FRAMEWORKS}")
     dtypes = ["fp32"] + (["bf16"] if any("bf16" in parse_variant(v)[1] for v in variants) else [])
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="train-throughput-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -928,7 +1015,7 @@ def main() -> None:
             frameworks = FRAMEWORKS if rep % 2 == 0 else tuple(reversed(FRAMEWORKS))
             for variant in variants:
                 for framework in frameworks:
-                    if framework == "trl" and not trl_runs(variant):
+                    if framework not in chosen or (framework == "trl" and not trl_runs(variant)):
                         continue
                     r = run_variant(
                         workdir, workspace[size], size, variant, framework, args.threads, env
@@ -954,6 +1041,7 @@ def main() -> None:
     }
     rows = summarize(runs, workspace, variants, peaks)
     print_table(rows, workspace, peaks, args.threads)
+    print_memory_table(rows)
     for key, r in rows.items():
         if r.get("real_token_mismatch", 0) > 0.03:
             print(
@@ -961,12 +1049,10 @@ def main() -> None:
                 "between the frameworks"
             )
     result = {
-        "command": "python bench/train_throughput.py " + " ".join(sys.argv[1:]),
-        "torch": torch.__version__,
+        **run_header(__file__, args.threads),
         "transformers": transformers.__version__,
         "trl": trl.__version__,
         "cpu": platform.processor() or platform.machine(),
-        "threads": args.threads,
         "malloc_mmap_threshold": env.get("MALLOC_MMAP_THRESHOLD_", "system"),
         "load_avg_1m": loads,  # other processes on a shared machine skew timings
         "matmul_peaks": peaks,
@@ -996,9 +1082,8 @@ def main() -> None:
         "runs": runs,
         "wall_s": time.perf_counter() - start,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out} ({result['wall_s']:.0f}s)")
+    write_results(args.out, result)
+    print(f"in {result['wall_s']:.0f}s")
 
 
 if __name__ == "__main__":
