@@ -44,7 +44,7 @@ def test_the_float32_mix_tracks_the_exact_mixture_over_many_updates():
     exact = [b.double() @ a.double() for _, _, a, b in layers]
     worst = 0.0
     for _ in range(40):  # the policy drifts a little each step, as training moves it
-        for a_ref, b_ref, a, b in layers:
+        for _, _, a, b in layers:
             a.add_(torch.randn(a.shape, generator=g) * 1e-4)
             b.add_(torch.randn(b.shape, generator=g) * 1e-4)
         exact = [
