@@ -61,6 +61,8 @@ def overrides(files, model_dir: Path, out: Path, *extra: str) -> list[str]:
         "improve.thresholds=[0.3, 0.6]",
         "improve.normalize=per_prompt_percentile",
         "improve.max_per_prompt=2",
+        # The random model seldom stops within 6 tokens: train on its cut samples too.
+        "improve.unfinished=keep",
         "improve.trainer.batch_size=2",
         "improve.trainer.max_steps=2",
         "improve.trainer.lr=1e-3",
@@ -236,6 +238,43 @@ def test_rest_paper_options(files, tiny_llama_dir, tmp_path):
         run_rest(bad)
     with pytest.raises(ValueError, match="lr_decay"):
         run_rest(config(files, tiny_llama_dir, tmp_path / "bad", "improve.lr_decay=0"))
+
+
+def test_unfinished_samples_are_dropped_by_default_or_kept_without_eos(
+    files, tiny_llama_dir, tmp_path
+):
+    """A sample cut at grow.max_new_tokens must not teach stopping: by default it is left out of
+    the Improve step (counted in its record); `improve.unfinished=keep` trains on it as a
+    truncated target whose last trained token is not EOS. Every sample passes the threshold."""
+    from prefalign.modeling import load_tokenizer
+    from prefalign.rest.grow import read_samples
+    from prefalign.rest.improve import build_data, training_pool
+
+    every = ["grow_steps=1", "grow.samples_per_prompt=8", "grow.max_new_tokens=40"]
+    every += ["improve.steps_per_grow=1", "improve.normalize=none", "improve.thresholds=[-1.0]"]
+    every += ["improve.max_per_prompt=0", "eval.n_prompts=0"]
+    assert RestConfig().improve.unfinished == "drop"  # the default (the tests' config keeps)
+    runs = {}
+    for mode in ("drop", "keep"):
+        cfg = config(files, tiny_llama_dir, tmp_path / mode, *every, f"improve.unfinished={mode}")
+        runs[mode] = run_rest(cfg, log=lambda *_: None).records[-1]
+    samples = read_samples(tmp_path / "keep" / "grown" / "grow_000.jsonl")
+    finished = sum(s.finished for s in samples)
+    assert 0 < finished < len(samples), "the sampler must make both kinds for this test"
+    assert runs["drop"]["kept"] == runs["drop"]["examples"] == finished
+    cut = len(samples) - finished
+    assert runs["drop"]["unfinished"] == runs["drop"]["unfinished_dropped"] == cut
+    assert runs["keep"]["kept"] == len(samples) and runs["keep"]["unfinished_dropped"] == 0
+
+    tokenizer = load_tokenizer(tiny_llama_dir)
+    eos = tokenizer.eos_token_id
+    for mode in ("drop", "keep"):
+        pool = training_pool(samples, mode)
+        data = build_data("bc", pool, list(range(len(pool))), [s.reward for s in pool], -1.0)
+        batch = data.collate(list(range(len(data))), tokenizer.pad_token_id)
+        for sample, ids, mask in zip(pool, batch["input_ids"], batch["loss_mask"], strict=True):
+            assert (ids[mask][-1] == eos) == sample.finished  # EOS only where the model stopped
+        assert all(s.finished for s in pool) or mode == "keep"
 
 
 def test_a_user_loss_file_is_imported_once_per_run(files, tiny_llama_dir, tmp_path):

@@ -50,6 +50,11 @@ class ImproveSpec:
     dedup: bool = False  # a prompt keeps identical responses once
     # filter the last Grow step's samples, or every Grow step's so far
     data: Literal["latest", "all"] = "latest"
+    # A sample cut at grow.max_new_tokens did not finish (no EOS). `drop`: left out of the step
+    # before filtering, counted in its record (`unfinished_dropped`). `keep`: trained on as a
+    # truncated target, without EOS, so it never teaches stopping where the cap cut it.
+    # Dropping favours replies that fit the cap: raise grow.max_new_tokens if many are cut.
+    unfinished: Literal["drop", "keep"] = "drop"
     # bc | reward_weighted | a registry objective (dpo, ipo, kto, ...) | path/to/file.py:function
     loss: str = "bc"
     # one loss per Improve step of a Grow step; empty: `loss` for all
@@ -135,6 +140,14 @@ class ImproveData:
         batch = collate_prompt_response([p for p, _ in rows], [r for _, r in rows], pad_id)
         batch["weights"] = torch.tensor([self.weights[i] for i in indices], dtype=torch.float32)
         return batch
+
+
+def training_pool(
+    pool: Sequence[GrownSample], unfinished: Literal["drop", "keep"]
+) -> list[GrownSample]:
+    """The grown samples an Improve step may train on: all of them with `keep`, else only those
+    that stopped on EOS."""
+    return list(pool) if unfinished == "keep" else [s for s in pool if s.finished]
 
 
 def build_data(

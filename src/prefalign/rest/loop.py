@@ -8,7 +8,8 @@ Read it top to bottom:
         score them, write grown/grow_GGG.jsonl                   -> record "grow-g"
         for each Improve step i (threshold rising):
             keep the pool's samples above threshold_i (raw, [0, 1]-scaled or percentile
-            scores, above an optional raw floor, capped per prompt)
+            scores, above an optional raw floor, capped per prompt); samples cut at
+            grow.max_new_tokens are dropped first (improve.unfinished=keep: kept, no EOS)
             fine-tune with bc | reward_weighted | any objective (+ the original SFT data), at
             lr * lr_decay**i, from the current policy (or from the base model: ReST-EM),
             into improve/gGGG_iII/final
@@ -58,6 +59,7 @@ from prefalign.rest.improve import (
     loss_at,
     reference_spec,
     resolve_losses,
+    training_pool,
     with_original,
 )
 from prefalign.rest.rewards import RewardSpec, gold_reward, load_reward
@@ -241,6 +243,9 @@ def improve_step(
     record."""
     spec = replace(config.improve, loss=loss_at(config.improve, i))
     seed = spec.trainer.seed + 1000 * g + i
+    grown = len(pool)
+    unfinished = sum(not s.finished for s in pool)
+    pool = training_pool(pool, spec.unfinished)
     groups = [s.prompt_index for s in pool]
     scores = normalized_scores([s.reward for s in pool], groups, spec.normalize)
     dedup = [tuple(s.response_ids) for s in pool] if spec.dedup else None
@@ -272,9 +277,11 @@ def improve_step(
         "threshold": threshold,
         "normalize": spec.normalize,
         "loss": spec.loss,
-        "pool": len(pool),
+        "pool": grown,
+        "unfinished": unfinished,  # cut at grow.max_new_tokens
+        "unfinished_dropped": grown - len(pool),
         "kept": len(kept),
-        "kept_fraction": round(len(kept) / max(1, len(pool)), 5),
+        "kept_fraction": round(len(kept) / max(1, grown), 5),
         "kept_prompts": len({pool[k].prompt_index for k in kept}),
         "kept_reward": reward_summary([pool[k].reward for k in kept]),
         "examples": len(data),
@@ -396,6 +403,8 @@ def format_record(r: dict) -> str:
             f"kept {r['kept']}/{r['pool']} "
             f"({r['kept_fraction']:.0%}), {r['examples']} examples"
         )
+        if r.get("unfinished_dropped"):
+            line += f", {r['unfinished_dropped']} unfinished dropped"
         if r.get("loss_first") is not None:
             line += (
                 f", {r['loss']} loss {r['loss_first']:.3f} -> {r['loss_last']:.3f}"
