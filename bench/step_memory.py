@@ -70,7 +70,7 @@ def trainer_phases(row: str, steps: int | None, out: Path | None) -> None:
     from accelerate import Accelerator
     from results_json import run_header, write_results
 
-    from prefalign.training import memory_floor, ref_cache
+    from prefalign.training import clip_step, memory_floor, ref_cache
     from prefalign.training import preference as pref
     from prefalign.training.bf16_weights import Bf16MasterWeights
     from prefalign.training.loop import Trainer
@@ -139,6 +139,7 @@ def trainer_phases(row: str, steps: int | None, out: Path | None) -> None:
     )
     Trainer.fit = marked_fit
     Accelerator.clip_grad_norm_ = after("clipping", Accelerator.clip_grad_norm_)
+    clip_step.grad_norm = after("clipping (norm)", clip_step.grad_norm)
     Bf16MasterWeights.grad_norm = after("clipping (bf16 norm)", Bf16MasterWeights.grad_norm)
     Bf16MasterWeights.step = after("optimizer step (bf16 masters)", Bf16MasterWeights.step)
     with tempfile.TemporaryDirectory(prefix="step-memory-") as tmp:
