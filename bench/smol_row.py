@@ -2,13 +2,14 @@
 (or of another demo world: `--world toy`).
 
     PREFALIGN_CACHE=... python bench/smol_row.py ROW [--task sentiment] [--headline-only]
-        [--world smollm2] [--mmap-threshold-kib N]
+        [--world smollm2] [--mmap-threshold-kib N] [--rest-max-new-tokens N] [--rest K=V ...]
 
 Prints the row's figures as one JSON line (a preference row's beta sweep left out of the print)
 with its wall and CPU seconds, system CPU seconds, minor page faults and peak RSS.
 `--headline-only` trains a preference row at its own beta only, without the frontier sweep's
-extra betas. `--mmap-threshold-kib` replaces the demo's process-wide mmap threshold (SmolLM2's
-is 0, off).
+extra betas. `--mmap-threshold-kib` replaces the demo's process-wide mmap threshold (0, off).
+`--rest-max-new-tokens` sets the SmolLM2 rest row's Grow cap (default: the world's reply cap)
+and `--rest` adds a ReST config override (for example `--rest improve.unfinished=keep`).
 The world is built first if the cache lacks it.
 """
 
@@ -39,8 +40,13 @@ def main() -> None:
         "--mmap-threshold-kib", type=int, help="the process's mmap threshold (default: the demo's)"
     )
     parser.add_argument("--world", default="smollm2", help="the demo world family")
+    parser.add_argument("--rest-max-new-tokens", type=int, default=0)
+    parser.add_argument("--rest", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     family = get_world_family(args.world)
+    real = family.name.startswith("smollm2")
+    if not real and (args.rest or args.rest_max_new_tokens):
+        parser.error("--rest and --rest-max-new-tokens are the SmolLM2 rest row's")
     if args.mmap_threshold_kib is None:
         threshold = family.decide_mmap_threshold()
     else:
@@ -48,11 +54,17 @@ def main() -> None:
     world = family.load(args.task)
     out = Path(tempfile.mkdtemp(prefix="demo-row-"))
     settings = DemoSettings.make(False, out, world=family.name)
+    if real:  # the rows take these as they are
+        settings = replace(
+            smollm2.smol_settings(settings),
+            rest_max_new_tokens=args.rest_max_new_tokens,
+            rest_overrides=tuple(args.rest),
+        )
     wall, cpu = time.time(), time.process_time()
     method = family.rows(args.task, False)[args.row]
     if args.headline_only and args.row in toy_preference.PREFERENCE_ROWS:
         row = replace(toy_preference.PREFERENCE_ROWS[args.row], sweep_betas=())
-        module = smollm2 if family.name.startswith("smollm2") else toy_preference
+        module = smollm2 if real else toy_preference
         method = module.preference_method(args.row, row)
     result = method(world, settings)
     usage = resource.getrusage(resource.RUSAGE_SELF)  # of the whole process, world load too
@@ -66,6 +78,8 @@ def main() -> None:
     )
     long = ("sweep", "code", "candidates", "tradeoff", "baselines")
     shown = {k: v for k, v in result.items() if k not in long and not isinstance(v, list)}
+    if isinstance(result.get("steps"), list):  # rest: each Grow and Improve step, compact
+        shown["steps"] = result["steps"]
     if "sweep" in result:
         shown["sweep"] = [{k: p[k] for k in ("beta", "gold_reward", "kl")} for p in result["sweep"]]
     print(json.dumps(shown))

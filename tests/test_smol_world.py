@@ -122,6 +122,34 @@ def test_sentiment_pairs_hold_only_replies_that_stopped_on_eos(tmp_path, tiny_gg
     assert len(every.file("unpaired.jsonl").read_text().splitlines()) > figures["complete_samples"]
 
 
+def test_the_world_builds_at_its_own_thread_count_whatever_the_callers(
+    tmp_path, tiny_gguf, monkeypatch
+):
+    """Samples depend on torch's thread count (a matmul's sums are split across threads), so the
+    build runs at `build_threads` and restores the caller's setting; the count is in the key."""
+    import torch
+
+    monkeypatch.setenv("PREFALIGN_CACHE", str(tmp_path / "cache"))
+    config = mini("sentiment", f"gguf:{tiny_gguf}")
+    saved = torch.get_num_threads()
+    built = {}
+    try:
+        for caller in (1, 2):
+            torch.set_num_threads(caller)
+            out = tmp_path / f"caller-{caller}"
+            built[caller] = get_smol_world(config=config, out=out, log=lambda *_: None)
+            assert torch.get_num_threads() == caller  # restored
+    finally:
+        torch.set_num_threads(saved)
+    for world in built.values():
+        assert world.info()["figures"]["build_threads"] == config.build_threads == 2
+    for name in ("pairs.jsonl", "pairs_eval.jsonl", "unpaired.jsonl", "prompts_train.jsonl"):
+        assert built[1].file(name).read_bytes() == built[2].file(name).read_bytes(), name
+    one = get_smol_world(config=replace(config, build_threads=1), log=lambda *_: None)
+    assert one.info()["figures"]["build_threads"] == 1
+    assert one.root != get_smol_world(config=config, log=lambda *_: None).root
+
+
 def test_arith_world_measures_the_starting_accuracy(tmp_path, tiny_gguf, monkeypatch):
     monkeypatch.setenv("PREFALIGN_CACHE", str(tmp_path / "cache"))
     world = get_smol_world(config=mini("arith", f"gguf:{tiny_gguf}"), log=lambda *_: None)

@@ -222,6 +222,9 @@ def load_model(
         from prefalign.training.lean_activations import lean_activations as make_lean
 
         make_lean(model)
+        from prefalign.training.tied_embedding import link_tied_embeddings
+
+        link_tied_embeddings(model)  # a tied weight's gradient in one buffer
     return model.to(resolve_device(device))
 
 

@@ -167,6 +167,7 @@ def sentiment_reward_model(world: World, out: Path) -> tuple[RewardSpec, dict]:
 def compact(record: dict) -> dict:
     """The per-step figures the demo keeps (the run directory has the full records)."""
     names = ("kind", "grow", "improve", "threshold", "kept", "kept_fraction", "samples")
+    names += ("finished_fraction", "mean_tokens", "unfinished_dropped")
     keep = {k: record[k] for k in names if k in record}
     if record["kind"] == "grow":
         keep["grown_reward_mean"] = round(record["reward"]["mean"], 4)

@@ -25,12 +25,10 @@ TRADEOFF = ((2.0, 0.0), (1.0, 1.0), (0.0, 2.0))  # (sentiment, brevity) ARM weig
 HEADLINE_ALPHA = 1.0  # fixed in advance, not picked from the sweep
 
 
-def fit_lora_arm(
-    world, settings, pairs: Path, eval_pairs: Path | None, out: Path, extra: Sequence[str] = ()
-):
-    """The demo's LoRA ARM on `pairs` (`extra`: config overrides on top, for bench/smol_arm.py)."""
-    from prefalign.genarm.arm import ArmConfig, train_arm
-
+def arm_overrides(
+    world, settings, pairs: Path, eval_pairs: Path | None, out: Path
+) -> list[str]:
+    """The config overrides of the demo's LoRA ARM on `pairs`."""
     overrides = [
         f"model.name_or_path={world.policy_path}",
         *settings.model_overrides(),
@@ -46,7 +44,16 @@ def fit_lora_arm(
     ]
     if eval_pairs is not None:
         overrides.append(f"data.eval_path={eval_pairs}")
-    overrides += list(extra)
+    return overrides
+
+
+def fit_lora_arm(
+    world, settings, pairs: Path, eval_pairs: Path | None, out: Path, extra: Sequence[str] = ()
+):
+    """The demo's LoRA ARM on `pairs` (`extra`: config overrides on top, for bench/smol_arm.py)."""
+    from prefalign.genarm.arm import ArmConfig, train_arm
+
+    overrides = arm_overrides(world, settings, pairs, eval_pairs, out) + list(extra)
     return train_arm(load_config(ArmConfig, None, overrides), log=lambda *_: None)
 
 

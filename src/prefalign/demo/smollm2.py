@@ -47,6 +47,10 @@ class SmolDemoSettings:
     steps: int = 0
     batch_size: int = 4  # pairs (or unpaired examples) per optimizer step
     rest_steps: int = 8  # behaviour-cloning steps per ReST Improve step
+    # ReST's Grow samples at the world's reply cap (32 tokens on sentiment, 48 on arith) unless
+    # set; samples cut there are dropped (`improve.unfinished`), so the cap sets how many count.
+    rest_max_new_tokens: int = 0
+    rest_overrides: tuple[str, ...] = ()  # extra ReST config overrides (bench/smol_row.py)
     # dpo and tr-dpo-soft also at their sweep betas (the toy demo's frontier curves): four more
     # trainings, about 6 minutes on 2 idle cores, which took the full demo past its 30 minutes,
     # so off by default; every row is still a point of the frontier plot.
@@ -241,7 +245,7 @@ def method_rest(world: SmolWorld, settings: SmolDemoSettings) -> dict:
 
     out = settings.out_dir / "runs" / f"smol-{world.task}" / "rest"
     shutil.rmtree(out, ignore_errors=True)
-    max_new = world.info()["config"]["max_new_tokens"]
+    max_new = settings.rest_max_new_tokens or world.info()["config"]["max_new_tokens"]
     overrides = [
         f"model.name_or_path={world.policy_path}",
         "model.device=cpu",
@@ -273,7 +277,7 @@ def method_rest(world: SmolWorld, settings: SmolDemoSettings) -> dict:
             "improve.normalize=per_prompt_percentile",
             "improve.thresholds=[0.5]",
         ]
-    config = load_config(RestConfig, None, overrides)
+    config = load_config(RestConfig, None, [*overrides, *settings.rest_overrides])
     result = run_rest(config, log=lambda *_: None)
     row = evaluate_smol(world, settings, result.final_model)
     start = evaluate_start(world, settings)

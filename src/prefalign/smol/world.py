@@ -59,6 +59,11 @@ class SmolConfig:
     arith_low: int = 2  # operand range of smol:arith (measured accuracy in world.json)
     arith_high: int = 40
     batch_size: int = 32
+    # torch's intra-op threads while building: a matmul's float sums depend on how many threads
+    # split it, so the samples do (measured: 1 thread gave 257 replies that stopped on EOS, 92
+    # pairs; 2 threads 267, 93). Fixed, and part of the cache key, so one config builds one world
+    # whatever the caller's setting; 2 is torch's default on the 2-core machine the demo targets.
+    build_threads: int = 2
 
     @classmethod
     def for_task(cls, task: str) -> SmolConfig:
@@ -147,7 +152,10 @@ def task_requests(config: SmolConfig) -> dict[str, list[str]]:
 
 
 def build_smol_world(config: SmolConfig, policy: Path, root: Path, log=print) -> SmolWorld:
+    import torch
+
     from prefalign.modeling import load_model, load_tokenizer
+    from prefalign.toy.determinism import deterministic_build
 
     started = time.perf_counter()
     log(f"building the SmolLM2 world '{config.task}' in {root}")
@@ -160,10 +168,13 @@ def build_smol_world(config: SmolConfig, policy: Path, root: Path, log=print) ->
     staging = root.with_name(root.name + ".building")
     for split in ("train", "eval"):
         write_jsonl(staging / f"prompts_{split}.jsonl", [{"prompt": p} for p in rendered[split]])
-    if config.task == "sentiment":
-        figures = build_pairs(config, staging, model, tokenizer, rendered["pairs"], log)
-    else:
-        figures = measure_arith(config, model, tokenizer, rendered["eval"], log)
+    with deterministic_build(config.build_threads):
+        threads = torch.get_num_threads()
+        if config.task == "sentiment":
+            figures = build_pairs(config, staging, model, tokenizer, rendered["pairs"], log)
+        else:
+            figures = measure_arith(config, model, tokenizer, rendered["eval"], log)
+    figures["build_threads"] = threads  # as torch reported it while sampling
     figures["build_seconds"] = round(time.perf_counter() - started, 1)
     figures["parameters"] = sum(p.numel() for p in model.parameters())
     info = {"config": asdict(config), "policy": str(policy), "figures": figures}

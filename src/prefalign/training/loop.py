@@ -26,13 +26,14 @@ from typing import Any, Literal
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
 from prefalign.config import ConfigError, bounded
 from prefalign.errors import RunDirError, UserError
 from prefalign.io import append_jsonl, atomic_write, flatten
 from prefalign.modeling import check_device, device_index
-from prefalign.training import malloc
+from prefalign.training import clip_step, malloc
 from prefalign.training import step_in_backward as in_backward
 from prefalign.training.bf16_weights import Bf16MasterWeights
 from prefalign.training.checkpoint import (
@@ -251,6 +252,14 @@ class Trainer:
         if self.fused_master_step:
             self.master.keep_bf16_grads = True
         self.adamw = optimizer  # what the fused step updates (the prepared one wraps it)
+        # Clipping folded into the optimizer step (training.clip_step) wherever accelerate's
+        # clip would be torch's plain one: no loss scaler, no DeepSpeed or FSDP engine.
+        self.clip_in_step = (
+            not self.sharded
+            and acc.scaler is None
+            and acc.distributed_type
+            in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+        )
         name = {"constant": "constant_with_warmup"}.get(config.schedule, config.schedule)
         from transformers import get_scheduler  # 4 s of imports: not paid by a config error
 
@@ -337,6 +346,15 @@ class Trainer:
                 self._check_finite(record["loss"], grad_norm)
                 self.master.step(self.adamw, clip_coefficient(grad_norm, cfg.max_grad_norm))
                 self.optimizer._opt_called = True
+            elif self.clip_in_step:
+                norm = clip_step.grad_norm(self.trained_params)
+                grad_norm = float(norm)
+                self._check_finite(record["loss"], grad_norm)
+                clip_step.clipped_step(
+                    self.optimizer, self.adamw, self.trained_params, norm, cfg.max_grad_norm
+                )
+                if self.master is not None:
+                    self.master.refresh()
             else:
                 # Clipping at infinity still measures the norm (and unscales fp16 gradients).
                 # DeepSpeed clips inside its engine and returns no norm.

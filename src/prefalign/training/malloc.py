@@ -24,9 +24,11 @@ environment (`MALLOC_MMAP_THRESHOLD_`) wins: it is the user's own choice for the
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 M_MMAP_THRESHOLD = -3  # glibc's malloc.h
@@ -50,6 +52,7 @@ class Decision:
 
 
 _decision: Decision | None = None
+_applied: int | None = None  # the KiB this module fixed with mallopt (transient_heap restores it)
 _warned: set[tuple[int, Decision]] = set()
 
 
@@ -107,11 +110,13 @@ def decide_mmap_threshold(kib: int | None, source: str) -> Decision:
 
 
 def apply(kib: int) -> None:
+    global _applied
     libc = glibc()
     if libc is None:
         return
     if not libc.mallopt(ctypes.c_int(M_MMAP_THRESHOLD), ctypes.c_int(kib * 1024)):
         raise ValueError(f"glibc refused an mmap threshold of {kib} KiB")
+    _applied = kib
 
 
 def set_mmap_threshold(kib: int) -> bool:
@@ -120,3 +125,24 @@ def set_mmap_threshold(kib: int) -> bool:
     environment, not glibc's adaptive one)."""
     decision = decide_mmap_threshold(kib, "set_mmap_threshold")
     return bool(decision.kib) and ENV_THRESHOLD not in decision.source and glibc() is not None
+
+
+@contextlib.contextmanager
+def transient_heap() -> Iterator[None]:
+    """Serve large buffers from glibc's heap inside the block, whatever threshold is fixed, then
+    fix it again: for a phase whose buffers all die inside it, such as a forward pass without
+    autograd (each layer's buffers are freed before the next layer's are made), which then
+    reuses the same heap blocks layer after layer instead of mapping and faulting in every
+    buffer afresh (a no-grad SmolLM2-135M forward over 4 short pairs: 80 k page faults and
+    0.54 CPU-s against 20 k and 0.46 CPU-s, the resident size unchanged within 40 MB). Does
+    nothing where no threshold is fixed by this module (glibc's adaptive one already does it)."""
+    applied = _applied
+    libc = glibc() if applied else None
+    if libc is None:
+        yield
+        return
+    libc.mallopt(ctypes.c_int(M_MMAP_THRESHOLD), ctypes.c_int(MAX_THRESHOLD_KIB * 1024))
+    try:
+        yield
+    finally:
+        libc.mallopt(ctypes.c_int(M_MMAP_THRESHOLD), ctypes.c_int(applied * 1024))
