@@ -1,8 +1,10 @@
 """Where one soft trust-region DPO step's CPU time goes, and what bounds its FLOP/s share.
 
-    .venv/bin/python bench/profile_step.py [--pairs 4] [--repeats 3] [--out bench/results/x.json]
+    .venv/bin/python bench/profile_step.py [--pairs 4] [--repeats 3] [--data chat|short|long]
+        [--out bench/results/x.json]
 
-SmolLM2-135M-Instruct, smol-chat pairs (train_throughput's chat shape) in shared-prompt rows,
+SmolLM2-135M-Instruct, smol-chat pairs (train_throughput's chat shape; `--data short`: its
+smol-short review pairs of ~3-token prompts, `long`: 256-token prompts) in shared-prompt rows,
 1 thread: the policy forward, the reference forward (no autograd), backward, clipping, fused
 AdamW and the soft update (alpha 0.6), each under its own `record_function` label, after one
 warm-up step. Prints the operators by self CPU time (which SDPA kernel runs shows here), then
@@ -60,6 +62,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3, help="profiled steps (medians)")
+    parser.add_argument("--data", choices=("chat", "short", "long"), default="chat")
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -75,7 +78,7 @@ def main() -> None:
     random.seed(0)
     source = resolve_model_source(SMOLLM2)
     tokenizer, policy = load_tokenizer(source), load_model(source, device="cpu").train()
-    _, batch = batches(tokenizer, "chat", args.pairs)
+    _, batch = batches(tokenizer, args.data, args.pairs)
     reference = make_reference(policy, ReferenceSpec(mode="soft", alpha=0.6))
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-6, fused=True)
@@ -137,6 +140,7 @@ def main() -> None:
         "command": "python bench/profile_step.py " + " ".join(sys.argv[1:]),
         "load_avg_1m": os.getloadavg()[0],  # other jobs' load slows the matmuls most
         "pairs": args.pairs,
+        "data": args.data,
         "unshared_real_tokens": unshared_tokens,
         "computed_positions": int(batch["input_ids"].numel()),
         "n_params": n_params,

@@ -15,7 +15,7 @@ from conftest import save_tiny_review_model
 
 from prefalign.config import load_config
 from prefalign.toy.corpus import review
-from prefalign.training import memory_floor
+from prefalign.training import clip_step, memory_floor
 from prefalign.training.bf16_weights import Bf16MasterWeights
 from prefalign.training.loop import Trainer
 from prefalign.training.preference import PreferenceConfig, run_preference
@@ -60,6 +60,7 @@ def at_end_of_backward(tiny, out: Path, monkeypatch, *extra: str) -> dict:
 
     clip = Accelerator.clip_grad_norm_
     grad_norm = Bf16MasterWeights.grad_norm
+    folded_norm = clip_step.grad_norm
 
     def clip_after_snapshot(self, *args, **kwargs):
         snapshot()
@@ -69,9 +70,14 @@ def at_end_of_backward(tiny, out: Path, monkeypatch, *extra: str) -> dict:
         snapshot()
         return grad_norm(self)
 
+    def folded_norm_after_snapshot(params):
+        snapshot()
+        return folded_norm(params)
+
     monkeypatch.setattr(Trainer, "fit", capturing_fit)
     monkeypatch.setattr(Accelerator, "clip_grad_norm_", clip_after_snapshot)
     monkeypatch.setattr(Bf16MasterWeights, "grad_norm", norm_after_snapshot)
+    monkeypatch.setattr(clip_step, "grad_norm", folded_norm_after_snapshot)
     config = load_config(
         PreferenceConfig,
         None,

@@ -19,6 +19,16 @@ factor, so the update gathers each layer's four factors whole (adapter-sized: a 
 the model is hundreds), mixes them as above on every process, and each process keeps its own
 rows of process 0's result, so all shards come from one factorization (the SVD's signs and
 order are the same everywhere).
+
+Precision: the recompression runs in float32 for float32 (or narrower) factors, float64 for
+float64 ones. Householder QR and the SVD are backward stable, so the computed mixture is off by
+float32 roundings of the factors: measured, 1.9e-6 of the mixture's Frobenius norm over 40
+exact-rank updates of a reference that started as a copy of the policy (1.7e-6 in float64,
+where storing the result in float32 factors sets the error), and 3.6e-6 (against 3.5e-8) where
+the mixture is truncated to the rank. A LoRA update is a small correction to its base weight,
+so that is far below the float32 rounding of the weight the reference computes with, and the
+update is a contraction (`(1 - a) * D_ref`): errors do not accumulate over steps. float32 is
+1.7x faster (172 against 297 ms an update for SmolLM2-135M's 210 rank-8 layers, one core).
 """
 
 from __future__ import annotations
@@ -37,7 +47,7 @@ def mix_factors_(
     `weight * b @ a + (1 - weight) * b_ref @ a_ref`, in place. Returns the dropped share of each
     mixture's Frobenius norm (0 where it is exact), shape [...]."""
     rank = a_ref.shape[-2]
-    dtype = torch.float64  # the factors are small: recompress at double precision
+    dtype = mix_dtype(a_ref.dtype)
     b_stack = torch.cat([weight * b.to(dtype), (1 - weight) * b_ref.to(dtype)], dim=-1)
     a_stack = torch.cat([a.to(dtype), a_ref.to(dtype)], dim=-2)
     new_b, new_a, dropped = _recompress(b_stack, a_stack, rank)
@@ -47,6 +57,11 @@ def mix_factors_(
     b_ref[..., :keep].copy_(new_b)
     a_ref[..., :keep, :].copy_(new_a)
     return dropped
+
+
+def mix_dtype(factor_dtype: torch.dtype) -> torch.dtype:
+    """What the recompression computes in: float32, or float64 for float64 factors."""
+    return torch.promote_types(factor_dtype, torch.float32)
 
 
 def _recompress(
@@ -63,7 +78,8 @@ def _recompress(
     new_a = root[..., :, None] * (vh[..., :keep, :] @ q_a.mT)
     total = sigma.square().sum(-1)
     dropped = sigma[..., keep:].square().sum(-1)
-    return new_b, new_a, torch.where(total > 0, dropped / total.clamp(min=1e-300), 0.0).sqrt()
+    tiny = torch.finfo(total.dtype).tiny
+    return new_b, new_a, torch.where(total > 0, dropped / total.clamp(min=tiny), 0.0).sqrt()
 
 
 @torch.no_grad()
@@ -81,12 +97,12 @@ def mix_layers_(layers: list[tuple[torch.Tensor, ...]], weight: float) -> float:
 
 
 def _mix_group_(members: list[tuple[torch.Tensor, ...]], weight: float) -> torch.Tensor:
-    """`mix_factors_` of layers of one shape, the float64 stacks written in place: each factor
-    is read once into its slice of the stack (no float32 stack, concatenation or zero-filled
-    result; about 0.1 s of a 0.3 s update of SmolLM2's 210 layers)."""
+    """`mix_factors_` of layers of one shape, the stacks written in place: each factor is read
+    once into its slice of the stack (no intermediate stack, concatenation or zero-filled
+    result)."""
     a_ref0, b_ref0, a0, _ = members[0]
     n, rank, r = len(members), a_ref0.shape[0], a0.shape[0]
-    dtype, device = torch.float64, a0.device
+    dtype, device = mix_dtype(a0.dtype), a0.device
     # Column-major, as LAPACK's QR reads it (a_stack.mT is already): no copy inside the QR.
     b_stack = torch.empty(n, r + rank, b_ref0.shape[0], dtype=dtype, device=device).mT
     a_stack = torch.empty(n, r + rank, a_ref0.shape[1], dtype=dtype, device=device)

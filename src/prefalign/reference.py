@@ -37,6 +37,7 @@ from prefalign.errors import RunDirError
 from prefalign.logprobs import SequenceLogps, sequence_logps
 from prefalign.lora_mix import copy_factors_, mix_layers_, mix_sharded_layers_
 from prefalign.modeling import is_peft_model
+from prefalign.training import malloc
 from prefalign.training.fsdp import (
     full_state_dict,
     full_tensor,
@@ -153,7 +154,8 @@ class ReferencePolicy:
     def score(self, fn: Callable[[torch.nn.Module], T]) -> T:
         """`fn(model)` run on the reference model (no autograd, eval mode, reference adapter
         active): any scoring function, e.g. a shared-prompt pair forward."""
-        with torch.no_grad():
+        # No autograd: every buffer of the forward dies inside it, so it can recycle heap blocks.
+        with torch.no_grad(), malloc.transient_heap():
             return self._score(fn)
 
     def after_optimizer_step(self, step: int) -> bool:
