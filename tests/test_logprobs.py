@@ -168,3 +168,35 @@ def test_the_head_backward_runs_once_and_says_so():
     torch.testing.assert_close(hidden.grad, grad)
     with pytest.raises(RuntimeError, match="runs once"):
         out.sum().backward()
+
+
+@pytest.mark.parametrize("rows", [7, 150])  # one block of BF16_HEAD_ROWS, and three
+def test_the_bf16_head_keeps_only_bf16_logits_for_backward_with_the_plain_values(rows):
+    torch.manual_seed(0)
+    vocab = 4096  # the logits dwarf hidden states and weights, as at a real vocabulary
+    head = torch.nn.Linear(16, vocab, bias=True).to(torch.bfloat16)
+    hidden = torch.randn(rows, 16, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, vocab, (rows,))
+    scale = torch.linspace(0.5, 2.0, rows)
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        ours = logprobs.head_token_logps(head, hidden, labels, vocab)
+    params = (hidden, head.weight, head.bias)
+    ours_grads = torch.autograd.grad((ours * scale).sum(), params)
+    logp = torch.log_softmax(head(hidden), dim=-1, dtype=torch.float32)  # the plain path
+    plain = logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    plain_grads = torch.autograd.grad((plain * scale).sum(), params)
+    with torch.no_grad():  # a reference scoring without autograd: the same values, bit for bit
+        assert torch.equal(logprobs.head_token_logps(head, hidden, labels, vocab), ours)
+    assert torch.equal(ours, plain)
+    for a, b in zip(ours_grads, plain_grads, strict=True):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=1e-3)
+    # Saved: the bf16 logits (and hidden, weight, labels), not an fp32 log-softmax of the chunk.
+    beside_logits = sum(saved.values()) - hidden.nbytes - head.weight.nbytes - labels.nbytes
+    assert beside_logits == rows * vocab * 2  # an fp32 log-softmax would be twice that

@@ -104,16 +104,67 @@ class _LinearTokenLogps(torch.autograd.Function):
         # d/dlogits of (picked - lse) = onehot(label) - softmax, times the incoming gradient.
         softmax_grad = logits.sub_(lse).exp_().mul_(-grad)
         softmax_grad.scatter_add_(-1, labels.unsqueeze(-1), grad)
-        grad_hidden = softmax_grad @ weight if ctx.needs_input_grad[0] else None
-        grad_weight = None
-        if ctx.needs_input_grad[1]:
-            link = ctx.link
-            if link is not None and link.open:  # a tied weight: its lookup returns the sum
-                link.add_product(softmax_grad.t(), hidden)
-            else:
-                grad_weight = softmax_grad.t() @ hidden
-        grad_bias = softmax_grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_hidden, grad_weight, grad_bias, None, None
+        return _linear_grads(ctx, softmax_grad, hidden, weight)
+
+
+# Rows of bf16 logits widened to fp32 at a time by the bf16 head (12 MB at a 49,152 vocabulary).
+BF16_HEAD_ROWS = 64
+
+
+def _bf16_log_softmax_rows(logits: torch.Tensor, start: int) -> torch.Tensor:
+    """fp32 log-softmax of BF16_HEAD_ROWS rows of bf16 logits: the fused kernel, row by row the
+    same values as over the whole chunk."""
+    return torch.log_softmax(logits[start : start + BF16_HEAD_ROWS], dim=-1, dtype=torch.float32)
+
+
+class _Bf16LinearTokenLogps(torch.autograd.Function):
+    """log p(labels) under bf16 logits hidden @ weight.T + bias, as one fp32 log-softmax (the
+    plain path's values), saving only the bf16 logits: backward turns them into the bf16
+    softmax gradient in place, widening BF16_HEAD_ROWS rows at a time. The plain path keeps an
+    fp32 log-softmax of the chunk for backward and makes two more fp32 and one bf16
+    logits-sized tensors in it (55 MB each in fp32 for 280 positions of a 49,152 vocabulary).
+    Its backward runs once (the saved logits are consumed)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, link=None):
+        logits = torch.nn.functional.linear(hidden, weight, bias)
+        picked = torch.empty(labels.shape, dtype=torch.float32, device=labels.device)
+        for start in range(0, logits.shape[0], BF16_HEAD_ROWS):
+            rows = _bf16_log_softmax_rows(logits, start)
+            y = labels[start : start + BF16_HEAD_ROWS].unsqueeze(-1)
+            picked[start : start + BF16_HEAD_ROWS] = rows.gather(-1, y).squeeze(-1)
+        ctx.save_for_backward(hidden, weight, logits, labels)
+        ctx.has_bias, ctx.consumed, ctx.link = bias is not None, False, link
+        return picked
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.consumed:
+            raise RuntimeError("the response-only head's backward runs once (retain_graph)")
+        ctx.consumed = True
+        hidden, weight, logits, labels = ctx.saved_tensors
+        for start in range(0, logits.shape[0], BF16_HEAD_ROWS):
+            g = grad[start : start + BF16_HEAD_ROWS].unsqueeze(-1)
+            # d/dlogits of log_softmax[label] = onehot(label) - softmax, times the gradient.
+            rows = _bf16_log_softmax_rows(logits, start).exp_().mul_(-g)
+            rows.scatter_add_(-1, labels[start : start + BF16_HEAD_ROWS].unsqueeze(-1), g)
+            logits[start : start + BF16_HEAD_ROWS].copy_(rows)  # rounded to bf16, as autograd
+        return _linear_grads(ctx, logits, hidden, weight)
+
+
+def _linear_grads(ctx, softmax_grad, hidden, weight):
+    """The gradients of hidden, weight and bias of a head Function from the logits' gradient
+    (a tied weight's part goes into its link; `prefalign.training.tied_embedding`)."""
+    grad_hidden = softmax_grad @ weight if ctx.needs_input_grad[0] else None
+    grad_weight = None
+    if ctx.needs_input_grad[1]:
+        link = ctx.link
+        if link is not None and link.open:  # a tied weight: its lookup returns the sum
+            link.add_product(softmax_grad.t(), hidden)
+        else:
+            grad_weight = softmax_grad.t() @ hidden
+    grad_bias = softmax_grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    return grad_hidden, grad_weight, grad_bias, None, None
 
 
 def _chunk_logps(
@@ -124,12 +175,14 @@ def _chunk_logps(
         type(head) is torch.nn.Linear  # not a LoRA-wrapped or quantized head
         and not (head._forward_hooks or head._forward_pre_hooks)  # FSDP's unshard, observers
         and type(weight) is torch.nn.Parameter  # not a DTensor shard
-        and weight.dtype == torch.float32
-        and hidden.dtype == torch.float32
+        and weight.dtype == hidden.dtype
         and torch.is_grad_enabled()
         and not torch.is_autocast_enabled(hidden.device.type)
     ):
-        return _LinearTokenLogps.apply(hidden, weight, head.bias, labels, link)
+        if weight.dtype == torch.float32:
+            return _LinearTokenLogps.apply(hidden, weight, head.bias, labels, link)
+        if weight.dtype == torch.bfloat16:  # bf16 working weights
+            return _Bf16LinearTokenLogps.apply(hidden, weight, head.bias, labels, link)
     logits = head(hidden)
     if logits.dtype == torch.float32:  # the arithmetic of _LinearTokenLogps' forward: a
         return token_logps(logits, labels)  # no-grad reference equals the policy bit for bit
