@@ -44,9 +44,13 @@ class Command:
     help: str
     handler: str  # "module:function": f(args) -> int, or f(config, args) -> int with a schema
     schema: str | None = None  # "module:Class": a config command (--config, overrides, --resume)
-    report_dir: str | None = None  # the config attribute naming the run directory to report
+    out_dir: str | None = None  # the config attribute naming the run directory (--resume's)
+    report: bool = False  # writes report.md / report.html of out_dir when it is done
     arguments: Arguments | None = None
     overrides: bool = False  # takes key=value overrides without a config schema
+    # The config attribute holding the run's TrainerConfig: its mmap threshold is decided for
+    # the whole process here, before anything loads (prefalign.training.malloc).
+    trainer: str | None = None
 
 
 # Help text naming what is registered (tasks, demo worlds): filled in only when help is
@@ -233,6 +237,8 @@ COMMANDS: tuple[Command, ...] = (
         "supervised fine-tuning on prompt/completion data",
         "prefalign.cli:run_sft",
         schema="prefalign.training.sft:SFTConfig",
+        trainer="trainer",
+        out_dir="trainer.out_dir",
     ),
     Command(
         "eval",
@@ -245,14 +251,17 @@ COMMANDS: tuple[Command, ...] = (
         "offline preference training (DPO, IPO, KTO, ...) with a frozen, soft or hard reference",
         "prefalign.cli:run_train",
         schema="prefalign.training.preference:PreferenceConfig",
-        report_dir="trainer.out_dir",
+        trainer="trainer",
+        out_dir="trainer.out_dir",
+        report=True,
     ),
     Command(
         "discover",
         "discover preference objectives: propose, sandbox, score on a toy proxy",
         "prefalign.cli:run_discover",
         schema="prefalign.discovery.recipe:DiscoverConfig",
-        report_dir="out_dir",
+        out_dir="out_dir",
+        report=True,
     ),
     Command(
         "report",
@@ -265,20 +274,26 @@ COMMANDS: tuple[Command, ...] = (
         "ReST: Grow (sample + score) and Improve (filter + fine-tune), repeated",
         "prefalign.rest.cli:run_rest_cli",
         schema="prefalign.rest.loop:RestConfig",
-        report_dir="out_dir",
+        trainer="improve.trainer",
+        out_dir="out_dir",
+        report=True,
     ),
     Command(
         "rm train",
         "train a Bradley-Terry reward model on preference pairs",
         "prefalign.reward_models.cli:run_rm_train_cli",
         schema="prefalign.reward_models.train:RewardModelConfig",
+        trainer="trainer",
+        out_dir="trainer.out_dir",
     ),
     Command(
         "arm train",
         "train an autoregressive reward model on preference pairs",
         "prefalign.genarm.cli:run_arm_train_cli",
         schema="prefalign.genarm.arm:ArmConfig",
-        report_dir="trainer.out_dir",
+        trainer="trainer",
+        out_dir="trainer.out_dir",
+        report=True,
     ),
     Command(
         "generate",
@@ -322,10 +337,36 @@ def run(command: Command, args: argparse.Namespace) -> int:
     if command.schema is None:
         return int(handler(args) or 0)
     config = load_config(load_attr(command.schema), args.config, args.overrides)
+    if command.trainer:
+        from prefalign.training.malloc import decide_mmap_threshold
+
+        key = f"{command.trainer}.malloc_mmap_threshold_kib"
+        decide_mmap_threshold(attr_path(config, key), f"config key '{key}'")
+    if args.resume:
+        check_resumable(attr_path(config, command.out_dir), command.out_dir)
     code = int(handler(args, config=config) or 0)
-    if command.report_dir:
-        write_reports(attr_path(config, command.report_dir))
+    if command.report:
+        write_reports(attr_path(config, command.out_dir))
     return code
+
+
+def check_resumable(out_dir: str | Path, key: str) -> None:
+    """--resume continues a run that exists: a missing or empty out_dir is a mistyped path or a
+    run that never started, refused rather than silently trained from scratch. (A run killed
+    before its first checkpoint resumes from its start.)"""
+    path = Path(out_dir)
+    if not path.exists():
+        raise UserError(
+            f"--resume: out_dir {path} (config key '{key}') does not exist, so there is no run "
+            "to resume; check the path, or drop --resume to start a new run"
+        )
+    if not path.is_dir():
+        raise UserError(f"--resume: out_dir {path} (config key '{key}') is not a directory")
+    if not any(path.iterdir()):
+        raise UserError(
+            f"--resume: out_dir {path} (config key '{key}') is empty, so there is no run to "
+            "resume; drop --resume to start a new run there"
+        )
 
 
 def load_attr(target: str) -> Any:

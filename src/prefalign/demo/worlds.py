@@ -17,10 +17,13 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prefalign.errors import UserError
 from prefalign.tasks import Task
+
+if TYPE_CHECKING:
+    from prefalign.training.malloc import Decision
 
 # family name -> the module that registers it when imported
 FAMILY_MODULES: dict[str, str] = {
@@ -68,6 +71,16 @@ class WorldFamily:
     rows: Callable[[str, bool], dict[str, MethodFn]]  # rows(task, quick) -> {name: row}
     description: str = ""
     label: str = ""  # what the report calls its worlds ("Toy", "SmolLM2-135M-Instruct")
+    # The demo process's mmap threshold in KiB (prefalign.training.malloc), decided before
+    # its first row: 0 where returning freed buffers costs more page faults than the memory
+    # is worth; None: the trainer's default.
+    mmap_threshold_kib: int | None = None
+
+    def decide_mmap_threshold(self) -> Decision:
+        """Fix this family's threshold for the process (every row runs with it)."""
+        from prefalign.training.malloc import decide_mmap_threshold
+
+        return decide_mmap_threshold(self.mmap_threshold_kib, f"the {self.name} demo")
 
 
 _FAMILIES: dict[str, WorldFamily] = {}

@@ -4,6 +4,12 @@ The recipe is `prefalign train` with two defaults changed (objective `genarm`, r
 `none`): the trainer, data pipeline, LoRA and checkpoints are the preference trainer's own.
 The ARM's implied reward is `r(x, y) = beta_r * log pi_arm(y | x)`; its quality is the share
 of held-out pairs where r(chosen) > r(rejected).
+
+With no reference, an ARM initialised from its base starts each pair at the base's margin,
+which a length difference dominates (tens of nats against a sigmoid scale of 1/beta_r): the
+loss stays linear on pairs whose chosen reply is longer and saturates on the others, so where
+length predicts the label the ARM learns to stop less (a sum of log-probs can reward length only
+by lowering EOS). bench/smol_arm.py measures this on SmolLM2.
 """
 
 from __future__ import annotations

@@ -298,13 +298,20 @@ def improve(
     resume: bool = False,
     run_config: dict | None = None,
     loss: Loss | None = None,
+    device: str = "auto",
 ) -> TrainResult:
     """Train `model` on `data` with `loss` (the run's resolved loss; by default `spec.loss` with
-    `spec.objective_params`); `resume` continues from the step's own checkpoint."""
+    `spec.objective_params`) on `device` (`model.device`); `resume` continues from the step's
+    own checkpoint."""
     loss = resolve_loss(spec.loss if loss is None else loss, spec.objective_params)
     trainer_config = fit_batch(trainer_config, len(data), data.kind)
     trainer = Trainer(
-        model, trainer_config, data.lengths, run_config=run_config, tokenizer=tokenizer
+        model,
+        trainer_config,
+        data.lengths,
+        run_config=run_config,
+        tokenizer=tokenizer,
+        device=device,
     )
     # Built after prepare() so a full-copy reference lands on the training device.
     reference = make_reference(trainer.model, reference_spec(loss, spec.reference))

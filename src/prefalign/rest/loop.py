@@ -105,8 +105,8 @@ def run_rest(
         spec.thresholds,
         spec.schedule,
     )
+    device = str(resolve_device(config.model.device))  # before anything loads
     base = resolve_model_path(config.model.name_or_path)
-    device = str(resolve_device(config.model.device))
     tokenizer = load_tokenizer(base)
     original = load_original(spec.original_data, tokenizer)
     reward = load_reward(config.reward, device)
@@ -315,6 +315,7 @@ def improve_step(
         trainer_config,
         resume=True,
         loss=loss,
+        device=config.model.device,
         run_config={
             "rest": asdict(config),
             "grow_step": g,

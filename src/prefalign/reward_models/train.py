@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 from prefalign.config import ConfigError
 from prefalign.data import TokenizedPair, collate_pairs, load_preference_data, tokenize_preference
 from prefalign.manifest import write_manifest
-from prefalign.modeling import ModelSpec, load_tokenizer, resolve_dtype
+from prefalign.modeling import ModelSpec, check_device, load_tokenizer, resolve_dtype
 from prefalign.reward_models.reader import (
     SequenceRewardModel,
     as_sequence_reward_model,
@@ -157,6 +157,7 @@ def train_reward_model(config: RewardModelConfig, resume: bool = False, log=prin
         raise ConfigError(
             "config key 'model.lora': LoRA reward models are not supported; train the full model"
         )
+    check_device(config.model.device)  # before anything loads
     write_manifest(config.trainer.out_dir, "rm")
     tokenizer = load_tokenizer(config.model.name_or_path)
     trunc = dict(**config.data.limits(), skip_invalid=config.data.skip_invalid)
@@ -189,6 +190,7 @@ def train_reward_model(config: RewardModelConfig, resume: bool = False, log=prin
         [p.length for p in train_pairs],
         run_config=asdict(config),
         tokenizer=tokenizer,
+        device=config.model.device,
     )
     if resume:
         trainer.resume()

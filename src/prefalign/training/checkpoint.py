@@ -12,8 +12,10 @@ back from `model/`, so nothing is stored twice. A caller that deletes `checkpoin
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -29,11 +31,56 @@ MODEL_DIR = "model"
 
 
 def checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
-    """(step, directory) of every complete checkpoint of a run, in no particular order."""
+    """(step, directory) of every checkpoint of a run, in no particular order: the directories
+    named step-N (a copy named step-3.bak, or a temporary .tmp-step-N, is none)."""
     root = Path(out_dir) / "checkpoints"
-    if not root.exists():
+    if not root.is_dir():
         return []
-    return [(int(p.name.split("-")[1]), p) for p in root.iterdir() if p.name.startswith("step-")]
+    found = (re.fullmatch(r"step-(\d+)", p.name) for p in root.iterdir() if p.is_dir())
+    return [(int(m.group(1)), root / m.group(0)) for m in found if m]
+
+
+# What resume reads of a checkpoint besides its state (extra_state.pt: when the run has one).
+CHECKPOINT_FILES = (MODEL_DIR, "optimizer.pt", "scheduler.pt")
+
+
+def read_checkpoint_state(path: Path) -> dict[str, Any]:
+    """state.json of checkpoint `path`: a missing, unreadable or malformed one is a located
+    one-line `RunDirError`."""
+    file = path / "state.json"
+    if not file.exists():
+        raise missing_files(path, ["state.json"])
+    try:
+        state = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise RunDirError(f"{file}:{err.lineno}: not valid JSON ({err.msg})") from None
+    except (UnicodeDecodeError, OSError) as err:
+        raise RunDirError(f"{file}: cannot be read ({err})") from None
+    fields = {"step": int, "num_processes": int}
+    bad = [
+        name
+        for name, kind in fields.items()
+        if not isinstance(state, dict) or type(state.get(name)) is not kind
+    ]
+    if bad:
+        raise RunDirError(f"{file}: field '{bad[0]}' must be an integer (a checkpoint's state)")
+    return state
+
+
+def check_checkpoint_files(path: Path, needs_extra: bool) -> None:
+    """The files resume reads besides state.json are all in checkpoint `path` (a one-line
+    `RunDirError` naming those missing, instead of a bare Errno from the first load)."""
+    wanted = [*CHECKPOINT_FILES, "extra_state.pt"] if needs_extra else list(CHECKPOINT_FILES)
+    missing = [name for name in wanted if not (path / name).exists()]
+    if missing:
+        raise missing_files(path, missing)
+
+
+def missing_files(path: Path, names: list[str]) -> RunDirError:
+    return RunDirError(
+        f"checkpoint {path} lacks {', '.join(names)} (a partial copy, or files deleted): "
+        f"delete {path} to resume from the checkpoint before it"
+    )
 
 
 def save_model(

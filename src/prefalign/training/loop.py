@@ -32,14 +32,17 @@ from tqdm.auto import tqdm
 from prefalign.config import ConfigError, bounded
 from prefalign.errors import RunDirError, UserError
 from prefalign.io import append_jsonl, atomic_write, flatten
+from prefalign.modeling import check_device, device_index
 from prefalign.training import clip_step, malloc
 from prefalign.training import step_in_backward as in_backward
 from prefalign.training.bf16_weights import Bf16MasterWeights
 from prefalign.training.checkpoint import (
     MODEL_DIR,
+    check_checkpoint_files,
     checkpoints,
     load_trained_weights,
     point_final,
+    read_checkpoint_state,
     rng_state,
     save_model,
     set_rng_state,
@@ -102,10 +105,15 @@ class TrainerConfig:
     # torch's intra-op threads from the start of the run (0: torch's own, the cores or
     # OMP_NUM_THREADS); 1 on a shared machine: idle threads spin-wait on contended cores.
     threads: int = bounded(0, min=0)
-    # Fix glibc's mmap threshold (KiB) for the run, so freed activation buffers above it go back
-    # to the system and the resident peak is the live peak (prefalign.training.malloc); 0 keeps
-    # glibc's adaptive default. Ignored off glibc and where MALLOC_MMAP_THRESHOLD_ is set.
-    malloc_mmap_threshold_kib: int = bounded(256, min=0, max=malloc.MAX_THRESHOLD_KIB)
+    # glibc's mmap threshold (KiB), so freed activation buffers above it go back to the system
+    # and the resident peak is the live peak (prefalign.training.malloc); 0 keeps glibc's
+    # adaptive default. Process-wide: the first run (or the CLI) of a process decides it, a
+    # later run asking for another value is warned and keeps it; unset (null) asks for nothing:
+    # 256 if nothing decided before. Ignored off glibc and where MALLOC_MMAP_THRESHOLD_ is set.
+    malloc_mmap_threshold_kib: int | None = bounded(None, min=0, max=malloc.MAX_THRESHOLD_KIB)
+
+
+THRESHOLD_KEY = "trainer.malloc_mmap_threshold_kib"
 
 
 class TrainingDiverged(UserError):
@@ -171,18 +179,22 @@ class Trainer:
         accelerator: Accelerator | None = None,
         run_config: dict[str, Any] | None = None,
         tokenizer: Any = None,
+        device: str = "auto",
     ):
         """`lengths`: the token count of every training example (the epoch's batches are planned
-        from them). Seed with `seed_everything(config.seed)` before building the model."""
+        from them); `device`: where to train (`model.device`) unless `accelerator` is given.
+        Seed with `seed_everything(config.seed)` before building the model."""
         self.config = config
         if config.threads:
             torch.set_num_threads(config.threads)
-        malloc.set_mmap_threshold(config.malloc_mmap_threshold_kib)
+        malloc.decide_mmap_threshold(
+            config.malloc_mmap_threshold_kib, f"{THRESHOLD_KEY} of the run in {config.out_dir}"
+        )
         self.lengths = list(lengths)
         n_examples = len(self.lengths)
         self.tokenizer = tokenizer  # saved beside every checkpoint so each one loads on its own
         self.out_dir = Path(config.out_dir)
-        self.accelerator = accelerator or make_accelerator(config)
+        self.accelerator = accelerator or make_accelerator(config, device)
         acc = self.accelerator
         torch.manual_seed(config.seed)
         self.global_micro_batch = config.batch_size * acc.num_processes
@@ -498,7 +510,7 @@ class Trainer:
         if not found:
             return False
         step, path = found[-1]
-        state = json.loads((path / "state.json").read_text())
+        state = read_checkpoint_state(path)
         if state["num_processes"] != self.accelerator.num_processes:
             raise RunDirError(
                 f"checkpoint {path} was written by {state['num_processes']} processes; "
@@ -510,6 +522,7 @@ class Trainer:
                 f"checkpoint {path} was written with trainer.fsdp={written}; "
                 "resume with the same setting"
             )
+        check_checkpoint_files(path, needs_extra=self.extra_state is not None)
         with self._fp32_parameters():  # into the fp32 masters; the bf16 weights follow
             load_trained_weights(self.unwrapped, path / MODEL_DIR)
         optimizer_state = torch.load(path / "optimizer.pt", weights_only=False)
@@ -598,13 +611,22 @@ def bf16_weights(config: TrainerConfig, num_processes: int, sharded: bool) -> bo
     return path == "weights"
 
 
-def make_accelerator(config: TrainerConfig) -> Accelerator:
+def make_accelerator(config: TrainerConfig, device: str = "auto") -> Accelerator:
+    """The run's accelerator on `device` (`model.device`: auto, cpu, cuda, cuda:N)."""
+    index = device_index(check_device(device))
+    if index is not None:  # one GPU by number: accelerate trains on the current CUDA device
+        if world_size() > 1:
+            raise ConfigError(
+                f"config key 'model.device': {device!r} names one GPU, but this run has "
+                f"{world_size()} processes, each on its local rank's GPU: use auto or cuda"
+            )
+        torch.cuda.set_device(index)
     precision = resolve_mixed_precision(config.mixed_precision)
     if bf16_weights(config, world_size(), config.fsdp):
         precision = "no"  # the weights themselves are bf16: no autocast on top
     return Accelerator(
         # On a machine without CUDA, `cpu=True` lets torchrun processes join one gloo group.
-        cpu=not torch.cuda.is_available(),
+        cpu=device == "cpu" or not torch.cuda.is_available(),
         mixed_precision=precision,
         log_with=config.report_to or None,
         project_dir=config.out_dir,

@@ -14,8 +14,12 @@ a fifth more CPU time). The trainer's 256 KiB sits below a real model's activati
 key/value-sized ones of that step are 0.3 MB; at 1 MiB, batches of fewer positions kept their
 hidden-size buffers in the heap and most of the gain), above the many small tensors.
 
-Only glibc has `mallopt`; elsewhere (macOS, musl) this does nothing. A threshold given by the
-environment (`MALLOC_MMAP_THRESHOLD_`) wins: it is the user's own choice.
+The setting is the process's, decided once: glibc has no call that gives the adaptive
+threshold back, so the first decision (`decide_mmap_threshold`: the CLI's, from the command's
+config, or the first run's in a library process) holds until the process ends, and a later
+run asking for another value is told so in one line on stderr and runs with the process's.
+Only glibc has `mallopt`; elsewhere (macOS, musl) nothing is set. A threshold given by the
+environment (`MALLOC_MMAP_THRESHOLD_`) wins: it is the user's own choice for the process.
 """
 
 from __future__ import annotations
@@ -23,13 +27,33 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 M_MMAP_THRESHOLD = -3  # glibc's malloc.h
 MAX_THRESHOLD_KIB = 32 * 1024  # glibc's HEAP_MAX_SIZE / 2 on 64-bit: the largest it accepts
+DEFAULT_KIB = 256  # what a run that leaves the key unset asks for
 ENV_THRESHOLD = "MALLOC_MMAP_THRESHOLD_"
 
-_applied: int | None = None
+
+@dataclass(frozen=True)
+class Decision:
+    """The process's threshold and who decided it."""
+
+    kib: int | None  # 0: glibc's adaptive threshold; None: an environment value not in KiB
+    source: str
+
+    def describe(self) -> str:
+        if self.kib == 0:
+            return f"off (glibc's adaptive threshold, decided by {self.source})"
+        size = f"{self.kib} KiB" if self.kib is not None else os.environ.get(ENV_THRESHOLD, "?")
+        return f"{size} (decided by {self.source})"
+
+
+_decision: Decision | None = None
+_applied: int | None = None  # the KiB this module fixed with mallopt (transient_heap restores it)
+_warned: set[tuple[int, Decision]] = set()
 
 
 def glibc() -> ctypes.CDLL | None:
@@ -43,22 +67,64 @@ def glibc() -> ctypes.CDLL | None:
     return libc if version() and hasattr(libc, "mallopt") else None
 
 
-def set_mmap_threshold(kib: int) -> bool:
-    """Fix glibc's mmap threshold at `kib` KiB for the rest of the process (0: leave glibc's
-    adaptive default). Returns whether a threshold is now fixed by this call or an earlier one.
-    """
+def process_decision() -> Decision | None:
+    """The threshold this process runs with, or None while nothing has decided it."""
+    return _decision
+
+
+def environment_decision() -> Decision | None:
+    raw = os.environ.get(ENV_THRESHOLD)
+    if raw is None:
+        return None
+    source = f"{ENV_THRESHOLD}={raw} in the environment"
+    try:
+        size = int(raw)
+    except ValueError:
+        return Decision(None, source)
+    return Decision(size // 1024 if size % 1024 == 0 else None, source)
+
+
+def decide_mmap_threshold(kib: int | None, source: str) -> Decision:
+    """The process's mmap threshold: fixed at `kib` KiB (0: glibc's adaptive one, None:
+    `DEFAULT_KIB`) by the first call of the process; `source` says who asks (shown in the
+    warning of a later, different request). A later call changes nothing: one that asks for
+    another value (None asks for nothing) gets a one-line warning on stderr, once per value."""
+    global _decision
+    if _decision is None:
+        decision = environment_decision()
+        if decision is None:
+            decision = Decision(DEFAULT_KIB if kib is None else kib, source)
+            if decision.kib:
+                apply(decision.kib)
+        _decision = decision
+    if kib is not None and kib != _decision.kib and (kib, _decision) not in _warned:
+        _warned.add((kib, _decision))
+        print(
+            f"prefalign: warning: {source} asks for an mmap threshold of "
+            f"{f'{kib} KiB' if kib else '0 (off)'}, but this process's is "
+            f"{_decision.describe()}: glibc's threshold is process-wide and cannot be undone, "
+            "so this run keeps it (run it in a fresh process to change it)",
+            file=sys.stderr,
+        )
+    return _decision
+
+
+def apply(kib: int) -> None:
     global _applied
-    if kib <= 0 or ENV_THRESHOLD in os.environ:
-        return False
-    if _applied == kib:
-        return True
     libc = glibc()
     if libc is None:
-        return False
+        return
     if not libc.mallopt(ctypes.c_int(M_MMAP_THRESHOLD), ctypes.c_int(kib * 1024)):
         raise ValueError(f"glibc refused an mmap threshold of {kib} KiB")
     _applied = kib
-    return True
+
+
+def set_mmap_threshold(kib: int) -> bool:
+    """Decide the process's threshold as `kib` KiB (0: leave glibc's adaptive one), as
+    `decide_mmap_threshold` does. Returns whether prefalign fixed a threshold (not the
+    environment, not glibc's adaptive one)."""
+    decision = decide_mmap_threshold(kib, "set_mmap_threshold")
+    return bool(decision.kib) and ENV_THRESHOLD not in decision.source and glibc() is not None
 
 
 @contextlib.contextmanager

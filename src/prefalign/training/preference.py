@@ -18,7 +18,13 @@ from prefalign.config import ConfigError
 from prefalign.data.tokenize import TruncationSettings
 from prefalign.logprobs import SequenceLogps, sequence_logps
 from prefalign.manifest import write_manifest
-from prefalign.modeling import ModelSpec, is_peft_model, load_model, load_tokenizer
+from prefalign.modeling import (
+    ModelSpec,
+    check_device,
+    is_peft_model,
+    load_model,
+    load_tokenizer,
+)
 from prefalign.reference import (
     InitialPolicyReference,
     ModelReference,
@@ -37,6 +43,7 @@ from prefalign.training.forward import (
     use_shared_prompt,
 )
 from prefalign.training.loop import (
+    THRESHOLD_KEY,
     Trainer,
     TrainerConfig,
     TrainResult,
@@ -192,6 +199,7 @@ def run_preference(
             f"objective '{objective.name}' needs a reference policy; "
             "reference.mode 'none' is for reference-free objectives"
         )
+    check_device(config.model.device)  # before anything loads
     write_manifest(config.trainer.out_dir, "train")
     tokenizer = load_tokenizer(config.model.name_or_path)
     trunc = dict(**config.data.limits(), skip_invalid=config.data.skip_invalid)
@@ -209,7 +217,11 @@ def run_preference(
 
     # After the data: a bad row is reported without waiting for the model to load.
     seed_everything(config.trainer.seed)  # the seed decides a LoRA adapter's init
-    malloc.set_mmap_threshold(config.trainer.malloc_mmap_threshold_kib)  # loading's peak too
+    # Decided before loading, whose peak it lowers too.
+    malloc.decide_mmap_threshold(
+        config.trainer.malloc_mmap_threshold_kib,
+        f"{THRESHOLD_KEY} of the run in {config.trainer.out_dir}",
+    )
     model = load_model(
         config.model.name_or_path,
         dtype=config.model.dtype,
@@ -234,7 +246,8 @@ def run_preference(
     if config.trainer.fsdp:
         from prefalign.training.fsdp import local_fraction, shard_with_reference
 
-        accelerator = make_accelerator(config.trainer)  # the process group sharding needs
+        # the process group sharding needs
+        accelerator = make_accelerator(config.trainer, config.model.device)
         # Made before sharding, so its copy (or adapter) is sharded like the policy.
         reference = make_reference(model, ref_spec)
         shard_with_reference(model, reference)
@@ -242,7 +255,7 @@ def run_preference(
         log(f"FSDP2: {local} of {total} parameter elements on process {accelerator.process_index}")
         trainer = Trainer(model, config.trainer, accelerator=accelerator, **run)
     else:
-        trainer = Trainer(model, config.trainer, **run)
+        trainer = Trainer(model, config.trainer, device=config.model.device, **run)
         if trainer.master is not None and not unpaired:  # bf16 weights: the attention kernel
             rows, width = widest_batch(
                 examples,

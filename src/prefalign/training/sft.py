@@ -11,7 +11,7 @@ from transformers import PreTrainedTokenizerBase
 from prefalign.data.tokenize import TruncationSettings
 from prefalign.logprobs import collate_prompt_response, nll_loss
 from prefalign.manifest import write_manifest
-from prefalign.modeling import ModelSpec, load_model, load_tokenizer
+from prefalign.modeling import ModelSpec, check_device, load_model, load_tokenizer
 from prefalign.training.loop import Trainer, TrainerConfig, TrainResult, seed_everything
 
 
@@ -40,8 +40,10 @@ def train_sft(
     loss_on_prompt: bool = False,
     run_config: dict | None = None,
     resume: bool = False,
+    device: str = "auto",
 ) -> TrainResult:
-    """Minimise the NLL of responses given prompts (of every token if `loss_on_prompt`)."""
+    """Minimise the NLL of responses given prompts (of every token if `loss_on_prompt`) on
+    `device` (`model.device`)."""
     if loss_on_prompt:
         prompts, responses = (
             [[] for _ in prompts],
@@ -58,7 +60,9 @@ def train_sft(
         loss = nll_loss(model, batch)
         return loss, {}
 
-    trainer = Trainer(model, config, lengths, run_config=run_config, tokenizer=tokenizer)
+    trainer = Trainer(
+        model, config, lengths, run_config=run_config, tokenizer=tokenizer, device=device
+    )
     if resume:
         trainer.resume()
     result = trainer.fit(collate, loss_fn)
@@ -70,6 +74,7 @@ def run_sft(config: SFTConfig, resume: bool = False) -> TrainResult:
     """`prefalign sft`: load model, tokenizer and data from the config and train."""
     from prefalign.data import load_sft_data, tokenize_sft
 
+    check_device(config.model.device)  # before anything loads
     write_manifest(config.trainer.out_dir, "sft")
     tokenizer = load_tokenizer(config.model.name_or_path)
     seed_everything(config.trainer.seed)  # the seed decides a LoRA adapter's init
@@ -103,4 +108,5 @@ def run_sft(config: SFTConfig, resume: bool = False) -> TrainResult:
         loss_on_prompt=config.data.loss_on_prompt,
         run_config=asdict(config),
         resume=resume,
+        device=config.model.device,
     )
