@@ -307,3 +307,22 @@ def test_real_genarm_row_decodes_each_arm_mix_once(tmp_path, tiny_gguf, monkeypa
     assert untrained["alpha"] == 1.0 and {"gold_reward", "brevity", "kl"} <= set(untrained)
     assert untrained["kl"] != by_alpha[1.0]["kl"]
     assert row["arm"]["steps_per_third"] >= 1 and row["arm"]["accuracy_first_third"] is not None
+
+
+def test_rest_grows_sentiment_at_the_pair_cap_and_arith_at_its_reply_cap(tmp_path):
+    """Cut samples are dropped from Improve, so sentiment's ReST grows at the cap its pairs were
+    sampled at (64: 82% finish) rather than its 32-token reply cap (55% were cut)."""
+    from prefalign.demo.smollm2 import SmolDemoSettings, rest_max_new_tokens
+    from prefalign.smol.world import SmolWorld
+
+    settings = SmolDemoSettings.make(False, tmp_path)
+    caps = {}
+    for task in ("sentiment", "arith"):
+        root = tmp_path / task
+        root.mkdir()
+        info = {"config": vars(SmolConfig.for_task(task)), "policy": "p", "figures": {}}
+        (root / "world.json").write_text(json.dumps(info))
+        caps[task] = rest_max_new_tokens(SmolWorld(task, root), settings)
+        own = replace(settings, rest_max_new_tokens=16)
+        assert rest_max_new_tokens(SmolWorld(task, root), own) == 16
+    assert caps == {"sentiment": 64, "arith": 48}
