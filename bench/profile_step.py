@@ -7,9 +7,11 @@ SmolLM2-135M-Instruct, smol-chat pairs (train_throughput's chat shape; `--data s
 smol-short review pairs of ~3-token prompts, `long`: 256-token prompts) in shared-prompt rows,
 1 thread: the policy forward, the reference forward (no autograd), backward, clipping, fused
 AdamW and the soft update (alpha 0.6), each under its own `record_function` label, after one
-warm-up step. Prints the operators by self CPU time (which SDPA kernel runs shows here), then
-per phase its CPU time and the time and FLOPs of its matmuls (`aten::mm`/`addmm`/`bmm`, 2MKN
-each, from the recorded shapes), for `--repeats` profiled steps (medians).
+warm-up step, with the trainer's clipping (`training.clip_step`) and mmap threshold. Prints
+the operators by self CPU time (which SDPA kernel runs shows here), then per phase its CPU
+time, the time and FLOPs of its matmuls (`aten::mm`/`addmm`/`bmm`, 2MKN each, from the
+recorded shapes), and its page faults and system time (the faults' cost: a matmul writing a
+fresh buffer pays them inside its own CPU time), for `--repeats` profiled steps (medians).
 
 The step's effective FLOP/s (8 P per real token of the unshared pair, as train_throughput.py
 counts it) is quoted over the fp32 matmul peak (2048x2048) measured around the steps in the same
@@ -21,9 +23,11 @@ bench/gemm_ceiling.py's figure; `--out` writes the figures as JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
+import resource
 import statistics
 import sys
 from collections import Counter, defaultdict
@@ -67,6 +71,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     from levers import batches
+
+    from prefalign.training import clip_step, malloc
+    from prefalign.training.loop import TrainerConfig
+
+    malloc.set_mmap_threshold(TrainerConfig.malloc_mmap_threshold_kib)  # as the trainer runs
     from matmul_peak import matmul_flops
 
     from prefalign.modeling import load_model, load_tokenizer
@@ -88,22 +97,36 @@ def main() -> None:
     n_params = sum(p.numel() for p in policy.parameters())  # tied embeddings: all in matmuls
     credited_flop = 8.0 * n_params * unshared_tokens
 
+    paging: dict[str, dict[str, float]] = {}  # per phase of the last step: faults, system s
+
+    @contextlib.contextmanager
+    def phase(name: str):
+        """A labelled phase; its page faults and system time (mostly the faults) recorded."""
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        with record_function(name):
+            yield
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        paging[name] = {
+            "page_faults": after.ru_minflt - before.ru_minflt,
+            "system_s": after.ru_stime - before.ru_stime,
+        }
+
     def step() -> None:
-        with record_function("policy forward"):
+        with phase("policy forward"):
             chosen, rejected = pair_logps(policy, batch)
-        with record_function("reference forward"):
+        with phase("reference forward"):
             ref_chosen, ref_rejected = reference.score(lambda model: pair_logps(model, batch))
         loss = compute_loss(
             get("dpo"), chosen.sum, rejected.sum, ref_chosen.sum, ref_rejected.sum, beta=0.1
         ).mean()
-        with record_function("backward"):
+        with phase("backward"):
             loss.backward()
-        with record_function("clip"):
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-        with record_function("adamw"):
-            optimizer.step()
+        with phase("clip"):  # the trainer's: the norm here, the factor in AdamW
+            norm = clip_step.grad_norm(params)
+        with phase("adamw"):
+            clip_step.clipped_step(optimizer, optimizer, params, norm, 1.0)
             optimizer.zero_grad(set_to_none=True)
-        with record_function("soft update"):
+        with phase("soft update"):
             reference.after_optimizer_step(1)
 
     step()  # warm-up: Adam's state, allocator
@@ -115,12 +138,14 @@ def main() -> None:
         if i == 0:
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
         tables.append(phase_table(prof.events()))
+        for name, counts in paging.items():
+            tables[-1].setdefault(name, {}).update(counts)
         peaks.append(matmul_flops(2048, repeats=7, threads=1)["median_flops_per_cpu_s"])
     peak = statistics.median(peaks)
     phases = {
         name: {
             key: statistics.median(t.get(name, {}).get(key, 0.0) for t in tables)
-            for key in ("cpu_s", "matmul_s", "matmul_flop")
+            for key in ("cpu_s", "matmul_s", "matmul_flop", "page_faults", "system_s")
         }
         for name in (*PHASES, "loss and rest")
     }
@@ -128,12 +153,16 @@ def main() -> None:
     frozen = {k: v for k, v in phases.items() if k not in ("reference forward", "soft update")}
     frozen_s = sum(p["cpu_s"] for p in frozen.values())
     matmul_s = sum(p["matmul_s"] for p in phases.values())
-    print(f"\n{'phase':<20}{'CPU s':>8}{'share':>7}{'matmul s':>10}{'GFLOP':>8}{'GFLOP/s':>9}")
+    print(
+        f"\n{'phase':<20}{'CPU s':>8}{'share':>7}{'matmul s':>10}{'GFLOP':>8}{'GFLOP/s':>9}"
+        f"{'faults':>9}{'sys s':>7}"
+    )
     for name, p in phases.items():
         rate = p["matmul_flop"] / p["matmul_s"] / 1e9 if p["matmul_s"] else 0.0
         print(
             f"{name:<20}{p['cpu_s']:>8.3f}{p['cpu_s'] / step_s:>7.1%}{p['matmul_s']:>10.3f}"
-            f"{p['matmul_flop'] / 1e9:>8.1f}{rate:>9.1f}"
+            f"{p['matmul_flop'] / 1e9:>8.1f}{rate:>9.1f}{p['page_faults']:>9.0f}"
+            f"{p['system_s']:>7.3f}"
         )
     matmul_flop = sum(p["matmul_flop"] for p in phases.values())
     summary = {

@@ -134,8 +134,11 @@ def transient_heap() -> Iterator[None]:
     autograd (each layer's buffers are freed before the next layer's are made), which then
     reuses the same heap blocks layer after layer instead of mapping and faulting in every
     buffer afresh (a no-grad SmolLM2-135M forward over 4 short pairs: 80 k page faults and
-    0.54 CPU-s against 20 k and 0.46 CPU-s, the resident size unchanged within 40 MB). Does
-    nothing where no threshold is fixed by this module (glibc's adaptive one already does it)."""
+    0.54 CPU-s against 20 k and 0.46 CPU-s, the resident size unchanged within 40 MB). The
+    reuse needs glibc's trim threshold above the phase's buffers, or the freed top of the heap
+    is handed back between layers: glibc raises it itself when a large mapped block is freed
+    before the threshold is fixed, as loading a model does. Does nothing where no threshold is
+    fixed by this module (glibc's adaptive one already reuses the heap)."""
     applied = _applied
     libc = glibc() if applied else None
     if libc is None:
