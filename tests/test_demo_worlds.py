@@ -90,3 +90,29 @@ def test_nested_runs_take_the_kind_of_their_nearest_manifest(tmp_path):
     assert list(scan_run(tmp_path).rest) == ["runs/arith/rest/steps.jsonl"]
     with pytest.raises(ValueError, match="unknown run kind 'nope'"):
         write_manifest(tmp_path, "nope")
+
+
+@pytest.mark.parametrize(
+    "tasks, words",
+    [
+        ("nope", "unknown task 'nope' of the toy demo, allowed: sentiment, arith"),
+        ("arith,brevity", "unknown task 'brevity' of the toy demo, allowed: sentiment, arith"),
+        (",", "--tasks names no task"),
+        (" , ,", "--tasks names no task"),
+    ],
+)
+def test_demo_tasks_are_checked_before_any_world_is_built(tmp_path, monkeypatch, tasks, words):
+    """An unknown task used to build a whole toy world of that name (51 s of training) before
+    the error, and `--tasks ,` ran every task."""
+    monkeypatch.setenv("PREFALIGN_CACHE", str(tmp_path / "cache"))
+    out = subprocess.run(
+        [sys.executable, "-m", "prefalign.cli", "demo", "--tasks", tasks, "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2, out.stderr
+    assert out.stdout == ""  # nothing built, nothing run
+    (line,) = out.stderr.strip().splitlines()
+    assert line == f"prefalign demo: error: {words}"
+    assert not (tmp_path / "cache").exists()

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from prefalign.demo.settings import DemoSettings, format_row
-from prefalign.demo.worlds import World, get_world_family
+from prefalign.demo.worlds import World, WorldError, WorldFamily, get_world_family
 from prefalign.manifest import write_manifest
 
 
@@ -33,6 +33,7 @@ def run_demo(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     family = get_world_family(world)
+    tasks = checked_tasks(family, tasks, worlds)
     family.decide_mmap_threshold()
     settings = DemoSettings.make(quick, out_dir, world=family.name, seeds=seeds)
     results: dict = {
@@ -45,7 +46,7 @@ def run_demo(
         "seeds": list(settings.seeds),
         "tasks": {},
     }
-    for task in tasks or list(family.tasks):
+    for task in tasks:
         clock = Clock()
         task_world = (worlds or {}).get(task) or family.load(task, log=log)
         task_rows: dict[str, dict] = {}
@@ -78,6 +79,24 @@ def run_demo(
         f"in {format_time(results)}"
     )
     return results
+
+
+def checked_tasks(
+    family: WorldFamily, tasks: list[str] | None, worlds: dict[str, World] | None
+) -> list[str]:
+    """The tasks to run (None: the family's), each one the family has (or a world given for
+    it): checked before any world is loaded, since loading builds a missing one."""
+    if tasks is None:
+        return list(family.tasks)
+    if not tasks:
+        raise WorldError("--tasks names no task")
+    known = [*family.tasks, *(t for t in worlds or {} if t not in family.tasks)]
+    for task in tasks:
+        if task not in known:
+            raise WorldError(
+                f"unknown task {task!r} of the {family.name} demo, allowed: {', '.join(known)}"
+            )
+    return tasks
 
 
 def cpu_seconds() -> float:

@@ -25,7 +25,7 @@ from prefalign.discovery.loop import run_discovery
 from prefalign.discovery.offline import OfflineProposer, baseline_codes
 from prefalign.discovery.proxy import ConfinedFitness, TrainingLimits
 from prefalign.discovery.sandbox import SandboxLimits
-from prefalign.manifest import write_manifest
+from prefalign.manifest import make_run_dir, write_manifest
 from prefalign.tasks import Task, resolve_task
 
 
@@ -177,7 +177,7 @@ def run_discover(
         timeout_s=box.train_timeout_s, cpu_s=box.train_cpu_s, memory_mb=box.train_memory_mb
     )
     kind, settings, scorer = proxy_settings(config, out_dir, log=log, task=task)
-    out_dir.mkdir(parents=True, exist_ok=True)  # only once the config has passed its checks
+    make_run_dir(out_dir)  # only once the config has passed its checks
     write_manifest(out_dir, "discover")
     # Every candidate trains in a confined worker, never in this process.
     with ConfinedFitness(kind, settings, training, cwd=out_dir, score=scorer) as raw:

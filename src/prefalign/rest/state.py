@@ -14,6 +14,7 @@ from typing import Any
 
 from prefalign.errors import RunDirError
 from prefalign.io import atomic_write, flatten, json_line
+from prefalign.manifest import make_run_dir
 
 STATE_VERSION = 1
 
@@ -46,7 +47,7 @@ class RunState:
                     f"out_dir {out_dir} is not empty; pass --resume to continue the run there, "
                     "or choose another out_dir"
                 )
-            out_dir.mkdir(parents=True, exist_ok=True)
+            make_run_dir(out_dir)
             return cls(out_dir, config, [])
         if not resume:
             raise RunDirError(

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from prefalign.config import ConfigError, bounded
 from prefalign.errors import RunDirError, UserError
 from prefalign.io import append_jsonl, atomic_write, flatten
+from prefalign.manifest import make_run_dir
 from prefalign.modeling import check_device, device_index
 from prefalign.training import clip_step, malloc
 from prefalign.training import step_in_backward as in_backward
@@ -275,7 +276,7 @@ class Trainer:
         self.extra_state: Any = None
         self.history: list[dict[str, float]] = []
         if acc.is_main_process:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
+            make_run_dir(self.out_dir)
             if run_config is not None:
                 atomic_write(
                     self.out_dir / "config.json", json.dumps(run_config, indent=2, default=str)
@@ -621,6 +622,7 @@ def make_accelerator(config: TrainerConfig, device: str = "auto") -> Accelerator
                 f"{world_size()} processes, each on its local rank's GPU: use auto or cuda"
             )
         torch.cuda.set_device(index)
+    check_trackers(config.report_to)
     precision = resolve_mixed_precision(config.mixed_precision)
     if bf16_weights(config, world_size(), config.fsdp):
         precision = "no"  # the weights themselves are bf16: no autocast on top
@@ -631,6 +633,24 @@ def make_accelerator(config: TrainerConfig, device: str = "auto") -> Accelerator
         log_with=config.report_to or None,
         project_dir=config.out_dir,
     )
+
+
+def check_trackers(names: Sequence[str], key: str = "trainer.report_to") -> None:
+    """Each tracker of `report_to` is one accelerate knows and is installed: accelerate raises a
+    traceback for an unknown name and drops one that is not installed without a word."""
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    known = LoggerType.list()
+    available = [str(t.value if isinstance(t, LoggerType) else t) for t in get_available_trackers()]
+    for name in names:
+        if name not in known:
+            raise ConfigError(f"config key '{key}': got {name!r}, allowed: {', '.join(known)}")
+        if name != "all" and name not in available:
+            raise ConfigError(
+                f"config key '{key}': {name!r} is not installed here (installed: "
+                f"{', '.join(available) or 'none'}); pip install {name}, or leave it out"
+            )
 
 
 def flat_config(tree: dict[str, Any]) -> dict[str, Any]:
