@@ -238,7 +238,7 @@ def rest_max_new_tokens(world: SmolWorld, settings: SmolDemoSettings) -> int:
     """ReST's Grow cap: the setting, else on sentiment the world's pair cap (64), else the
     reply cap (arith 48). Sentiment at its 32-token reply cap cut 55% of the samples, and
     dropping them left 20 to train on (gold 0.19 at KL 1.4); at 64 tokens 82% finish (gold
-    0.36 at KL 0.59) for about 60 more CPU seconds (measured in the README)."""
+    0.33-0.36 at KL 0.6-1.3, two runs) for 30-60 more CPU seconds (measured in the README)."""
     config = world.info()["config"]
     if settings.rest_max_new_tokens:
         return settings.rest_max_new_tokens
