@@ -164,8 +164,12 @@ def test_lora_soft_reference_mixes_the_weight_updates_exactly(period: int) -> No
             expected = {n: alpha * history[step][n] + (1 - alpha) * expected[n] for n in expected}
     got = lora_updates(model, "reference")
     assert got.keys() == expected.keys()
+    # float32 factors are mixed in float32 (prefalign.lora_mix): equal to the exact mixture up to
+    # float32 roundings, ~1e-6 of each layer's norm (elementwise, the rounding order, and so the
+    # last digits, moves with the thread count)
     for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+        error = float((got[name] - expected[name]).norm() / expected[name].norm())
+        assert error < 1e-5, (name, error)
     assert ref.truncation_error < 1e-6
 
 
