@@ -127,7 +127,9 @@ def test_without_clipping_only_the_largest_gradient_counts_and_a_tied_weight_cou
     grads = [p.numel() * p.element_size() for p in model.parameters()]  # tied: listed once
     clipped = memory_floor.state_floor(model, optimizer, clipping=True)
     stepped_inside = memory_floor.state_floor(model, optimizer, clipping=False)
-    assert clipped["gradients"] == sum(grads) == clipped["weights"] - sum(
-        b.numel() * b.element_size() for b in model.buffers()
+    assert (
+        clipped["gradients"]
+        == sum(grads)
+        == clipped["weights"] - sum(b.numel() * b.element_size() for b in model.buffers())
     )
     assert stepped_inside["gradients"] == max(grads) < sum(grads)

@@ -25,9 +25,7 @@ TRADEOFF = ((2.0, 0.0), (1.0, 1.0), (0.0, 2.0))  # (sentiment, brevity) ARM weig
 HEADLINE_ALPHA = 1.0  # fixed in advance, not picked from the sweep
 
 
-def arm_overrides(
-    world, settings, pairs: Path, eval_pairs: Path | None, out: Path
-) -> list[str]:
+def arm_overrides(world, settings, pairs: Path, eval_pairs: Path | None, out: Path) -> list[str]:
     """The config overrides of the demo's LoRA ARM on `pairs`."""
     overrides = [
         f"model.name_or_path={world.policy_path}",
