@@ -7,6 +7,7 @@ the objects they return as read-only (``copy.deepcopy`` them before changing any
 
 from __future__ import annotations
 
+import json
 import random
 import socket
 import sys
@@ -246,6 +247,21 @@ def save_tiny_review_model(
     )
     tokenizer.save_pretrained(out)
     return out
+
+
+def save_tiny_review_world(root: Path, n_pairs: int) -> dict[str, Path]:
+    """`save_tiny_review_model` (seed 0) in root/model and `n_pairs` toy review preference pairs
+    (two different reviews of one prompt) in root/pairs.jsonl."""
+    rng = random.Random(0)
+    save_tiny_review_model(root / "model", rng)
+    pairs = []
+    while len(pairs) < n_pairs:
+        prompt, good = review(rng)
+        _, bad = review(rng)
+        if good != bad:
+            pairs.append({"prompt": prompt, "chosen": good, "rejected": bad})
+    (root / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    return {"model": root / "model", "pairs": root / "pairs.jsonl"}
 
 
 def tiny_llama_for(tokenizer: Any, **overrides) -> LlamaForCausalLM:

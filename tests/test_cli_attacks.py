@@ -25,11 +25,11 @@ def installed(module: str) -> bool:
     ],
 )
 def test_an_unknown_or_missing_tracker_is_refused(
-    checkpointed_run,
+    checkpointed_run,  # noqa: F811  (the imported fixture)
     tmp_path,
     capsys,
     tracker,
-    words,  # noqa: F811
+    words,
 ):
     """An unknown tracker was a traceback from accelerate; one not installed was dropped
     silently (a run asked to log to tensorboard wrote no logs)."""

@@ -72,10 +72,10 @@ def test_the_trainer_trains_on_the_device_asked_for(tmp_path, device):
 
 @pytest.mark.parametrize("device", ["cpu", "auto"])
 def test_train_with_model_device_runs_there(
-    checkpointed_run,
+    checkpointed_run,  # noqa: F811  (the imported fixture)
     tmp_path,
     capsys,
-    device,  # noqa: F811
+    device,
 ):
     argv, out_dir = checkpointed_run
     argv = [a.replace(str(out_dir), str(tmp_path / "run")) for a in argv]

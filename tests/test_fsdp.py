@@ -6,19 +6,17 @@ hard updates touch only local shards."""
 from __future__ import annotations
 
 import json
-import random
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny_review_model, tiny_llama_config, torchrun
+from conftest import save_tiny_review_world, tiny_llama_config, torchrun
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from prefalign.errors import UserError
 from prefalign.modeling import LoraSpec, load_model, load_tokenizer
-from prefalign.toy.corpus import review
 from prefalign.training.loop import Trainer, TrainerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,15 +26,7 @@ slow = pytest.mark.slow  # torchrun starts two fresh interpreters per run
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("fsdp")
-    rng = random.Random(0)
-    save_tiny_review_model(root / "model", rng)
-    pairs = []
-    while len(pairs) < 32:
-        prompt, good = review(rng)
-        _, bad = review(rng)
-        if good != bad:
-            pairs.append({"prompt": prompt, "chosen": good, "rejected": bad})
-    (root / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    paths = save_tiny_review_world(root, 32)
     # A saved adapter with non-zero B, so both LoRA runs start from the same, non-trivial policy.
     torch.manual_seed(0)
     lora = load_model(root / "model", device="cpu", lora=LoraSpec(r=4))
@@ -46,12 +36,7 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
                 p.normal_(0, 0.02)
     lora.save_pretrained(root / "lora")
     load_tokenizer(root / "model").save_pretrained(root / "lora")
-    return {
-        "model": root / "model",
-        "lora": root / "lora",
-        "pairs": root / "pairs.jsonl",
-        "runs": root / "runs",
-    }
+    return {**paths, "lora": root / "lora", "runs": root / "runs"}
 
 
 def train_args(tiny, out: Path, model: str, *extra: str) -> list[str]:

@@ -4,17 +4,14 @@ collector finds then, whatever the reference mode, precision or LoRA."""
 
 from __future__ import annotations
 
-import json
-import random
 from pathlib import Path
 
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import save_tiny_review_model
+from conftest import save_tiny_review_world
 
 from prefalign.config import load_config
-from prefalign.toy.corpus import review
 from prefalign.training import clip_step, memory_floor
 from prefalign.training.bf16_weights import Bf16MasterWeights
 from prefalign.training.loop import Trainer
@@ -26,16 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("floor")
-    rng = random.Random(0)
-    save_tiny_review_model(root / "model", rng)
-    pairs = []
-    while len(pairs) < 16:
-        prompt, good = review(rng)
-        _, bad = review(rng)
-        if good != bad:
-            pairs.append({"prompt": prompt, "chosen": good, "rejected": bad})
-    (root / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    return {"model": root / "model", "pairs": root / "pairs.jsonl"}
+    return save_tiny_review_world(root, 16)
 
 
 def at_end_of_backward(tiny, out: Path, monkeypatch, *extra: str) -> dict:

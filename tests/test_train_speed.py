@@ -4,17 +4,14 @@ and resumes, and a change of truncation makes a new one."""
 
 from __future__ import annotations
 
-import json
-import random
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny_review_model
+from conftest import save_tiny_review_world
 from safetensors.torch import load_file
 
 from prefalign.config import load_config
-from prefalign.toy.corpus import review
 from prefalign.training.preference import PreferenceConfig, run_preference
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -23,16 +20,7 @@ PLAIN = ("speed.shared_prompt=off", "speed.reference_cache=off")
 
 @pytest.fixture
 def tiny(tmp_path) -> dict[str, Path]:
-    rng = random.Random(0)
-    save_tiny_review_model(tmp_path / "model", rng)
-    pairs = []
-    while len(pairs) < 24:
-        prompt, good = review(rng)
-        _, bad = review(rng)
-        if good != bad:
-            pairs.append({"prompt": prompt, "chosen": good, "rejected": bad})
-    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    return {"model": tmp_path / "model", "pairs": tmp_path / "pairs.jsonl"}
+    return save_tiny_review_world(tmp_path, 24)
 
 
 def train(tiny, out: Path, *extra: str, resume: bool = False) -> tuple[list[str], list[dict]]:
