@@ -73,15 +73,9 @@ def worker(report: Path, argv: list[str]) -> None:
 
 
 def pairs_file(root: Path, n: int) -> Path:
-    from prefalign.toy.corpus import review
+    from prefalign.toy.corpus import review_pairs
 
-    rng = random.Random(SEED)
-    rows = []
-    while len(rows) < n:
-        prompt, good = review(rng)
-        _, bad = review(rng)
-        if good != bad:
-            rows.append({"prompt": prompt, "chosen": good, "rejected": bad})
+    rows = review_pairs(random.Random(SEED), n)
     path = root / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

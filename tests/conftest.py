@@ -28,7 +28,7 @@ from transformers import (
     Qwen2Config,
 )
 
-from prefalign.toy.corpus import review
+from prefalign.toy.corpus import review, review_pairs
 from prefalign.toy.tokenizer import train_tokenizer
 from prefalign.toy.world import ToyConfig, ToyModelSize, ToyWorld, get_world
 
@@ -254,12 +254,7 @@ def save_tiny_review_world(root: Path, n_pairs: int) -> dict[str, Path]:
     (two different reviews of one prompt) in root/pairs.jsonl."""
     rng = random.Random(0)
     save_tiny_review_model(root / "model", rng)
-    pairs = []
-    while len(pairs) < n_pairs:
-        prompt, good = review(rng)
-        _, bad = review(rng)
-        if good != bad:
-            pairs.append({"prompt": prompt, "chosen": good, "rejected": bad})
+    pairs = review_pairs(rng, n_pairs)
     (root / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
     return {"model": root / "model", "pairs": root / "pairs.jsonl"}
 

@@ -129,6 +129,18 @@ def review(
     return opening, continuation(rng, opening)
 
 
+def review_pairs(rng: random.Random, n: int) -> list[dict[str, str]]:
+    """`n` preference pairs of two different continuations of one opening (which is chosen is
+    arbitrary: data for timing and memory, not for learning a preference)."""
+    pairs: list[dict[str, str]] = []
+    while len(pairs) < n:
+        prompt, good = review(rng)
+        _, bad = review(rng)
+        if good != bad:
+            pairs.append({"prompt": prompt, "chosen": good, "rejected": bad})
+    return pairs
+
+
 def review_text(rng: random.Random) -> str:
     return "".join(review(rng))
 
