@@ -124,3 +124,23 @@ def test_a_trainer_clips_inside_its_fused_adamw_step_equal_to_clip_grad_norm(
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
         else:
             assert torch.equal(a, b)
+
+
+def test_bf16_parameters_are_clipped_inside_the_fused_step_as_clip_grad_norm_clips_them():
+    # A bf16 model's norm is bf16; the fused kernel reads its grad_scale as float32 (the real
+    # demo's reward model on a bf16 base failed here with "expected scalar type Float").
+    torch.manual_seed(0)
+    start = torch.randn(64, dtype=torch.bfloat16)
+    params = {}
+    for way in ("folded", "torch"):
+        p = torch.nn.Parameter(start.clone())
+        opt = torch.optim.AdamW([p], lr=1e-2, fused=True)
+        (p.float() ** 2).sum().backward()
+        if way == "folded":
+            clipped_step(opt, opt, [p], grad_norm([p]), 0.5)
+        else:
+            torch.nn.utils.clip_grad_norm_([p], 0.5)
+            opt.step()
+        params[way] = p.detach().float()
+    assert not torch.equal(params["folded"], start.float())  # it stepped
+    torch.testing.assert_close(params["folded"], params["torch"], rtol=1e-2, atol=1e-2)

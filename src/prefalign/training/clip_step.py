@@ -56,7 +56,9 @@ def clipped_step(
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
         step.step()
         return
-    inner.grad_scale = 1.0 / factor  # the kernel divides by it; gradients are dropped after
+    # The kernel divides by it and reads it as float32 whatever the parameters' dtype (a bf16
+    # model's norm is bf16); gradients are dropped after.
+    inner.grad_scale = (1.0 / factor).float()
     try:
         step.step()
     finally:
