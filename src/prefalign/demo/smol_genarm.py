@@ -102,7 +102,7 @@ def method_genarm(world, settings, log=print) -> dict:
 
     rewards = (sentiment_reward, brevity_reward)
     tokenizer = load_tokenizer(world.policy_path)
-    base = frozen_model(str(world.policy_path), settings.eval_dtype)  # shared with other rows
+    base = frozen_model(str(world.policy_path), settings.dtype)  # shared with other rows
     prompts = world.prompts("eval")[: settings.n_eval_prompts]
     expanded = [p for p in prompts for _ in range(settings.samples_per_prompt)]
     max_new = world.info()["config"]["max_new_tokens"]
@@ -118,7 +118,7 @@ def method_genarm(world, settings, log=print) -> dict:
     brevity_fit = fit_lora_arm(
         world, settings, work / "pairs_brevity.jsonl", None, work / "arm_brevity"
     )
-    dtype = settings.eval_dtype
+    dtype = settings.dtype
     sentiment_arm = frozen(load_model(sentiment_fit.model_path, dtype=dtype, device="cpu"))
     brevity_arm = frozen(load_model(brevity_fit.model_path, dtype=dtype, device="cpu"))
     curve = learning_curve(sentiment_fit.train.history)
@@ -177,13 +177,13 @@ def method_genarm(world, settings, log=print) -> dict:
     lap("tradeoff")
 
     # The reward model of ARGS and best-of-N: SmolLM2 with a score head, every weight trained
-    # (the reward-model trainer takes no LoRA), bf16, one epoch like an ARM.
+    # (the reward-model trainer takes no LoRA), in the demo's dtype, one epoch like an ARM.
     rm_config = load_config(
         RewardModelConfig,
         None,
         [
             f"model.name_or_path={world.policy_path}",
-            "model.dtype=bfloat16",
+            f"model.dtype={settings.dtype}",
             f"data.path={pairs}",
             f"data.eval_path={pairs_eval}",
             *DATA_LIMITS,

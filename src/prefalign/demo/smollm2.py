@@ -1,7 +1,8 @@
 """`prefalign demo --world smollm2`: every method on SmolLM2-135M-Instruct, as the toy demo does.
 
 The rows are the toy demo's, with settings a 135M-parameter model affords on two CPU cores:
-LoRA (r 8) on a bf16 base (`--world smollm2-full` trains every weight in fp32 instead), one
+LoRA (r 8) on a bf16 base where the CPU multiplies bf16 natively, else an fp32 one
+(`--world smollm2-full` trains every weight in fp32 instead), one
 epoch of the world's 92 preference pairs (23 steps of 4 pairs) per training run, short replies,
 and 32 held-out prompts sampled twice. Every row is evaluated the same way: gold reward (VADER,
 or exact sums on arith) and KL(policy || SmolLM2) on held-out prompts from the policy's own
@@ -13,7 +14,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from prefalign.config import load_config
@@ -24,6 +25,7 @@ from prefalign.evaluation.core import evaluate_policy
 from prefalign.modeling import load_model, load_tokenizer
 from prefalign.smol.tasks import world_task
 from prefalign.smol.world import SmolWorld, get_smol_world
+from prefalign.training.precision import cpu_weights_dtype
 
 LORA = "{r: 8, alpha: 16}"
 
@@ -55,7 +57,9 @@ class SmolDemoSettings:
     # trainings, about 6 minutes on 2 idle cores, which took the full demo past its 30 minutes,
     # so off by default; every row is still a point of the frontier plot.
     sweep: bool = False
-    eval_dtype: str = "bfloat16"
+    # The LoRA base, the reward model, the frozen references and every sampler: bf16 where the
+    # CPU multiplies it natively, else fp32 (emulated bf16 matmul is ~40x slower there).
+    dtype: str = field(default_factory=cpu_weights_dtype)
 
     @classmethod
     def make(cls, quick: bool, out_dir: Path, full_finetune: bool = False) -> SmolDemoSettings:
@@ -74,7 +78,7 @@ class SmolDemoSettings:
     def model_overrides(self) -> list[str]:
         if self.full_finetune:  # fp32: bf16 weights would round most of an Adam step away
             return ["model.dtype=float32", "model.lora=null"]
-        return ["model.dtype=bfloat16", f"model.lora={LORA}"]
+        return [f"model.dtype={self.dtype}", f"model.lora={LORA}"]
 
     def schedule_overrides(self, epochs: float = 1.0) -> list[str]:
         """The trainer's batch and length: `steps` steps, or `epochs` when `steps` is 0."""
@@ -113,9 +117,9 @@ def smol_settings(settings) -> SmolDemoSettings:
 def evaluate_smol(world: SmolWorld, settings: SmolDemoSettings, model_path, reference=None) -> dict:
     """Gold reward, KL to SmolLM2 (and accuracy on arith, brevity on sentiment) on eval prompts."""
     tokenizer = load_tokenizer(model_path)
-    policy = load_model(model_path, dtype=settings.eval_dtype, device="cpu")
+    policy = load_model(model_path, dtype=settings.dtype, device="cpu")
     if reference is None:
-        reference = frozen_model(str(world.policy_path), settings.eval_dtype)
+        reference = frozen_model(str(world.policy_path), settings.dtype)
     prompts = world.prompts("eval")[: settings.n_eval_prompts]
     result = evaluate_policy(
         policy,
@@ -170,7 +174,7 @@ def run_smol_preference_row(world: SmolWorld, settings: SmolDemoSettings, name: 
 
     sweep_betas = list(row.sweep_betas) if settings.sweep and not settings.quick else []
     betas = [row.beta] + sweep_betas
-    reference = frozen_model(str(world.policy_path), settings.eval_dtype)
+    reference = frozen_model(str(world.policy_path), settings.dtype)
     sweep = []
     for beta in betas:
         out = settings.out_dir / "runs" / f"smol-{world.task}" / f"{name}-beta{beta}"
@@ -326,7 +330,7 @@ def with_smol_settings(fn: SmolMethod) -> SmolMethod:
 
 
 for _name, _what in (
-    ("smollm2", "LoRA on a bf16 base"),
+    ("smollm2", "LoRA on a bf16 base (fp32 where the CPU has no bf16 matmul)"),
     ("smollm2-full", "full fine-tuning, fp32"),
 ):
     register_world_family(

@@ -20,7 +20,7 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -28,6 +28,7 @@ from prefalign.io import cache_root, read_prompts, write_jsonl
 from prefalign.smol import prompts as grammar
 from prefalign.smol.rewards import arith_correct, brevity_reward, sentiment_reward
 from prefalign.tasks import TaskError
+from prefalign.training.precision import cpu_weights_dtype
 
 WORLD_VERSION = 2  # 2: pairs and KTO data from replies that stopped on EOS only
 TASKS = ("sentiment", "arith")
@@ -39,7 +40,9 @@ class SmolConfig:
     task: Literal["sentiment", "arith"] = "sentiment"
     seed: int = 0
     model: str = MODEL  # any model source: smollm2, gguf:PATH, a checkpoint directory
-    dtype: str = "bfloat16"  # sampling dtype: AMX makes bf16 ~3x faster than fp32 on these CPUs
+    # Sampling dtype: bf16 where the CPU multiplies it natively (AMX made it ~3x faster than
+    # fp32), else fp32. Part of the cache key: the samples, so the world, depend on it.
+    dtype: str = field(default_factory=cpu_weights_dtype)
     # Short: the chat template's default system prompt adds 20 tokens to every sequence.
     system_prompt: str = "You are a helpful assistant."
     n_train_prompts: int = 64
