@@ -26,7 +26,10 @@ Variants (`--variants`, `+`-joined flags on a reference mode): `bf16` (prefalign
 `trainer.mixed_precision=bf16`: bf16 weights with fp32 masters; TRL `bf16=True`: autocast over
 fp32 weights), `lora` (r 8, alpha 16, every linear layer but the head, on both sides; soft
 below), `noclip` (no gradient-norm clipping on either side, `max_grad_norm` 0: prefalign then
-steps each parameter inside backward, one copy of the weights less in memory), and
+steps each parameter inside backward, one copy of the weights less in memory), `ckpt`
+(activation checkpointing on both sides: prefalign `model.gradient_checkpointing`, TRL
+`gradient_checkpointing=True`; each decoder layer's activations are recomputed in backward
+instead of saved), and
 prefalign-only ablations that switch one lever off:
 `nocache` (frozen reference scored live), `noshare` (stacked [chosen; rejected] rows),
 `autocast` (with bf16: autocast over fp32 weights instead of bf16 weights with fp32 masters),
@@ -109,7 +112,7 @@ FRAMEWORKS = ("prefalign", "trl")
 BETA, ALPHA, LR, SEED = 0.1, 0.6, 1e-6, 0
 LORA_R, LORA_ALPHA = 8, 16
 MEMORY_TARGET = 0.6  # issue 13: peak memory at most 0.6x TRL's
-FLAGS = ("bf16", "lora", "noclip", "nocache", "noshare", "fullhead", "autocast", "keepheap")
+FLAGS = ("bf16", "lora", "noclip", "ckpt", "nocache", "noshare", "fullhead", "autocast", "keepheap")
 # prefalign-only: one lever off
 ABLATIONS = ("nocache", "noshare", "fullhead", "autocast", "keepheap")
 
@@ -467,6 +470,7 @@ def run_prefalign(
             dtype="float32",
             device="cpu",
             lora=LoraSpec(r=LORA_R, alpha=LORA_ALPHA) if "lora" in flags else None,
+            gradient_checkpointing="ckpt" in flags,
         ),
         objective=pref.ObjectiveSpec(name="dpo", params={"beta": BETA}),
         reference=ReferenceSpec(mode=mode, alpha=ALPHA, period=1),
@@ -536,7 +540,7 @@ def run_trl(
         ref_model_mixup_alpha=ALPHA,
         ref_model_sync_steps=1,
         bf16="bf16" in flags,
-        gradient_checkpointing=False,
+        gradient_checkpointing="ckpt" in flags,
         use_cpu=True,
         dataloader_num_workers=0,
         report_to="none",
