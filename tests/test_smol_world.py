@@ -17,6 +17,7 @@ from prefalign.smol import prompts as grammar
 from prefalign.smol.rewards import arith_correct, arith_reward, brevity_reward, final_number
 from prefalign.smol.world import SmolConfig, get_smol_world
 from prefalign.tasks import resolve_task
+from prefalign.training.precision import cpu_weights_dtype
 
 
 def test_train_and_eval_films_are_disjoint():
@@ -200,7 +201,8 @@ def test_real_demo_writes_the_toy_demos_contract(tmp_path, tiny_gguf, monkeypatc
     report = (out / "report.md").read_text()
     assert "| cpu_seconds |" in report and f"{results['cpu_seconds']:.0f} s CPU" in report
     # labelled by its world family, not as a toy world
-    assert "SmolLM2-135M-Instruct (LoRA on a bf16 base) world: " in report
+    base = "bf16" if cpu_weights_dtype() == "bfloat16" else "fp32"  # what the rows trained on
+    assert f"SmolLM2-135M-Instruct (LoRA on a {base} base) world: " in report
     assert "Toy world" not in report and "Smollm2 world" not in report
     assert (
         json.loads((out / "results.json").read_text())["tasks"]["arith"]["methods"].keys()

@@ -329,8 +329,9 @@ def with_smol_settings(fn: SmolMethod) -> SmolMethod:
     return row
 
 
+_BASE = "bf16" if cpu_weights_dtype() == "bfloat16" else "fp32"  # this machine's, as the rows'
 for _name, _what in (
-    ("smollm2", "LoRA on a bf16 base (fp32 where the CPU has no bf16 matmul)"),
+    ("smollm2", f"LoRA on a {_BASE} base"),
     ("smollm2-full", "full fine-tuning, fp32"),
 ):
     register_world_family(
