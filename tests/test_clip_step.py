@@ -115,10 +115,17 @@ def test_a_trainer_clips_inside_its_fused_adamw_step_equal_to_clip_grad_norm(
     with RecordOps() as plain_ops:  # torch's clip_grad_norm_ (the old step) multiplies
         _, model_plain, history_plain = train_steps(tmp_path, "plain", before_fit=plain, **kw)
     assert [n for n in plain_ops.names if n.startswith("_foreach_mul")]
-    for x, y in zip(history_folded, history_plain, strict=True):
-        assert x["loss"] == y["loss"] and x["grad_norm"] == y["grad_norm"]
     clipped = all(h["grad_norm"] > max_grad_norm for h in history_plain)
     assert clipped == (max_grad_norm < 1)
+    first_folded, first_plain = history_folded[0], history_plain[0]  # the same weights: bit for bit
+    assert first_folded["loss"] == first_plain["loss"]
+    assert first_folded["grad_norm"] == first_plain["grad_norm"]
+    for x, y in zip(history_folded, history_plain, strict=True):
+        if clipped:  # the weights after a clipped step differ by a rounding, so later steps too
+            assert x["loss"] == pytest.approx(y["loss"], rel=1e-6)
+            assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-5)
+        else:
+            assert x["loss"] == y["loss"] and x["grad_norm"] == y["grad_norm"]
     for a, b in zip(model_folded.parameters(), model_plain.parameters(), strict=True):
         if clipped:
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

@@ -86,8 +86,12 @@ def test_response_only_head_equals_full_logits(arch, lora, chunks, monkeypatch):
     if lora == "with-head":
         assert any("lm_head" in n and "lora" in n for n in fast_grads)
     for name in plain_grads:
+        # float32 rounding is relative to the summed terms, not to the sum: an element that
+        # cancels down to -0.37 in a LoRA gradient of scale 278 came out 1.6e-4 apart on an AVX2
+        # CPU (the two paths sum in another order), so the absolute slack scales with the tensor.
+        scale = max(1.0, plain_grads[name].abs().max().item())
         torch.testing.assert_close(
-            fast_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6, msg=name
+            fast_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6 * scale, msg=name
         )
 
 
