@@ -43,7 +43,7 @@ def test_smollm2_lora_tr_dpo_trains_saves_reloads_and_evaluates(tmp_path):
     assert world.info()["figures"]["pairs"] >= 2  # a batch (4 of 16 prompts' pairs seen: 2)
 
     out = tmp_path / "tr-dpo"
-    dtype = cpu_weights_dtype()  # a bf16 base where bf16 matmul is native, else fp32 (40x faster)
+    dtype = cpu_weights_dtype()  # a bf16 base where bf16 matmul is native, else fp32 (50x faster)
     train = load_config(
         PreferenceConfig,
         None,

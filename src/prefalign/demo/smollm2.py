@@ -58,7 +58,7 @@ class SmolDemoSettings:
     # so off by default; every row is still a point of the frontier plot.
     sweep: bool = False
     # The LoRA base, the reward model, the frozen references and every sampler: bf16 where the
-    # CPU multiplies it natively, else fp32 (emulated bf16 matmul is ~40x slower there).
+    # CPU multiplies it natively, else fp32 (emulated bf16 matmul is ~50x slower there).
     dtype: str = field(default_factory=cpu_weights_dtype)
 
     @classmethod

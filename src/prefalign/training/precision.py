@@ -36,8 +36,8 @@ def cpu_bf16_matmul(cpuinfo: str | Path = "/proc/cpuinfo") -> str | None:
 def cpu_weights_dtype(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
     """The dtype for weights a CPU run does not train in fp32 (a LoRA base, a frozen reference,
     a sampler): "bfloat16" where the CPU multiplies bf16 natively, else "float32". Without AMX
-    or AVX-512 BF16, torch's bf16 matmul is emulated and far slower than fp32: 0.9 against
-    36.7 GFLOP/s on an AVX2 AMD EPYC (one thread, [256, 576] @ [576, 1536])."""
+    or AVX-512 BF16, torch's bf16 matmul is emulated and far slower than fp32: 1.3 against
+    64.0 GFLOP/s on an AVX2 AMD EPYC (`bench/matmul_peak.py --size 512 --threads 1`)."""
     return "bfloat16" if cpu_bf16_matmul(cpuinfo) is not None else "float32"
 
 
